@@ -1,0 +1,24 @@
+"""lora_ensemble: fused LoRA-Ensemble linear layers (Triton, CUDA C++ and PyTorch backends).
+
+Importing the package touches neither CUDA, Triton nor the compiled extension; backends load
+on first use.
+"""
+
+from .backends import available_backends
+from .functional import fused_lora_ensemble_linear
+from .layout import replicate_members, to_member_fastest, to_member_major
+from .modules import FusedLoRAEnsembleLinear
+from .reference import lora_ensemble_reference, lora_ensemble_reference_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLoRAEnsembleLinear",
+    "available_backends",
+    "fused_lora_ensemble_linear",
+    "lora_ensemble_reference",
+    "lora_ensemble_reference_backward",
+    "replicate_members",
+    "to_member_fastest",
+    "to_member_major",
+]

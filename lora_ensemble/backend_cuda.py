@@ -1,0 +1,66 @@
+"""The ``cuda`` backend: the hand-written CUDA C++ kernels of ``lora_ensemble._C``.
+
+Importing this module loads the compiled extension and registers the fake (meta) impls of its ops;
+it raises ImportError when the extension was not built or has no CUDA kernels. Every function
+follows the backend contract of :mod:`lora_ensemble.backends`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the .so: registers the lora_ensemble::cuda_* ops)
+
+__all__ = ["forward", "backward_dx", "backward_lora", "has_cuda_kernels"]
+
+_OPS = ("cuda_forward", "cuda_backward_dx", "cuda_backward_lora")
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension registered CUDA kernels for all three ops."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ensemble::{op}", "CUDA") for op in _OPS)
+
+
+if not has_cuda_kernels():
+    raise ImportError("lora_ensemble._C was built without CUDA kernels (no CUDA toolkit at build time, "
+                      "or LORA_ENSEMBLE_SKIP_CUDA_BUILD=1)")
+
+
+@torch.library.register_fake("lora_ensemble::cuda_forward")
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input):
+    n, r = lora_A.shape[0], lora_A.shape[1]
+    rows = x.shape[-2]
+    return x.new_empty((n, rows, weight.shape[0])), x.new_empty((n, rows, r), dtype=torch.float32)
+
+
+@torch.library.register_fake("lora_ensemble::cuda_backward_dx")
+def _backward_dx_fake(grad_out, weight, lora_A, lora_B, scaling, shared_input):
+    n, rows, _ = grad_out.shape
+    dx_shape = (rows, weight.shape[1]) if shared_input else (n, rows, weight.shape[1])
+    return grad_out.new_empty(dx_shape), grad_out.new_empty((n, rows, lora_A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("lora_ensemble::cuda_backward_lora")
+def _backward_lora_fake(grad_out, x, xa, dyb, scaling, shared_input):
+    n, _, k = grad_out.shape
+    r, d = xa.shape[-1], x.shape[-1]
+    return grad_out.new_empty((n, r, d)), grad_out.new_empty((n, k, r))
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+            scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
+    """One kernel launch: ``out [N, M, k]``, ``xa [N, M, r]`` fp32."""
+    return torch.ops.lora_ensemble.cuda_forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)
+
+
+def backward_dx(grad_out: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
+    """One kernel launch: ``dx``, ``dyb [N, M, r]`` fp32."""
+    return torch.ops.lora_ensemble.cuda_backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
+
+
+def backward_lora(grad_out: Tensor, x: Tensor, xa: Tensor, dyb: Tensor,
+                  scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
+    """One kernel launch: ``dA [N, r, d]``, ``dB [N, k, r]``."""
+    return torch.ops.lora_ensemble.cuda_backward_lora(grad_out, x, xa, dyb, scaling, shared_input)

@@ -1,0 +1,74 @@
+"""The ``torch`` backend: composite PyTorch ops, runs on any device.
+
+One GEMM over all ``N*M`` rows for the base (``W0`` read once), batched GEMMs for the low-rank
+delta, and the delta added in the epilogue of the second batched GEMM (``baddbmm``). Low-precision
+inputs use PyTorch's GEMMs, which accumulate in fp32; the rank-``r`` intermediate ``xa`` is kept in
+fp32. This is also the ``bmm`` baseline of the benchmarks: what a careful PyTorch user writes.
+
+Every function follows the backend contract of :mod:`lora_ensemble.backends`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["forward", "backward_dx", "backward_lora"]
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
+    num_members = lora_A.shape[0]
+    base = F.linear(x, weight, bias)  # one GEMM over every row (once only when shared)
+    if shared_input:
+        xa = torch.matmul(x, lora_A.transpose(1, 2))  # [M, d] @ [N, d, r] -> [N, M, r]
+        base = base.unsqueeze(0).expand(num_members, *base.shape)
+    else:
+        xa = torch.bmm(x, lora_A.transpose(1, 2))
+    out = torch.baddbmm(base, xa, lora_B.transpose(1, 2), alpha=scaling)
+    return out, xa.float()
+
+
+def backward_dx(
+    grad_out: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
+    ``dyb = grad_out @ B [N, M, r]`` fp32."""
+    num_members, rows, k = grad_out.shape
+    dyb = torch.bmm(grad_out, lora_B)
+    if shared_input:
+        base = grad_out.sum(0) @ weight  # sum_n dy[n] @ W0, one GEMM
+        dx = base.addmm(dyb.transpose(0, 1).reshape(rows, -1), lora_A.reshape(-1, weight.shape[1]), alpha=scaling)
+    else:
+        base = (grad_out.reshape(-1, k) @ weight).view(num_members, rows, -1)
+        dx = torch.baddbmm(base, dyb, lora_A, alpha=scaling)
+    return dx, dyb.float()
+
+
+def backward_lora(
+    grad_out: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    dyb: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
+    dtype = grad_out.dtype
+    dA = torch.matmul(dyb.transpose(1, 2).to(dtype), x) * scaling  # [N, r, M] @ [(N,) M, d]
+    dB = torch.bmm(grad_out.transpose(1, 2), xa.to(dtype)) * scaling
+    return dA, dB

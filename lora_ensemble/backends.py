@@ -1,0 +1,102 @@
+"""Backend registry: which implementations of the op exist here, and which one ``auto`` picks.
+
+A backend is a module with three functions, all taking contiguous tensors of one dtype
+(``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank)::
+
+    forward(x, weight, bias, lora_A, lora_B, scaling, shared_input) -> (out, xa)
+        x [N, M, d] (shared_input: [M, d]), weight [k, d], bias [k] | None,
+        lora_A [N, r, d], lora_B [N, k, r]
+        out [N, M, k] in x.dtype;  xa = x @ A^T  [N, M, r] float32 (saved for backward)
+    backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input) -> (dx, dyb)
+        grad_out [N, M, k]
+        dx = dy @ W0 + s * (dy @ B) @ A   [N, M, d] (shared_input: [M, d], summed over members)
+        dyb = dy @ B  [N, M, r] float32
+    backward_lora(grad_out, x, xa, dyb, scaling, shared_input) -> (dA, dB)
+        dA = s * dyb^T @ x  [N, r, d];  dB = s * dy^T @ xa  [N, k, r];  both in x.dtype
+
+Backends are imported lazily: nothing here touches CUDA, Triton or the compiled extension at
+import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "get_backend", "resolve_backend", "unavailable_reason"]
+
+BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
+_MODULES = {
+    "torch": "lora_ensemble.backend_torch",
+    "triton": "lora_ensemble.backend_triton",
+    "cuda": "lora_ensemble.backend_cuda",
+}
+# For CUDA tensors, ``auto`` takes the first available of these.
+_AUTO_CUDA_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` here, or None when it can.
+
+    ``device=None`` asks whether the backend is usable on some device of this machine.
+    """
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
+    dev = torch.device(device) if device is not None else None
+    if name == "torch":
+        return None
+    try:
+        importlib.import_module(_MODULES[name])
+    except (ImportError, OSError, RuntimeError) as exc:
+        return f"backend {name!r} failed to load: {exc}"
+    if name == "triton":
+        if dev is None:
+            return None if (torch.cuda.is_available() or _triton_interpreting()) else (
+                "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
+            )
+        if dev.type == "cuda" or (dev.type == "cpu" and _triton_interpreting()):
+            return None
+        return f"backend 'triton' cannot run on device {dev} (CUDA, or CPU with TRITON_INTERPRET=1)"
+    # cuda
+    if dev is not None and dev.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors only, got device {dev}"
+    if dev is None and not torch.cuda.is_available():
+        return "backend 'cuda' needs a CUDA device"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (any device of this machine if None)."""
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Turn ``auto`` into a concrete backend for ``device``; check an explicit one is usable.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: the backend exists but cannot run on ``device`` here (the reason is given).
+    """
+    dev = torch.device(device)
+    if name == "auto":
+        if dev.type != "cuda":
+            return "torch"
+        return next(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, dev) is None)
+    if name not in _MODULES:
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    reason = unavailable_reason(name, dev)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} is not available: {reason}")
+    return name
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module implementing concrete backend ``name`` (see the module docstring)."""
+    return importlib.import_module(_MODULES[name])

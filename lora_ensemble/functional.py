@@ -1,0 +1,140 @@
+"""``fused_lora_ensemble_linear``: validate, lay the rows out per member, run the registered op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend
+from .ops import fused_linear
+
+__all__ = ["fused_lora_ensemble_linear", "validate_inputs"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    # Constant for a given (name, device type): torch.compile folds it instead of tracing imports.
+    return resolve_backend(backend, device_type)
+
+
+def validate_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    shared_input: bool,
+) -> None:
+    """Check ranks, shapes, dtypes and devices; raise a message naming the argument and shapes.
+
+    Raises:
+        TypeError: a non-tensor argument, an unsupported dtype, or mixed dtypes.
+        ValueError: a wrong rank or shape, or a stacked batch not divisible by ``num_members``.
+        RuntimeError: tensors on different devices.
+    """
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dims [..., d], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [k, d], got shape {tuple(weight.shape)}")
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_A must be 3-D [N, r, d], got shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 3:
+        raise ValueError(f"lora_B must be 3-D [N, k, r], got shape {tuple(lora_B.shape)}")
+    k, d = weight.shape
+    num_members, rank, d_a = lora_A.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x's last dim {x.shape[-1]} (x shape {tuple(x.shape)}) != weight's in_features {d} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if d_a != d:
+        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [N, r, d] with d={d} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if num_members < 1 or rank < 1:
+        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} needs N >= 1 members and rank r >= 1")
+    if tuple(lora_B.shape) != (num_members, k, rank):
+        raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [N, k, r] = {(num_members, k, rank)} "
+                         f"(lora_A shape {tuple(lora_A.shape)}, weight shape {tuple(weight.shape)})")
+    if bias is not None and tuple(bias.shape) != (k,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be [k] = ({k},) (weight shape {tuple(weight.shape)})")
+    if not shared_input and x.shape[0] % num_members != 0:
+        raise ValueError(f"x's leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not divisible by "
+                         f"num_members N={num_members}; stacked inputs are [N*Bsz, ..., d], member-major")
+    present = {n: t for n, t in named.items() if t is not None}
+    dtypes = {n: t.dtype for n, t in present.items()}
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; use one of {_DTYPES}")
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"all inputs must have one dtype, got {dtypes}")
+    devices = {n: t.device for n, t in present.items()}
+    if len(set(devices.values())) != 1:
+        raise RuntimeError(f"all inputs must be on one device, got {devices}")
+
+
+def fused_lora_ensemble_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float = 1.0,
+    shared_input: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """All members of a LoRA-Ensemble linear layer in one op.
+
+    ``y[n] = x[n] @ weight^T + bias + scaling * (x[n] @ lora_A[n]^T) @ lora_B[n]^T``
+
+    Args:
+        x: stacked ``[N*Bsz, ..., d]``, member-major (rows ``n*Bsz:(n+1)*Bsz`` are member ``n``),
+            or with ``shared_input`` ``[Bsz, ..., d]``, the same rows for every member.
+        weight: the shared frozen ``W0 [k, d]`` (nn.Linear layout).
+        bias: ``[k]`` or None.
+        lora_A: ``[N, r, d]``.
+        lora_B: ``[N, k, r]``.
+        scaling: ``s`` (``alpha / r`` in LoRA terms).
+        shared_input: every member sees the same ``x``; ``x @ W0^T`` is computed once.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``[N*Bsz, ..., k]``, member-major, in the inputs' dtype (the autocast dtype under autocast).
+
+    Example::
+
+        >>> x = torch.randn(4 * 2, 5, 16)                       # N=4 members, Bsz=2, 5 tokens
+        >>> W0, A, B = torch.randn(8, 16), torch.randn(4, 2, 16), torch.randn(4, 8, 2)
+        >>> fused_lora_ensemble_linear(x, W0, None, A, B).shape
+        torch.Size([8, 5, 8])
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    validate_inputs(x, weight, bias, lora_A, lora_B, shared_input)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = bias.to(dtype) if bias is not None else None
+    name = _resolve(backend, device_type)
+    num_members = lora_A.shape[0]
+    d, k = weight.shape[1], weight.shape[0]
+    rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)
+    out, _ = fused_linear(
+        rows.contiguous(),
+        weight.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        lora_A.contiguous(),
+        lora_B.contiguous(),
+        float(scaling),
+        bool(shared_input),
+        name,
+    )
+    lead = x.shape[:-1]
+    if shared_input:
+        lead = (num_members * lead[0],) + tuple(lead[1:])
+    return out.reshape(*lead, k)

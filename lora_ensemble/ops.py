@@ -1,0 +1,126 @@
+"""The registered ops: ``lora_ensemble::fused_linear`` and its backward, with fake impls and autograd.
+
+Both ops take the backend by name and dispatch to it (:mod:`lora_ensemble.backends`), so one fake
+impl and one autograd formula serve every backend, and ``torch.compile(fullgraph=True)`` sees each
+call as one opaque graph node. Inputs are already validated and laid out per member
+(:mod:`lora_ensemble.functional` does that).
+
+Autograd (``s`` = scaling; ``W0``, ``b`` get gradients only when they require grad)::
+
+    dx[n] = dy[n] @ W0 + s * (dy[n] @ B[n]) @ A[n]     (summed over n for a shared input)
+    dA[n] = s * (dy[n] @ B[n])^T @ x[n]
+    dB[n] = s * dy[n]^T @ (x[n] @ A[n]^T)              (x A^T is saved by the forward)
+    dW0   = sum_n dy[n]^T @ x[n]                       db = sum over all rows of dy
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+
+__all__ = ["fused_linear", "fused_linear_backward"]
+
+
+@torch.library.custom_op("lora_ensemble::fused_linear", mutates_args=())
+def fused_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``x [N, M, d]`` (shared: ``[M, d]``) -> ``(out [N, M, k], xa [N, M, r] float32)``."""
+    out, xa = get_backend(backend).forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)
+    return out, xa
+
+
+@fused_linear.register_fake
+def _fused_linear_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend):
+    num_members, rank = lora_A.shape[0], lora_A.shape[1]
+    rows = x.shape[-2]
+    out = x.new_empty((num_members, rows, weight.shape[0]))
+    xa = x.new_empty((num_members, rows, rank), dtype=torch.float32)
+    return out, xa
+
+
+@torch.library.custom_op("lora_ensemble::fused_linear_backward", mutates_args=())
+def fused_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    shared_input: bool,
+    backend: str,
+    need_dx: bool,
+    need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)`` of :func:`fused_linear`; a gradient not asked for is an empty tensor."""
+    impl = get_backend(backend)
+    empty = grad_out.new_empty(0)
+    if need_dx:
+        dx, dyb = impl.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
+    else:
+        dx, dyb = empty, torch.bmm(grad_out, lora_B).float()
+    if need_lora:
+        dA, dB = impl.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
+    else:
+        dA, dB = empty, empty.clone()
+    return dx, dA, dB
+
+
+@fused_linear_backward.register_fake
+def _fused_linear_backward_fake(
+    grad_out, x, weight, lora_A, lora_B, xa, scaling, shared_input, backend, need_dx, need_lora
+):
+    dx = torch.empty_like(x) if need_dx else grad_out.new_empty(0)
+    if need_lora:
+        return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return dx, grad_out.new_empty(0), grad_out.new_empty(0)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    x, weight, bias, lora_A, lora_B, scaling, shared_input, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.scaling, ctx.shared_input, ctx.backend = scaling, shared_input, backend
+
+
+def _backward(ctx: Any, grad_out: Tensor, _grad_xa: Tensor | None) -> tuple:
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    grad_out = grad_out.contiguous()  # the grad of .sum() is a stride-0 expand
+    dx = dA = dB = dW = db = None
+    if need_x or need_A or need_B:
+        dx, dA, dB = fused_linear_backward(
+            grad_out, x, weight, lora_A, lora_B, xa,
+            ctx.scaling, ctx.shared_input, ctx.backend, need_x, need_A or need_B,
+        )
+    k = grad_out.shape[-1]
+    if need_w:
+        dy_rows = grad_out.sum(0) if ctx.shared_input else grad_out.reshape(-1, k)
+        dW = dy_rows.T @ x.reshape(-1, x.shape[-1])
+    if need_b:
+        db = grad_out.reshape(-1, k).sum(0)
+    return (
+        dx if need_x else None,
+        dW,
+        db,
+        dA if need_A else None,
+        dB if need_B else None,
+        None,
+        None,
+        None,
+    )
+
+
+fused_linear.register_autograd(_backward, setup_context=_setup_context)
