@@ -3,7 +3,8 @@
 One GEMM over all ``N*M`` rows for the base (``W0`` read once), batched GEMMs for the low-rank
 delta, and the delta added in the epilogue of the second batched GEMM (``baddbmm``). Low-precision
 inputs use PyTorch's GEMMs, which accumulate in fp32; the rank-``r`` intermediate ``xa`` is kept in
-fp32. This is also the ``bmm`` baseline of the benchmarks: what a careful PyTorch user writes.
+the accumulation dtype (fp32; fp64 for fp64 inputs). This is also the ``bmm`` baseline of the
+benchmarks: what a careful PyTorch user writes.
 
 Every function follows the backend contract of :mod:`lora_ensemble.backends`.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .backends import accum_dtype
 
 __all__ = ["forward", "backward_dx", "backward_lora"]
 
@@ -26,7 +29,7 @@ def forward(
     scaling: float,
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
+    """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` in the accum dtype."""
     num_members = lora_A.shape[0]
     base = F.linear(x, weight, bias)  # one GEMM over every row (once only when shared)
     if shared_input:
@@ -35,7 +38,7 @@ def forward(
     else:
         xa = torch.bmm(x, lora_A.transpose(1, 2))
     out = torch.baddbmm(base, xa, lora_B.transpose(1, 2), alpha=scaling)
-    return out, xa.float()
+    return out, xa.to(accum_dtype(x.dtype))
 
 
 def backward_dx(
@@ -47,7 +50,7 @@ def backward_dx(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
-    ``dyb = grad_out @ B [N, M, r]`` fp32."""
+    ``dyb = grad_out @ B [N, M, r]`` in the accum dtype."""
     num_members, rows, k = grad_out.shape
     dyb = torch.bmm(grad_out, lora_B)
     if shared_input:
@@ -56,7 +59,7 @@ def backward_dx(
     else:
         base = (grad_out.reshape(-1, k) @ weight).view(num_members, rows, -1)
         dx = torch.baddbmm(base, dyb, lora_A, alpha=scaling)
-    return dx, dyb.float()
+    return dx, dyb.to(accum_dtype(grad_out.dtype))
 
 
 def backward_lora(

@@ -1,16 +1,18 @@
 """Backend registry: which implementations of the op exist here, and which one ``auto`` picks.
 
 A backend is a module with three functions, all taking contiguous tensors of one dtype
-(``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank)::
+(``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank). The rank-``r``
+intermediates ``xa`` and ``dyb`` are kept in the accumulation dtype (:func:`accum_dtype`: float32,
+float64 for float64 inputs, which only the ``torch`` backend takes)::
 
     forward(x, weight, bias, lora_A, lora_B, scaling, shared_input) -> (out, xa)
         x [N, M, d] (shared_input: [M, d]), weight [k, d], bias [k] | None,
         lora_A [N, r, d], lora_B [N, k, r]
-        out [N, M, k] in x.dtype;  xa = x @ A^T  [N, M, r] float32 (saved for backward)
+        out [N, M, k] in x.dtype;  xa = x @ A^T  [N, M, r] accum dtype (saved for backward)
     backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input) -> (dx, dyb)
         grad_out [N, M, k]
         dx = dy @ W0 + s * (dy @ B) @ A   [N, M, d] (shared_input: [M, d], summed over members)
-        dyb = dy @ B  [N, M, r] float32
+        dyb = dy @ B  [N, M, r] accum dtype
     backward_lora(grad_out, x, xa, dyb, scaling, shared_input) -> (dA, dB)
         dA = s * dyb^T @ x  [N, r, d];  dB = s * dy^T @ xa  [N, k, r];  both in x.dtype
 
@@ -26,7 +28,15 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "get_backend", "resolve_backend", "unavailable_reason"]
+__all__ = [
+    "BACKENDS",
+    "FUSED_DTYPES",
+    "accum_dtype",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "unavailable_reason",
+]
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 _MODULES = {
@@ -34,8 +44,15 @@ _MODULES = {
     "triton": "lora_ensemble.backend_triton",
     "cuda": "lora_ensemble.backend_cuda",
 }
+# The dtypes the fused (triton, cuda) backends take; float64 runs on the torch backend only.
+FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # For CUDA tensors, ``auto`` takes the first available of these.
 _AUTO_CUDA_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's rank-``r`` intermediates for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _triton_interpreting() -> bool:
@@ -77,20 +94,23 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Turn ``auto`` into a concrete backend for ``device``; check an explicit one is usable.
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """Turn ``auto`` into a concrete backend for ``device`` and ``dtype``; check an explicit one is usable.
 
     Raises:
         ValueError: unknown backend name.
+        TypeError: a fused backend asked for a dtype it does not take (float64).
         RuntimeError: the backend exists but cannot run on ``device`` here (the reason is given).
     """
     dev = torch.device(device)
     if name == "auto":
-        if dev.type != "cuda":
+        if dev.type != "cuda" or dtype not in FUSED_DTYPES:
             return "torch"
         return next(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, dev) is None)
     if name not in _MODULES:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    if name != "torch" and dtype not in FUSED_DTYPES:
+        raise TypeError(f"backend={name!r} takes dtypes {FUSED_DTYPES}, got {dtype}; use backend='torch'")
     reason = unavailable_reason(name, dev)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available: {reason}")

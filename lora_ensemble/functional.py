@@ -14,9 +14,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    # Constant for a given (name, device type): torch.compile folds it instead of tracing imports.
-    return resolve_backend(backend, device_type)
+def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    # Constant for given arguments: torch.compile folds it instead of tracing imports.
+    return resolve_backend(backend, device_type, dtype)
 
 
 def validate_inputs(
@@ -120,7 +120,7 @@ def fused_lora_ensemble_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
         bias = bias.to(dtype) if bias is not None else None
-    name = _resolve(backend, device_type)
+    name = _resolve(backend, device_type, x.dtype)
     num_members = lora_A.shape[0]
     d, k = weight.shape[1], weight.shape[0]
     rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)

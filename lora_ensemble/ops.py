@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from .backends import accum_dtype, get_backend
 
 __all__ = ["fused_linear", "fused_linear_backward"]
 
@@ -36,7 +36,7 @@ def fused_linear(
     shared_input: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """``x [N, M, d]`` (shared: ``[M, d]``) -> ``(out [N, M, k], xa [N, M, r] float32)``."""
+    """``x [N, M, d]`` (shared: ``[M, d]``) -> ``(out [N, M, k], xa [N, M, r])``, xa in the accum dtype."""
     out, xa = get_backend(backend).forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)
     return out, xa
 
@@ -46,7 +46,7 @@ def _fused_linear_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input, b
     num_members, rank = lora_A.shape[0], lora_A.shape[1]
     rows = x.shape[-2]
     out = x.new_empty((num_members, rows, weight.shape[0]))
-    xa = x.new_empty((num_members, rows, rank), dtype=torch.float32)
+    xa = x.new_empty((num_members, rows, rank), dtype=accum_dtype(x.dtype))
     return out, xa
 
 
@@ -70,7 +70,7 @@ def fused_linear_backward(
     if need_dx:
         dx, dyb = impl.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
     else:
-        dx, dyb = empty, torch.bmm(grad_out, lora_B).float()
+        dx, dyb = empty, torch.bmm(grad_out, lora_B).to(accum_dtype(grad_out.dtype))
     if need_lora:
         dA, dB = impl.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
     else:

@@ -61,12 +61,10 @@ def make_inputs(
     x_lead = lead if shared_input else (num_members * lead[0], *lead[1:])
 
     def rand(*shape: int, scale: float = 1.0) -> Tensor:
-        if noncontiguous:  # every other element of the last dim, then a transpose round trip
+        if noncontiguous:  # every other element of the last dim of a larger tensor
             base = torch.randn(*shape[:-1], 2 * shape[-1], device=device, dtype=torch.float32)
-            t = base[..., ::2]
-        else:
-            t = torch.randn(*shape, device=device, dtype=torch.float32)
-        return (t * scale).to(dtype)
+            return (base * scale).to(dtype)[..., ::2]
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
     inp = OpInputs(
         x=rand(*x_lead, d),

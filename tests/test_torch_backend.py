@@ -1,0 +1,89 @@
+"""The ``torch`` backend and the registered op against the float64 reference."""
+
+import pytest
+import torch
+
+from lora_ensemble import fused_lora_ensemble_linear
+from lora_ensemble.reference import lora_ensemble_reference
+
+from .utils import check_against_reference, make_inputs
+
+# (N, rows per member, d, k, r, lead dims)
+SHAPES = [
+    (4, 33, 67, 45, 1, None),
+    (1, 1, 16, 16, 4, None),
+    (3, 12, 19, 23, 8, (3, 4)),
+    (16, 5, 48, 40, 16, None),
+    (2, 7, 33, 65, 33, (7,)),
+]
+IDS = [f"N{n}-M{m}-d{d}-k{k}-r{r}-lead{lead}" for n, m, d, k, r, lead in SHAPES]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("shared_input", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+def test_matches_reference(shape, shared_input, dtype):
+    n, m, d, k, r, lead = shape
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, shared_input=shared_input, lead=lead)
+    check_against_reference(inp, "torch")
+
+
+@pytest.mark.parametrize("shared_input", [False, True], ids=["stacked", "shared"])
+def test_noncontiguous_no_bias_trainable_base(shared_input):
+    inp = make_inputs(3, 10, 21, 14, 5, shared_input=shared_input, bias=False, noncontiguous=True,
+                      requires_grad=("x", "weight", "lora_A", "lora_B"))
+    assert not inp.x.is_contiguous() and not inp.lora_A.is_contiguous()
+    check_against_reference(inp, "torch")
+
+
+def test_trainable_bias_and_weight():
+    inp = make_inputs(2, 6, 9, 11, 3, requires_grad=("x", "weight", "bias", "lora_A", "lora_B"))
+    check_against_reference(inp, "torch")
+
+
+@pytest.mark.parametrize("wanted", [("lora_A",), ("lora_B",), ("x",), ("lora_A", "lora_B")])
+def test_only_requested_grads(wanted):
+    inp = make_inputs(2, 4, 8, 6, 2, requires_grad=wanted)
+    check_against_reference(inp, "torch")
+
+
+def test_no_grad_inference_and_shared_equals_replicated():
+    inp = make_inputs(4, 6, 10, 12, 3, shared_input=True, requires_grad=())
+    with torch.no_grad():
+        shared = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                            shared_input=True)
+        stacked = fused_lora_ensemble_linear(inp.x.repeat(4, 1), inp.weight, inp.bias, inp.lora_A, inp.lora_B,
+                                             inp.scaling)
+    torch.testing.assert_close(shared, stacked)
+
+
+def test_gradcheck_float64():
+    for shared in (False, True):
+        inp = make_inputs(3, 4, 5, 6, 2, dtype=torch.float64, shared_input=shared,
+                          requires_grad=("x", "weight", "bias", "lora_A", "lora_B"))
+
+        def fn(x, w, b, a, bb, shared=shared):
+            return fused_lora_ensemble_linear(x, w, b, a, bb, 0.3, shared_input=shared, backend="torch")
+
+        assert torch.autograd.gradcheck(fn, (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B))
+
+
+def test_unseen_shapes_match_reference():
+    """Shapes drawn at random here, not picked by hand."""
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(6):
+        n, m, d, k, r = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in
+                         ((1, 9), (1, 40), (1, 90), (1, 90), (1, 40)))
+        shared = bool(torch.randint(0, 2, (), generator=gen))
+        inp = make_inputs(n, m, d, k, r, shared_input=shared, bias=bool(torch.randint(0, 2, (), generator=gen)))
+        check_against_reference(inp, "torch")
+
+
+def test_nan_propagates():
+    inp = make_inputs(2, 3, 8, 5, 2, requires_grad=())
+    x = inp.x.clone()
+    x[0, 1] = float("nan")
+    y = fused_lora_ensemble_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B)
+    ref = lora_ensemble_reference(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[0]).any()
