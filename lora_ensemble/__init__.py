@@ -4,7 +4,9 @@ Importing the package touches neither CUDA, Triton nor the compiled extension; b
 on first use.
 """
 
+from . import metrics
 from .backends import available_backends
+from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
 from .functional import fused_lora_ensemble_linear
 from .layout import replicate_members, to_member_fastest, to_member_major
 from .modules import FusedLoRAEnsembleLinear
@@ -13,11 +15,15 @@ from .reference import lora_ensemble_reference, lora_ensemble_reference_backward
 __version__ = "0.1.0"
 
 __all__ = [
+    "EnsembleHead",
+    "EnsemblePrediction",
     "FusedLoRAEnsembleLinear",
+    "LoRAEnsemble",
     "available_backends",
     "fused_lora_ensemble_linear",
     "lora_ensemble_reference",
     "lora_ensemble_reference_backward",
+    "metrics",
     "replicate_members",
     "to_member_fastest",
     "to_member_major",
