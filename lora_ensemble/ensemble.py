@@ -27,13 +27,15 @@ Where the replication happens:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from . import metrics
 from .attention import replace_multihead_attention
@@ -321,14 +323,31 @@ class LoRAEnsemble(nn.Module):
         self.model = model
 
         self.replicate_at = replicate_at
-        self._replicator = _Replicator(num_members)
-        if replicate_at is not None:
-            model.get_submodule(replicate_at).register_forward_pre_hook(self._replicator, with_kwargs=True)
         self.share_first_input = share_first_input
+        self._replicator = _Replicator(num_members)
         self._sharing = _FirstInputSharing(num_members)
-        if share_first_input:
+        self._hook_handles: list[RemovableHandle] = []
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        if self.replicate_at is not None:
+            trunk = self.model.get_submodule(self.replicate_at)
+            self._hook_handles.append(trunk.register_forward_pre_hook(self._replicator, with_kwargs=True))
+        if self.share_first_input:
             for layer in self.lora_layers().values():
-                layer.register_forward_pre_hook(self._sharing, with_kwargs=True)
+                self._hook_handles.append(layer.register_forward_pre_hook(self._sharing, with_kwargs=True))
+
+    @contextmanager
+    def hooks_removed(self) -> Iterator[None]:
+        """Within this context ``self.model`` carries none of the ensemble's forward pre-hooks
+        (what :func:`lora_ensemble.io.export_member` copies the model under)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        try:
+            yield
+        finally:
+            self._install_hooks()
 
     @staticmethod
     def _find_head(model: nn.Module, head: str | None) -> str | None:
