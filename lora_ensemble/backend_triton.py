@@ -1,0 +1,58 @@
+"""The ``triton`` backend: fused Triton kernels (:mod:`lora_ensemble.kernels`).
+
+Forward: one launch for all members (base GEMM, ``x A^T`` and the rank-``r`` update fused in one
+K-loop; with a shared input the base tile is computed once and every member's update is added to
+it). Backward: one fused dx launch (``dy W0 + s (dy B) A``, which also yields ``dy B``) and one
+grouped launch for ``dA`` and ``dB`` of all members. fp32 inputs run their dots as TF32 on the GPU
+(Triton's default; ``TRITON_F32_DEFAULT=ieee`` asks for full fp32).
+
+Every function follows the backend contract of :mod:`lora_ensemble.backends`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .kernels import fused_lowrank_matmul, lowrank_weight_grads
+
+__all__ = ["forward", "backward_dx", "backward_lora"]
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
+    # Y = X W + bias + s (X S) E with W = W0^T [d, k], S = A^T [N, d, r], E = B^T [N, r, k].
+    return fused_lowrank_matmul(x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scaling)
+
+
+def backward_dx(
+    grad_out: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
+    ``dyb = grad_out @ B [N, M, r]`` fp32."""
+    # Y = X W + s (X S) E with X = dy, W = W0 [k, d], S = B [N, k, r], E = A [N, r, d].
+    return fused_lowrank_matmul(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
+
+
+def backward_lora(
+    grad_out: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    dyb: Tensor,
+    scaling: float,
+    shared_input: bool,
+) -> tuple[Tensor, Tensor]:
+    """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
+    return lowrank_weight_grads(grad_out, x, xa, dyb, scaling)
