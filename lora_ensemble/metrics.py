@@ -152,4 +152,4 @@ def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> flo
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
