@@ -1,0 +1,455 @@
+// Fused GEMM + LoRA: the forward and the input gradient of a LoRA-Ensemble linear layer, one launch.
+//
+//   forward      out[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T      low[n] = x[n] A[n]^T   (fp32)
+//   backward dx  out[n] = dy[n] W0  +     s (dy[n] B[n]) A[n]          low[n] = dy[n] B[n]
+//
+// Generic form: out = in W + s (in P) Q, with `inner` the reduction length and P the rank-r shrink.
+// Tiling: a CTA (256 threads, 8 warps) owns a BM x BN = 64 x 128 output tile of one member
+// (grid.x = row tile * column tiles + column tile, grid.y = member). Its K loop runs over `inner`
+// in BK steps (32 for fp16/bf16, 16 for fp32) through a 3-stage cp.async pipeline of the tiles
+// in [BM, BK], W [BK, BN] and P [BK, R] (R = r padded to 16, 32, 64 or 128), accumulating in W
+// and in P (both fp32) from the same in tile. The epilogue writes in P to `low` (CTAs of column
+// tile 0 only), splits s (in P) into 16-bit hi + lo parts (hi + lo carries ~16 mantissa bits, so
+// the rank-r product keeps near-fp32 accuracy on tensor cores), loads Q [R, BN] and adds
+// (hi + lo) Q to the accumulator, then stores through shared memory with the bias, masked at the
+// edges. fp16/bf16 use WMMA 16x16x16 tensor-core tiles (warp tile 32 x 32); fp32 uses SIMT FMAs
+// (thread tile 4 x 8), exact fp32 (no tf32).
+//
+// Shared input: grid.y = 1 and the CTA loops over members. Forward computes x W0^T once (first
+// member) and, per member, re-runs the K loop for x A[n]^T only; backward dx accumulates every
+// member's dy[n] W0 + s dyb[n] A[n] into one accumulator (dx is summed over members).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+#include "params.cuh"
+
+namespace lora_ensemble {
+
+template <class T, bool kForward, int kRankPad>
+struct FusedTile {
+  static constexpr int kBM = 64, kBN = 128, kThreads = 256, kStages = 3;
+  static constexpr int kBK = sizeof(T) == 2 ? 32 : 16;
+  static constexpr int kPad = 16 / sizeof(T);  // keeps rows 16-byte aligned and staggers banks
+  // Pipeline stage, element strides. forward: sW [BN][BK], sP [R][BK]; backward dx: sW [BK][BN], sP [BK][R].
+  static constexpr int kLdIn = kBK + kPad;
+  static constexpr int kLdW = kForward ? kBK + kPad : kBN + kPad;
+  static constexpr int kLdP = kForward ? kBK + kPad : kRankPad + kPad;
+  static constexpr int kInBytes = round_up(kBM * kLdIn * (int)sizeof(T), 128);
+  static constexpr int kWBytes = round_up((kForward ? kBN : kBK) * kLdW * (int)sizeof(T), 128);
+  static constexpr int kPBytes = round_up((kForward ? kRankPad : kBK) * kLdP * (int)sizeof(T), 128);
+  static constexpr int kStageBytes = kInBytes + kWBytes + kPBytes;
+  // Epilogue: sLow fp32 [BM][R]; 16-bit sHi, sLo [BM][R]; forward sQ [BN][R], backward dx sQ [R][BN].
+  static constexpr int kLdLow = kRankPad + 4;
+  static constexpr int kLdSplit = kRankPad + kPad;
+  static constexpr int kLdQ = kForward ? kRankPad + kPad : kBN + kPad;
+  static constexpr int kLowBytes = round_up(kBM * kLdLow * 4, 128);
+  static constexpr int kSplitBytes = Num<T>::kTensorCore ? round_up(kBM * kLdSplit * (int)sizeof(T), 128) : 0;
+  static constexpr int kQBytes = round_up((kForward ? kBN : kRankPad) * kLdQ * (int)sizeof(T), 128);
+  static constexpr int kEpilogueBytes = kLowBytes + 2 * kSplitBytes + kQBytes;
+  // Output staging, fp32 [BM][BN], overlays everything above once the expand is done.
+  static constexpr int kLdC = kBN + 4;
+  static constexpr int kCBytes = kBM * kLdC * 4;
+  static constexpr int kSmemBytes = max3(kStages * kStageBytes, kEpilogueBytes, kCBytes);
+  static_assert(kRankPad % 16 == 0 && kRankPad <= kMaxRank, "rank tile must be 16..128, a multiple of 16");
+};
+
+// Tensor-core math (fp16/bf16): warp w owns output rows 32 (w / 4) .. +32, columns 32 (w % 4) .. +32
+// (2 x 2 WMMA tiles), plus the low-rank tiles f = w, w + 8, ... of the BM/16 x R/16 grid of in P.
+template <class T, bool kForward, int kRankPad>
+struct WmmaMath {
+  using Tile = FusedTile<T, kForward, kRankPad>;
+  // forward: W, P and Q are stored [n][k] (col-major B operands); backward dx: [k][n] (row-major).
+  using LayoutB = std::conditional_t<kForward, wmma::col_major, wmma::row_major>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  static constexpr int kLowTiles = (Tile::kBM / 16) * (kRankPad / 16);
+  static constexpr int kLowTilesPerWarp = ceil_div(kLowTiles, Tile::kThreads / 32);
+
+  struct Acc {
+    FragC f[2][2];
+  };
+  struct LowAcc {
+    FragC f[kLowTilesPerWarp];
+  };
+
+  int warp, warp_m, warp_n;
+
+  __device__ WmmaMath() : warp(threadIdx.x / 32), warp_m(warp / 4), warp_n(warp % 4) {}
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc.f[i][j], 0.0f);
+  }
+  __device__ static void zero(LowAcc& acc) {
+#pragma unroll
+    for (int t = 0; t < kLowTilesPerWarp; ++t) wmma::fill_fragment(acc.f[t], 0.0f);
+  }
+
+  // B-operand tile at (k offset kk, n offset nn) of a tile stored with leading dimension ld.
+  __device__ static const T* b_tile(const T* s, int ld, int kk, int nn) {
+    return kForward ? s + nn * ld + kk : s + kk * ld + nn;
+  }
+
+  // acc += sIn sW (when with_base) and low += sIn sP over one BK slice.
+  __device__ void mma_stage(Acc& acc, LowAcc& low, const T* s_in, const T* s_w, const T* s_p, bool with_base) const {
+#pragma unroll
+    for (int kk = 0; kk < Tile::kBK; kk += 16) {
+      if (with_base) {
+        FragA a[2];
+        FragB b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], s_in + (warp_m * 32 + i * 16) * Tile::kLdIn + kk, Tile::kLdIn);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], b_tile(s_w, Tile::kLdW, kk, warp_n * 32 + j * 16), Tile::kLdW);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.f[i][j], a[i], b[j], acc.f[i][j]);
+      }
+#pragma unroll
+      for (int t = 0; t < kLowTilesPerWarp; ++t) {
+        const int tile = warp + t * (Tile::kThreads / 32);
+        if (kLowTiles % (Tile::kThreads / 32) == 0 || tile < kLowTiles) {
+          const int tm = tile / (kRankPad / 16), tq = tile % (kRankPad / 16);
+          FragA a;
+          FragB p;
+          wmma::load_matrix_sync(a, s_in + tm * 16 * Tile::kLdIn + kk, Tile::kLdIn);
+          wmma::load_matrix_sync(p, b_tile(s_p, Tile::kLdP, kk, tq * 16), Tile::kLdP);
+          wmma::mma_sync(low.f[t], a, p, low.f[t]);
+        }
+      }
+    }
+  }
+
+  __device__ void store_low(const LowAcc& low, float* s_low) const {
+#pragma unroll
+    for (int t = 0; t < kLowTilesPerWarp; ++t) {
+      const int tile = warp + t * (Tile::kThreads / 32);
+      if (kLowTiles % (Tile::kThreads / 32) == 0 || tile < kLowTiles) {
+        const int tm = tile / (kRankPad / 16), tq = tile % (kRankPad / 16);
+        wmma::store_matrix_sync(s_low + tm * 16 * Tile::kLdLow + tq * 16, low.f[t], Tile::kLdLow, wmma::mem_row_major);
+      }
+    }
+  }
+
+  // acc += (sHi + sLo) sQ, the scaled low-rank product split into two 16-bit parts.
+  __device__ void expand(Acc& acc, const T* s_hi, const T* s_lo, const T* s_q) const {
+#pragma unroll
+    for (int kk = 0; kk < kRankPad; kk += 16) {
+      FragA hi[2], lo[2];
+      FragB q[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = warp_m * 32 + i * 16;
+        wmma::load_matrix_sync(hi[i], s_hi + row * Tile::kLdSplit + kk, Tile::kLdSplit);
+        wmma::load_matrix_sync(lo[i], s_lo + row * Tile::kLdSplit + kk, Tile::kLdSplit);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(q[j], b_tile(s_q, Tile::kLdQ, kk, warp_n * 32 + j * 16), Tile::kLdQ);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::mma_sync(acc.f[i][j], hi[i], q[j], acc.f[i][j]);
+          wmma::mma_sync(acc.f[i][j], lo[i], q[j], acc.f[i][j]);
+        }
+    }
+  }
+
+  __device__ void store(const Acc& acc, float* s_c) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(s_c + (warp_m * 32 + i * 16) * Tile::kLdC + warp_n * 32 + j * 16, acc.f[i][j],
+                                Tile::kLdC, wmma::mem_row_major);
+  }
+};
+
+// SIMT math (fp32): thread t owns output rows 4 (t / 16) .. +4 and columns t % 16 + 16 j (j < 8),
+// and the low-rank entries of row t / 4, columns t % 4 + 4 c (c < R / 4).
+template <bool kForward, int kRankPad>
+struct SimtMath {
+  using Tile = FusedTile<float, kForward, kRankPad>;
+  static constexpr int kRowsPerThread = 4, kColsPerThread = 8, kLowPerThread = kRankPad / 4;
+  static_assert(Tile::kBM == 16 * kRowsPerThread && Tile::kBN == 16 * kColsPerThread && Tile::kThreads == 256,
+                "thread layout assumes a 64 x 128 tile and 256 threads");
+
+  struct Acc {
+    float v[kRowsPerThread][kColsPerThread];
+  };
+  struct LowAcc {
+    float v[kLowPerThread];
+  };
+
+  int row, col, low_row, low_col;
+
+  __device__ SimtMath()
+      : row((threadIdx.x / 16) * kRowsPerThread), col(threadIdx.x % 16), low_row(threadIdx.x / 4), low_col(threadIdx.x % 4) {}
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = 0.0f;
+  }
+  __device__ static void zero(LowAcc& acc) {
+#pragma unroll
+    for (int c = 0; c < kLowPerThread; ++c) acc.v[c] = 0.0f;
+  }
+
+  // Element (k index kk, n index nn) of a B-side tile (W, P or Q) with leading dimension ld.
+  __device__ static float b_at(const float* s, int ld, int kk, int nn) { return kForward ? s[nn * ld + kk] : s[kk * ld + nn]; }
+
+  __device__ void mma_stage(Acc& acc, LowAcc& low, const float* s_in, const float* s_w, const float* s_p,
+                            bool with_base) const {
+#pragma unroll 4
+    for (int kk = 0; kk < Tile::kBK; ++kk) {
+      if (with_base) {
+        float a[kRowsPerThread], b[kColsPerThread];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) a[i] = s_in[(row + i) * Tile::kLdIn + kk];
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_w, Tile::kLdW, kk, col + 16 * j);
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+          for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
+      }
+      const float a = s_in[low_row * Tile::kLdIn + kk];
+#pragma unroll
+      for (int c = 0; c < kLowPerThread; ++c) low.v[c] = fmaf(a, b_at(s_p, Tile::kLdP, kk, low_col + 4 * c), low.v[c]);
+    }
+  }
+
+  __device__ void store_low(const LowAcc& low, float* s_low) const {
+#pragma unroll
+    for (int c = 0; c < kLowPerThread; ++c) s_low[low_row * Tile::kLdLow + low_col + 4 * c] = low.v[c];
+  }
+
+  // acc += sLow sQ, where sLow already holds s * (in P).
+  __device__ void expand(Acc& acc, const float* s_low, const float* s_q) const {
+#pragma unroll 4
+    for (int kk = 0; kk < kRankPad; ++kk) {
+      float a[kRowsPerThread], b[kColsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) a[i] = s_low[(row + i) * Tile::kLdLow + kk];
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_q, Tile::kLdQ, kk, col + 16 * j);
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
+    }
+  }
+
+  __device__ void store(const Acc& acc, float* s_c) const {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) s_c[(row + i) * Tile::kLdC + col + 16 * j] = acc.v[i][j];
+  }
+};
+
+template <class T, bool kForward, int kRankPad>
+using FusedMath = std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kRankPad>, SimtMath<kForward, kRankPad>>;
+
+// The K loop of member n: acc += in[n] W (when with_base) and low += in[n] P[n] over the whole
+// reduction, through the multi-stage cp.async pipeline. Starts and ends with a CTA barrier.
+template <class T, bool kForward, int kRankPad>
+__device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0, int col0, bool with_base,
+                               const FusedMath<T, kForward, kRankPad>& math,
+                               typename FusedMath<T, kForward, kRankPad>::Acc& acc,
+                               typename FusedMath<T, kForward, kRankPad>::LowAcc& low, unsigned char* smem) {
+  using Tile = FusedTile<T, kForward, kRankPad>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, R = kRankPad, TH = Tile::kThreads;
+  const T* in = p.in + (kForward && p.shared ? 0 : static_cast<int64_t>(n) * p.rows * p.inner);
+  const T* shrink = p.shrink + static_cast<int64_t>(n) * p.rank * p.inner;
+  auto s_in = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes); };
+  auto s_w = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes); };
+  auto s_p = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes + Tile::kWBytes); };
+
+  auto issue = [&](int kt) {
+    const int s = kt % Tile::kStages, k0 = kt * BK;
+    load_tile<T, BM, BK, TH>(s_in(s), Tile::kLdIn, in, p.inner, p.rows, p.inner, row0, k0, p.vec_in);
+    if constexpr (kForward) {
+      // W0 [k, d] rows are output columns; A[n] [r, d] rows are rank columns.
+      if (with_base) load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, p.inner, col0, k0, p.vec_weight);
+      load_tile<T, R, BK, TH>(s_p(s), Tile::kLdP, shrink, p.inner, p.rank, p.inner, 0, k0, p.vec_shrink);
+    } else {
+      // W0 [k, d] rows are the reduction; B[n] [k, r] rows are the reduction.
+      if (with_base) load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, p.inner, p.cols, k0, col0, p.vec_weight);
+      load_tile<T, BK, R, TH>(s_p(s), Tile::kLdP, shrink, p.rank, p.inner, p.rank, k0, 0, p.vec_shrink);
+    }
+  };
+
+  const int k_tiles = ceil_div(p.inner, BK);
+  __syncthreads();  // the previous user of this shared memory is done
+#pragma unroll
+  for (int s = 0; s < Tile::kStages - 1; ++s) {
+    if (s < k_tiles) issue(s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Tile::kStages - 2>();
+    __syncthreads();  // tile kt is visible to all; every warp is done with tile kt - 1
+    if (kt + Tile::kStages - 1 < k_tiles) issue(kt + Tile::kStages - 1);  // refills tile kt - 1's stage
+    cp_async_commit();
+    const int s = kt % Tile::kStages;
+    math.mma_stage(acc, low, s_in(s), s_w(s), s_p(s), with_base);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+template <class T, bool kForward, int kRankPad>
+__global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
+  using Tile = FusedTile<T, kForward, kRankPad>;
+  using Math = FusedMath<T, kForward, kRankPad>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s_low = reinterpret_cast<float*>(smem);
+  T* s_hi = reinterpret_cast<T*>(smem + Tile::kLowBytes);
+  T* s_lo = reinterpret_cast<T*>(smem + Tile::kLowBytes + Tile::kSplitBytes);
+  T* s_q = reinterpret_cast<T*>(smem + Tile::kLowBytes + 2 * Tile::kSplitBytes);
+  float* s_c = reinterpret_cast<float*>(smem);
+
+  const int col_tiles = ceil_div(p.cols, BN);
+  const int tile_col = static_cast<int>(blockIdx.x) % col_tiles;
+  const int row0 = (static_cast<int>(blockIdx.x) / col_tiles) * BM;
+  const int col0 = tile_col * BN;
+  const int first = p.shared ? 0 : static_cast<int>(blockIdx.y);
+  const int last = p.shared ? p.members : first + 1;
+
+  const Math math;
+  typename Math::Acc base;
+  typename Math::LowAcc low;
+  Math::zero(base);
+
+  // Bounded, masked store of the fp32 tile in s_c (+ bias) to out[row0.., col0..].
+  auto store_out = [&](T* out) {
+    for (int e = threadIdx.x; e < BM * BN; e += TH) {
+      const int r = e / BN, c = e % BN;
+      const int m = row0 + r, j = col0 + c;
+      if (m < p.rows && j < p.cols) {
+        float v = s_c[r * Tile::kLdC + c];
+        if (kForward && p.bias != nullptr) v += Num<T>::to_float(p.bias[j]);
+        out[static_cast<int64_t>(m) * p.cols + j] = Num<T>::from_float(v);
+      }
+    }
+  };
+
+  for (int n = first; n < last; ++n) {
+    // Forward + shared: x W0^T is the same for every member, computed with the first.
+    const bool with_base = !kForward || n == first;
+    Math::zero(low);
+    fused_mainloop<T, kForward, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
+
+    // Epilogue 1: in P to shared memory; start loading this member's Q tile.
+    math.store_low(low, s_low);
+    const T* expand = p.expand + static_cast<int64_t>(n) * p.rank * p.cols;
+    if constexpr (kForward) {
+      load_tile<T, BN, R, TH>(s_q, Tile::kLdQ, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
+    } else {
+      load_tile<T, R, BN, TH>(s_q, Tile::kLdQ, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
+    }
+    cp_async_commit();
+    __syncthreads();
+
+    // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand; columns
+    // past the rank are zeroed so that NaN/Inf in `in` cannot leak into them through P's padding.
+    float* low_out = p.low + static_cast<int64_t>(n) * p.rows * p.rank;
+    for (int e = threadIdx.x; e < BM * R; e += TH) {
+      const int r = e / R, q = e % R;
+      const int m = row0 + r;
+      const float v = s_low[r * Tile::kLdLow + q];
+      if (tile_col == 0 && q < p.rank && m < p.rows) low_out[static_cast<int64_t>(m) * p.rank + q] = v;
+      const float scaled = q < p.rank ? p.scaling * v : 0.0f;
+      if constexpr (Num<T>::kTensorCore) {
+        const T hi = Num<T>::from_float(scaled);
+        s_hi[r * Tile::kLdSplit + q] = hi;
+        s_lo[r * Tile::kLdSplit + q] = Num<T>::from_float(scaled - Num<T>::to_float(hi));
+      } else {
+        s_low[r * Tile::kLdLow + q] = scaled;
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Epilogue 3: add the low-rank product; store (forward: per member; backward dx: stacked
+    // per member, shared summed over all members at the end).
+    auto add_expand = [&](typename Math::Acc& acc) {
+      if constexpr (Num<T>::kTensorCore) {
+        math.expand(acc, s_hi, s_lo, s_q);
+      } else {
+        math.expand(acc, s_low, s_q);
+      }
+    };
+    if constexpr (kForward) {
+      typename Math::Acc acc = base;
+      add_expand(acc);
+      __syncthreads();  // s_c overlays s_low / s_q
+      math.store(acc, s_c);
+      __syncthreads();
+      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
+    } else {
+      add_expand(base);
+      if (!p.shared) {
+        __syncthreads();
+        math.store(base, s_c);
+        __syncthreads();
+        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
+      }
+    }
+  }
+  if (!kForward && p.shared) {
+    __syncthreads();
+    math.store(base, s_c);
+    __syncthreads();
+    store_out(p.out);
+  }
+}
+
+template <class T, bool kForward, int kRankPad>
+void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
+  using Tile = FusedTile<T, kForward, kRankPad>;
+  const int64_t tiles = static_cast<int64_t>(ceil_div(p.rows, Tile::kBM)) * ceil_div(p.cols, Tile::kBN);
+  TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.rows, " rows x ", p.cols, " columns need ", tiles,
+              " tiles, over the grid limit");
+  const dim3 grid(static_cast<unsigned>(tiles), p.shared ? 1u : static_cast<unsigned>(p.members));
+  auto kernel = fused_lora_gemm_kernel<T, kForward, kRankPad>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T, bool kForward>
+void launch_fused_lora_gemm_rank(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
+  if (p.rank <= 16) {
+    launch_fused_lora_gemm_tile<T, kForward, 16>(p, stream);
+  } else if (p.rank <= 32) {
+    launch_fused_lora_gemm_tile<T, kForward, 32>(p, stream);
+  } else if (p.rank <= 64) {
+    launch_fused_lora_gemm_tile<T, kForward, 64>(p, stream);
+  } else {
+    launch_fused_lora_gemm_tile<T, kForward, 128>(p, stream);
+  }
+}
+
+template <class T>
+void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream) {
+  if (forward) {
+    launch_fused_lora_gemm_rank<T, true>(p, stream);
+  } else {
+    launch_fused_lora_gemm_rank<T, false>(p, stream);
+  }
+}
+
+}  // namespace lora_ensemble

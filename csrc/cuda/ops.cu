@@ -1,0 +1,255 @@
+// CUDA implementations of lora_ensemble::cuda_forward, cuda_backward_dx and cuda_backward_lora
+// (schemas in csrc/lora_ensemble.cpp): input checks with messages that name the argument and its
+// shape, output allocation, dtype and rank dispatch, and launches on the current stream of the
+// inputs' device. forward and backward_dx are one launch each (fused_lora_gemm.cuh),
+// backward_lora is one grouped launch for every member's dA and dB (lora_grads.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "params.cuh"
+
+namespace lora_ensemble {
+namespace {
+
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+constexpr int64_t kMaxGridY = 65535;
+
+void check_operand(const at::Tensor& t, const char* op, const char* name, const at::Tensor& like, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the first input is on ",
+              like.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " strides ", t.strides());
+  for (int64_t s : t.sizes()) TORCH_CHECK(s <= kIntMax, op, ": ", name, " shape ", t.sizes(), " has a dim over 2^31 - 1");
+}
+
+void check_dtype(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+}
+
+void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name, " has dtype ", dt,
+              "; the cuda backend supports float32, float16 and bfloat16");
+}
+
+void check_rank(int64_t rank, const char* op, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, op, ": rank r=", rank, " (", name, " shape ", shape,
+              ") must be in 1..", kMaxRank, " for the cuda backend");
+}
+
+// 16-byte asynchronous copies need a 16-byte aligned base and a leading dim of whole 16-byte chunks.
+bool vec_ok(const at::Tensor& t, int64_t ld) {
+  const int64_t vec = 16 / t.element_size();
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ld % vec == 0;
+}
+
+template <class T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <class T>
+T* mut_ptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <class F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "lora_ensemble cuda backend: unsupported dtype ", dtype);
+  }
+}
+
+cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, double scaling, bool shared_input) {
+  constexpr const char* op = "lora_ensemble::cuda_forward";
+  check_float_input(x, op, "x");
+  check_operand(x, op, shared_input ? "x (shared_input, [M, d])" : "x ([N, M, d])", x, shared_input ? 2 : 3);
+  check_operand(weight, op, "weight", x, 2);
+  check_operand(lora_A, op, "lora_A", x, 3);
+  check_operand(lora_B, op, "lora_B", x, 3);
+  const auto dtype = x.scalar_type();
+  check_dtype(weight, op, "weight", dtype);
+  check_dtype(lora_A, op, "lora_A", dtype);
+  check_dtype(lora_B, op, "lora_B", dtype);
+  const int64_t k = weight.size(0), d = weight.size(1);
+  const int64_t n = lora_A.size(0), r = lora_A.size(1);
+  const int64_t m = x.size(-2);
+  check_rank(r, op, "lora_A", lora_A.sizes());
+  TORCH_CHECK(k > 0 && d > 0, op, ": weight shape ", weight.sizes(), " must be [k, d] with k, d >= 1");
+  TORCH_CHECK(x.size(-1) == d, op, ": x shape ", x.sizes(), " must end in d=", d, " (weight shape ", weight.sizes(), ")");
+  TORCH_CHECK(shared_input || x.size(0) == n, op, ": x shape ", x.sizes(), " must be [N, M, d] with N=", n,
+              " (lora_A shape ", lora_A.sizes(), ")");
+  TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
+  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == k && lora_B.size(2) == r, op, ": lora_B shape ",
+              lora_B.sizes(), " must be [N, k, r] = [", n, ", ", k, ", ", r, "]");
+  TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+  const at::Tensor* b = bias.has_value() && bias->defined() ? &bias.value() : nullptr;
+  if (b != nullptr) {
+    check_operand(*b, op, "bias", x, 1);
+    check_dtype(*b, op, "bias", dtype);
+    TORCH_CHECK(b->size(0) == k, op, ": bias shape ", b->sizes(), " must be [k] = [", k, "]");
+  }
+
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({n, m, k}, x.options());
+  at::Tensor xa = at::empty({n, m, r}, x.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return {out, xa};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    FusedLoraGemmParams<T> p{};
+    p.in = ptr<T>(x);
+    p.weight = ptr<T>(weight);
+    p.bias = b != nullptr ? ptr<T>(*b) : nullptr;
+    p.shrink = ptr<T>(lora_A);
+    p.expand = ptr<T>(lora_B);
+    p.out = mut_ptr<T>(out);
+    p.low = mut_ptr<float>(xa);
+    p.members = static_cast<int>(n);
+    p.rows = static_cast<int>(m);
+    p.inner = static_cast<int>(d);
+    p.cols = static_cast<int>(k);
+    p.rank = static_cast<int>(r);
+    p.scaling = static_cast<float>(scaling);
+    p.shared = shared_input;
+    p.vec_in = vec_ok(x, d);
+    p.vec_weight = vec_ok(weight, d);
+    p.vec_shrink = vec_ok(lora_A, d);
+    p.vec_expand = vec_ok(lora_B, r);
+    launch_fused_lora_gemm<T>(p, /*forward=*/true, current_stream(x));
+  });
+  return {out, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                    const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                    double scaling, bool shared_input) {
+  constexpr const char* op = "lora_ensemble::cuda_backward_dx";
+  check_float_input(grad_out, op, "grad_out");
+  check_operand(grad_out, op, "grad_out ([N, M, k])", grad_out, 3);
+  check_operand(weight, op, "weight", grad_out, 2);
+  check_operand(lora_A, op, "lora_A", grad_out, 3);
+  check_operand(lora_B, op, "lora_B", grad_out, 3);
+  const auto dtype = grad_out.scalar_type();
+  check_dtype(weight, op, "weight", dtype);
+  check_dtype(lora_A, op, "lora_A", dtype);
+  check_dtype(lora_B, op, "lora_B", dtype);
+  const int64_t k = weight.size(0), d = weight.size(1);
+  const int64_t n = lora_A.size(0), r = lora_A.size(1);
+  const int64_t m = grad_out.size(1);
+  check_rank(r, op, "lora_A", lora_A.sizes());
+  TORCH_CHECK(k > 0 && d > 0, op, ": weight shape ", weight.sizes(), " must be [k, d] with k, d >= 1");
+  TORCH_CHECK(grad_out.size(0) == n && grad_out.size(2) == k, op, ": grad_out shape ", grad_out.sizes(),
+              " must be [N, M, k] with N=", n, ", k=", k, " (lora_A shape ", lora_A.sizes(), ", weight shape ",
+              weight.sizes(), ")");
+  TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
+  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == k && lora_B.size(2) == r, op, ": lora_B shape ",
+              lora_B.sizes(), " must be [N, k, r] = [", n, ", ", k, ", ", r, "]");
+  TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor dx = shared_input ? at::empty({m, d}, grad_out.options()) : at::empty({n, m, d}, grad_out.options());
+  at::Tensor dyb = at::empty({n, m, r}, grad_out.options().dtype(at::kFloat));
+  if (m == 0) return {dx, dyb};
+  if (n == 0) return {dx.zero_(), dyb};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    FusedLoraGemmParams<T> p{};
+    p.in = ptr<T>(grad_out);
+    p.weight = ptr<T>(weight);
+    p.bias = nullptr;
+    p.shrink = ptr<T>(lora_B);
+    p.expand = ptr<T>(lora_A);
+    p.out = mut_ptr<T>(dx);
+    p.low = mut_ptr<float>(dyb);
+    p.members = static_cast<int>(n);
+    p.rows = static_cast<int>(m);
+    p.inner = static_cast<int>(k);
+    p.cols = static_cast<int>(d);
+    p.rank = static_cast<int>(r);
+    p.scaling = static_cast<float>(scaling);
+    p.shared = shared_input;
+    p.vec_in = vec_ok(grad_out, k);
+    p.vec_weight = vec_ok(weight, d);
+    p.vec_shrink = vec_ok(lora_B, r);
+    p.vec_expand = vec_ok(lora_A, d);
+    launch_fused_lora_gemm<T>(p, /*forward=*/false, current_stream(grad_out));
+  });
+  return {dx, dyb};
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out, const at::Tensor& x,
+                                                      const at::Tensor& xa, const at::Tensor& dyb, double scaling,
+                                                      bool shared_input) {
+  constexpr const char* op = "lora_ensemble::cuda_backward_lora";
+  check_float_input(grad_out, op, "grad_out");
+  check_operand(grad_out, op, "grad_out ([N, M, k])", grad_out, 3);
+  check_operand(x, op, shared_input ? "x (shared_input, [M, d])" : "x ([N, M, d])", grad_out, shared_input ? 2 : 3);
+  check_operand(xa, op, "xa ([N, M, r])", grad_out, 3);
+  check_operand(dyb, op, "dyb ([N, M, r])", grad_out, 3);
+  const auto dtype = grad_out.scalar_type();
+  check_dtype(x, op, "x", dtype);
+  check_dtype(xa, op, "xa", at::kFloat);
+  check_dtype(dyb, op, "dyb", at::kFloat);
+  const int64_t n = grad_out.size(0), m = grad_out.size(1), k = grad_out.size(2);
+  const int64_t d = x.size(-1), r = xa.size(2);
+  check_rank(r, op, "xa", xa.sizes());
+  TORCH_CHECK(k > 0 && d > 0, op, ": grad_out shape ", grad_out.sizes(), " and x shape ", x.sizes(),
+              " need k, d >= 1");
+  TORCH_CHECK(x.size(-2) == m && (shared_input || x.size(0) == n), op, ": x shape ", x.sizes(), " must be ",
+              shared_input ? "[M, d]" : "[N, M, d]", " with N=", n, ", M=", m, " (grad_out shape ", grad_out.sizes(), ")");
+  TORCH_CHECK(xa.size(0) == n && xa.size(1) == m, op, ": xa shape ", xa.sizes(), " must be [N, M, r] with N=", n,
+              ", M=", m, " (grad_out shape ", grad_out.sizes(), ")");
+  TORCH_CHECK(dyb.sizes() == xa.sizes(), op, ": dyb shape ", dyb.sizes(), " must equal xa shape ", xa.sizes());
+  TORCH_CHECK(n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor grad_A = at::empty({n, r, d}, grad_out.options());
+  at::Tensor grad_B = at::empty({n, k, r}, grad_out.options());
+  if (n == 0) return {grad_A, grad_B};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    LoraGradParams<T> p{};
+    p.x = ptr<T>(x);
+    p.dy = ptr<T>(grad_out);
+    p.xa = ptr<float>(xa);
+    p.dyb = ptr<float>(dyb);
+    p.grad_A = mut_ptr<T>(grad_A);
+    p.grad_B = mut_ptr<T>(grad_B);
+    p.members = static_cast<int>(n);
+    p.rows = static_cast<int>(m);
+    p.d = static_cast<int>(d);
+    p.k = static_cast<int>(k);
+    p.rank = static_cast<int>(r);
+    p.scaling = static_cast<float>(scaling);
+    p.shared = shared_input;
+    p.vec_x = vec_ok(x, d);
+    p.vec_dy = vec_ok(grad_out, k);
+    p.vec_low = vec_ok(xa, r) && vec_ok(dyb, r);
+    launch_lora_grads<T>(p, current_stream(grad_out));
+  });
+  return {grad_A, grad_B};
+}
+
+}  // namespace
+}  // namespace lora_ensemble
+
+TORCH_LIBRARY_IMPL(lora_ensemble, CUDA, m) {
+  m.impl("cuda_forward", &lora_ensemble::cuda_forward);
+  m.impl("cuda_backward_dx", &lora_ensemble::cuda_backward_dx);
+  m.impl("cuda_backward_lora", &lora_ensemble::cuda_backward_lora);
+}

@@ -1,0 +1,61 @@
+// Kernel arguments and host launchers of the lora_ensemble CUDA kernels (one declaration per dtype,
+// defined in lora_kernels_{f32,f16,bf16}.cu). Sizes follow the backend contract: N members, M rows
+// per member, d in, k out, r rank; every tensor contiguous and row-major.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace lora_ensemble {
+
+// The fused GEMM + LoRA kernel, in one of two roles:
+//   forward:      out[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T,  low[n] = x[n] A[n]^T
+//                 (x = `in` [N, M, d], or [M, d] when shared; inner = d, cols = k)
+//   backward dx:  out[n] = dy[n] W0 + s (dy[n] B[n]) A[n],          low[n] = dy[n] B[n]
+//                 (dy = `in` [N, M, k]; inner = k, cols = d; when shared out is [M, d], summed over n)
+template <class T>
+struct FusedLoraGemmParams {
+  const T* in;       // x or dy: [N, M, inner] (forward + shared: [M, inner])
+  const T* weight;   // W0 [k, d]
+  const T* bias;     // [k] or nullptr (forward only)
+  const T* shrink;   // forward: A [N, r, d]; backward dx: B [N, k, r]   (in -> rank r)
+  const T* expand;   // forward: B [N, k, r]; backward dx: A [N, r, d]   (rank r -> cols)
+  T* out;            // [N, M, cols] (backward dx + shared: [M, cols])
+  float* low;        // xa or dyb [N, M, r], fp32
+  int members;       // N
+  int rows;          // M
+  int inner;         // the reduction length: d (forward) or k (backward dx)
+  int cols;          // the output width: k (forward) or d (backward dx)
+  int rank;          // r, 1..128
+  float scaling;     // s
+  bool shared;       // shared-input layout
+  // Whether each operand may use 16-byte asynchronous copies (leading dim and base pointer aligned).
+  bool vec_in, vec_weight, vec_shrink, vec_expand;
+};
+
+// The grouped LoRA weight gradients, one launch for every member and both outputs:
+//   dA[n] = s dyb[n]^T x[n]  [r, d]        dB[n] = s dy[n]^T xa[n]  [k, r]
+template <class T>
+struct LoraGradParams {
+  const T* x;          // [N, M, d] (shared: [M, d])
+  const T* dy;         // [N, M, k]
+  const float* xa;     // [N, M, r]
+  const float* dyb;    // [N, M, r]
+  T* grad_A;           // [N, r, d]
+  T* grad_B;           // [N, k, r]
+  int members, rows, d, k, rank;
+  float scaling;
+  bool shared;
+  bool vec_x, vec_dy, vec_low;
+};
+
+// Largest rank the kernels are instantiated for (the rank is padded to 16, 32, 64 or 128).
+constexpr int kMaxRank = 128;
+
+template <class T>
+void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream);
+
+template <class T>
+void launch_lora_grads(const LoraGradParams<T>& p, cudaStream_t stream);
+
+}  // namespace lora_ensemble
