@@ -73,7 +73,7 @@ def extension_modules() -> tuple[list, dict]:
 
     debug = os.environ.get("LORA_ENSEMBLE_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    nvcc_flags = opt + ["-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-std=c++17"]
+    nvcc_flags = opt + ["-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     print(f"lora_ensemble: building the CUDA extension with the toolkit at {toolkit} for "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (torch CUDA {torch.version.cuda})")
@@ -81,7 +81,7 @@ def extension_modules() -> tuple[list, dict]:
         "lora_ensemble._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": opt + ["-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": opt, "nvcc": nvcc_flags},
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension}
