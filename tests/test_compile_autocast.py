@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 
-from lora_ensemble import FusedLoRAEnsembleLinear, available_backends, fused_lora_ensemble_linear
+from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsemble, available_backends, fused_lora_ensemble_linear
 from lora_ensemble.backends import unavailable_reason
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
 from .utils import TOLERANCES, assert_close_named, make_inputs
@@ -22,10 +22,10 @@ CPU_BACKENDS = available_backends("cpu")
 FUSED_BACKENDS = ("triton", "cuda")
 
 
-def _random_lora(layer: FusedLoRAEnsembleLinear) -> FusedLoRAEnsembleLinear:
+def _random_lora(layer: FusedLoRAEnsembleLinear, std: float | None = None) -> FusedLoRAEnsembleLinear:
     """Give ``lora_B`` random values: with the default zero init the LoRA path would be invisible."""
     with torch.no_grad():
-        layer.lora_B.normal_(0.0, layer.rank**-0.5)
+        layer.lora_B.normal_(0.0, layer.rank**-0.5 if std is None else std)
     return layer
 
 
@@ -36,6 +36,18 @@ def _two_layer_model(backend: str, device: str = "cpu") -> nn.Sequential:
         nn.LayerNorm(40, device=device),
         _random_lora(FusedLoRAEnsembleLinear(40, 10, 3, 1, bias=False, backend=backend, device=device)),
     )
+
+
+def _wrapped_vit(**options) -> LoRAEnsemble:
+    """A LoRA-Ensemble of a tiny timm ViT (3 members) with random ``lora_B``, small enough that the
+    gain-10 ``lora_A`` does not saturate the attention softmax (which would amplify rounding)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    ensemble = LoRAEnsemble(vit, num_members=3, rank=2, **options)
+    for layer in ensemble.lora_layers().values():
+        _random_lora(layer, std=0.02)
+    return ensemble
 
 
 def _lora_grads(model: nn.Module) -> dict[str, Tensor]:
@@ -77,6 +89,20 @@ def test_inductor_fullgraph_matches_eager_forward_and_backward() -> None:
     model = _two_layer_model("auto")
     compiled = torch.compile(model, fullgraph=True)
     _assert_matches_eager(compiled, model, torch.randn(3 * 4, 7, 24))
+
+
+@pytest.mark.parametrize("options", [{}, {"replicate_at": "blocks"}, {"share_first_input": True}],
+                         ids=["replicate-at-entry", "replicate-at-blocks", "share-first-input"])
+def test_compiled_wrapped_model_has_one_graph_and_matches_eager(options: dict) -> None:
+    torch._dynamo.reset()
+    ensemble = _wrapped_vit(**options)
+    counter = CompileCounter()
+    aot_eager_counted = torch.compile(ensemble, fullgraph=True, backend="aot_eager")
+    counted = torch.compile(ensemble, fullgraph=True, backend=counter)
+    x = torch.randn(2, 3, 16, 16)
+    counted(x)
+    assert counter.frame_count == 1 and counter.op_count > 0
+    _assert_matches_eager(aot_eager_counted, ensemble, x)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -169,6 +195,17 @@ def test_autocast_takes_low_precision_activations_with_fp32_parameters() -> None
     assert out.dtype == torch.bfloat16
     low = [t.detach().to(torch.bfloat16) for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
     assert_close_named("out", out, lora_ensemble_reference(x, *low, layer.scaling), torch.bfloat16)
+
+
+@_VALIDATES_BEFORE_AUTOCAST
+def test_wrapped_model_under_autocast_gives_autocast_logits() -> None:
+    ensemble = _wrapped_vit(replicate_at="blocks")
+    x = torch.randn(2, 3, 16, 16)
+    want = ensemble(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ensemble(x)
+    assert got.dtype == torch.bfloat16
+    assert_close_named("logits", got, want.double(), torch.bfloat16, (5e-2, 5e-2))
 
 
 @_VALIDATES_BEFORE_AUTOCAST
