@@ -1,0 +1,122 @@
+"""The baselines the fused op is measured against, as drop-in layers (stacked ``[N*B, ..., d]`` input,
+member-major, like :class:`lora_ensemble.FusedLoRAEnsembleLinear`).
+
+* :class:`VmapLoRAEnsembleLinear`: the LoRA-Ensemble paper's ``EnsembleLoRA`` (prs-eth/LoRA-Ensemble
+  ``models/lora.py``): N per-member LoRA modules, their state stacked with
+  ``torch.func.stack_module_state`` (which copies the shared ``W0`` N times), run through
+  ``torch.func.vmap`` over ``functional_call``. ``copy_base=False`` is the same code with ``W0``
+  and its bias left unbatched (``in_dims=None``): no copies, and vmap turns ``x W0^T`` into one GEMM.
+* :class:`LoopLoRAEnsembleLinear`: a Python loop over members, one ``F.linear`` plus the low-rank
+  update per member (an Explicit-Ensemble-style loop).
+
+Both compute ``y[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T``; the paper's module has no scaling
+factor (``s = 1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+__all__ = ["LoopLoRAEnsembleLinear", "PaperLoRALinear", "VmapLoRAEnsembleLinear"]
+
+
+class PaperLoRALinear(nn.Module):
+    """One member as the paper's ``LoRA`` module writes it: ``w(x) + w_b(w_a(x))``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.w = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.w_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.w_b = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w(x) + self.w_b(self.w_a(x))
+
+
+# Parameter names of PaperLoRALinear -> attribute names on VmapLoRAEnsembleLinear.
+_STACKED_NAMES = {"w.weight": "weight", "w.bias": "bias", "w_a.weight": "lora_A", "w_b.weight": "lora_B"}
+
+
+class VmapLoRAEnsembleLinear(nn.Module):
+    """The paper's vmap ensemble layer, built from the factors of a LoRA-Ensemble linear layer.
+
+    Args:
+        weight: ``W0 [k, d]`` (frozen).
+        bias: ``[k]`` or None (frozen).
+        lora_A: ``[N, r, d]``; copied into the stacked state (trainable).
+        lora_B: ``[N, k, r]``; copied into the stacked state (trainable).
+        copy_base: stack ``W0`` and ``bias`` N times as ``stack_module_state`` does (the paper);
+            False keeps one ``W0`` and vmaps it with ``in_dims=None``.
+
+    Attributes:
+        weight: ``[N, k, d]`` with ``copy_base``, else ``[k, d]``; ``bias`` likewise.
+        lora_A: ``[N, r, d]``.  lora_B: ``[N, k, r]``.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 copy_base: bool = True) -> None:
+        super().__init__()
+        num_members, rank, d = lora_A.shape
+        k = weight.shape[0]
+        self.num_members, self.copy_base = num_members, copy_base
+        members = []
+        for n in range(num_members):
+            member = PaperLoRALinear(d, k, rank, bias=bias is not None, device="meta", dtype=weight.dtype)
+            member.w.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shared, as in the paper
+            if bias is not None:
+                member.w.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            member.w_a.weight = nn.Parameter(lora_A[n].detach().clone())
+            member.w_b.weight = nn.Parameter(lora_B[n].detach().clone())
+            members.append(member)
+        if copy_base:
+            stacked, _ = stack_module_state(members)
+        else:
+            stacked = {"w.weight": weight.detach(), "w_a.weight": lora_A.detach().clone().requires_grad_(),
+                       "w_b.weight": lora_B.detach().clone().requires_grad_()}
+            if bias is not None:
+                stacked["w.bias"] = bias.detach()
+        for name, tensor in stacked.items():
+            self.register_parameter(_STACKED_NAMES[name], nn.Parameter(tensor, requires_grad=tensor.requires_grad))
+        if bias is None:
+            self.bias = None
+        self._in_dims = {name: 0 if copy_base or name.startswith("w_") else None
+                         for name in _STACKED_NAMES if name in stacked}
+        # The structure functional_call runs, with no storage: kept out of the module tree so that
+        # parameters() and .to() never see it.
+        self._template = (members[0].to("meta"),)
+
+    def _member(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self._template[0], params, (x,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [N*B, ..., d]`` member-major -> ``[N*B, ..., k]``."""
+        params = {name: getattr(self, attr) for name, attr in _STACKED_NAMES.items() if name in self._in_dims}
+        rows = x.reshape(self.num_members, x.shape[0] // self.num_members, *x.shape[1:])
+        out = vmap(self._member, in_dims=(self._in_dims, 0))(params, rows)
+        return out.reshape(x.shape[0], *out.shape[2:])
+
+
+class LoopLoRAEnsembleLinear(nn.Module):
+    """A loop over members: ``y[n] = F.linear(x[n], W0, b) + s (x[n] A[n]^T) B[n]^T``, concatenated.
+
+    The tensors are used as given (not copied): ``weight [k, d]``, ``bias [k]`` or None,
+    ``lora_A [N, r, d]``, ``lora_B [N, k, r]``.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 scaling: float = 1.0) -> None:
+        super().__init__()
+        self.weight, self.bias, self.lora_A, self.lora_B = weight, bias, lora_A, lora_B
+        self.scaling = scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [N*B, ..., d]`` member-major -> ``[N*B, ..., k]``."""
+        outs = []
+        for x_n, a, b in zip(x.chunk(self.lora_A.shape[0]), self.lora_A, self.lora_B):
+            base = F.linear(x_n, self.weight, self.bias)
+            outs.append(base + self.scaling * F.linear(F.linear(x_n, a), b))
+        return torch.cat(outs)

@@ -1,0 +1,123 @@
+"""Op-level providers: every way of computing one LoRA-Ensemble linear layer, on the same inputs.
+
+==================  ======================================================================
+provider            what runs
+==================  ======================================================================
+``triton``/``cuda`` ``fused_lora_ensemble_linear(..., backend=name)`` (CUDA only here: on a
+                    CPU Triton would run its interpreter)
+``bmm``             the ``torch`` backend: one GEMM for the base, batched GEMMs for the delta
+``compiled``        ``torch.compile`` of that same bmm formulation (static shapes, donated
+                    buffers off)
+``vmap``            the paper's vmap ensemble, ``W0`` copied N times (:mod:`.baselines`)
+``vmap_shared_w0``  the same with ``W0`` unbatched (``in_dims=None``)
+``sequential``      a Python loop over members
+``limit``           ``F.linear(x, W0, b)`` over all ``N*M`` rows: the op without LoRA
+==================  ======================================================================
+
+A :class:`OpRun` holds a zero-argument forward and the tensors a training step differentiates
+(``x`` and the LoRA factors; ``x`` only for ``limit``). :func:`make_step` turns it into the
+callable that is timed for a mode: ``fwd`` (inference, no autograd graph), ``bwd`` (the backward of
+one recorded forward, replayed) or ``fwd_bwd`` (a training step of the layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch._functorch.config
+import torch.nn.functional as F
+from torch import Tensor
+
+from lora_ensemble import fused_lora_ensemble_linear
+from lora_ensemble import backend_torch
+from lora_ensemble.backends import unavailable_reason as backend_unavailable_reason
+
+from .baselines import LoopLoRAEnsembleLinear, VmapLoRAEnsembleLinear
+
+__all__ = ["FUSED_PROVIDERS", "OP_PROVIDERS", "OpRun", "build_op_run", "make_step", "provider_unavailable_reason"]
+
+FUSED_PROVIDERS: tuple[str, ...] = ("triton", "cuda")
+OP_PROVIDERS: tuple[str, ...] = FUSED_PROVIDERS + (
+    "bmm", "compiled", "vmap", "vmap_shared_w0", "sequential", "limit")
+
+
+def provider_unavailable_reason(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` is not benchmarked on ``device``, or None when it is."""
+    if provider not in OP_PROVIDERS:
+        return f"unknown provider {provider!r}; choose one of {OP_PROVIDERS}"
+    if provider in FUSED_PROVIDERS:
+        if device.type != "cuda":
+            return (f"fused backend {provider!r} is benchmarked on CUDA devices only (on a CPU, Triton "
+                    f"would run its interpreter)")
+        return backend_unavailable_reason(provider, device)
+    return None
+
+
+@dataclass
+class OpRun:
+    """A provider bound to its inputs: ``forward()`` returns ``[N*M, ..., k]``; ``trainable`` are the
+    tensors a training step takes gradients of."""
+
+    forward: Callable[[], Tensor]
+    trainable: list[Tensor]
+
+
+def bmm_formulation(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    scaling: float) -> Tensor:
+    """The ``torch`` backend's forward as plain tensor ops (what ``compiled`` hands to torch.compile):
+    stacked ``x [N*M, ..., d]`` -> ``[N*M, ..., k]``."""
+    num_members, d = lora_A.shape[0], x.shape[-1]
+    out, _ = backend_torch.forward(x.reshape(num_members, -1, d), weight, bias, lora_A, lora_B, scaling, False)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def build_op_run(provider: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                 lora_B: Tensor, scaling: float) -> OpRun:
+    """Bind ``provider`` to stacked inputs ``x [N*M, ..., d]``, ``weight [k, d]``, ``bias [k]``,
+    ``lora_A [N, r, d]``, ``lora_B [N, k, r]``. ``vmap`` providers need ``scaling == 1`` (the paper's
+    module has no scaling) and differentiate their own stacked copies of the LoRA factors."""
+    reason = provider_unavailable_reason(provider, x.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if provider in FUSED_PROVIDERS or provider == "bmm":
+        backend = "torch" if provider == "bmm" else provider
+        return OpRun(lambda: fused_lora_ensemble_linear(x, weight, bias, lora_A, lora_B, scaling, backend=backend),
+                     [x, lora_A, lora_B])
+    if provider == "compiled":
+        # The bwd mode replays one recorded backward (retain_graph), which AOTAutograd's donated
+        # buffers forbid; they only let the compiled backward reuse saved-activation memory. This
+        # is a process-wide switch: it is read when a graph is compiled.
+        torch._functorch.config.donated_buffer = False
+        compiled = torch.compile(bmm_formulation, dynamic=False)
+        return OpRun(lambda: compiled(x, weight, bias, lora_A, lora_B, scaling), [x, lora_A, lora_B])
+    if provider in ("vmap", "vmap_shared_w0"):
+        if scaling != 1.0:
+            raise ValueError(f"provider {provider!r} is the paper's module, which has no scaling; got scaling={scaling}")
+        layer = VmapLoRAEnsembleLinear(weight, bias, lora_A, lora_B, copy_base=provider == "vmap")
+        return OpRun(lambda: layer(x), [x, layer.lora_A, layer.lora_B])
+    if provider == "sequential":
+        loop = LoopLoRAEnsembleLinear(weight, bias, lora_A, lora_B, scaling)
+        return OpRun(lambda: loop(x), [x, lora_A, lora_B])
+    return OpRun(lambda: F.linear(x, weight, bias), [x])  # limit
+
+
+def make_step(run: OpRun, mode: str) -> Callable[[], object]:
+    """The callable timed for ``mode``: ``fwd`` runs ``run.forward`` under ``no_grad``; ``bwd``
+    records one forward now and returns a replay of its backward (``retain_graph``); ``fwd_bwd``
+    returns forward + backward. The output gradient is random, drawn once here."""
+    if mode == "fwd":
+        def forward_only() -> Tensor:
+            with torch.no_grad():
+                return run.forward()
+        return forward_only
+    if mode == "bwd":
+        out = run.forward()
+        grad_out = torch.randn_like(out)
+        return lambda: torch.autograd.grad(out, run.trainable, grad_out, retain_graph=True)
+    if mode == "fwd_bwd":
+        with torch.no_grad():
+            grad_out = torch.randn_like(run.forward())
+        return lambda: torch.autograd.grad(run.forward(), run.trainable, grad_out)
+    raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd_bwd', got {mode!r}")

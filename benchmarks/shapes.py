@@ -1,0 +1,156 @@
+"""What the benchmarks run: the device, the dtype, the GPU shapes of the issue and a scaled-down set
+for CPU-only machines.
+
+``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank. Device: ``cuda`` when one is
+present, else ``cpu``. The shape set follows the device (CUDA: :data:`GPU_OP_SHAPES`, else
+:data:`CPU_OP_SHAPES`) unless ``LORA_ENSEMBLE_BENCH_SHAPES`` is ``gpu`` or ``cpu``. The dtype is
+bfloat16 on CUDA and float32 on CPU unless ``LORA_ENSEMBLE_BENCH_DTYPE`` names one of
+:data:`BENCH_DTYPES`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BENCH_DTYPES",
+    "CPU_E2E",
+    "CPU_OP_SHAPES",
+    "GPU_E2E",
+    "GPU_OP_SHAPES",
+    "EndToEndShape",
+    "OpShape",
+    "bench_device",
+    "bench_dtype",
+    "selected_e2e_shape",
+    "selected_op_shapes",
+]
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """One LoRA-Ensemble linear layer: ``x [N*M, d]``, ``W0 [k, d]``, ``A [N, r, d]``, ``B [N, k, r]``."""
+
+    label: str
+    num_members: int
+    rows: int
+    d: int
+    k: int
+    rank: int
+
+    def __str__(self) -> str:
+        return f"{self.label} N{self.num_members} M{self.rows} d{self.d} k{self.k} r{self.rank}"
+
+
+@dataclass(frozen=True)
+class EndToEndShape:
+    """A torchvision ViT (``image_size / patch_size`` patches per side, plus a class token) made into
+    a ``num_members``-member LoRA-Ensemble of rank ``rank`` on q, k, v and out_proj of every block."""
+
+    label: str
+    num_members: int
+    rank: int
+    image_size: int
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+    num_classes: int
+    infer_batch: int
+    train_batch: int
+
+    def __str__(self) -> str:
+        return f"{self.label} N{self.num_members} r{self.rank}"
+
+
+def _sweep(base: OpShape, label: str, **changes: int) -> OpShape:
+    fields = {**base.__dict__, "label": label, **changes}
+    return OpShape(**fields)
+
+
+def _dedupe(shapes: list[OpShape]) -> list[OpShape]:
+    seen: set[tuple[int, ...]] = set()
+    unique = []
+    for s in shapes:
+        key = (s.num_members, s.rows, s.d, s.k, s.rank)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
+def _op_shapes(vit_d: int, infer_rows: int, train_rows: int, llm: OpShape, members: tuple[int, ...],
+               ranks: tuple[int, ...]) -> list[OpShape]:
+    """ViT-B/32 q/k/v/out_proj at inference and training batch, an N sweep at the inference rows,
+    a rank sweep at the training rows, and one LLM projection."""
+    infer = OpShape("vit_infer", 16, infer_rows, vit_d, vit_d, 8)
+    train = OpShape("vit_train", 16, train_rows, vit_d, vit_d, 8)
+    return _dedupe(
+        [infer, train]
+        + [_sweep(infer, "members", num_members=n) for n in members]
+        + [_sweep(train, "rank", rank=r) for r in ranks]
+        + [llm]
+    )
+
+
+# ViT-B/32 at 224 px: 7*7 patches + class token = 50 tokens per image; batch 1 -> 50 rows per member,
+# training batch 32 -> 1600 rows per member; d = k = 768.
+GPU_OP_SHAPES: list[OpShape] = _op_shapes(
+    vit_d=768, infer_rows=50, train_rows=1600,
+    llm=OpShape("llm", 4, 1024, 4096, 4096, 16),
+    members=(1, 4, 16, 64), ranks=(4, 8, 16, 32, 64),
+)
+# The same families, scaled so the whole CPU suite runs in minutes on 2 cores.
+CPU_OP_SHAPES: list[OpShape] = _op_shapes(
+    vit_d=192, infer_rows=50, train_rows=200,
+    llm=OpShape("llm", 4, 64, 1024, 1024, 16),
+    members=(1, 4, 16, 64), ranks=(4, 16, 64),
+)
+
+# torchvision vit_b_32 with random weights; 16 members, rank 8 (the paper's CIFAR-100 set-up).
+GPU_E2E = EndToEndShape("vit_b_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=12,
+                        num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=100, infer_batch=1,
+                        train_batch=32)
+# A ViT with ViT-Ti widths and 4 blocks, same patch grid; training batch cut to 4 for 2 CPU cores.
+CPU_E2E = EndToEndShape("vit_ti4_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=4,
+                        num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=100, infer_batch=1,
+                        train_batch=4)
+
+
+def _gpu_set() -> bool:
+    choice = os.environ.get("LORA_ENSEMBLE_BENCH_SHAPES", "")
+    if choice not in ("", "gpu", "cpu"):
+        raise ValueError(f"LORA_ENSEMBLE_BENCH_SHAPES must be 'gpu' or 'cpu', got {choice!r}")
+    return choice == "gpu" or (choice == "" and torch.cuda.is_available())
+
+
+def selected_op_shapes() -> list[OpShape]:
+    """The op-level shapes for this machine (see the module docstring)."""
+    return GPU_OP_SHAPES if _gpu_set() else CPU_OP_SHAPES
+
+
+def selected_e2e_shape() -> EndToEndShape:
+    """The end-to-end model for this machine (see the module docstring)."""
+    return GPU_E2E if _gpu_set() else CPU_E2E
+
+
+BENCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bench_device() -> torch.device:
+    """``cuda`` when a GPU is present, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_dtype() -> torch.dtype:
+    """``LORA_ENSEMBLE_BENCH_DTYPE``, else bfloat16 on CUDA and float32 on CPU."""
+    name = os.environ.get("LORA_ENSEMBLE_BENCH_DTYPE", "")
+    if name == "":
+        return torch.bfloat16 if bench_device().type == "cuda" else torch.float32
+    if name not in BENCH_DTYPES:
+        raise ValueError(f"LORA_ENSEMBLE_BENCH_DTYPE must be one of {sorted(BENCH_DTYPES)}, got {name!r}")
+    return BENCH_DTYPES[name]
