@@ -1,6 +1,7 @@
 # Launch configurations shared by the Triton kernels of this package: autotune lists for NVIDIA
 # GPUs (Ampere and Hopper), the single configuration used under TRITON_INTERPRET=1 (the
-# interpreter cannot benchmark), and the heuristics that fix the row and rank tiles from the shapes.
+# interpreter cannot benchmark), the heuristics that fix the row and rank tiles from the shapes,
+# and the pruning that drops configs which cannot fit (shared memory) or would spill registers.
 """Autotune configurations and tile heuristics for the kernels in :mod:`lora_ensemble.kernels`."""
 
 from __future__ import annotations
@@ -12,24 +13,27 @@ import triton
 
 __all__ = [
     "FUSED_MATMUL_GPU_CONFIGS",
-    "INTERPRETER_FUSED_MATMUL_CONFIG",
-    "INTERPRETER_WEIGHT_GRADS_CONFIG",
+    "SHARED_ROWS_GPU_CONFIGS",
     "WEIGHT_GRADS_GPU_CONFIGS",
     "block_rank",
     "block_rows",
+    "dot_precision",
     "fitting_fused_matmul_configs",
     "fitting_weight_grads_configs",
     "fused_matmul_block_rows",
     "fused_matmul_configs",
-    "fused_matmul_output_tiles",
     "interpreting",
     "prune_fused_matmul_configs",
     "prune_weight_grads_configs",
+    "shared_rows_configs",
+    "tf32_allowed",
     "weight_grads_configs",
 ]
 
 MIN_DOT_TILE = 16  # a 16-bit tl.dot on NVIDIA needs every dimension >= 16
 MAX_BLOCK_ROWS = 128
+# fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
+_ACCUMULATOR_REGISTERS = 128
 
 
 def interpreting() -> bool:
@@ -37,38 +41,55 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"``, or the legacy ``allow_tf32`` / ``torch.set_float32_matmul_precision("high")``)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9
+    if precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read the legacy flag after a mix of old and new APIs
+        return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' dots. fp32 inputs follow PyTorch's fp32 matmul setting:
+    one TF32 tensor-core pass when TF32 is allowed, else "tf32x3" (three TF32 passes that carry the
+    low mantissa bits: about fp32 accuracy at tensor-core speed, where "ieee" would fall back to
+    FMA loops that spill registers). 16-bit inputs give exact products accumulated in fp32."""
+    return "tf32" if dtype != torch.float32 or tf32_allowed() else "tf32x3"
+
+
 def block_rank(rank: int) -> int:
     """Rank tile: the next power of two >= ``rank``, at least 16 (tensor-core minimum); masked."""
     return max(MIN_DOT_TILE, triton.next_power_of_2(rank))
 
 
-def block_rows(rows: int, block_r: int = MIN_DOT_TILE, output_tiles: int = 1) -> int:
+def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False, tf32x3: bool = False) -> int:
     """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
-    tens of rows per member) get a small tile instead of a mostly masked 128-row one. The tile is
-    at most 64 rows when the rank tile is above 64 or the kernel keeps two output tiles live (the
-    shared-input forward), where 128 rows leave ptxas too few registers."""
-    cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or output_tiles > 1) else MAX_BLOCK_ROWS
+    tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
+    rows for a rank tile above 64, in the shared-rows kernel, and for 3xTF32 dots (which split
+    every operand in two), where 128 rows leave ptxas too few registers (measured on sm_90)."""
+    cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
     return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
 
 
 def fused_matmul_block_rows(args: dict) -> int:
-    """``BLOCK_M`` heuristic of the fused matmul kernels, from their launch arguments."""
-    return block_rows(args["M"], args["BLOCK_R"], fused_matmul_output_tiles(args))
-
-
-def fused_matmul_output_tiles(args: dict) -> int:
-    """How many [BLOCK_M, BLOCK_N] fp32 tiles a fused matmul kernel keeps live: two in the
-    shared-input forward (the base tile and one member's output), else one."""
-    return 2 if args.get("SUM_MEMBERS") is False else 1
+    """``BLOCK_M`` heuristic of the fused matmul kernels, from their launch arguments (the
+    shared-rows kernel is the one with a ``SUM_MEMBERS`` argument)."""
+    return block_rows(args["M"], args["BLOCK_R"], shared_rows="SUM_MEMBERS" in args,
+                      tf32x3=args["DOT_PRECISION"] == "tf32x3")
 
 
 def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Fused matmul (forward, and the dx backward): BLOCK_M comes from block_rows(M); these tile the
-# output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul tutorial's
-# Ampere/Hopper lists, trimmed to leave registers for the [BLOCK_M, BLOCK_R] low-rank accumulator.
+# Stacked fused matmul (forward, and the dx backward): BLOCK_M comes from block_rows(M); these tile
+# the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
+# tutorial's Ampere/Hopper lists, trimmed to leave registers for the [BLOCK_M, BLOCK_R] accumulator.
 FUSED_MATMUL_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
@@ -78,7 +99,21 @@ FUSED_MATMUL_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 4, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
+# Shared-rows kernel: it keeps the base tile live across the member loop next to the member's own
+# accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
+SHARED_ROWS_GPU_CONFIGS: tuple[triton.Config, ...] = (
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+)
 INTERPRETER_FUSED_MATMUL_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+# The configs of the two lists above that 3xTF32 dots (fp32 without TF32), which split every
+# operand into a high and a low part, run without register spills on sm_90: (warps, stages, BLOCK_N,
+# BLOCK_K) as measured with `python -m lora_ensemble.kernels.aot --all-configs --only tf32x3`.
+_TF32X3_STACKED = {(4, 4, 128, 32), (4, 4, 64, 64), (4, 5, 64, 32), (4, 4, 32, 64)}
+_TF32X3_SHARED_ROWS = {(8, 4, 128, 32), (8, 3, 64, 64), (4, 4, 64, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
 WEIGHT_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
@@ -92,8 +127,13 @@ INTERPRETER_WEIGHT_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 
 def fused_matmul_configs() -> list[triton.Config]:
-    """The autotune list of the fused matmul kernels on this machine."""
+    """The autotune list of the stacked fused matmul kernel on this machine."""
     return [INTERPRETER_FUSED_MATMUL_CONFIG] if interpreting() else list(FUSED_MATMUL_GPU_CONFIGS)
+
+
+def shared_rows_configs() -> list[triton.Config]:
+    """The autotune list of the shared-rows fused matmul kernel on this machine."""
+    return [INTERPRETER_FUSED_MATMUL_CONFIG] if interpreting() else list(SHARED_ROWS_GPU_CONFIGS)
 
 
 def weight_grads_configs() -> list[triton.Config]:
@@ -125,20 +165,34 @@ def fitting_fused_matmul_configs(
     element_size: int,
     block_m: int,
     block_r: int,
-    output_tiles: int,
     shared_memory: int,
+    sum_members: bool | None = None,
+    tf32x3: bool = False,
 ) -> list[triton.Config]:
-    """The fused matmul configs worth trying: no column or reduction tile wider than the matrix,
-    pipelined tiles within ``shared_memory`` bytes, and fp32 accumulators (``output_tiles`` of
-    [block_m, BLOCK_N] plus [block_m, block_r]) within 128 registers a thread (more spills).
-    Never empty: falls back to the config with the smallest tiles."""
+    """The fused matmul configs worth trying for one problem.
+
+    Drops configs with a column or reduction tile wider than the matrix, pipelined tiles beyond
+    ``shared_memory`` bytes, or fp32 accumulators beyond 128 registers a thread: [block_m, BLOCK_N]
+    (twice in the shared-input forward, ``sum_members=False``: the base tile and a member's
+    output), [block_m, block_r], and the [block_m, BLOCK_K] member sum (``sum_members=True``);
+    in the shared-rows kernel, 4-warp configs for rank tiles above 32. ``sum_members=None`` is the
+    stacked kernel. With ``tf32x3`` only the configs measured to run 3xTF32 dots without spills,
+    and the split's extra shared memory (about 15% on sm_90) counted. Never empty: falls back to
+    the smallest tiles.
+    """
     kept = _keep_fitting(configs, {"BLOCK_N": n_cols, "BLOCK_K": k_dim})
+    output_tiles = 2 if sum_members is False else 1
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (block_m * bk + bk * bn + bk * block_r) * element_size
-        acc_regs = (output_tiles * block_m * bn + block_m * block_r) / (32 * c.num_warps)
-        return smem <= shared_memory and acc_regs <= 128
+        if sum_members is not None and block_r > 32 and c.num_warps < 8:
+            return False  # the shared-rows kernel spills on 4 warps with wide rank tiles (measured, sm_90)
+        if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
+                _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_ROWS):
+            return False
+        smem = c.num_stages * (block_m * bk + bk * bn + bk * block_r) * element_size * (1.25 if tf32x3 else 1)
+        acc = output_tiles * block_m * bn + block_m * block_r + (block_m * bk if sum_members else 0)
+        return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
@@ -151,16 +205,20 @@ def fitting_weight_grads_configs(
     element_size: int,
     block_r: int,
     shared_memory: int,
+    tf32x3: bool = False,
 ) -> list[triton.Config]:
     """The weight-gradient configs worth trying: no tile wider than the problem, pipelined tiles
     (fp32 P, ``element_size`` Z) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
-    accumulator within 128 registers a thread. Never empty."""
+    accumulator within 128 registers a thread, and with ``tf32x3`` at most a 64 x 128 tile per 4
+    warps. Never empty."""
     kept = _keep_fitting(configs, {"BLOCK_M": rows, "BLOCK_C": cols})
 
     def fits(c: triton.Config) -> bool:
         bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
-        smem = c.num_stages * (block_r * bm * 4 + bm * bc * element_size)
-        return smem <= shared_memory and block_r * bc / (32 * c.num_warps) <= 128
+        smem = c.num_stages * (block_r * bm * 4 + bm * bc * element_size) * (1.25 if tf32x3 else 1)
+        if tf32x3 and bm * bc > 64 * 128 * c.num_warps // 4:
+            return False  # the operand split doubles the register footprint (spills measured on sm_90)
+        return smem <= shared_memory and block_r * bc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
 
@@ -170,9 +228,8 @@ def prune_fused_matmul_configs(configs: list[triton.Config], named_args: dict, *
     x = named_args["x_ptr"]
     return fitting_fused_matmul_configs(
         configs, n_cols=named_args["N_COLS"], k_dim=named_args["K_DIM"], element_size=x.element_size(),
-        block_m=kwargs["BLOCK_M"], block_r=kwargs["BLOCK_R"],
-        output_tiles=fused_matmul_output_tiles(kwargs),
-        shared_memory=_shared_memory_limit(x.device),
+        block_m=kwargs["BLOCK_M"], block_r=kwargs["BLOCK_R"], shared_memory=_shared_memory_limit(x.device),
+        sum_members=kwargs.get("SUM_MEMBERS"), tf32x3=kwargs["DOT_PRECISION"] == "tf32x3",
     )
 
 
@@ -182,4 +239,5 @@ def prune_weight_grads_configs(configs: list[triton.Config], named_args: dict, *
     return fitting_weight_grads_configs(
         configs, rows=named_args["rows_per_split"], cols=max(named_args["COLS_A"], named_args["COLS_B"]),
         element_size=z.element_size(), block_r=kwargs["BLOCK_R"], shared_memory=_shared_memory_limit(z.device),
+        tf32x3=kwargs["DOT_PRECISION"] == "tf32x3",
     )

@@ -29,11 +29,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import block_rank, fused_matmul_block_rows, fused_matmul_configs, prune_fused_matmul_configs
+from .configs import (
+    block_rank,
+    dot_precision,
+    fused_matmul_block_rows,
+    fused_matmul_configs,
+    prune_fused_matmul_configs,
+    shared_rows_configs,
+)
 
 __all__ = ["fused_lowrank_matmul"]
 
-_TUNING_KEY = ["BLOCK_M", "N_COLS", "K_DIM", "BLOCK_R"]
+_TUNING_KEY = ["BLOCK_M", "N_COLS", "K_DIM", "BLOCK_R", "DOT_PRECISION"]
 
 
 @triton.jit
@@ -50,11 +57,12 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lowrank_update(acc, p, e_ptr, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec):
+def _lowrank_update(acc, p, e_ptr, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec,
+                    DOT_PRECISION: tl.constexpr):
     """``acc + scaling * p @ E`` for one member: p [BLOCK_M, BLOCK_R] fp32, E [RANK, N_COLS]."""
     e_mask = (offs_r[:, None] < RANK) & (offs_n[None, :] < N_COLS)
     e = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_ec, mask=e_mask, other=0.0)
-    return tl.dot((p * scaling).to(e.dtype), e, acc)
+    return tl.dot((p * scaling).to(e.dtype), e, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -77,7 +85,7 @@ def _fused_lowrank_matmul_kernel(
     stride_en, stride_er, stride_ec,
     stride_yn, stride_ym, stride_yc,
     stride_pn, stride_pm, stride_pr,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     member = tl.program_id(1).to(tl.int64)
@@ -102,8 +110,8 @@ def _fused_lowrank_matmul_kernel(
         x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         s = tl.load(s_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
-        p = tl.dot(x, s, p)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        p = tl.dot(x, s, p, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         s_ptrs += BLOCK_K * stride_sk
@@ -111,14 +119,14 @@ def _fused_lowrank_matmul_kernel(
     if pid_n == 0:
         _store_rows(p_ptr + member * stride_pn, p, offs_m, offs_r, M, RANK, stride_pm, stride_pr)
     acc = _lowrank_update(acc, p, e_ptr + member * stride_en, offs_r, offs_n, RANK, N_COLS, scaling,
-                          stride_er, stride_ec)
+                          stride_er, stride_ec, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     _store_rows(y_ptr + member * stride_yn, acc, offs_m, offs_n, M, N_COLS, stride_ym, stride_yc)
 
 
 @triton.heuristics({"BLOCK_M": fused_matmul_block_rows})
-@triton.autotune(configs=fused_matmul_configs(), key=_TUNING_KEY + ["NUM_MEMBERS", "SUM_MEMBERS"],
+@triton.autotune(configs=shared_rows_configs(), key=_TUNING_KEY + ["NUM_MEMBERS", "SUM_MEMBERS"],
                  prune_configs_by={"early_config_prune": prune_fused_matmul_configs})
 @triton.jit
 def _fused_lowrank_matmul_shared_kernel(
@@ -130,7 +138,7 @@ def _fused_lowrank_matmul_shared_kernel(
     stride_en, stride_er, stride_ec,
     stride_yn, stride_ym, stride_yc,
     stride_pn, stride_pm, stride_pr,
-    SUM_MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    SUM_MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N_COLS, BLOCK_N), GROUP_M)
@@ -158,7 +166,7 @@ def _fused_lowrank_matmul_shared_kernel(
             x = x_sum.to(w.dtype)
         else:
             x = tl.load(x_tile + k0 * stride_xk, mask=k_mask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -178,15 +186,17 @@ def _fused_lowrank_matmul_shared_kernel(
             k_mask = offs_k < K_DIM - k0
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             s = tl.load(s_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            p = tl.dot(x, s, p)
+            p = tl.dot(x, s, p, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             s_ptrs += BLOCK_K * stride_sk
         if pid_n == 0:
             _store_rows(p_member, p, offs_m, offs_r, M, RANK, stride_pm, stride_pr)
         if SUM_MEMBERS:
-            acc = _lowrank_update(acc, p, e_member, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec)
+            acc = _lowrank_update(acc, p, e_member, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec,
+                                  DOT_PRECISION)
         else:
-            y = _lowrank_update(acc, p, e_member, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec)
+            y = _lowrank_update(acc, p, e_member, offs_r, offs_n, RANK, N_COLS, scaling, stride_er, stride_ec,
+                                  DOT_PRECISION)
             _store_rows(y_member, y, offs_m, offs_n, M, N_COLS, stride_ym, stride_yc)
         x_member += stride_xn
         s_member += stride_sn
@@ -250,7 +260,7 @@ def fused_lowrank_matmul(
         0 if sum_members else y3.stride(0), y3.stride(1), y3.stride(2),
         p.stride(0), p.stride(1), p.stride(2),
     )
-    meta = {"HAS_BIAS": bias is not None, "BLOCK_R": block_rank(rank)}
+    meta = {"HAS_BIAS": bias is not None, "DOT_PRECISION": dot_precision(x.dtype), "BLOCK_R": block_rank(rank)}
     if shared_rows or sum_members:
         def grid(cfg):
             return (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"]),)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import block_rank, prune_weight_grads_configs, weight_grads_configs
+from .configs import block_rank, dot_precision, prune_weight_grads_configs, weight_grads_configs
 
 __all__ = ["lowrank_weight_grads", "row_splits"]
 
@@ -35,7 +35,8 @@ _MIN_ROWS_PER_SPLIT = 512
 def _weight_grad_tile(
     p_ptr, z_ptr, g_ptr, col_tile, row_start, row_end, RANK, COLS, scaling,
     stride_pm, stride_pr, stride_zm, stride_zc, stride_gr, stride_gc,
-    ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """``G[:, tile] (+)= scaling * P[rows]^T @ Z[rows, tile]`` for rows in [row_start, row_end)."""
     offs_r = tl.arange(0, BLOCK_R)
@@ -50,7 +51,7 @@ def _weight_grad_tile(
                       mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_c[None, :] * stride_zc,
                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(p_t.to(z.dtype), z, acc)
+        acc = tl.dot(p_t.to(z.dtype), z, acc, input_precision=DOT_PRECISION)
     acc *= scaling
     g_ptrs = g_ptr + offs_r[:, None] * stride_gr + offs_c[None, :] * stride_gc
     g_mask = r_mask[:, None] & c_mask[None, :]
@@ -60,7 +61,7 @@ def _weight_grad_tile(
         tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=g_mask)
 
 
-@triton.autotune(configs=weight_grads_configs(), key=["COLS_A", "COLS_B", "BLOCK_R", "rows_per_split", "ATOMIC"],
+@triton.autotune(configs=weight_grads_configs(), key=["COLS_A", "COLS_B", "BLOCK_R", "rows_per_split", "ATOMIC", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_weight_grads_configs},
                  reset_to_zero=["ga_ptr", "gb_ptr"])
 @triton.jit
@@ -71,7 +72,8 @@ def _lowrank_weight_grads_kernel(
     stride_ga_n, stride_ga_r, stride_ga_c,
     stride_pb_n, stride_pb_m, stride_pb_r, stride_zb_n, stride_zb_m, stride_zb_c,
     stride_gb_n, stride_gb_r, stride_gb_c,
-    ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     tile = tl.program_id(0)
     member = tl.program_id(1).to(tl.int64)
@@ -83,14 +85,14 @@ def _lowrank_weight_grads_kernel(
             pa_ptr + member * stride_pa_n, za_ptr + member * stride_za_n, ga_ptr + member * stride_ga_n,
             tile, row_start, row_end, RANK, COLS_A, scaling,
             stride_pa_m, stride_pa_r, stride_za_m, stride_za_c, stride_ga_r, stride_ga_c,
-            ATOMIC, BLOCK_R, BLOCK_M, BLOCK_C,
+            ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,
         )
     else:
         _weight_grad_tile(
             pb_ptr + member * stride_pb_n, zb_ptr + member * stride_zb_n, gb_ptr + member * stride_gb_n,
             tile - tiles_a, row_start, row_end, RANK, COLS_B, scaling,
             stride_pb_m, stride_pb_r, stride_zb_m, stride_zb_c, stride_gb_r, stride_gb_c,
-            ATOMIC, BLOCK_R, BLOCK_M, BLOCK_C,
+            ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,
         )
 
 
@@ -156,6 +158,6 @@ def lowrank_weight_grads(
             grad_a.stride(0), grad_a.stride(1), grad_a.stride(2),
             xa.stride(0), xa.stride(1), xa.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             grad_b_t.stride(0), grad_b_t.stride(1), grad_b_t.stride(2),
-            ATOMIC=atomic, BLOCK_R=block_rank(rank),
+            ATOMIC=atomic, DOT_PRECISION=dot_precision(dtype), BLOCK_R=block_rank(rank),
         )
     return grad_a.to(dtype), grad_b.to(dtype)

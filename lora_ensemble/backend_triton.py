@@ -3,8 +3,9 @@
 Forward: one launch for all members (base GEMM, ``x A^T`` and the rank-``r`` update fused in one
 K-loop; with a shared input the base tile is computed once and every member's update is added to
 it). Backward: one fused dx launch (``dy W0 + s (dy B) A``, which also yields ``dy B``) and one
-grouped launch for ``dA`` and ``dB`` of all members. fp32 inputs run their dots as TF32 on the GPU
-(Triton's default; ``TRITON_F32_DEFAULT=ieee`` asks for full fp32).
+grouped launch for ``dA`` and ``dB`` of all members. fp32 inputs follow PyTorch's fp32 matmul
+setting: TF32 tensor cores when it allows TF32, else 3xTF32 (about fp32 accuracy); see
+:func:`lora_ensemble.kernels.configs.dot_precision`.
 
 Every function follows the backend contract of :mod:`lora_ensemble.backends`.
 """

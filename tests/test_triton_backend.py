@@ -1,0 +1,196 @@
+"""The ``triton`` backend against the float64 reference.
+
+Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py), which executes the same kernel code with one autotune config; shapes are kept tiny
+because the interpreter is slow. With a GPU the same tests run the compiled kernels (fp32 dots are
+TF32 there, hence the looser fp32 tolerance), and the ``gpu``-marked tests add bf16, CUDA graphs
+and larger shapes.
+"""
+
+import os
+
+import pytest
+import torch
+
+from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
+from lora_ensemble.kernels import lowrank_weight_grads
+from lora_ensemble.kernels.configs import block_rank, block_rows
+from lora_ensemble.reference import lora_ensemble_reference
+
+from .utils import TF32_TOLERANCE, TOLERANCES, assert_close_named, check_against_reference, make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BF16_IN_INTERPRETER = pytest.mark.skipif(
+    INTERPRETING, reason="bf16 tl.dot is silently wrong in the Triton interpreter (triton#11584); GPU only")
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """fp32 dots run as TF32 on the GPU (the backend's documented default)."""
+    if dtype == torch.float32 and DEVICE == "cuda":
+        return TF32_TOLERANCE
+    return TOLERANCES[dtype]
+
+
+# (N, rows per member, d, k, r, dtype, shared_input, options); options: "nobias", "noncontig", a lead tuple.
+CASES = [
+    (4, 33, 67, 45, 1, torch.float32, False, ()),
+    (4, 33, 67, 45, 1, torch.float32, True, ()),
+    (3, 17, 40, 70, 33, torch.float32, False, ()),
+    (3, 17, 40, 70, 33, torch.float16, True, ()),
+    (2, 130, 20, 70, 3, torch.float32, False, ()),  # two row tiles, three column tiles: grouped order
+    (2, 130, 20, 40, 3, torch.float16, True, ()),
+    (1, 1, 19, 23, 4, torch.float16, False, ()),
+    (1, 1, 19, 23, 4, torch.float32, True, ()),
+    (2, 5, 32, 16, 16, torch.float16, False, ("nobias",)),
+    (2, 5, 32, 16, 8, torch.float32, True, ("nobias",)),
+    (3, 6, 24, 31, 2, torch.float32, False, ((2, 3),)),
+    (3, 6, 24, 31, 2, torch.float16, True, ((2, 3),)),
+    (2, 9, 33, 20, 3, torch.float32, False, ("noncontig",)),
+    (2, 9, 33, 20, 3, torch.float16, True, ("noncontig",)),
+    (16, 3, 16, 24, 8, torch.float16, False, ()),
+]
+
+
+def case_id(case) -> str:
+    n, m, d, k, r, dtype, shared, options = case
+    rows = "x".join(map(str, options[0])) if options and isinstance(options[0], tuple) else str(m)
+    flags = "".join(f"-{o}" for o in options if isinstance(o, str))
+    return f"N{n}-M{rows}-d{d}-k{k}-r{r}-{DTYPE_NAMES[dtype]}-{'shared' if shared else 'stacked'}{flags}"
+
+
+def inputs_for(case):
+    n, m, d, k, r, dtype, shared, options = case
+    lead = next((o for o in options if isinstance(o, tuple)), None)
+    return make_inputs(n, m, d, k, r, dtype=dtype, device=DEVICE, shared_input=shared, bias="nobias" not in options,
+                       lead=lead, noncontiguous="noncontig" in options)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_forward_backward_match_reference(case):
+    check_against_reference(inputs_for(case), "triton", tolerance(case[5]))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_frozen_weight_and_bias_get_grads_when_asked(shared):
+    inp = make_inputs(3, 7, 21, 18, 5, device=DEVICE, shared_input=shared,
+                      requires_grad=("x", "weight", "bias", "lora_A", "lora_B"))
+    check_against_reference(inp, "triton", tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_lora_grads_only(shared):
+    inp = make_inputs(2, 11, 26, 19, 6, device=DEVICE, shared_input=shared, requires_grad=("lora_A", "lora_B"))
+    check_against_reference(inp, "triton", tolerance(torch.float32))
+
+
+@BF16_IN_INTERPRETER
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_bf16_matches_reference(shared):
+    inp = make_inputs(4, 37, 96, 80, 12, dtype=torch.bfloat16, device=DEVICE, shared_input=shared)
+    check_against_reference(inp, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_vit_sized_layer_matches_reference(dtype, shared):
+    # 16 members, batch 1 of 197 tokens, ViT-B width, rank 8; and rank 128.
+    for rank in (8, 128):
+        inp = make_inputs(16, 197, 768, 768, rank, dtype=dtype, device=DEVICE, shared_input=shared)
+        check_against_reference(inp, "triton", tolerance(dtype))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_weight_grads_split_over_rows_match_unsplit(shared, dtype):
+    """The fp32-atomic split reduction of dA/dB (used on the GPU for long inputs) against float64."""
+    n, m, d, k, r, s = 3, 40, 19, 23, 5, 0.6
+    x = torch.randn((m, d) if shared else (n, m, d), device=DEVICE).to(dtype)
+    grad_out = torch.randn(n, m, k, device=DEVICE).to(dtype)
+    xa = torch.randn(n, m, r, device=DEVICE)
+    dyb = torch.randn(n, m, r, device=DEVICE)
+    x64 = x.double().expand(n, m, d)
+    want_a = s * dyb.double().transpose(1, 2) @ x64
+    want_b = s * grad_out.double().transpose(1, 2) @ xa.double()
+    for splits in (1, 3):
+        grad_a, grad_b = lowrank_weight_grads(grad_out, x, xa, dyb, s, splits=splits)
+        assert grad_a.dtype == dtype and grad_b.dtype == dtype
+        assert_close_named(f"dA (splits={splits})", grad_a, want_a, dtype, tolerance(dtype))
+        assert_close_named(f"dB (splits={splits})", grad_b, want_b, dtype, tolerance(dtype))
+
+
+def test_nan_stays_in_its_row():
+    inp = make_inputs(2, 6, 20, 18, 3, device=DEVICE, requires_grad=())
+    inp.x[1, 4] = float("nan")
+    out = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                     backend="triton")
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows[1] and torch.isnan(out[1]).all()
+    assert nan_rows.sum() == 1, f"NaN leaked into rows {nan_rows.nonzero().flatten().tolist()}"
+
+
+def test_empty_batch():
+    inp = make_inputs(3, 1, 16, 12, 2, device=DEVICE, requires_grad=())
+    x = inp.x[:0]
+    out = fused_lora_ensemble_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, backend="triton")
+    assert out.shape == (0, 12)
+
+
+def test_tiles_pad_rank_and_shrink_for_few_rows():
+    assert [block_rank(r) for r in (1, 16, 17, 33, 128)] == [16, 16, 32, 64, 128]
+    assert [block_rows(m) for m in (1, 17, 50, 800)] == [16, 32, 64, 128]
+    assert block_rows(800, block_r=128) == 64
+    assert block_rows(800, shared_rows=True) == 64
+    assert block_rows(800, tf32x3=True) == 64
+
+
+def test_opcheck_fused_linear():
+    inp = make_inputs(2, 3, 16, 12, 4, device=DEVICE)
+    rows = inp.x.reshape(2, 3, 16).detach().requires_grad_()
+    args = (rows, inp.weight, inp.bias, inp.lora_A, inp.lora_B, 0.5, False, "triton")
+    torch.library.opcheck(torch.ops.lora_ensemble.fused_linear.default, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    layer = FusedLoRAEnsembleLinear(16, 12, num_members=3, rank=4, backend="triton", device=DEVICE)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 5, 16, device=DEVICE, requires_grad=True)
+    eager = layer(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    compiled_layer = torch.compile(layer, fullgraph=True)
+    compiled = compiled_layer(x)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
+    ref = lora_ensemble_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert_close_named("compiled out", compiled, ref, torch.float32, tolerance(torch.float32))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager():
+    inp = make_inputs(4, 50, 64, 48, 8, dtype=torch.float16, device="cuda", requires_grad=())
+    x_static = inp.x.clone()
+
+    def run():
+        return fused_lora_ensemble_linear(x_static, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                          backend="triton")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # autotune and compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = run()
+    x_static.copy_(torch.randn_like(x_static))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = lora_ensemble_reference(x_static, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    assert_close_named("graph replay out", out_static, ref, torch.float16)
