@@ -111,6 +111,21 @@ class MemberParallelEnsemble(nn.Module):
     Raises:
         ValueError: a trainable parameter shared by all members (an unfrozen backbone layer): its
             gradient would need an all-reduce that member parallelism does not do.
+
+    Example (``torchrun --nproc-per-node=4 script.py``; one GPU per process)::
+
+        dist.init_process_group("nccl")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        torch.manual_seed(0)                                  # identical backbone and members everywhere
+        ensemble = LoRAEnsemble(vit, num_members=16, rank=4).to(f"cuda:{local_rank}")
+        parallel = MemberParallelEnsemble(ensemble)           # this rank keeps 4 members
+        optimizer = torch.optim.AdamW([p for p in parallel.parameters() if p.requires_grad])
+        (images, labels), _ = parallel.broadcast(images, labels)      # rank 0's batch on every rank
+        logits = parallel(images)                             # [4, B, C]: this rank's members only
+        loss = sum(F.cross_entropy(member, labels) for member in logits)
+        loss.backward(); optimizer.step()                     # no gradient communication
+        prediction = parallel.predict(images)                 # [16, B, C] gathered; same on every rank
     """
 
     def __init__(self, ensemble: LoRAEnsemble, process_group: dist.ProcessGroup | None = None, src: int = 0) -> None:
@@ -162,7 +177,7 @@ class MemberParallelEnsemble(nn.Module):
         padded[: local.shape[0]] = local.detach()
         blocks = [torch.empty_like(padded) for _ in self.member_counts]
         dist.all_gather(blocks, padded, group=self.process_group)
-        return torch.cat([block[:count] for block, count in zip(blocks, self.member_counts)])
+        return torch.cat([block[:count] for block, count in zip(blocks, self.member_counts, strict=False)])
 
     @torch.no_grad()
     def logits(self, *args: Any, **kwargs: Any) -> Tensor:

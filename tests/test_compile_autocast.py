@@ -16,6 +16,7 @@ from torch._dynamo.testing import CompileCounter
 from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsemble, available_backends, fused_lora_ensemble_linear
 from lora_ensemble.backends import unavailable_reason
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
+
 from .utils import TOLERANCES, assert_close_named, make_inputs
 
 CPU_BACKENDS = available_backends("cpu")

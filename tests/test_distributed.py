@@ -231,8 +231,11 @@ def _member_parallel_run(rank: int) -> dict:
     (images, labels), _ = parallel.broadcast(images, labels)
     losses = train(parallel, images, labels, member_loss_sum)
     after = parallel.predict(images)
-    return {"members": parallel.members, "num_local": parallel.ensemble.num_members,
-            "before": vars(before), "after": vars(after), "local_losses": losses}
+    # The same prediction from inputs held by rank 1 only, over an explicit process group.
+    images_on_1 = make_data()[0] if rank == 1 else torch.zeros(BATCH, 3, 16, 16)
+    from_rank_1 = MemberParallelEnsemble(build_ensemble().eval(), process_group=dist.new_group([0, 1]), src=1)
+    return {"members": parallel.members, "num_local": parallel.ensemble.num_members, "before": vars(before),
+            "after": vars(after), "local_losses": losses, "from_rank_1": vars(from_rank_1.predict(images_on_1))}
 
 
 def test_member_parallel_predict_and_training_match_one_process(distributed_runs: list[dict]) -> None:
@@ -246,12 +249,12 @@ def test_member_parallel_predict_and_training_match_one_process(distributed_runs
     want_losses = train(ensemble, images, labels, member_loss_sum)
     want_after = vars(ensemble.predict(images))
     for rank, got in enumerate(ranks):
-        for when, want in (("before", want_before), ("after", want_after)):
+        for when, want in (("before", want_before), ("after", want_after), ("from_rank_1", want_before)):
             for field, value in want.items():
-                assert_close_named(f"rank {rank} {when} training: {field}", got[when][field], value.double(),
+                assert_close_named(f"rank {rank} {when}: {field}", got[when][field], value.double(),
                                    torch.float32, TOL)
     # Each rank's loss is the sum over its members; together they are the one-process loss.
-    summed = torch.tensor([sum(step) for step in zip(*(r["local_losses"] for r in ranks))])
+    summed = torch.tensor([sum(step) for step in zip(*(r["local_losses"] for r in ranks), strict=False)])
     assert_close_named("summed member losses", summed, torch.tensor(want_losses, dtype=torch.float64),
                        torch.float32, TOL)
 
