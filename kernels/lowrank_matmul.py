@@ -225,7 +225,7 @@ def fused_lowrank_matmul(
         w: ``[K, C]``, shared.
         s: ``[N, K, R]``.
         e: ``[N, R, C]``.
-        bias: ``[C]`` or None.
+        bias: ``[C]`` or None (made contiguous).
         scaling: the factor of the low-rank update.
         sum_members: with ``x [N, M, K]``, return ``Y = sum_n Y[n]`` (bias excluded) as ``[M, C]``,
             computing ``(sum_n X[n]) @ W`` once.
@@ -245,6 +245,7 @@ def fused_lowrank_matmul(
     p = torch.empty((num_members, rows, rank), device=x.device, dtype=torch.float32)
     if rows == 0:
         return y.zero_(), p
+    bias = bias.contiguous() if bias is not None else None
     x3 = x.unsqueeze(0) if shared_rows else x  # member stride 0 when shared
     stride_xn = 0 if shared_rows else x3.stride(0)
     y3 = y.unsqueeze(0) if sum_members else y
