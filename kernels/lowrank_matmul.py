@@ -14,12 +14,17 @@
 # (scaling * P) E into the first accumulator with one more dot of depth BLOCK_R, adds the bias and
 # stores once; the programs of the first column tile also store P.
 #
-# Shared-rows kernel (grid cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N)): the base tile X W is computed once
-# and every member's update is added to it in a loop over members (each member re-reads its X
-# tile for its own X S[n] K-loop), so N members cost one base GEMM plus N rank-r updates:
+# Shared-rows kernel (grid (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N), G)): the base tile X W is computed
+# once per member group and each member's update is added to it in a loop over the group's members
+# (each re-reads its X tile for its own X S[n] K-loop), so N members cost G base GEMMs plus N
+# rank-r updates. G = 1 unless the tiles alone leave a GPU mostly idle (small batches):
 #   forward, shared input (SUM_MEMBERS=False): X [M, K] read by every member, Y [N, M, C];
 #   dx backward, shared input (SUM_MEMBERS=True): Y [M, C] = (sum_n X[n]) W + scaling * sum_n P[n] E[n],
 #   the member sum of the X tiles taken in fp32 inside the K-loop.
+#
+# Precision: all accumulators are fp32; scaling * P is rounded to the input dtype for the rank-R
+# tensor-core dot (as a 16-bit LoRA does). fp32 inputs run every dot with DOT_PRECISION: "tf32"
+# when PyTorch allows TF32 matmuls, else "tf32x3" (configs.dot_precision).
 """Fused base GEMM + per-member low-rank update (forward and dx backward of a LoRA ensemble)."""
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .configs import (
     shared_rows_configs,
 )
 
-__all__ = ["fused_lowrank_matmul"]
+__all__ = ["fused_lowrank_matmul", "member_groups_for"]
 
 _TUNING_KEY = ["BLOCK_M", "N_COLS", "K_DIM", "BLOCK_R", "DOT_PRECISION"]
 
@@ -171,14 +176,19 @@ def _fused_lowrank_matmul_shared_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
 
-    # Each member's low-rank update on top of it; the member pointers advance by one member stride
-    # per iteration (pointer arithmetic, so no 32-bit offset overflow).
-    x_member = x_tile
-    s_member = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
-    e_member = e_ptr
-    p_member = p_ptr
-    y_member = y_ptr
-    for _ in range(NUM_MEMBERS):
+    # The low-rank update of each member of this program's group on top of it (grid axis 1 splits
+    # the members into groups; one group when SUM_MEMBERS). The member pointers advance by one
+    # member stride per iteration (pointer arithmetic, so no 32-bit offset overflow).
+    members_per_group = tl.cdiv(NUM_MEMBERS, tl.num_programs(1))
+    first_member = tl.program_id(1) * members_per_group
+    last_member = min(first_member + members_per_group, NUM_MEMBERS)
+    first = first_member.to(tl.int64)
+    x_member = x_tile + first * stride_xn
+    s_member = s_ptr + first * stride_sn + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
+    e_member = e_ptr + first * stride_en
+    p_member = p_ptr + first * stride_pn
+    y_member = y_ptr + first * stride_yn
+    for _ in range(first_member, last_member):
         x_ptrs = x_member
         s_ptrs = s_member
         p = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -207,6 +217,17 @@ def _fused_lowrank_matmul_shared_kernel(
         _store_rows(y_ptr, acc, offs_m, offs_n, M, N_COLS, stride_ym, stride_yc)
 
 
+def member_groups_for(rows: int, n_cols: int, num_members: int, device: torch.device) -> int:
+    """Member groups of the shared-rows forward: 1 (one base GEMM) while the output tiles fill
+    the GPU; for small batches (fewer 64 x 128 tiles than SMs) enough groups to occupy every SM,
+    trading a recomputed base tile for parallelism."""
+    if device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(rows, 64) * triton.cdiv(n_cols, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_members, sms // tiles))
+
+
 def fused_lowrank_matmul(
     x: Tensor,
     w: Tensor,
@@ -215,6 +236,7 @@ def fused_lowrank_matmul(
     bias: Tensor | None,
     scaling: float,
     sum_members: bool = False,
+    member_groups: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``Y[n] = X[n] @ W + bias + scaling * (X[n] @ S[n]) @ E[n]`` for every member, one launch.
 
@@ -229,6 +251,9 @@ def fused_lowrank_matmul(
         scaling: the factor of the low-rank update.
         sum_members: with ``x [N, M, K]``, return ``Y = sum_n Y[n]`` (bias excluded) as ``[M, C]``,
             computing ``(sum_n X[n]) @ W`` once.
+        member_groups: with shared rows ``x [M, K]``, how many groups of members get their own
+            programs, each computing ``X @ W`` once for its group; None picks it from the shapes and
+            the GPU (:func:`member_groups_for`). Always 1 with ``sum_members``.
 
     Returns:
         ``(y, p)``: ``y [N, M, C]`` (``[M, C]`` with ``sum_members``) in x's dtype, and
@@ -263,8 +288,14 @@ def fused_lowrank_matmul(
     )
     meta = {"HAS_BIAS": bias is not None, "DOT_PRECISION": dot_precision(x.dtype), "BLOCK_R": block_rank(rank)}
     if shared_rows or sum_members:
+        if sum_members:
+            member_groups = 1
+        elif member_groups is None:
+            member_groups = member_groups_for(rows, n_cols, num_members, x.device)
+        member_groups = max(1, min(member_groups, num_members))
+
         def grid(cfg):
-            return (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"]),)
+            return (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"]), member_groups)
 
         _fused_lowrank_matmul_shared_kernel[grid](*args, num_members, float(scaling), *strides,
                                                   SUM_MEMBERS=sum_members, **meta)

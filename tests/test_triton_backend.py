@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
-from lora_ensemble.kernels import lowrank_weight_grads
+from lora_ensemble.kernels import fused_lowrank_matmul, lowrank_weight_grads
 from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
 from lora_ensemble.reference import lora_ensemble_reference
 
@@ -108,6 +108,20 @@ def test_vit_sized_layer_matches_reference(dtype, shared):
     for rank in (8, 128):
         inp = make_inputs(16, 197, 768, 768, rank, dtype=dtype, device=DEVICE, shared_input=shared)
         check_against_reference(inp, "triton", tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_shared_forward_in_member_groups(dtype):
+    """The shared-input forward split into member groups (used on the GPU for small batches)."""
+    n, m, d, k, r, s = 5, 9, 24, 40, 3, 0.8
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, device=DEVICE, shared_input=True, requires_grad=())
+    want = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared_input=True)
+    want_xa = inp.x.double() @ inp.lora_A.double().transpose(1, 2)
+    for groups in (2, 5):
+        out, xa = fused_lowrank_matmul(inp.x, inp.weight.t(), inp.lora_A.transpose(1, 2), inp.lora_B.transpose(1, 2),
+                                       inp.bias, s, member_groups=groups)
+        assert_close_named(f"out (groups={groups})", out.reshape(n * m, k), want, dtype, tolerance(dtype))
+        assert_close_named(f"xa (groups={groups})", xa, want_xa, dtype, tolerance(dtype))
 
 
 @pytest.fixture
