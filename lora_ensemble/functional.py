@@ -114,12 +114,16 @@ def fused_lora_ensemble_linear(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Autocast: every floating input runs in the autocast dtype (activations of an earlier
+        # autocast op may already be low precision while the parameters are fp32).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_A, lora_B)
+        )
     validate_inputs(x, weight, bias, lora_A, lora_B, shared_input)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
     name = _resolve(backend, device_type, x.dtype)
     num_members = lora_A.shape[0]
     d, k = weight.shape[1], weight.shape[0]

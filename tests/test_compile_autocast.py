@@ -180,14 +180,6 @@ def test_cpu_autocast_runs_in_autocast_dtype(dtype: torch.dtype, shared_input: b
     assert_close_named("dlora_B", dB, ref_grads.lora_B, dtype)
 
 
-# functional.py checks "all inputs one dtype" before it casts to the autocast dtype, so a layer fed
-# the bf16 activations of an earlier autocast op while its parameters are fp32 raises TypeError.
-_VALIDATES_BEFORE_AUTOCAST = pytest.mark.xfail(
-    raises=TypeError, strict=True,
-    reason="fused_lora_ensemble_linear validates dtypes before the autocast cast (lead to fix functional.py)")
-
-
-@_VALIDATES_BEFORE_AUTOCAST
 def test_autocast_takes_low_precision_activations_with_fp32_parameters() -> None:
     layer = _random_lora(FusedLoRAEnsembleLinear(40, 12, 2, 3))
     x = torch.randn(2 * 3, 40).to(torch.bfloat16)
@@ -198,7 +190,6 @@ def test_autocast_takes_low_precision_activations_with_fp32_parameters() -> None
     assert_close_named("out", out, lora_ensemble_reference(x, *low, layer.scaling), torch.bfloat16)
 
 
-@_VALIDATES_BEFORE_AUTOCAST
 def test_wrapped_model_under_autocast_gives_autocast_logits() -> None:
     ensemble = _wrapped_vit(replicate_at="blocks")
     x = torch.randn(2, 3, 16, 16)
@@ -209,7 +200,6 @@ def test_wrapped_model_under_autocast_gives_autocast_logits() -> None:
     assert_close_named("logits", got, want.double(), torch.bfloat16, (5e-2, 5e-2))
 
 
-@_VALIDATES_BEFORE_AUTOCAST
 def test_compiled_under_autocast_matches_eager_autocast() -> None:
     torch._dynamo.reset()
     model = _two_layer_model("auto")
