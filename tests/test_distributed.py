@@ -44,7 +44,7 @@ class _Checkpointed(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def build_ensemble(checkpointed: bool = False) -> LoRAEnsemble:
+def build_ensemble(checkpointed: bool = False, **options) -> LoRAEnsemble:
     """The same tiny ViT ensemble in every process: seeded init, random ``lora_B`` (not the zero init,
     so every LoRA factor gets a gradient from the first step)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -53,8 +53,8 @@ def build_ensemble(checkpointed: bool = False) -> LoRAEnsemble:
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
     if checkpointed:
         vit.blocks = nn.Sequential(*(_Checkpointed(block) for block in vit.blocks))
-    ensemble = LoRAEnsemble(vit, NUM_MEMBERS, rank=2, target_modules=("attn.qkv", "attn.proj", "mlp.fc1"),
-                            replicate_at="blocks")
+    options = {"replicate_at": "blocks", **options}
+    ensemble = LoRAEnsemble(vit, NUM_MEMBERS, rank=2, target_modules=("attn.qkv", "attn.proj", "mlp.fc1"), **options)
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():
             layer.lora_B.normal_(0.0, 0.2)
@@ -280,9 +280,11 @@ def test_member_slice_rejects_more_ranks_than_members() -> None:
         member_slice(4, 2, 2)
 
 
+@pytest.mark.parametrize("options", [{}, {"replicate_at": None}, {"share_first_input": True}],
+                         ids=["replicate-at-blocks", "replicate-at-entry", "share-first-input"])
 @pytest.mark.parametrize("members", [slice(0, 1), slice(1, 3), slice(0, 3)])
-def test_select_members_keeps_exactly_those_members(members: slice) -> None:
-    ensemble = build_ensemble().eval()
+def test_select_members_keeps_exactly_those_members(members: slice, options: dict) -> None:
+    ensemble = build_ensemble(**options).eval()
     images, _ = make_data()
     with torch.no_grad():
         full = ensemble(images)
@@ -298,3 +300,11 @@ def test_member_parallel_refuses_shared_trainable_parameters() -> None:
     ensemble.model.norm.requires_grad_(True)
     with pytest.raises(ValueError, match="model.norm.weight"):
         MemberParallelEnsemble(ensemble)
+
+
+@pytest.mark.parametrize("members", [slice(3, 5), slice(1, 1), slice(0, 3, 2)])
+def test_select_members_rejects_empty_or_strided_slices(members: slice) -> None:
+    ensemble = build_ensemble()
+    with pytest.raises(ValueError, match="non-empty contiguous slice"):
+        select_members_(ensemble, members)
+    assert ensemble.num_members == NUM_MEMBERS, "a refused selection must leave the ensemble as it was"
