@@ -3,9 +3,10 @@
 # GPUTarget("cuda", arch, 32)) runs the whole pipeline down to a cubin with ptxas. Each kernel is
 # compiled in the argument specialisation it gets at run time for contiguous inputs (unit strides
 # as constexpr 1, other strides and pointers 16-divisible), for each dtype (fp32 with TF32 and
-# 3xTF32 dots) and a small and the largest rank tile, with the first autotune config the run-time pruning keeps for a large problem
-# on the target (or with every config). The ptxas -v log of Triton's own compilation gives the
-# registers and spills; the compiled kernel's metadata gives the shared memory.
+# 3xTF32 dots) and a small and the largest rank tile, with the first autotune config the run-time
+# pruning keeps for a large problem on the target (or with every config). The ptxas -v log of
+# Triton's own compilation gives the registers and spills; the compiled kernel's metadata gives
+# the shared memory.
 """Compile every kernel for a GPU target without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 90]`` (``TRITON_INTERPRET`` must be unset:

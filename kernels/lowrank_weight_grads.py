@@ -11,7 +11,9 @@
 # whole (padded, masked) rank in one tile, and reduces rows [j * rows_per_split, (j+1) *
 # rows_per_split) of member n in BLOCK_M steps with an fp32 accumulator. With SPLIT = 1 the tile is
 # scaled and stored once (deterministic); with SPLIT > 1 the partial sums are atomically added
-# into float32 outputs that start at zero (fp32 reduction across programs).
+# into float32 outputs that start at zero (fp32 reduction across programs; for 16-bit inputs the
+# launcher then casts them, one more small kernel each). A shared input x is read with member
+# stride 0. P is rounded to Z's dtype for the tensor-core dot; fp32 dots use DOT_PRECISION.
 """Grouped weight gradients dA and dB of all members of a LoRA ensemble, one launch."""
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def _weight_grad_tile(
         tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=g_mask)
 
 
-@triton.autotune(configs=weight_grads_configs(), key=["COLS_A", "COLS_B", "BLOCK_R", "rows_per_split", "ATOMIC", "DOT_PRECISION"],
+@triton.autotune(configs=weight_grads_configs(),
+                 key=["COLS_A", "COLS_B", "BLOCK_R", "rows_per_split", "ATOMIC", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_weight_grads_configs},
-                 reset_to_zero=["ga_ptr", "gb_ptr"])
+                 reset_to_zero=["ga_ptr", "gb_ptr"])  # the split reduction adds into zeroed outputs
 @triton.jit
 def _lowrank_weight_grads_kernel(
     pa_ptr, za_ptr, ga_ptr, pb_ptr, zb_ptr, gb_ptr,
