@@ -197,9 +197,10 @@ def plot_reliability(results: list[Result], labels: Tensor, path: str, n_bins: i
         centers = ((bins.edges[:-1] + bins.edges[1:]) / 2).numpy()
         filled = (bins.count > 0).numpy()
         width = 1.0 / n_bins
-        ax.bar(centers[filled], bins.accuracy.numpy()[filled], width=width, edgecolor="black", label="accuracy")
-        ax.bar(centers[filled], (bins.confidence - bins.accuracy).numpy()[filled], bottom=bins.accuracy.numpy()[filled],
-               width=width, color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap")
+        acc, conf = bins.accuracy.numpy()[filled], bins.confidence.numpy()[filled]
+        ax.bar(centers[filled], acc, width=width, edgecolor="black", label="accuracy")
+        ax.bar(centers[filled], abs(conf - acc), bottom=[min(a, c) for a, c in zip(acc, conf)], width=width,
+               color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ece = metrics.expected_calibration_error(result.probs, labels, n_bins).item()
         ax.set_title(f"{result.name}\nECE {ece:.4f}", fontsize=9)

@@ -249,3 +249,25 @@ def test_predict_uncertainty_shapes_and_identities() -> None:
     torch.testing.assert_close(pred.mean_probs.sum(-1), torch.ones(4))
     torch.testing.assert_close(pred.predictive_entropy - pred.expected_entropy, pred.mutual_information)
     assert (pred.mutual_information > 0).all(), "independent heads should disagree"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_backends_match_torch_backend_in_a_model(backend: str) -> None:
+    from lora_ensemble import available_backends
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} does not run on the CPU here")
+    original = timm_vit().eval()
+    outs, grads = {}, {}
+    for name in ("torch", backend):
+        torch.manual_seed(1)
+        ensemble = LoRAEnsemble(copy.deepcopy(original), num_members=2, rank=3, backend=name,
+                                num_classes=NUM_CLASSES, share_first_input=True).eval()
+        randomise_lora(ensemble)
+        torch.manual_seed(2)
+        out = ensemble(*image_inputs(2)[0])
+        out.square().sum().backward()
+        outs[name] = out
+        grads[name] = {n: p.grad for n, p in ensemble.named_parameters() if p.requires_grad}
+    assert_close_named(f"{backend} logits", outs[backend], outs["torch"].double(), torch.float32)
+    for pname, g in grads[backend].items():
+        assert_close_named(f"{backend} d{pname}", g, grads["torch"][pname].double(), torch.float32)
