@@ -76,7 +76,8 @@ def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Reliab
     correct = (predicted == targets).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)
     index = torch.bucketize(confidence, edges[1:-1])  # x in (edges[i], edges[i+1]] -> i
-    count = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, index, torch.ones_like(confidence))
+    count = torch.zeros(n_bins, dtype=torch.float64, device=probs.device)
+    count.index_add_(0, index, torch.ones_like(confidence))
     conf_sum = torch.zeros_like(count).index_add_(0, index, confidence)
     acc_sum = torch.zeros_like(count).index_add_(0, index, correct)
     denom = count.clamp_min(1)
