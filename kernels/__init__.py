@@ -2,6 +2,6 @@
 ``lora_ensemble.kernels``. Importing this package needs Triton, not a GPU."""
 
 from .lowrank_matmul import fused_lowrank_matmul
-from .lowrank_weight_grads import lowrank_weight_grads
+from .weight_grads import lowrank_weight_grads
 
 __all__ = ["fused_lowrank_matmul", "lowrank_weight_grads"]

@@ -39,7 +39,7 @@ from .configs import (
     fused_matmul_block_rows,
 )
 from .lowrank_matmul import _fused_lowrank_matmul_kernel, _fused_lowrank_matmul_shared_kernel
-from .lowrank_weight_grads import _lowrank_weight_grads_kernel
+from .weight_grads import _lowrank_weight_grads_kernel
 
 __all__ = ["AotCase", "AotReport", "aot_cases", "candidate_configs", "compile_case", "main"]
 

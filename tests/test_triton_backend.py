@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
-from lora_ensemble.kernels import fused_lowrank_matmul, lowrank_weight_grads
+from lora_ensemble.kernels import fused_lowrank_matmul, lowrank_matmul, lowrank_weight_grads, weight_grads
 from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
 from lora_ensemble.reference import lora_ensemble_reference
 
@@ -174,6 +174,27 @@ def test_weight_grads_split_over_rows_match_unsplit(shared, dtype):
         assert grad_a.dtype == dtype and grad_b.dtype == dtype
         assert_close_named(f"dA (splits={splits})", grad_a, want_a, dtype, tolerance(dtype))
         assert_close_named(f"dB (splits={splits})", grad_b, want_b, dtype, tolerance(dtype))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_one_launch_forward_two_launch_backward(shared, monkeypatch):
+    launches = []
+    kernels = {"fused_matmul": lowrank_matmul._fused_lowrank_matmul_kernel,
+               "fused_matmul_shared": lowrank_matmul._fused_lowrank_matmul_shared_kernel,
+               "weight_grads": weight_grads._lowrank_weight_grads_kernel}
+    for name, kernel in kernels.items():
+        def counted(*args, _run=kernel.run, _name=name, **kwargs):
+            launches.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counted)
+    inp = make_inputs(3, 5, 20, 18, 4, device=DEVICE, shared_input=shared)
+    out = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                     shared_input=shared, backend="triton")
+    matmul = "fused_matmul_shared" if shared else "fused_matmul"
+    assert launches == [matmul]
+    out.backward(torch.randn_like(out))
+    assert launches == [matmul, matmul, "weight_grads"]
 
 
 def test_nan_stays_in_its_row():
