@@ -58,7 +58,8 @@ def select_members_(ensemble: LoRAEnsemble, members: slice) -> LoRAEnsemble:
     this call. Returns ``ensemble``.
 
     Raises:
-        ValueError: an empty slice or one outside ``[0, N)``.
+        ValueError: a strided slice, or one that keeps no member (slices clip to ``range(N)`` as
+            Python's do); the ensemble is left unchanged.
     """
     kept = range(ensemble.num_members)[members]
     if len(kept) == 0 or members.step not in (None, 1):
