@@ -229,6 +229,15 @@ def test_opcheck_fused_linear():
     torch.library.opcheck(torch.ops.lora_ensemble.fused_linear.default, args)
 
 
+def test_opcheck_fused_linear_backward():
+    inp = make_inputs(2, 3, 16, 12, 4, device=DEVICE, requires_grad=())
+    rows = inp.x.reshape(2, 3, 16)
+    xa = (rows @ inp.lora_A.transpose(1, 2)).float()
+    grad_out = torch.randn(2, 3, 12, device=DEVICE)
+    args = (grad_out, rows, inp.weight, inp.lora_A, inp.lora_B, xa, 0.5, False, "triton", True, True)
+    torch.library.opcheck(torch.ops.lora_ensemble.fused_linear_backward.default, args)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     layer = FusedLoRAEnsembleLinear(16, 12, num_members=3, rank=4, backend="triton", device=DEVICE)
