@@ -113,6 +113,8 @@ class ExplicitMultiheadAttention(nn.Module):
             ``(out, weights)``: ``out`` in the input layout; ``weights [B, L, S]`` (averaged over heads)
             or ``[B, H, L, S]`` when ``need_weights``, else None.
         """
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal=True needs the causal attn_mask, as nn.MultiheadAttention does")
         unbatched = query.dim() == 2
         if unbatched:  # [L, E] -> [1, L, E]
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)

@@ -239,6 +239,15 @@ def test_explicit_attention_matches_torch_mha() -> None:
     with torch.no_grad():  # the fused fast path of nn.MultiheadAttention
         assert_close_named("mha fast path", explicit(x, x, x, need_weights=False)[0],
                            mha(x, x, x, need_weights=False)[0].double(), torch.float32)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    assert_close_named("mha causal", explicit(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0],
+                       mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0].double(), torch.float32)
+    unbatched = explicit(x[0], x[0], x[0])
+    want = mha(x[0], x[0], x[0])
+    assert_close_named("mha unbatched", unbatched[0], want[0].double(), torch.float32)
+    assert_close_named("mha unbatched weights", unbatched[1], want[1].double(), torch.float32)
+    with pytest.raises(ValueError, match="is_causal"):
+        explicit(x, x, x, is_causal=True)
 
 
 def test_predict_uncertainty_shapes_and_identities() -> None:
