@@ -2,16 +2,25 @@
 
 Without a GPU: the compiled extension registers CUDA kernels for its three ops, their schemas and
 fake impls pass ``opcheck`` on meta tensors, and importing the package neither loads the extension
-nor initialises CUDA. With a GPU (``@pytest.mark.gpu``): every output against the float64 reference
+nor initialises CUDA. The kernels' own source also runs on the CPU under a host emulation of the
+CUDA features they use (csrc/cuda/host_emulation.cuh: a thread per CUDA thread, barriers, late
+cp.async copies, WMMA tiles with their alignment rules), built with g++, against the float64
+reference, with NaN guard zones around every buffer to catch reads and writes past the edges.
+With a GPU (``@pytest.mark.gpu``): every output against the float64 reference
 over odd shapes, both layouts, three dtypes and ranks 1..128, the by-products ``xa`` / ``dyb``,
 input errors, and CUDA-graph capture.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +90,192 @@ def test_import_loads_no_extension_and_no_cuda():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.split() == ["False", "False", "False"], result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel source under host emulation (CPU only, g++ and the CUDA headers).
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+EMULATED = ("common.cuh", "params.cuh", "fused_lora_gemm.cuh", "lora_grads.cuh")
+# (file, text in the kernel source, its host-emulation stand-in)
+EMULATION_SWAPS = (
+    ("common.cuh", "#include <mma.h>\n", ""),
+    ("fused_lora_gemm.cuh", "#include <c10/cuda/CUDAException.h>\n", ""),
+    ("lora_grads.cuh", "#include <c10/cuda/CUDAException.h>\n", ""),
+    ("fused_lora_gemm.cuh", "extern __shared__ __align__(128) unsigned char smem[];",
+     "unsigned char* smem = emu::shared_memory();"),
+    ("lora_grads.cuh", "extern __shared__ __align__(128) unsigned char smem[];",
+     "unsigned char* smem = emu::shared_memory();"),
+    ("fused_lora_gemm.cuh", "kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);",
+     "emu::launch(kernel, grid, Tile::kThreads, Tile::kSmemBytes, p);"),
+    ("lora_grads.cuh", "kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);",
+     "emu::launch(kernel, grid, Tile::kThreads, Tile::kSmemBytes, p);"),
+)
+# The entry points: the same parameter set-up as csrc/cuda/ops.cu, on host pointers.
+EMULATION_SHIM = r"""
+#include "fused_lora_gemm.cuh"
+#include "lora_grads.cuh"
+using namespace lora_ensemble;
+static bool vec_ok(const void* p, long ld, int elem) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / elem) == 0; }
+template <class T>
+static void fused(bool fwd, const void* in, const void* w, const void* bias, const void* shrink, const void* expand, void* out,
+                  float* low, int n, int m, int inner, int cols, int r, float s, bool shared) {
+  FusedLoraGemmParams<T> p{};
+  p.in = (const T*)in; p.weight = (const T*)w; p.bias = (const T*)bias; p.shrink = (const T*)shrink;
+  p.expand = (const T*)expand; p.out = (T*)out; p.low = low;
+  p.members = n; p.rows = m; p.inner = inner; p.cols = cols; p.rank = r; p.scaling = s; p.shared = shared;
+  const int d = fwd ? inner : cols;  // W0 [k, d]; forward: shrink A [r, d], expand B [k, r]; dx: shrink B, expand A
+  p.vec_in = vec_ok(in, inner, sizeof(T)); p.vec_weight = vec_ok(w, d, sizeof(T));
+  p.vec_shrink = vec_ok(shrink, fwd ? d : r, sizeof(T)); p.vec_expand = vec_ok(expand, fwd ? r : d, sizeof(T));
+  launch_fused_lora_gemm<T>(p, fwd, nullptr);
+}
+template <class T>
+static void grads(const void* x, const void* dy, const float* xa, const float* dyb, void* ga, void* gb, int n, int m,
+                  int d, int k, int r, float s, bool shared) {
+  LoraGradParams<T> p{};
+  p.x = (const T*)x; p.dy = (const T*)dy; p.xa = xa; p.dyb = dyb; p.grad_A = (T*)ga; p.grad_B = (T*)gb;
+  p.members = n; p.rows = m; p.d = d; p.k = k; p.rank = r; p.scaling = s; p.shared = shared;
+  p.vec_x = vec_ok(x, d, sizeof(T)); p.vec_dy = vec_ok(dy, k, sizeof(T)); p.vec_low = vec_ok(xa, r, 4) && vec_ok(dyb, r, 4);
+  launch_lora_grads<T>(p, nullptr);
+}
+extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void* w, const void* bias, const void* shrink,
+                                 const void* expand, void* out, float* low, int n, int m, int inner, int cols, int r,
+                                 float s, int shared) {
+  emu::reset_error();
+  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
+  else fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
+  return emu::error();
+}
+extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb, void* ga,
+                                      void* gb, int n, int m, int d, int k, int r, float s, int shared) {
+  emu::reset_error();
+  if (dtype == 0) grads<float>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
+  else grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
+  return emu::error();
+}
+"""
+# float32 runs the SIMT path, float16 the WMMA path (bfloat16 differs from float16 only in the type).
+EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1}
+
+
+def _cuda_include_dir() -> Path | None:
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels():
+    gxx, include = shutil.which("g++"), _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("host emulation needs g++ and the CUDA headers (cuda_fp16.h)")
+    sources = {name: (CSRC / name).read_text() for name in EMULATED}
+    for name, kernel_text, stand_in in EMULATION_SWAPS:
+        assert kernel_text in sources[name], f"{name} no longer contains {kernel_text!r}: update EMULATION_SWAPS"
+        sources[name] = sources[name].replace(kernel_text, stand_in)
+    start, end = "// 16-byte asynchronous copy", "// smem[r * ld_smem + c]"
+    common = sources["common.cuh"]
+    assert start in common and end in common, "common.cuh: the cp.async helpers moved; update the emulation test"
+    sources["common.cuh"] = (common[:common.index(start)] + "using emu::cp_async_16;\nusing emu::cp_async_commit;\n"
+                             "using emu::cp_async_wait;\n\n" + common[common.index(end):])
+    prelude = (CSRC / "host_emulation.cuh").read_text()
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}", "-include", "host_emulation.cuh",
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    key = hashlib.sha256("\0".join([prelude, EMULATION_SHIM, *sources.values(), *flags]).encode()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / f"lora_ensemble_cuda_emulation_{key}"
+    lib = build / "emulated_kernels.so"
+    if not lib.exists():
+        build.mkdir(exist_ok=True)
+        for name, text in sources.items():
+            (build / name).write_text(text)
+        (build / "host_emulation.cuh").write_text(prelude)
+        (build / "shim.cpp").write_text(EMULATION_SHIM)
+        subprocess.run([gxx, *flags, "shim.cpp", "-o", "emulated_kernels.so.tmp"], cwd=build, check=True)
+        (build / "emulated_kernels.so.tmp").rename(lib)
+    dll = ctypes.CDLL(str(lib))
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i32] * 5 + [ctypes.c_float, i32]
+    dll.emu_lora_grads.argtypes = [i32] + [ptr] * 6 + [i32] * 5 + [ctypes.c_float, i32]
+    for fn in (dll.emu_fused, dll.emu_lora_grads):
+        fn.restype = ctypes.c_char_p
+    return dll
+
+
+class Guarded:
+    """A tensor inside a NaN-filled buffer, ``shift`` elements off alignment. The guard zones on
+    each side hold 128 rows of the tensor's last dim (a whole tile of overshoot), so reading past
+    the ends feeds NaN into the results and writing past them is caught by :meth:`check_guards`."""
+
+    def __init__(self, like: torch.Tensor, fill: torch.Tensor | None = None, shift: int = 0):
+        guard = 64 * (2 * like.shape[-1] + 1)  # a multiple of 64 elements keeps 16-byte alignment
+        self.buffer = torch.full((like.numel() + 2 * guard + shift,), float("nan"), dtype=like.dtype)
+        self.start = guard + shift
+        self.tensor = self.buffer[self.start:self.start + like.numel()].view(like.shape)
+        if fill is not None:
+            self.tensor.copy_(fill)
+
+    @property
+    def ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    def check_guards(self, name: str) -> None:
+        outside = torch.cat([self.buffer[:self.start], self.buffer[self.start + self.tensor.numel():]])
+        assert torch.isnan(outside).all(), f"{name}: a kernel wrote past the ends of the buffer"
+
+
+def _call(fn, *args) -> None:
+    error = fn(*args)
+    assert error is None, f"host emulation: {error.decode()}"
+
+
+# (dtype, N, rows per member, d, k, r, shared_input, bias, shift): two row and column tiles with
+# ragged edges, aligned (cp.async) and misaligned (element fallback) operands, ranks 1..128.
+EMULATION_CASES = [
+    (torch.float16, 2, 70, 40, 136, 8, False, True, 0),
+    (torch.float16, 3, 21, 24, 40, 128, True, True, 0),
+    (torch.float16, 2, 9, 20, 36, 33, False, False, 1),
+    (torch.float32, 3, 37, 100, 130, 33, True, False, 0),
+    (torch.float32, 1, 1, 24, 40, 1, False, True, 1),
+]
+
+
+@pytest.mark.parametrize("case", EMULATION_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-N{c[1]}-M{c[2]}-d{c[3]}-k{c[4]}-r{c[5]}"
+                                       f"{'-shared' if c[6] else ''}{'-shift' if c[8] else ''}")
+def test_kernels_under_host_emulation(emulated_kernels, case):
+    dtype, n, m, d, k, r, shared, bias, shift = case
+    code, s = EMULATED_DTYPES[dtype], 0.7
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, shared_input=shared, bias=bias, requires_grad=(), scaling=s)
+    x_rows = inp.x.reshape(m, d) if shared else inp.x.reshape(n, m, d)
+    x, w, a, b = (Guarded(t, t, shift) for t in (x_rows, inp.weight, inp.lora_A, inp.lora_B))
+    bias_buf = Guarded(inp.bias, inp.bias, shift) if bias else None
+    out, xa = Guarded(torch.empty(n, m, k, dtype=dtype), shift=shift), Guarded(torch.empty(n, m, r))
+    _call(emulated_kernels.emu_fused, code, 1, x.ptr, w.ptr, bias_buf.ptr if bias else None, a.ptr, b.ptr, out.ptr,
+          xa.ptr, n, m, d, k, r, s, int(shared))
+    x64 = x_rows.double().expand(n, m, d) if shared else x_rows.double()
+    ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
+    assert_close_named("out", out.tensor, ref.reshape(n, m, k), dtype)
+    assert_close_named("xa", xa.tensor, x64 @ inp.lora_A.double().transpose(1, 2), torch.float32)
+
+    grad_out = torch.randn(n, m, k).to(dtype)
+    dy = Guarded(grad_out, grad_out, shift)
+    dx = Guarded(torch.empty((m, d) if shared else (n, m, d), dtype=dtype), shift=shift)
+    dyb = Guarded(torch.empty(n, m, r))
+    _call(emulated_kernels.emu_fused, code, 0, dy.ptr, w.ptr, None, b.ptr, a.ptr, dx.ptr, dyb.ptr, n, m, k, d, r, s,
+          int(shared))
+    grads = lora_ensemble_reference_backward(grad_out.reshape(-1, k), inp.x, inp.weight, inp.lora_A, inp.lora_B, s,
+                                             shared)
+    assert_close_named("dx", dx.tensor, grads.x.reshape(dx.tensor.shape), dtype)
+    assert_close_named("dyb", dyb.tensor, grad_out.double() @ inp.lora_B.double(), torch.float32)
+
+    grad_A, grad_B = Guarded(inp.lora_A, shift=shift), Guarded(inp.lora_B, shift=shift)
+    _call(emulated_kernels.emu_lora_grads, code, x.ptr, dy.ptr, xa.ptr, dyb.ptr, grad_A.ptr, grad_B.ptr, n, m, d, k, r, s,
+          int(shared))
+    assert_close_named("dA", grad_A.tensor, grads.lora_A, dtype)
+    assert_close_named("dB", grad_B.tensor, grads.lora_B, dtype)
+    for name, buf in {"out": out, "xa": xa, "dx": dx, "dyb": dyb, "dA": grad_A, "dB": grad_B}.items():
+        buf.check_guards(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+// Host emulation of the CUDA features the lora_ensemble kernels use, for testing their indexing,
+// masks, pipeline and barriers on a machine without a GPU (tests/test_cuda_backend.py). Not part of
+// the extension: setup.py compiles only *.cu. The test copies fused_lora_gemm.cuh, lora_grads.cuh,
+// common.cuh and params.cuh, swaps the three cp.async helpers for the ones below, the extern
+// shared array for emu::shared_memory() and the <<<>>> launch for emu::launch, and builds them with
+// g++ -include host_emulation.cuh.
+//
+// Model: one std::thread per CUDA thread; every thread runs the CTAs of the grid in order, in step,
+// with std::barrier as __syncthreads. cp.async copies are queued per thread and land only at the
+// cp.async.wait_group that covers them (the latest moment the hardware allows), so a read before
+// its wait sees the previous contents. Fresh shared memory is filled with 0xFF bytes (NaN in every
+// dtype), so a read of shared memory nothing wrote poisons the result. A WMMA fragment is the full
+// 16x16 tile in every lane (load/mma per lane, store by lane 0); loads and stores check the WMMA
+// alignment rules and that the tile lies in the CTA's dynamic shared memory.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+// A failed check records the first message (emu::error(), cleared by emu::reset_error()); the emulation
+// goes on without the offending access, so that a bug shows up as a test failure, not a crash.
+#define EMU_CHECK(cond, msg) (static_cast<bool>(cond) || emu::fail(__FILE__, __LINE__, #cond, msg))
+#define TORCH_CHECK(cond, ...) (void)EMU_CHECK(cond, "TORCH_CHECK")
+#define C10_CUDA_CHECK(x) ((void)0)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+
+namespace emu {
+inline std::mutex g_error_mutex;
+inline std::string g_error;
+inline bool fail(const char* file, int line, const char* cond, const char* msg) {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  if (g_error.empty()) g_error = std::string(file) + ":" + std::to_string(line) + ": " + cond + " (" + msg + ")";
+  return false;
+}
+inline const char* error() { return g_error.empty() ? nullptr : g_error.c_str(); }
+
+inline std::barrier<>* g_barrier = nullptr;
+inline unsigned char* g_smem = nullptr;
+inline int g_smem_bytes = 0;
+inline unsigned char* shared_memory() { return g_smem; }
+
+struct Copy { void* dst; const void* src; bool pred; };
+inline thread_local std::vector<Copy> pending;
+inline thread_local std::deque<std::vector<Copy>> groups;
+
+inline void cp_async_16(void* smem, const void* gmem, bool pred) {
+  EMU_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0, "cp.async dst alignment");
+  EMU_CHECK(!pred || reinterpret_cast<uintptr_t>(gmem) % 16 == 0, "cp.async src alignment");
+  if (EMU_CHECK((unsigned char*)smem >= g_smem && (unsigned char*)smem + 16 <= g_smem + g_smem_bytes, "cp.async dst in smem"))
+    pending.push_back({smem, gmem, pred});
+}
+inline void cp_async_commit() { groups.push_back(std::move(pending)); pending.clear(); }
+template <int N>
+inline void cp_async_wait() {
+  while ((int)groups.size() > N) {
+    for (const Copy& c : groups.front()) {
+      if (c.pred) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
+    }
+    groups.pop_front();
+  }
+}
+
+inline void reset_error() { g_error.clear(); }
+
+// kernel<<<grid, threads, smem_bytes>>>(p), run to completion.
+template <class P>
+void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& p) {
+  EMU_CHECK(smem_bytes <= 166912, "dynamic shared memory over the sm_80 limit (163 KB)");
+  if (!EMU_CHECK(smem_bytes % 128 == 0, "shared memory size is a multiple of 128 bytes")) return;
+  std::barrier<> bar(threads);
+  unsigned char* buf = static_cast<unsigned char*>(std::aligned_alloc(128, smem_bytes));
+  g_barrier = &bar;
+  g_smem = buf;
+  g_smem_bytes = smem_bytes;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = {unsigned(t), 0, 0};
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          if (t == 0) std::memset(buf, 0xFF, smem_bytes);
+          bar.arrive_and_wait();
+          blockIdx = {bx, by, 0};
+          kernel(p);
+          EMU_CHECK(pending.empty() && groups.empty(), "cp.async copies never waited for");
+          pending.clear();
+          groups.clear();
+          bar.arrive_and_wait();
+        }
+    });
+  }
+  for (auto& th : pool) th.join();
+  std::free(buf);
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::g_barrier->arrive_and_wait(); }
+
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment { float v[16][16]; };
+template <class T> inline float tof(T x) { if constexpr (std::is_same_v<T, float>) return x; else if constexpr (std::is_same_v<T, __half>) return __half2float(x); else return __bfloat162float(x); }
+// WMMA alignment rules, and that a 16 x 16 tile at p with leading dimension ldm lies in shared memory.
+template <class T> inline bool check_tile(const T* p, unsigned ldm) {
+  EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0, "wmma pointer must be 256-bit aligned");
+  EMU_CHECK((ldm * sizeof(T)) % 16 == 0, "wmma ldm must be a multiple of 16 bytes");
+  return EMU_CHECK((const unsigned char*)p >= emu::g_smem &&
+                   (const unsigned char*)(p + 15 * ldm + 16) <= emu::g_smem + emu::g_smem_bytes, "wmma tile in smem");
+}
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  if (!check_tile(p, ldm)) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.v[i][j] = tof(std::is_same_v<L, row_major> ? p[i * ldm + j] : p[j * ldm + i]);
+}
+template <class T, class La, class Lb>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, La>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, Lb>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float r[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i][j];
+      for (int k = 0; k < 16; ++k) s += a.v[i][k] * b.v[k][j];
+      r[i][j] = s;
+    }
+  std::memcpy(d.v, r, sizeof(r));
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+  if (!check_tile(p, ldm) || threadIdx.x % 32 != 0) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) p[i * ldm + j] = layout == mem_row_major ? f.v[i][j] : f.v[j][i];
+}
+template <class F> inline void fill_fragment(F& f, float v) { for (auto& row : f.v) for (auto& x : row) x = v; }
+}}  // namespace nvcuda::wmma
