@@ -3,8 +3,8 @@
 Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
 conftest.py), which executes the same kernel code with one autotune config; shapes are kept tiny
 because the interpreter is slow. With a GPU the same tests run the compiled kernels (fp32 dots are
-TF32 there, hence the looser fp32 tolerance), and the ``gpu``-marked tests add bf16, CUDA graphs
-and larger shapes.
+3xTF32 there by default, one TF32 pass with a looser tolerance when PyTorch allows TF32), and the
+``gpu``-marked tests add bf16, TF32, CUDA graphs and larger shapes.
 """
 
 import os
@@ -124,28 +124,41 @@ def test_shared_forward_in_member_groups(dtype):
         assert_close_named(f"xa (groups={groups})", xa, want_xa, dtype, tolerance(dtype))
 
 
+def _set_tf32(allowed: bool):
+    """Set PyTorch's fp32 matmul TF32 switch; return a function that restores it."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if allowed else "ieee"
+        return lambda: setattr(matmul, "fp32_precision", before)
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = allowed
+    return lambda: setattr(matmul, "allow_tf32", before)
+
+
 @pytest.fixture
 def tf32_matmuls():
     """PyTorch allows TF32 for fp32 matmuls for the duration of a test."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        yield
-        matmul.fp32_precision = before
-    else:
-        before = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        yield
-        matmul.allow_tf32 = before
+    restore = _set_tf32(True)
+    yield
+    restore()
+
+
+@pytest.fixture
+def fp32_matmuls():
+    """PyTorch asks for full fp32 matmuls for the duration of a test."""
+    restore = _set_tf32(False)
+    yield
+    restore()
 
 
 def test_fp32_dot_precision_follows_torch(tf32_matmuls):
+    assert tf32_allowed()
     assert dot_precision(torch.float32) == "tf32"
     assert dot_precision(torch.float16) == "tf32"
 
 
-def test_fp32_dots_are_3xtf32_by_default():
+def test_fp32_dots_are_3xtf32_without_tf32(fp32_matmuls):
     assert not tf32_allowed()
     assert dot_precision(torch.float32) == "tf32x3"
 
