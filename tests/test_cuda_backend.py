@@ -235,6 +235,7 @@ EMULATION_CASES = [
     (torch.float16, 2, 70, 40, 136, 8, False, True, 0),
     (torch.float16, 3, 21, 24, 40, 128, True, True, 0),
     (torch.float16, 2, 9, 20, 36, 33, False, False, 1),
+    (torch.float16, 1, 17, 16, 24, 20, False, True, 0),
     (torch.float32, 3, 37, 100, 130, 33, True, False, 0),
     (torch.float32, 1, 1, 24, 40, 1, False, True, 1),
 ]
@@ -416,7 +417,7 @@ def test_cuda_graph_capture(shared_input):
     graph.replay()
     torch.cuda.synchronize()
 
-    x_user = x.reshape(-1, 64) if shared_input else x.reshape(-1, 64)
+    x_user = x.reshape(-1, 64)  # stacked [N*M, d] or shared [M, d]
     ref = lora_ensemble_reference(x_user, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, shared_input)
     grads = lora_ensemble_reference_backward(dy.reshape(-1, 48), x_user, inp.weight, inp.lora_A, inp.lora_B,
                                              inp.scaling, shared_input)
