@@ -110,9 +110,10 @@ SHARED_ROWS_GPU_CONFIGS: tuple[triton.Config, ...] = (
 )
 INTERPRETER_FUSED_MATMUL_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 # The configs of the two lists above that 3xTF32 dots (fp32 without TF32), which split every
-# operand into a high and a low part, run without register spills on sm_90: (warps, stages, BLOCK_N,
-# BLOCK_K) as measured with `python -m lora_ensemble.kernels.aot --all-configs --only tf32x3`.
-_TF32X3_STACKED = {(4, 4, 128, 32), (4, 4, 64, 64), (4, 5, 64, 32), (4, 4, 32, 64)}
+# operand into a high and a low part, run without register spills on sm_90 and sm_80: (warps,
+# stages, BLOCK_N, BLOCK_K) as measured with
+# `python -m lora_ensemble.kernels.aot --arch {90,80} --all-configs --only tf32x3`.
+_TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32)}
 _TF32X3_SHARED_ROWS = {(8, 4, 128, 32), (8, 3, 64, 64), (4, 4, 64, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
