@@ -15,7 +15,8 @@
 // edges. fp16/bf16 use WMMA 16x16x16 tensor-core tiles (warp tile 32 x 32); fp32 uses SIMT FMAs
 // (thread tile 4 x 8), exact fp32 (no tf32).
 //
-// Shared input: grid.y = 1 and the CTA loops over members. Forward computes x W0^T once (first
+// Shared input (a template flag, so the stacked kernels carry no second accumulator): grid.y = 1
+// and the CTA loops over members. Forward computes x W0^T once (first
 // member) and, per member, re-runs the K loop for x A[n]^T only; backward dx accumulates every
 // member's dy[n] W0 + s dyb[n] A[n] into one accumulator (dx is summed over members).
 #pragma once
@@ -263,14 +264,14 @@ using FusedMath = std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, 
 
 // The K loop of member n: acc += in[n] W (when with_base) and low += in[n] P[n] over the whole
 // reduction, through the multi-stage cp.async pipeline. Starts and ends with a CTA barrier.
-template <class T, bool kForward, int kRankPad>
+template <class T, bool kForward, bool kShared, int kRankPad>
 __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0, int col0, bool with_base,
                                const FusedMath<T, kForward, kRankPad>& math,
                                typename FusedMath<T, kForward, kRankPad>::Acc& acc,
                                typename FusedMath<T, kForward, kRankPad>::LowAcc& low, unsigned char* smem) {
   using Tile = FusedTile<T, kForward, kRankPad>;
   constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, R = kRankPad, TH = Tile::kThreads;
-  const T* in = p.in + (kForward && p.shared ? 0 : static_cast<int64_t>(n) * p.rows * p.inner);
+  const T* in = p.in + (kForward && kShared ? 0 : static_cast<int64_t>(n) * p.rows * p.inner);
   const T* shrink = p.shrink + static_cast<int64_t>(n) * p.rank * p.inner;
   auto s_in = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes); };
   auto s_w = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes); };
@@ -309,8 +310,13 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
   __syncthreads();
 }
 
-template <class T, bool kForward, int kRankPad>
-__global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
+// Two CTAs per SM where the kernel then fits 128 registers without spilling (ptxas -v, sm_90, CUDA
+// 13.0): fp16 up to rank 32 (bf16 spills there, fp32 and larger ranks much more). Not yet timed.
+template <class T, int kRankPad>
+constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 ? 2 : 1;
+
+template <class T, bool kForward, bool kShared, int kRankPad>
+__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>)) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
   using Tile = FusedTile<T, kForward, kRankPad>;
   using Math = FusedMath<T, kForward, kRankPad>;
   constexpr int BM = Tile::kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
@@ -325,8 +331,8 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
   const int tile_col = static_cast<int>(blockIdx.x) % col_tiles;
   const int row0 = (static_cast<int>(blockIdx.x) / col_tiles) * BM;
   const int col0 = tile_col * BN;
-  const int first = p.shared ? 0 : static_cast<int>(blockIdx.y);
-  const int last = p.shared ? p.members : first + 1;
+  const int first = kShared ? 0 : static_cast<int>(blockIdx.y);
+  const int last = kShared ? p.members : first + 1;
 
   const Math math;
   typename Math::Acc base;
@@ -350,7 +356,7 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
     // Forward + shared: x W0^T is the same for every member, computed with the first.
     const bool with_base = !kForward || n == first;
     Math::zero(low);
-    fused_mainloop<T, kForward, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
+    fused_mainloop<T, kForward, kShared, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
 
     // Epilogue 1: in P to shared memory; start loading this member's Q tile.
     math.store_low(low, s_low);
@@ -392,7 +398,7 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
         math.expand(acc, s_low, s_q);
       }
     };
-    if constexpr (kForward) {
+    if constexpr (kForward && kShared) {  // keep x W0^T for the next member
       typename Math::Acc acc = base;
       add_expand(acc);
       __syncthreads();  // s_c overlays s_low / s_q
@@ -401,7 +407,7 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
       store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
     } else {
       add_expand(base);
-      if (!p.shared) {
+      if constexpr (!kShared) {
         __syncthreads();
         math.store(base, s_c);
         __syncthreads();
@@ -409,7 +415,7 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
       }
     }
   }
-  if (!kForward && p.shared) {
+  if constexpr (!kForward && kShared) {
     __syncthreads();
     math.store(base, s_c);
     __syncthreads();
@@ -417,38 +423,38 @@ __global__ void __launch_bounds__(256) fused_lora_gemm_kernel(const FusedLoraGem
   }
 }
 
-template <class T, bool kForward, int kRankPad>
+template <class T, bool kForward, bool kShared, int kRankPad>
 void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
   using Tile = FusedTile<T, kForward, kRankPad>;
   const int64_t tiles = static_cast<int64_t>(ceil_div(p.rows, Tile::kBM)) * ceil_div(p.cols, Tile::kBN);
   TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.rows, " rows x ", p.cols, " columns need ", tiles,
               " tiles, over the grid limit");
-  const dim3 grid(static_cast<unsigned>(tiles), p.shared ? 1u : static_cast<unsigned>(p.members));
-  auto kernel = fused_lora_gemm_kernel<T, kForward, kRankPad>;
+  const dim3 grid(static_cast<unsigned>(tiles), kShared ? 1u : static_cast<unsigned>(p.members));
+  auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <class T, bool kForward>
+template <class T, bool kForward, bool kShared>
 void launch_fused_lora_gemm_rank(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
   if (p.rank <= 16) {
-    launch_fused_lora_gemm_tile<T, kForward, 16>(p, stream);
+    launch_fused_lora_gemm_tile<T, kForward, kShared, 16>(p, stream);
   } else if (p.rank <= 32) {
-    launch_fused_lora_gemm_tile<T, kForward, 32>(p, stream);
+    launch_fused_lora_gemm_tile<T, kForward, kShared, 32>(p, stream);
   } else if (p.rank <= 64) {
-    launch_fused_lora_gemm_tile<T, kForward, 64>(p, stream);
+    launch_fused_lora_gemm_tile<T, kForward, kShared, 64>(p, stream);
   } else {
-    launch_fused_lora_gemm_tile<T, kForward, 128>(p, stream);
+    launch_fused_lora_gemm_tile<T, kForward, kShared, 128>(p, stream);
   }
 }
 
 template <class T>
 void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream) {
   if (forward) {
-    launch_fused_lora_gemm_rank<T, true>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rank<T, true, true>(p, stream) : launch_fused_lora_gemm_rank<T, true, false>(p, stream);
   } else {
-    launch_fused_lora_gemm_rank<T, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rank<T, false, true>(p, stream) : launch_fused_lora_gemm_rank<T, false, false>(p, stream);
   }
 }
 
