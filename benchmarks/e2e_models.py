@@ -11,8 +11,15 @@ provider            model
 ``vmap_shared_w0``  the vmap layer without the ``W0`` copies
 ``explicit``        N independent full ViTs run one after the other on the ``B`` images (the
                     paper's Explicit Ensemble; training updates all their parameters)
-``limit``           one plain ViT on the ``N*B`` images: what an ensemble should cost at best
+``limit``           one plain ViT on the ``N*B`` images: what an ensemble should cost at best.
+                    Training differentiates only the q, k, v biases of the first block, so its
+                    backward runs the same chain as the ensemble's (down to the first LoRA
+                    layers' outputs) without any weight gradient
 ==================  =====================================================================
+
+Every model runs the same attention code: torchvision's ``nn.MultiheadAttention`` is swapped for
+:class:`lora_ensemble.attention.ExplicitMultiheadAttention` (as ``LoRAEnsemble`` does), so the
+providers differ only in their LoRA layers and in how they batch the members.
 
 LoRA-Ensemble targets are torchvision's q, k, v and out_proj in every block (the paper's set), the
 heads one linear per member. Every LoRA factor is random (``lora_B`` is not left at its zero init).
@@ -30,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
-from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsemble
+from lora_ensemble import LoRAEnsemble
+from lora_ensemble.attention import replace_multihead_attention
 
 from .baselines import VmapLoRAEnsembleLinear
 from .providers import FUSED_PROVIDERS, provider_unavailable_reason
@@ -49,10 +57,12 @@ def e2e_unavailable_reason(provider: str, device: torch.device) -> str | None:
 
 
 def plain_vit(shape: EndToEndShape, device: torch.device, dtype: torch.dtype) -> VisionTransformer:
-    """A randomly initialised torchvision ``VisionTransformer`` of ``shape``'s size."""
+    """A randomly initialised torchvision ``VisionTransformer`` of ``shape``'s size, its attention
+    made explicit (q, k, v and out_proj as ``nn.Linear`` modules)."""
     model = VisionTransformer(image_size=shape.image_size, patch_size=shape.patch_size, num_layers=shape.num_layers,
                               num_heads=shape.num_heads, hidden_dim=shape.hidden_dim, mlp_dim=shape.mlp_dim,
                               num_classes=shape.num_classes)
+    replace_multihead_attention(model)
     return model.to(device=device, dtype=dtype)
 
 
@@ -88,7 +98,9 @@ def build_e2e_run(provider: str, shape: EndToEndShape, device: torch.device, dty
         return E2ERun(members, lambda images: torch.stack([m(images) for m in members]), list(members.parameters()))
     if provider == "limit":
         model = plain_vit(shape, device, dtype).requires_grad_(False)
-        return E2ERun(model, model, [])
+        attention = model.encoder.layers[0].self_attention
+        first_biases = [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
+        return E2ERun(model, model, [b.requires_grad_(True) for b in first_biases])
     backend = "torch" if provider in ("bmm", "vmap", "vmap_shared_w0") else provider
     ensemble = _lora_ensemble(shape, backend, device, dtype)
     if provider in ("vmap", "vmap_shared_w0"):
@@ -103,8 +115,7 @@ def build_e2e_run(provider: str, shape: EndToEndShape, device: torch.device, dty
 def make_e2e_step(run: E2ERun, mode: str, images: Tensor, labels: Tensor) -> Callable[[], object]:
     """The callable timed for ``mode``: ``e2e_infer`` (eval mode, no autograd) or ``e2e_train``
     (train mode; forward, cross-entropy of the logits' ``N*B`` rows against ``labels [N*B]``,
-    gradients of ``run.trainable``). ``limit`` differentiates its input images instead of frozen weights, so its
-    backward runs the same activation-gradient chain an ensemble's LoRA layers need."""
+    gradients of ``run.trainable``)."""
     if mode == "e2e_infer":
         run.model.eval()
 
@@ -115,10 +126,9 @@ def make_e2e_step(run: E2ERun, mode: str, images: Tensor, labels: Tensor) -> Cal
     if mode != "e2e_train":
         raise ValueError(f"mode must be 'e2e_infer' or 'e2e_train', got {mode!r}")
     run.model.train()
-    trainable = run.trainable or [images.requires_grad_(True)]
 
     def train_step() -> tuple[Tensor, ...]:
         logits = run.forward(images)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels)
-        return torch.autograd.grad(loss, trainable)
+        return torch.autograd.grad(loss, run.trainable)
     return train_step

@@ -47,8 +47,8 @@ class TimingBudget:
     total_s: float
 
 
-GPU_BUDGET = TimingBudget(warmup_calls=5, round_s=0.02, min_rounds=10, max_rounds=50, total_s=1.0)
-CPU_BUDGET = TimingBudget(warmup_calls=2, round_s=0.01, min_rounds=3, max_rounds=15, total_s=0.25)
+GPU_BUDGET = TimingBudget(warmup_calls=5, round_s=0.02, min_rounds=10, max_rounds=30, total_s=0.5)
+CPU_BUDGET = TimingBudget(warmup_calls=1, round_s=0.01, min_rounds=5, max_rounds=25, total_s=0.5)
 
 
 def budget_for(device: torch.device) -> TimingBudget:

@@ -30,8 +30,7 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_ensemble import fused_lora_ensemble_linear
-from lora_ensemble import backend_torch
+from lora_ensemble import backend_torch, fused_lora_ensemble_linear
 from lora_ensemble.backends import unavailable_reason as backend_unavailable_reason
 
 from .baselines import LoopLoRAEnsembleLinear, VmapLoRAEnsembleLinear

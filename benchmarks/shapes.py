@@ -115,10 +115,10 @@ CPU_OP_SHAPES: list[OpShape] = _op_shapes(
 GPU_E2E = EndToEndShape("vit_b_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=12,
                         num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=100, infer_batch=1,
                         train_batch=32)
-# A ViT with ViT-Ti widths and 4 blocks, same patch grid; training batch cut to 4 for 2 CPU cores.
-CPU_E2E = EndToEndShape("vit_ti4_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=4,
+# ViT-Ti widths, 2 blocks, the same 7x7 patch grid; training batch cut to 2 for 2 CPU cores.
+CPU_E2E = EndToEndShape("vit_ti2_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=2,
                         num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=100, infer_batch=1,
-                        train_batch=4)
+                        train_batch=2)
 
 
 def _gpu_set() -> bool:
