@@ -114,7 +114,8 @@ def fused_lora_ensemble_linear(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         # Autocast: every floating input runs in the autocast dtype (activations of an earlier
         # autocast op may already be low precision while the parameters are fp32).
         dtype = torch.get_autocast_dtype(x.device.type)
