@@ -31,8 +31,8 @@ from .utils import TOLERANCES, assert_close_named, check_against_reference, make
 OPS = ("cuda_forward", "cuda_backward_dx", "cuda_backward_lora")
 
 _EXTENSION_EXPECTED = torch.version.cuda is not None and os.environ.get("LORA_ENSEMBLE_SKIP_CUDA_BUILD", "0") != "1"
-needs_extension = pytest.mark.skipif(not _EXTENSION_EXPECTED,
-                                     reason="the CUDA extension is not built (CPU torch or LORA_ENSEMBLE_SKIP_CUDA_BUILD=1)")
+needs_extension = pytest.mark.skipif(
+    not _EXTENSION_EXPECTED, reason="the CUDA extension is not built (CPU torch or LORA_ENSEMBLE_SKIP_CUDA_BUILD=1)")
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +116,12 @@ EMULATION_SHIM = r"""
 #include "fused_lora_gemm.cuh"
 #include "lora_grads.cuh"
 using namespace lora_ensemble;
-static bool vec_ok(const void* p, long ld, int elem) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / elem) == 0; }
+static bool vec_ok(const void* p, long ld, int elem) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / elem) == 0;
+}
 template <class T>
-static void fused(bool fwd, const void* in, const void* w, const void* bias, const void* shrink, const void* expand, void* out,
-                  float* low, int n, int m, int inner, int cols, int r, float s, bool shared) {
+static void fused(bool fwd, const void* in, const void* w, const void* bias, const void* shrink, const void* expand,
+                  void* out, float* low, int n, int m, int inner, int cols, int r, float s, bool shared) {
   FusedLoraGemmParams<T> p{};
   p.in = (const T*)in; p.weight = (const T*)w; p.bias = (const T*)bias; p.shrink = (const T*)shrink;
   p.expand = (const T*)expand; p.out = (T*)out; p.low = low;
@@ -135,19 +137,20 @@ static void grads(const void* x, const void* dy, const float* xa, const float* d
   LoraGradParams<T> p{};
   p.x = (const T*)x; p.dy = (const T*)dy; p.xa = xa; p.dyb = dyb; p.grad_A = (T*)ga; p.grad_B = (T*)gb;
   p.members = n; p.rows = m; p.d = d; p.k = k; p.rank = r; p.scaling = s; p.shared = shared;
-  p.vec_x = vec_ok(x, d, sizeof(T)); p.vec_dy = vec_ok(dy, k, sizeof(T)); p.vec_low = vec_ok(xa, r, 4) && vec_ok(dyb, r, 4);
+  p.vec_x = vec_ok(x, d, sizeof(T)); p.vec_dy = vec_ok(dy, k, sizeof(T));
+  p.vec_low = vec_ok(xa, r, 4) && vec_ok(dyb, r, 4);
   launch_lora_grads<T>(p, nullptr);
 }
-extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void* w, const void* bias, const void* shrink,
-                                 const void* expand, void* out, float* low, int n, int m, int inner, int cols, int r,
-                                 float s, int shared) {
+extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void* w, const void* bias,
+                                 const void* shrink, const void* expand, void* out, float* low, int n, int m,
+                                 int inner, int cols, int r, float s, int shared) {
   emu::reset_error();
   if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
   else fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
   return emu::error();
 }
-extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb, void* ga,
-                                      void* gb, int n, int m, int d, int k, int r, float s, int shared) {
+extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb,
+                                      void* ga, void* gb, int n, int m, int d, int k, int r, float s, int shared) {
   emu::reset_error();
   if (dtype == 0) grads<float>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
   else grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
@@ -271,8 +274,8 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     assert_close_named("dyb", dyb.tensor, grad_out.double() @ inp.lora_B.double(), torch.float32)
 
     grad_A, grad_B = Guarded(inp.lora_A, shift=shift), Guarded(inp.lora_B, shift=shift)
-    _call(emulated_kernels.emu_lora_grads, code, x.ptr, dy.ptr, xa.ptr, dyb.ptr, grad_A.ptr, grad_B.ptr, n, m, d, k, r, s,
-          int(shared))
+    _call(emulated_kernels.emu_lora_grads, code, x.ptr, dy.ptr, xa.ptr, dyb.ptr, grad_A.ptr, grad_B.ptr, n, m, d, k,
+          r, s, int(shared))
     assert_close_named("dA", grad_A.tensor, grads.lora_A, dtype)
     assert_close_named("dB", grad_B.tensor, grads.lora_B, dtype)
     for name, buf in {"out": out, "xa": xa, "dx": dx, "dyb": dyb, "dA": grad_A, "dB": grad_B}.items():

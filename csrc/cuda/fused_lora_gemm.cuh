@@ -106,9 +106,13 @@ struct WmmaMath {
         FragA a[2];
         FragB b[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], s_in + (warp_m * 32 + i * 16) * Tile::kLdIn + kk, Tile::kLdIn);
+        for (int i = 0; i < 2; ++i) {
+          wmma::load_matrix_sync(a[i], s_in + (warp_m * 32 + i * 16) * Tile::kLdIn + kk, Tile::kLdIn);
+        }
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], b_tile(s_w, Tile::kLdW, kk, warp_n * 32 + j * 16), Tile::kLdW);
+        for (int j = 0; j < 2; ++j) {
+          wmma::load_matrix_sync(b[j], b_tile(s_w, Tile::kLdW, kk, warp_n * 32 + j * 16), Tile::kLdW);
+        }
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -153,7 +157,9 @@ struct WmmaMath {
         wmma::load_matrix_sync(lo[i], s_lo + row * Tile::kLdSplit + kk, Tile::kLdSplit);
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(q[j], b_tile(s_q, Tile::kLdQ, kk, warp_n * 32 + j * 16), Tile::kLdQ);
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(q[j], b_tile(s_q, Tile::kLdQ, kk, warp_n * 32 + j * 16), Tile::kLdQ);
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -193,7 +199,10 @@ struct SimtMath {
   int row, col, low_row, low_col;
 
   __device__ SimtMath()
-      : row((threadIdx.x / 16) * kRowsPerThread), col(threadIdx.x % 16), low_row(threadIdx.x / 4), low_col(threadIdx.x % 4) {}
+      : row((threadIdx.x / 16) * kRowsPerThread),
+        col(threadIdx.x % 16),
+        low_row(threadIdx.x / 4),
+        low_col(threadIdx.x % 4) {}
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
@@ -207,7 +216,9 @@ struct SimtMath {
   }
 
   // Element (k index kk, n index nn) of a B-side tile (W, P or Q) with leading dimension ld.
-  __device__ static float b_at(const float* s, int ld, int kk, int nn) { return kForward ? s[nn * ld + kk] : s[kk * ld + nn]; }
+  __device__ static float b_at(const float* s, int ld, int kk, int nn) {
+    return kForward ? s[nn * ld + kk] : s[kk * ld + nn];
+  }
 
   __device__ void mma_stage(Acc& acc, LowAcc& low, const float* s_in, const float* s_w, const float* s_p,
                             bool with_base) const {
@@ -260,7 +271,8 @@ struct SimtMath {
 };
 
 template <class T, bool kForward, int kRankPad>
-using FusedMath = std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kRankPad>, SimtMath<kForward, kRankPad>>;
+using FusedMath =
+    std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kRankPad>, SimtMath<kForward, kRankPad>>;
 
 // The K loop of member n: acc += in[n] W (when with_base) and low += in[n] P[n] over the whole
 // reduction, through the multi-stage cp.async pipeline. Starts and ends with a CTA barrier.
@@ -282,11 +294,15 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
     load_tile<T, BM, BK, TH>(s_in(s), Tile::kLdIn, in, p.inner, p.rows, p.inner, row0, k0, p.vec_in);
     if constexpr (kForward) {
       // W0 [k, d] rows are output columns; A[n] [r, d] rows are rank columns.
-      if (with_base) load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, p.inner, col0, k0, p.vec_weight);
+      if (with_base) {
+        load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, p.inner, col0, k0, p.vec_weight);
+      }
       load_tile<T, R, BK, TH>(s_p(s), Tile::kLdP, shrink, p.inner, p.rank, p.inner, 0, k0, p.vec_shrink);
     } else {
       // W0 [k, d] rows are the reduction; B[n] [k, r] rows are the reduction.
-      if (with_base) load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, p.inner, p.cols, k0, col0, p.vec_weight);
+      if (with_base) {
+        load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, p.inner, p.cols, k0, col0, p.vec_weight);
+      }
       load_tile<T, BK, R, TH>(s_p(s), Tile::kLdP, shrink, p.rank, p.inner, p.rank, k0, 0, p.vec_shrink);
     }
   };
@@ -316,7 +332,8 @@ template <class T, int kRankPad>
 constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 ? 2 : 1;
 
 template <class T, bool kForward, bool kShared, int kRankPad>
-__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>)) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
+__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
+    fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
   using Tile = FusedTile<T, kForward, kRankPad>;
   using Math = FusedMath<T, kForward, kRankPad>;
   constexpr int BM = Tile::kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
@@ -452,9 +469,11 @@ void launch_fused_lora_gemm_rank(const FusedLoraGemmParams<T>& p, cudaStream_t s
 template <class T>
 void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream) {
   if (forward) {
-    p.shared ? launch_fused_lora_gemm_rank<T, true, true>(p, stream) : launch_fused_lora_gemm_rank<T, true, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rank<T, true, true>(p, stream)
+             : launch_fused_lora_gemm_rank<T, true, false>(p, stream);
   } else {
-    p.shared ? launch_fused_lora_gemm_rank<T, false, true>(p, stream) : launch_fused_lora_gemm_rank<T, false, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rank<T, false, true>(p, stream)
+             : launch_fused_lora_gemm_rank<T, false, false>(p, stream);
   }
 }
 

@@ -64,7 +64,8 @@ inline thread_local std::deque<std::vector<Copy>> groups;
 inline void cp_async_16(void* smem, const void* gmem, bool pred) {
   EMU_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0, "cp.async dst alignment");
   EMU_CHECK(!pred || reinterpret_cast<uintptr_t>(gmem) % 16 == 0, "cp.async src alignment");
-  if (EMU_CHECK((unsigned char*)smem >= g_smem && (unsigned char*)smem + 16 <= g_smem + g_smem_bytes, "cp.async dst in smem"))
+  const auto* dst = static_cast<unsigned char*>(smem);
+  if (EMU_CHECK(dst >= g_smem && dst + 16 <= g_smem + g_smem_bytes, "cp.async dst in smem"))
     pending.push_back({smem, gmem, pred});
 }
 inline void cp_async_commit() { groups.push_back(std::move(pending)); pending.clear(); }
@@ -119,7 +120,11 @@ struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major 
 enum layout_t { mem_row_major, mem_col_major };
 template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment { float v[16][16]; };
-template <class T> inline float tof(T x) { if constexpr (std::is_same_v<T, float>) return x; else if constexpr (std::is_same_v<T, __half>) return __half2float(x); else return __bfloat162float(x); }
+template <class T> inline float tof(T x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else return __bfloat162float(x);
+}
 // WMMA alignment rules, and that a 16 x 16 tile at p with leading dimension ldm lies in shared memory.
 template <class T> inline bool check_tile(const T* p, unsigned ldm) {
   EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0, "wmma pointer must be 256-bit aligned");
@@ -135,7 +140,8 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, uns
 }
 template <class T, class La, class Lb>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, La>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, Lb>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+                     const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
   float r[16][16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -145,7 +151,8 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
     }
   std::memcpy(d.v, r, sizeof(r));
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
   if (!check_tile(p, ldm) || threadIdx.x % 32 != 0) return;
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) p[i * ldm + j] = layout == mem_row_major ? f.v[i][j] : f.v[j][i];

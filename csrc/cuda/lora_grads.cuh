@@ -33,7 +33,8 @@ struct LoraGradTile {
   static constexpr int kSplitBytes = Num<T>::kTensorCore ? round_up(kBKM * kLdSplit * (int)sizeof(T), 128) : 0;
   static constexpr int kLdC = kRankPad + 4;
   static constexpr int kCBytes = kBJ * kLdC * 4;
-  static constexpr int kSmemBytes = max3(kStages * kStageBytes + 2 * kSplitBytes, kCBytes, 0);
+  static constexpr int kPipeBytes = kStages * kStageBytes + 2 * kSplitBytes;
+  static constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;  // s_c overlays the pipeline
   static_assert(kRankPad % 16 == 0 && kRankPad <= kMaxRank, "rank tile must be 16..128, a multiple of 16");
 };
 
@@ -82,7 +83,8 @@ template <int kRankPad>
 struct LoraGradSimt {
   using Tile = LoraGradTile<float, kRankPad>;
   static constexpr int kRowsPerThread = 4, kColsPerThread = kRankPad / 8;
-  static_assert(Tile::kBJ == 32 * kRowsPerThread && Tile::kThreads == 256, "thread layout assumes BJ = 128, 256 threads");
+  static_assert(Tile::kBJ == 32 * kRowsPerThread && Tile::kThreads == 256,
+                "thread layout assumes BJ = 128, 256 threads");
   struct Acc {
     float v[kRowsPerThread][kColsPerThread];
   };
@@ -199,7 +201,8 @@ __global__ void __launch_bounds__(256) lora_grads_kernel(const LoraGradParams<T>
 template <class T, int kRankPad>
 void launch_lora_grads_tile(const LoraGradParams<T>& p, cudaStream_t stream) {
   using Tile = LoraGradTile<T, kRankPad>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.d, Tile::kBJ) + ceil_div(p.k, Tile::kBJ)), static_cast<unsigned>(p.members));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.d, Tile::kBJ) + ceil_div(p.k, Tile::kBJ)),
+                  static_cast<unsigned>(p.members));
   auto kernel = lora_grads_kernel<T, kRankPad>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);

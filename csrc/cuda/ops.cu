@@ -27,8 +27,11 @@ void check_operand(const at::Tensor& t, const char* op, const char* name, const 
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the first input is on ",
               like.device());
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " strides ", t.strides());
-  for (int64_t s : t.sizes()) TORCH_CHECK(s <= kIntMax, op, ": ", name, " shape ", t.sizes(), " has a dim over 2^31 - 1");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " strides ",
+              t.strides());
+  for (int64_t s : t.sizes()) {
+    TORCH_CHECK(s <= kIntMax, op, ": ", name, " shape ", t.sizes(), " has a dim over 2^31 - 1");
+  }
 }
 
 void check_dtype(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
@@ -71,7 +74,9 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
 
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -91,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::T
   const int64_t m = x.size(-2);
   check_rank(r, op, "lora_A", lora_A.sizes());
   TORCH_CHECK(k > 0 && d > 0, op, ": weight shape ", weight.sizes(), " must be [k, d] with k, d >= 1");
-  TORCH_CHECK(x.size(-1) == d, op, ": x shape ", x.sizes(), " must end in d=", d, " (weight shape ", weight.sizes(), ")");
+  TORCH_CHECK(x.size(-1) == d, op, ": x shape ", x.sizes(), " must end in d=", d, " (weight shape ", weight.sizes(),
+              ")");
   TORCH_CHECK(shared_input || x.size(0) == n, op, ": x shape ", x.sizes(), " must be [N, M, d] with N=", n,
               " (lora_A shape ", lora_A.sizes(), ")");
   TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
@@ -211,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
   TORCH_CHECK(k > 0 && d > 0, op, ": grad_out shape ", grad_out.sizes(), " and x shape ", x.sizes(),
               " need k, d >= 1");
   TORCH_CHECK(x.size(-2) == m && (shared_input || x.size(0) == n), op, ": x shape ", x.sizes(), " must be ",
-              shared_input ? "[M, d]" : "[N, M, d]", " with N=", n, ", M=", m, " (grad_out shape ", grad_out.sizes(), ")");
+              shared_input ? "[M, d]" : "[N, M, d]", " with N=", n, ", M=", m, " (grad_out shape ", grad_out.sizes(),
+              ")");
   TORCH_CHECK(xa.size(0) == n && xa.size(1) == m, op, ": xa shape ", xa.sizes(), " must be [N, M, r] with N=", n,
               ", M=", m, " (grad_out shape ", grad_out.sizes(), ")");
   TORCH_CHECK(dyb.sizes() == xa.sizes(), op, ": dyb shape ", dyb.sizes(), " must equal xa shape ", xa.sizes());
