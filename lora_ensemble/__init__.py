@@ -10,6 +10,7 @@ from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
 from .functional import fused_lora_ensemble_linear
 from .layout import replicate_members, to_member_fastest, to_member_major
 from .modules import FusedLoRAEnsembleLinear
+from .parallel import MemberParallelEnsemble
 from .reference import lora_ensemble_reference, lora_ensemble_reference_backward
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "EnsemblePrediction",
     "FusedLoRAEnsembleLinear",
     "LoRAEnsemble",
+    "MemberParallelEnsemble",
     "available_backends",
     "fused_lora_ensemble_linear",
     "lora_ensemble_reference",

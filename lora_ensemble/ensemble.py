@@ -199,6 +199,20 @@ class EnsemblePrediction:
     expected_entropy: Tensor
     mutual_information: Tensor
 
+    @classmethod
+    def from_logits(cls, logits: Tensor) -> EnsemblePrediction:
+        """The prediction of member logits ``[N, B, C]`` (softmax taken in fp32)."""
+        member_probs = logits.float().softmax(dim=-1)
+        mean = member_probs.mean(dim=0)
+        return cls(
+            member_probs=member_probs,
+            mean_probs=mean,
+            variance=metrics.member_variance(member_probs),
+            predictive_entropy=metrics.entropy(mean),
+            expected_entropy=metrics.expected_entropy(member_probs),
+            mutual_information=metrics.mutual_information(member_probs),
+        )
+
 
 class _Replicator:
     """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major."""
@@ -395,16 +409,38 @@ class LoRAEnsemble(nn.Module):
     def predict(self, *args: Any, **kwargs: Any) -> EnsemblePrediction:
         """Ensemble prediction and its uncertainty for classification logits ``[N, B, C]``
         (gradients off; the module's train/eval mode is left as it is)."""
-        member_probs = self(*args, **kwargs).float().softmax(dim=-1)
-        mean = member_probs.mean(dim=0)
-        return EnsemblePrediction(
-            member_probs=member_probs,
-            mean_probs=mean,
-            variance=metrics.member_variance(member_probs),
-            predictive_entropy=metrics.entropy(mean),
-            expected_entropy=metrics.expected_entropy(member_probs),
-            mutual_information=metrics.mutual_information(member_probs),
-        )
+        return EnsemblePrediction.from_logits(self(*args, **kwargs))
+
+    def select_members_(self, members: slice) -> LoRAEnsemble:
+        """Keep only ``members``, in place: every wrapped layer's ``lora_A [N, r, d]`` and
+        ``lora_B [N, k, r]`` and the head's ``weight [N, C, H]``, ``bias [N, C]`` are sliced along
+        dim 0 into new Parameters, and every member count becomes the block's size. Build optimizers
+        after this call. Returns ``self``.
+
+        Raises:
+            ValueError: a strided slice, or one that keeps no member (slices clip to ``range(N)`` as
+                Python's do); the ensemble is left unchanged.
+        """
+        kept = range(self.num_members)[members]
+        if len(kept) == 0 or members.step not in (None, 1):
+            raise ValueError(f"members must be a non-empty contiguous slice of range({self.num_members}), "
+                             f"got {members}")
+
+        def keep(param: Tensor) -> nn.Parameter:
+            return nn.Parameter(param.detach()[members].clone(), requires_grad=param.requires_grad)
+
+        for module in self.modules():
+            if isinstance(module, FusedLoRAEnsembleLinear):
+                module.lora_A, module.lora_B = keep(module.lora_A), keep(module.lora_B)
+                module.num_members = len(kept)
+            elif isinstance(module, EnsembleHead):
+                module.weight = keep(module.weight)
+                if module.bias is not None:
+                    module.bias = keep(module.bias)
+                module.num_members = len(kept)
+        # The member count lives on the ensemble and on its two forward pre-hooks.
+        self.num_members = self._replicator.num_members = self._sharing.num_members = len(kept)
+        return self
 
     def extra_repr(self) -> str:
         return (f"num_members={self.num_members}, rank={self.rank}, alpha={self.alpha}, "

@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import metrics
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
 from .modules import FusedLoRAEnsembleLinear
 
-__all__ = ["MemberParallelEnsemble", "member_slice", "select_members_"]
+__all__ = ["MemberParallelEnsemble", "member_slice"]
 
 
 def member_slice(num_members: int, world_size: int, rank: int) -> slice:
@@ -47,41 +46,6 @@ def member_slice(num_members: int, world_size: int, rank: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def _keep(param: Tensor, members: slice) -> nn.Parameter:
-    return nn.Parameter(param.detach()[members].clone(), requires_grad=param.requires_grad)
-
-
-def select_members_(ensemble: LoRAEnsemble, members: slice) -> LoRAEnsemble:
-    """Keep only ``members`` of ``ensemble``, in place: every wrapped layer's ``lora_A [N, r, d]`` and
-    ``lora_B [N, k, r]`` and the head's ``weight [N, C, H]``, ``bias [N, C]`` are sliced along dim 0
-    into new Parameters, and every ``num_members`` becomes the block's size. Build optimizers after
-    this call. Returns ``ensemble``.
-
-    Raises:
-        ValueError: a strided slice, or one that keeps no member (slices clip to ``range(N)`` as
-            Python's do); the ensemble is left unchanged.
-    """
-    kept = range(ensemble.num_members)[members]
-    if len(kept) == 0 or members.step not in (None, 1):
-        raise ValueError(f"members must be a non-empty contiguous slice of range({ensemble.num_members}), "
-                         f"got {members}")
-    for module in ensemble.modules():
-        if isinstance(module, FusedLoRAEnsembleLinear):
-            module.lora_A = _keep(module.lora_A, members)
-            module.lora_B = _keep(module.lora_B, members)
-            module.num_members = len(kept)
-        elif isinstance(module, EnsembleHead):
-            module.weight = _keep(module.weight, members)
-            if module.bias is not None:
-                module.bias = _keep(module.bias, members)
-            module.num_members = len(kept)
-    # LoRAEnsemble keeps its member count on itself and on its two forward pre-hooks.
-    ensemble.num_members = len(kept)
-    ensemble._replicator.num_members = len(kept)
-    ensemble._sharing.num_members = len(kept)
-    return ensemble
-
-
 def _shared_trainable(ensemble: LoRAEnsemble) -> list[str]:
     """Names of trainable parameters that do not belong to one member (they would need an all-reduce)."""
     per_member: set[int] = set()
@@ -97,7 +61,8 @@ class MemberParallelEnsemble(nn.Module):
     """A :class:`~lora_ensemble.LoRAEnsemble` whose members are split across a process group.
 
     Construct it on every rank from identically initialised ensembles (same seed, or weights loaded
-    from one checkpoint); each rank then keeps only its block of members (:func:`member_slice`).
+    from one checkpoint); each rank then keeps only its block of members (:func:`member_slice`,
+    :meth:`LoRAEnsemble.select_members_`).
 
     Args:
         ensemble: the full ensemble (``N`` members); it is sliced in place.
@@ -146,7 +111,7 @@ class MemberParallelEnsemble(nn.Module):
         self.members = member_slice(self.num_members, world_size, rank)
         self.member_counts = [len(range(self.num_members)[member_slice(self.num_members, world_size, r)])
                               for r in range(world_size)]
-        self.ensemble = select_members_(ensemble, self.members)
+        self.ensemble = ensemble.select_members_(self.members)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """This rank's members on these inputs: ``[members on this rank, B, ...]`` (differentiable;
@@ -189,16 +154,7 @@ class MemberParallelEnsemble(nn.Module):
     @torch.no_grad()
     def predict(self, *args: Any, **kwargs: Any) -> EnsemblePrediction:
         """:meth:`LoRAEnsemble.predict` of the whole ensemble on the source rank's inputs, on every rank."""
-        member_probs = self.logits(*args, **kwargs).float().softmax(dim=-1)
-        mean = member_probs.mean(dim=0)
-        return EnsemblePrediction(
-            member_probs=member_probs,
-            mean_probs=mean,
-            variance=metrics.member_variance(member_probs),
-            predictive_entropy=metrics.entropy(mean),
-            expected_entropy=metrics.expected_entropy(member_probs),
-            mutual_information=metrics.mutual_information(member_probs),
-        )
+        return EnsemblePrediction.from_logits(self.logits(*args, **kwargs))
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, members={self.members}, member_counts={self.member_counts}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_ensemble import LoRAEnsemble
-from lora_ensemble.parallel import MemberParallelEnsemble, member_slice, select_members_
+from lora_ensemble.parallel import MemberParallelEnsemble, member_slice
 
 from .utils import assert_close_named
 
@@ -288,7 +288,7 @@ def test_select_members_keeps_exactly_those_members(members: slice, options: dic
     images, _ = make_data()
     with torch.no_grad():
         full = ensemble(images)
-        kept = select_members_(ensemble, members)(images)
+        kept = ensemble.select_members_(members)(images)
     assert kept.shape[0] == len(range(NUM_MEMBERS)[members])
     assert_close_named("kept logits", kept, full[members].double(), torch.float32)
     for layer in ensemble.lora_layers().values():
@@ -306,5 +306,5 @@ def test_member_parallel_refuses_shared_trainable_parameters() -> None:
 def test_select_members_rejects_empty_or_strided_slices(members: slice) -> None:
     ensemble = build_ensemble()
     with pytest.raises(ValueError, match="non-empty contiguous slice"):
-        select_members_(ensemble, members)
+        ensemble.select_members_(members)
     assert ensemble.num_members == NUM_MEMBERS, "a refused selection must leave the ensemble as it was"
