@@ -354,6 +354,16 @@ def test_low_rank_byproducts(shared_input, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shared_input", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_cuda(backend_cuda, op, shared_input):
+    """Schema, fake impl and dispatch checks of opcheck on real CUDA tensors."""
+    args = tuple(torch.randn(a.shape, dtype=a.dtype, device="cuda") if isinstance(a, torch.Tensor) else a
+                 for a in _meta_args(op, shared_input))
+    torch.library.opcheck(getattr(torch.ops.lora_ensemble, op).default, args)
+
+
+@pytest.mark.gpu
 def test_large_members_and_rows():
     """Many row tiles and members; M not a multiple of the tile."""
     inp = make_inputs(16, 197, 192, 192, 8, dtype=torch.bfloat16, device="cuda")
