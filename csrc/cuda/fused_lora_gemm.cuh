@@ -50,11 +50,20 @@ struct FusedTile {
   static constexpr int kLowBytes = round_up(kBM * kLdLow * 4, 128);
   static constexpr int kSplitBytes = Num<T>::kTensorCore ? round_up(kBM * kLdSplit * (int)sizeof(T), 128) : 0;
   static constexpr int kQBytes = round_up((kForward ? kBN : kRankPad) * kLdQ * (int)sizeof(T), 128);
-  static constexpr int kEpilogueBytes = kLowBytes + 2 * kSplitBytes + kQBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  // Layout [sLow | sHi | sLo | sQ], sQ loaded while sLow is split. For fp16/bf16 at rank 128 that
+  // would outgrow the pipeline (101 KB, over the 99 KB a CTA gets on sm_86/sm_89), so there sQ
+  // overlays sLow instead, [sHi | sLo | sLow or sQ], and is loaded after the split.
+  static constexpr bool kQOverLow = Num<T>::kTensorCore && kLowBytes + 2 * kSplitBytes + kQBytes > kPipeBytes;
+  static constexpr int kLowOffset = kQOverLow ? 2 * kSplitBytes : 0;
+  static constexpr int kHiOffset = kQOverLow ? 0 : kLowBytes;
+  static constexpr int kLoOffset = kHiOffset + kSplitBytes;
+  static constexpr int kQOffset = kQOverLow ? kLowOffset : kLowBytes + 2 * kSplitBytes;
+  static constexpr int kEpilogueBytes = kQOffset + (kQOverLow && kLowBytes > kQBytes ? kLowBytes : kQBytes);
   // Output staging, fp32 [BM][BN], overlays everything above once the expand is done.
   static constexpr int kLdC = kBN + 4;
   static constexpr int kCBytes = kBM * kLdC * 4;
-  static constexpr int kSmemBytes = max3(kStages * kStageBytes, kEpilogueBytes, kCBytes);
+  static constexpr int kSmemBytes = max3(kPipeBytes, kEpilogueBytes, kCBytes);
   static_assert(kRankPad % 16 == 0 && kRankPad <= kMaxRank, "rank tile must be 16..128, a multiple of 16");
 };
 
@@ -338,10 +347,10 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
   using Math = FusedMath<T, kForward, kRankPad>;
   constexpr int BM = Tile::kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* s_low = reinterpret_cast<float*>(smem);
-  T* s_hi = reinterpret_cast<T*>(smem + Tile::kLowBytes);
-  T* s_lo = reinterpret_cast<T*>(smem + Tile::kLowBytes + Tile::kSplitBytes);
-  T* s_q = reinterpret_cast<T*>(smem + Tile::kLowBytes + 2 * Tile::kSplitBytes);
+  float* s_low = reinterpret_cast<float*>(smem + Tile::kLowOffset);
+  T* s_hi = reinterpret_cast<T*>(smem + Tile::kHiOffset);
+  T* s_lo = reinterpret_cast<T*>(smem + Tile::kLoOffset);
+  T* s_q = reinterpret_cast<T*>(smem + Tile::kQOffset);
   float* s_c = reinterpret_cast<float*>(smem);
 
   const int col_tiles = ceil_div(p.cols, BN);
@@ -376,14 +385,17 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
     fused_mainloop<T, kForward, kShared, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
 
     // Epilogue 1: in P to shared memory; start loading this member's Q tile.
-    math.store_low(low, s_low);
     const T* expand = p.expand + static_cast<int64_t>(n) * p.rank * p.cols;
-    if constexpr (kForward) {
-      load_tile<T, BN, R, TH>(s_q, Tile::kLdQ, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
-    } else {
-      load_tile<T, R, BN, TH>(s_q, Tile::kLdQ, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
-    }
-    cp_async_commit();
+    auto load_q = [&] {
+      if constexpr (kForward) {
+        load_tile<T, BN, R, TH>(s_q, Tile::kLdQ, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
+      } else {
+        load_tile<T, R, BN, TH>(s_q, Tile::kLdQ, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
+      }
+      cp_async_commit();
+    };
+    math.store_low(low, s_low);
+    if constexpr (!Tile::kQOverLow) load_q();
     __syncthreads();
 
     // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand; columns
@@ -402,6 +414,10 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
       } else {
         s_low[r * Tile::kLdLow + q] = scaled;
       }
+    }
+    if constexpr (Tile::kQOverLow) {
+      __syncthreads();  // every thread is done reading s_low
+      load_q();
     }
     cp_async_wait<0>();
     __syncthreads();
