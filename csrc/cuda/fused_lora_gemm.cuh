@@ -16,9 +16,9 @@
 // (thread tile 4 x 8), exact fp32 (no tf32).
 //
 // Shared input (a template flag, so the stacked kernels carry no second accumulator): grid.y = 1
-// and the CTA loops over members. Forward computes x W0^T once (first
-// member) and, per member, re-runs the K loop for x A[n]^T only; backward dx accumulates every
-// member's dy[n] W0 + s dyb[n] A[n] into one accumulator (dx is summed over members).
+// and the CTA loops over members. Forward computes x W0^T once (with the first member) and, per
+// member, re-runs the K loop for x A[n]^T only; backward dx accumulates every member's
+// dy[n] W0 + s dyb[n] A[n] into one accumulator (dx is summed over members).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
