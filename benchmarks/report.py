@@ -64,7 +64,8 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def _rows_by_mode(benchmarks: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """mode -> shape -> rows in provider order, modes and shapes in the order they ran."""
+    """mode -> shape -> rows in provider order; modes in :data:`MODE_TITLES` order, shapes in the
+    order they ran."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for bench in benchmarks:
         info = bench["extra_info"]
@@ -72,7 +73,8 @@ def _rows_by_mode(benchmarks: list[dict]) -> dict[str, dict[str, list[dict]]]:
     for shapes in out.values():
         for rows in shapes.values():
             rows.sort(key=lambda b: PROVIDER_ORDER.index(b["extra_info"]["provider"]))
-    return out
+    order = list(MODE_TITLES)
+    return dict(sorted(out.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
 def machine_line(data: dict) -> str:
@@ -141,6 +143,7 @@ def render_plot(data: dict, path: Path) -> None:
 
     add_ratios(data["benchmarks"])
     by_mode = _rows_by_mode(data["benchmarks"])
+    colors = plt.get_cmap("tab10")  # one colour per provider in every panel
     fig, axes = plt.subplots(len(by_mode), 1, figsize=(14, 3.6 * len(by_mode)), squeeze=False)
     for ax, (mode, shapes) in zip(axes[:, 0], by_mode.items()):
         providers = [p for p in PROVIDER_ORDER
@@ -153,7 +156,7 @@ def render_plot(data: dict, path: Path) -> None:
                               if r["extra_info"]["provider"] == provider), None)
                 speedups.append(1 / ratio if ratio else float("nan"))
             ax.bar([i + (j - (len(providers) - 1) / 2) * width for i in range(len(shapes))], speedups, width,
-                   label=provider)
+                   label=provider, color=colors(PROVIDER_ORDER.index(provider)))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(shapes)))
@@ -162,7 +165,7 @@ def render_plot(data: dict, path: Path) -> None:
         ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
         ax.legend(fontsize=7, ncol=len(providers), loc="upper left")
     fig.suptitle(machine_line(data), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
