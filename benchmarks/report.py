@@ -1,6 +1,7 @@
 """Turn ``pytest benchmarks/ --benchmark-json=FILE.json`` output into ``FILE.md`` and ``FILE.png``.
 
     python -m benchmarks.report benchmarks/results/cpu.json [--out-dir DIR]
+    python -m benchmarks.report part1.json part2.json --name h100   # a suite run in parts
 
 The markdown holds the machine line (device, dtype, torch, triton, CUDA, date, where the peaks
 come from), the floors of every op shape, and one table per mode with, for every provider of a
@@ -16,7 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["PROVIDER_ORDER", "add_ratios", "render_markdown", "render_plot", "main"]
+__all__ = ["PROVIDER_ORDER", "add_ratios", "main", "merge_runs", "render_markdown", "render_plot"]
 
 PROVIDER_ORDER: tuple[str, ...] = (
     "triton", "cuda", "bmm", "compiled", "vmap", "vmap_shared_w0", "sequential", "explicit", "limit")
@@ -170,16 +171,27 @@ def render_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One report's data from several JSONs of the same machine (a suite split into parts): the
+    first run's machine info, every run's rows."""
+    devices = {run["machine_info"].get("device") for run in runs}
+    if len(devices) != 1:
+        raise ValueError(f"runs from different devices cannot share a report: {sorted(map(str, devices))}")
+    return {**runs[0], "benchmarks": [bench for run in runs for bench in run["benchmarks"]]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="a pytest-benchmark --benchmark-json file")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: the JSON's directory")
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark --benchmark-json files of one machine")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: the first JSON's directory")
+    parser.add_argument("--name", default=None, help="output file stem (default: the first JSON's)")
     args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text())
-    out_dir = args.out_dir or args.json.parent
+    data = merge_runs([json.loads(path.read_text()) for path in args.json])
+    out_dir = args.out_dir or args.json[0].parent
+    name = args.name or args.json[0].stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, png_path = out_dir / f"{args.json.stem}.md", out_dir / f"{args.json.stem}.png"
-    markdown = render_markdown(data, f"LoRA-Ensemble benchmarks: {args.json.stem}")
+    md_path, png_path = out_dir / f"{name}.md", out_dir / f"{name}.png"
+    markdown = render_markdown(data, f"LoRA-Ensemble benchmarks: {name}")
     md_path.write_text(markdown + f"\n![speedup over vmap]({png_path.name})\n")
     render_plot(data, png_path)
     print(f"wrote {md_path} and {png_path}")
