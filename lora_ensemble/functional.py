@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
+from .layout import stacked_output_shape
 from .ops import fused_linear
 
 __all__ = ["fused_lora_ensemble_linear", "validate_inputs"]
@@ -139,7 +140,4 @@ def fused_lora_ensemble_linear(
         bool(shared_input),
         name,
     )
-    lead = x.shape[:-1]
-    if shared_input:
-        lead = (num_members * lead[0],) + tuple(lead[1:])
-    return out.reshape(*lead, k)
+    return out.reshape(stacked_output_shape(x.shape, num_members, shared_input, k))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["to_member_fastest", "to_member_major", "replicate_members"]
+__all__ = ["to_member_fastest", "to_member_major", "replicate_members", "stacked_output_shape"]
 
 
 def _check(x: Tensor, num_members: int) -> None:
@@ -38,3 +38,16 @@ def replicate_members(x: Tensor, num_members: int) -> Tensor:
     if num_members < 1:
         raise ValueError(f"num_members must be >= 1, got {num_members}")
     return x.unsqueeze(0).expand(num_members, *x.shape).reshape(num_members * x.shape[0], *x.shape[1:])
+
+
+def stacked_output_shape(x_shape: tuple[int, ...], num_members: int, shared_input: bool,
+                         out_features: int) -> tuple[int, ...]:
+    """The op's output shape for an input of ``x_shape``: ``[N*Bsz, ..., out_features]``.
+
+    A stacked input ``[N*Bsz, ..., d]`` keeps its leading dims; a shared input ``[Bsz, ..., d]``
+    gets its batch multiplied by ``num_members``.
+    """
+    lead = tuple(x_shape[:-1])
+    if shared_input:
+        lead = (num_members * lead[0], *lead[1:])
+    return (*lead, out_features)

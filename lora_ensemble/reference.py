@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layout import stacked_output_shape
+
 __all__ = [
     "ReferenceGrads",
     "lora_ensemble_reference",
@@ -81,10 +83,7 @@ def lora_ensemble_reference(
             y = y + bias.to(c)
         y = y + scaling * ((xs[n] @ lora_A[n].to(c).T) @ lora_B[n].to(c).T)
         outs.append(y)
-    lead = x.shape[:-1]
-    if shared_input:
-        lead = (num_members * lead[0],) + tuple(lead[1:])
-    return torch.stack(outs).reshape(*lead, weight.shape[0])
+    return torch.stack(outs).reshape(stacked_output_shape(x.shape, num_members, shared_input, weight.shape[0]))
 
 
 @dataclass
