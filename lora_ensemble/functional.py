@@ -20,6 +20,13 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
     return resolve_backend(backend, device_type, dtype)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    # torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a skipped C function), so
+    # the query is folded to a constant at trace time instead of breaking the graph.
+    return torch.amp.is_autocast_available(device_type)
+
+
 def validate_inputs(
     x: Tensor,
     weight: Tensor,
@@ -115,7 +122,7 @@ def fused_lora_ensemble_linear(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+    if (isinstance(x, Tensor) and _autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type)):
         # Autocast: every floating input runs in the autocast dtype (activations of an earlier
         # autocast op may already be low precision while the parameters are fp32).
