@@ -22,6 +22,7 @@ import time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -59,6 +60,24 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, or None: triton < 3.7 calls ``int()`` on
+    one-element arrays (``runtime/interpreter.py``, ``tensor.__index__``), which NumPy >= 2.4
+    refuses, so every kernel loop over a runtime bound fails."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__}; "
+                "install numpy<2.4 or triton>=3.7 to run the Triton kernels on the CPU")
+    return None
+
+
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
     """Why backend ``name`` cannot run on ``device`` here, or None when it can.
 
@@ -75,11 +94,15 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         return f"backend {name!r} failed to load: {exc}"
     if name == "triton":
         if dev is None:
-            return None if (torch.cuda.is_available() or _triton_interpreting()) else (
-                "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
-            )
-        if dev.type == "cuda" or (dev.type == "cpu" and _triton_interpreting()):
+            if torch.cuda.is_available():
+                return None
+            if _triton_interpreting():
+                return _interpreter_problem()
+            return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
+        if dev.type == "cuda":
             return None
+        if dev.type == "cpu" and _triton_interpreting():
+            return _interpreter_problem()
         return f"backend 'triton' cannot run on device {dev} (CUDA, or CPU with TRITON_INTERPRET=1)"
     # cuda
     if dev is not None and dev.type != "cuda":
