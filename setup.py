@@ -8,7 +8,7 @@ No network access and no device probing happen here.
 Environment switches:
   LORA_ENSEMBLE_SKIP_CUDA_BUILD=1  build no extension (pure Python: torch and triton backends only)
   CUDA_HOME / CUDA_PATH            the CUDA toolkit (else found from nvcc on PATH, then /usr/local/cuda)
-  TORCH_CUDA_ARCH_LIST             GPU archs to compile for (default "8.0;9.0": Ampere and Hopper)
+  TORCH_CUDA_ARCH_LIST             GPU archs to compile for (default "8.0;9.0+PTX": Ampere, Hopper, PTX for newer)
   MAX_JOBS                         parallel compile jobs (ninja)
   LORA_ENSEMBLE_DEBUG=1            -O0 -g -lineinfo instead of -O3
 """
@@ -22,7 +22,9 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# SASS for Ampere (sm_80, also run by sm_86/sm_89) and Hopper (sm_90), plus compute_90 PTX that the
+# driver JIT-compiles for any newer GPU (Blackwell and later) on first load.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _is_toolkit(path: str | None) -> bool:
@@ -73,7 +75,10 @@ def extension_modules() -> tuple[list, dict]:
 
     debug = os.environ.get("LORA_ENSEMBLE_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    nvcc_flags = opt + ["-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+    # The arch list joined by "_" (no character a shell would reinterpret, nor nvcc, which splits
+    # option values at commas), for cuda_build_archs().
+    archs = "-DLORA_ENSEMBLE_CUDA_ARCHS=" + "_".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())
+    nvcc_flags = opt + ["-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr", archs]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     print(f"lora_ensemble: building the CUDA extension with the toolkit at {toolkit} for "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (torch CUDA {torch.version.cuda})")

@@ -7,12 +7,14 @@ follows the backend contract of :mod:`lora_ensemble.backends`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the .so: registers the lora_ensemble::cuda_* ops)
 
-__all__ = ["forward", "backward_dx", "backward_lora", "has_cuda_kernels"]
+__all__ = ["build_archs", "device_problem", "forward", "backward_dx", "backward_lora", "has_cuda_kernels"]
 
 _OPS = ("cuda_forward", "cuda_backward_dx", "cuda_backward_lora")
 
@@ -25,6 +27,23 @@ def has_cuda_kernels() -> bool:
 if not has_cuda_kernels():
     raise ImportError("lora_ensemble._C was built without CUDA kernels (no CUDA toolkit at build time, "
                       "or LORA_ENSEMBLE_SKIP_CUDA_BUILD=1)")
+
+
+def build_archs() -> list[str]:
+    """The ``TORCH_CUDA_ARCH_LIST`` entries the extension was compiled for, e.g. ``["8.0", "9.0+PTX"]``."""
+    return [arch for arch in torch.ops.lora_ensemble.cuda_build_archs().split("_") if arch]
+
+
+@functools.cache
+def device_problem(index: int) -> str | None:
+    """Why the compiled kernels cannot run on CUDA device ``index``, or None when they can: the
+    extension holds no SASS for its architecture and no PTX the driver could compile for it."""
+    if torch.ops.lora_ensemble.cuda_has_kernel_image(index):
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"lora_ensemble._C has no kernels for {torch.cuda.get_device_name(index)} (sm_{major}{minor}): it was "
+            f"built for TORCH_CUDA_ARCH_LIST={';'.join(build_archs())}; reinstall with "
+            f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" (or use backend="triton")')
 
 
 @torch.library.register_fake("lora_ensemble::cuda_forward")

@@ -109,6 +109,8 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         return f"backend 'cuda' runs on CUDA tensors only, got device {dev}"
     if dev is None and not torch.cuda.is_available():
         return "backend 'cuda' needs a CUDA device"
+    if dev is not None:
+        return get_backend("cuda").device_problem(dev.index if dev.index is not None else torch.cuda.current_device())
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import lora_ensemble
 
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
 from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs
@@ -47,6 +50,43 @@ def test_ops_have_cuda_kernels(backend_cuda):
     assert backend_cuda.has_cuda_kernels()
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ensemble::{op}", "CUDA"), op
+
+
+def _default_arch_list() -> str:
+    setup_py = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    return re.search(r'^DEFAULT_ARCH_LIST = "([^"]+)"', setup_py, re.MULTILINE).group(1)
+
+
+def test_default_build_carries_ptx_for_newer_gpus():
+    """SASS runs only on its own major architecture: without PTX, a GPU newer than the last listed
+    arch (Blackwell for an 8.0;9.0 build) has no kernel image at all. The default arch list embeds
+    compute_90 PTX, which the driver compiles for any later GPU."""
+    assert _default_arch_list().split(";")[-1].endswith("+PTX"), _default_arch_list()
+
+
+@needs_extension
+def test_build_records_its_archs(backend_cuda):
+    """``build_archs()`` is the arch list the extension was compiled for (the default unless
+    TORCH_CUDA_ARCH_LIST is set); with cuobjdump at hand, the binary holds PTX exactly when that
+    list asks for it."""
+    archs = backend_cuda.build_archs()
+    assert archs and all(re.fullmatch(r"\d+\.\d+a?(\+PTX)?", arch) for arch in archs), archs
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        assert archs == _default_arch_list().split(";")
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is not None:
+        listing = subprocess.run([cuobjdump, "--list-ptx", backend_cuda._C.__file__], capture_output=True,
+                                 text=True, timeout=120)
+        assert (".ptx" in listing.stdout) == any(arch.endswith("+PTX") for arch in archs), (archs, listing.stdout)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_device_has_kernel_image(backend_cuda):
+    """On the GPU at hand (sm_80 or later) the extension finds its kernels; the check is cached."""
+    index = torch.cuda.current_device()
+    assert backend_cuda.device_problem(index) is None
+    assert "cuda" in lora_ensemble.available_backends(torch.device("cuda", index))
 
 
 def _meta_args(op: str, shared_input: bool, with_bias: bool = True) -> tuple:

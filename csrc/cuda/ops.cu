@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "params.cuh"
@@ -252,8 +253,42 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
   return {grad_A, grad_B};
 }
 
+// An empty kernel of this translation unit, compiled with the same -gencode flags as every kernel of
+// the extension: whether the runtime finds an image of it for a device says whether it finds one of
+// them (SASS of the device's major architecture, or PTX it can JIT-compile).
+__global__ void probe_kernel() {}
+
+bool cuda_has_kernel_image(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, probe_kernel);
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // clear the (non-sticky) error so that a later check does not report it
+    return false;
+  }
+  C10_CUDA_CHECK(status);
+  return true;
+}
+
+// setup.py passes TORCH_CUDA_ARCH_LIST as -DLORA_ENSEMBLE_CUDA_ARCHS=8.0_9.0+PTX (bare tokens).
+#define LORA_ENSEMBLE_STRINGIZE(...) #__VA_ARGS__
+#define LORA_ENSEMBLE_EXPAND_STRINGIZE(...) LORA_ENSEMBLE_STRINGIZE(__VA_ARGS__)
+#ifdef LORA_ENSEMBLE_CUDA_ARCHS
+constexpr const char* kBuildArchs = LORA_ENSEMBLE_EXPAND_STRINGIZE(LORA_ENSEMBLE_CUDA_ARCHS);
+#else
+constexpr const char* kBuildArchs = "";
+#endif
+
+std::string cuda_build_archs() { return kBuildArchs; }
+
 }  // namespace
 }  // namespace lora_ensemble
+
+// Queries about the build, with no tensor arguments (so registered with a catch-all kernel).
+TORCH_LIBRARY_FRAGMENT(lora_ensemble, m) {
+  m.def("cuda_has_kernel_image(int device) -> bool", &lora_ensemble::cuda_has_kernel_image);
+  m.def("cuda_build_archs() -> str", &lora_ensemble::cuda_build_archs);
+}
 
 TORCH_LIBRARY_IMPL(lora_ensemble, CUDA, m) {
   m.impl("cuda_forward", &lora_ensemble::cuda_forward);
