@@ -186,19 +186,21 @@ extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void*
                                  int inner, int cols, int r, float s, int shared) {
   emu::reset_error();
   if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
-  else fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
+  else if (dtype == 1) fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
+  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
   return emu::error();
 }
 extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb,
                                       void* ga, void* gb, int n, int m, int d, int k, int r, float s, int shared) {
   emu::reset_error();
   if (dtype == 0) grads<float>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
-  else grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
+  else if (dtype == 1) grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
+  else grads<__nv_bfloat16>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
   return emu::error();
 }
 """
-# float32 runs the SIMT path, float16 the WMMA path (bfloat16 differs from float16 only in the type).
-EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1}
+# float32 runs the SIMT path, float16 and bfloat16 the WMMA path (fp16 with its range guard).
+EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cuda_include_dir() -> Path | None:
@@ -277,6 +279,9 @@ def _call(fn, *args) -> None:
 EMULATION_CASES = [
     (torch.float16, 2, 70, 40, 136, 8, False, True, 0),
     (torch.float16, 3, 21, 24, 40, 128, True, True, 0),
+    (torch.float16, 2, 65, 64, 129, 128, False, True, 0),  # rank tile 128 stacked: Q overlays the low tile
+    (torch.bfloat16, 2, 70, 40, 136, 8, False, True, 0),
+    (torch.bfloat16, 3, 21, 24, 40, 128, True, True, 0),
     (torch.float16, 2, 9, 20, 36, 33, False, False, 1),
     (torch.float16, 1, 17, 16, 24, 20, False, True, 0),
     (torch.float32, 3, 37, 100, 130, 33, True, False, 0),
@@ -320,6 +325,36 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     assert_close_named("dB", grad_B.tensor, grads.lora_B, dtype)
     for name, buf in {"out": out, "xa": xa, "dx": dx, "dyb": dyb, "dA": grad_A, "dB": grad_B}.items():
         buf.check_guards(name)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_fp16_split_beyond_fp16_range_under_host_emulation(emulated_kernels, shared):
+    """The fp16 hi + lo split of s * x A^T (forward) and of xa / dyb (weight gradients) with values
+    beyond fp16's range, whose exact products are well inside it: a plain split gives hi = inf,
+    lo = -inf and so NaN; the kernels divide such tiles by a power of two instead."""
+    n, m, d, k, r, s = 2, 40, 48, 40, 4, 64.0
+    inp = make_inputs(n, m, d, k, r, dtype=torch.float16, shared_input=shared, requires_grad=(), scaling=s)
+    with torch.no_grad():
+        inp.x.mul_(30)
+        inp.lora_A.mul_(10 * d**0.5)  # |x A^T| ~ 2e3, |s x A^T| ~ 1.3e5
+        inp.lora_B.mul_(1e-3)
+    x_rows = inp.x.reshape(m, d) if shared else inp.x.reshape(n, m, d)
+    out, xa = torch.empty(n, m, k, dtype=torch.float16), torch.empty(n, m, r)
+    _call(emulated_kernels.emu_fused, 1, 1, x_rows.data_ptr(), inp.weight.data_ptr(), inp.bias.data_ptr(),
+          inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared))
+    assert (s * xa).abs().max() > 65504
+    ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
+    assert_close_named("out", out, ref.reshape(n, m, k), torch.float16)
+
+    x_small = (x_rows * 1e-6).contiguous()
+    grad_out = (torch.randn(n, m, k) * 1e-5).half()
+    big_xa, big_dyb = torch.randn(n, m, r) * 1e5, torch.randn(n, m, r) * 1e5
+    grad_A, grad_B = torch.empty(n, r, d, dtype=torch.float16), torch.empty(n, k, r, dtype=torch.float16)
+    _call(emulated_kernels.emu_lora_grads, 1, x_small.data_ptr(), grad_out.data_ptr(), big_xa.data_ptr(),
+          big_dyb.data_ptr(), grad_A.data_ptr(), grad_B.data_ptr(), n, m, d, k, r, s, int(shared))
+    x64 = x_small.double().expand(n, m, d) if shared else x_small.double()
+    assert_close_named("dA", grad_A, s * big_dyb.double().transpose(1, 2) @ x64, torch.float16)
+    assert_close_named("dB", grad_B, s * grad_out.double().transpose(1, 2) @ big_xa.double(), torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------

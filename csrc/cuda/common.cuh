@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -99,6 +100,72 @@ __device__ __forceinline__ void load_tile(T* smem, int ld_smem, const T* g, int6
         smem[r * ld_smem + c] = inside ? g[(row0 + r) * ld + (col0 + c)] : Num<T>::from_float(0.0f);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit hi + lo split of an fp32 operand for the tensor cores (s * x A^T, dy B, x A^T): hi is the
+// value rounded to the 16-bit dtype and lo the rounded remainder, so hi + lo carries ~16 mantissa
+// bits. fp16 holds |v| <= 65504 only: when some value of a tile exceeds 2^15 the whole tile is
+// split again divided by a power of two 2^e (the smallest that brings every finite value below
+// 2^15), and the kernel multiplies its accumulator by 2^-e before the tile's dots and by 2^e after,
+// exactly (powers of two). Tiles in range (the normal case) take one barrier and no extra work.
+
+// 0 when |v| < 2^15 (or v is not finite), else the e with |v| 2^-e < 2^15.
+__device__ __forceinline__ int fp16_split_exponent(float v) {
+  const float a = fabsf(v);
+  if (!(a >= 32768.0f) || !(a < INFINITY)) return 0;
+  int e;
+  frexpf(a, &e);  // a = m 2^e, m in [0.5, 1)
+  return e - 15;
+}
+
+// *hi + *lo = v (16-bit parts); returns whether v is beyond the fp16 split range (fp16 only).
+template <class T>
+__device__ __forceinline__ bool split_element(T* hi, T* lo, float v) {
+  const T h = Num<T>::from_float(v);
+  const float h32 = Num<T>::to_float(h);
+  *hi = h;
+  *lo = Num<T>::from_float(fabsf(h32) < INFINITY ? v - h32 : 0.0f);  // no inf - inf = NaN
+  if constexpr (std::is_same_v<T, __half>) return fp16_split_exponent(v) != 0;
+  return false;
+}
+
+// hi/lo [r * ld_split + c] = split of factor * src[r * ld_src + c], r < ROWS, c < COLS (thread t takes
+// the elements t, t + THREADS, ...).
+template <class T, int ROWS, int COLS, int THREADS>
+__device__ void split_tile(T* hi, T* lo, int ld_split, const float* src, int ld_src, float factor) {
+  for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
+    const int r = e / COLS, c = e % COLS;
+    split_element(hi + r * ld_split + c, lo + r * ld_split + c, factor * src[r * ld_src + c]);
+  }
+}
+
+// A CTA barrier after every thread has split its part of src [ROWS][COLS] into hi / lo (`beyond`: it
+// met a value beyond the fp16 range). Returns the power of two e the tile was divided by: 0, except
+// for fp16 when some thread met such a value, where the tile is split again times 2^-e. src must be
+// unchanged since the first split.
+template <class T, int ROWS, int COLS, int THREADS>
+__device__ int split_barrier(bool beyond, T* hi, T* lo, int ld_split, const float* src, int ld_src) {
+  if constexpr (!std::is_same_v<T, __half>) {
+    __syncthreads();
+    return 0;
+  } else {
+    if (!__syncthreads_or(beyond)) return 0;
+    __shared__ int s_exponent;
+    if (threadIdx.x == 0) s_exponent = 0;
+    __syncthreads();
+    int local = 0;
+    for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
+      const int exponent = fp16_split_exponent(src[(e / COLS) * ld_src + e % COLS]);
+      local = exponent > local ? exponent : local;
+    }
+    atomicMax(&s_exponent, local);
+    __syncthreads();
+    const int exponent = s_exponent;
+    split_tile<T, ROWS, COLS, THREADS>(hi, lo, ld_split, src, ld_src, ldexpf(1.0f, -exponent));
+    __syncthreads();
+    return exponent;
   }
 }
 

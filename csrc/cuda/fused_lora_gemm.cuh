@@ -179,6 +179,16 @@ struct WmmaMath {
     }
   }
 
+  // acc *= factor (a power of two: exact).
+  __device__ static void scale(Acc& acc, float factor) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int t = 0; t < acc.f[i][j].num_elements; ++t) acc.f[i][j].x[t] *= factor;
+  }
+
   __device__ void store(const Acc& acc, float* s_c) const {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -255,7 +265,7 @@ struct SimtMath {
     for (int c = 0; c < kLowPerThread; ++c) s_low[low_row * Tile::kLdLow + low_col + 4 * c] = low.v[c];
   }
 
-  // acc += sLow sQ, where sLow already holds s * (in P).
+  // acc += sLow sQ, where sLow holds s * (in P).
   __device__ void expand(Acc& acc, const float* s_low, const float* s_q) const {
 #pragma unroll 4
     for (int kk = 0; kk < kRankPad; ++kk) {
@@ -398,35 +408,42 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
     if constexpr (!Tile::kQOverLow) load_q();
     __syncthreads();
 
-    // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand; columns
-    // past the rank are zeroed so that NaN/Inf in `in` cannot leak into them through P's padding.
+    // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand in s_low (and
+    // split into 16-bit hi + lo parts for the tensor cores, common.cuh); columns past the rank are
+    // zeroed so that NaN/Inf in `in` cannot leak into them through P's padding.
     float* low_out = p.low + static_cast<int64_t>(n) * p.rows * p.rank;
+    bool beyond_fp16 = false;
     for (int e = threadIdx.x; e < BM * R; e += TH) {
       const int r = e / R, q = e % R;
       const int m = row0 + r;
       const float v = s_low[r * Tile::kLdLow + q];
       if (tile_col == 0 && q < p.rank && m < p.rows) low_out[static_cast<int64_t>(m) * p.rank + q] = v;
       const float scaled = q < p.rank ? p.scaling * v : 0.0f;
+      s_low[r * Tile::kLdLow + q] = scaled;
       if constexpr (Num<T>::kTensorCore) {
-        const T hi = Num<T>::from_float(scaled);
-        s_hi[r * Tile::kLdSplit + q] = hi;
-        s_lo[r * Tile::kLdSplit + q] = Num<T>::from_float(scaled - Num<T>::to_float(hi));
-      } else {
-        s_low[r * Tile::kLdLow + q] = scaled;
+        beyond_fp16 |= split_element(s_hi + r * Tile::kLdSplit + q, s_lo + r * Tile::kLdSplit + q, scaled);
       }
     }
+    // The split's barrier; fp16 tiles with |s * low| beyond its range are split again divided by
+    // 2^exponent, and the expand below runs on the accumulator divided by the same power of two.
+    int exponent;
     if constexpr (Tile::kQOverLow) {
-      __syncthreads();  // every thread is done reading s_low
-      load_q();
+      exponent = split_barrier<T, BM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
+      load_q();  // every thread is done reading s_low
+      cp_async_wait<0>();
+      __syncthreads();
+    } else {
+      cp_async_wait<0>();
+      exponent = split_barrier<T, BM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
     }
-    cp_async_wait<0>();
-    __syncthreads();
 
     // Epilogue 3: add the low-rank product; store (forward: per member; backward dx: stacked
     // per member, shared summed over all members at the end).
     auto add_expand = [&](typename Math::Acc& acc) {
       if constexpr (Num<T>::kTensorCore) {
+        if (exponent != 0) Math::scale(acc, ldexpf(1.0f, -exponent));
         math.expand(acc, s_hi, s_lo, s_q);
+        if (exponent != 0) Math::scale(acc, ldexpf(1.0f, exponent));
       } else {
         math.expand(acc, s_low, s_q);
       }

@@ -6,7 +6,7 @@
 // g++ -include host_emulation.cuh.
 //
 // Model: one std::thread per CUDA thread; every thread runs the CTAs of the grid in order, in step,
-// with std::barrier as __syncthreads. cp.async copies are queued per thread and land only at the
+// with std::barrier as __syncthreads (and __syncthreads_or, atomicMax on static __shared__ variables). cp.async copies are queued per thread and land only at the
 // cp.async.wait_group that covers them (the latest moment the hardware allows), so a read before
 // its wait sees the previous contents. Fresh shared memory is filled with 0xFF bytes (NaN in every
 // dtype), so a read of shared memory nothing wrote poisons the result. A WMMA fragment is the full
@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +33,9 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+// A __shared__ variable is one per CTA; the emulation runs one CTA at a time, so one per process.
+#undef __shared__
+#define __shared__ static
 // A failed check records the first message (emu::error(), cleared by emu::reset_error()); the emulation
 // goes on without the offending access, so that a bug shows up as a test failure, not a crash.
 #define EMU_CHECK(cond, msg) (static_cast<bool>(cond) || emu::fail(__FILE__, __LINE__, #cond, msg))
@@ -53,6 +57,8 @@ inline bool fail(const char* file, int line, const char* cond, const char* msg) 
 inline const char* error() { return g_error.empty() ? nullptr : g_error.c_str(); }
 
 inline std::barrier<>* g_barrier = nullptr;
+inline std::atomic<int> g_or_slots[2];  // __syncthreads_or
+inline thread_local int or_calls = 0;
 inline unsigned char* g_smem = nullptr;
 inline int g_smem_bytes = 0;
 inline unsigned char* shared_memory() { return g_smem; }
@@ -89,6 +95,7 @@ void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& 
   std::barrier<> bar(threads);
   unsigned char* buf = static_cast<unsigned char*>(std::aligned_alloc(128, smem_bytes));
   g_barrier = &bar;
+  g_or_slots[0] = g_or_slots[1] = 0;
   g_smem = buf;
   g_smem_bytes = smem_bytes;
   std::vector<std::thread> pool;
@@ -115,11 +122,35 @@ void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& 
 
 inline void __syncthreads() { emu::g_barrier->arrive_and_wait(); }
 
+// __syncthreads_or: a barrier that returns whether pred was non-zero in any thread of the CTA. Call k
+// uses slot k % 2; thread 0 clears the other slot between the two barriers, when no thread can still
+// be reading it (the previous call) or writing it (the next call).
+inline int __syncthreads_or(int pred) {
+  const int slot = emu::or_calls++ % 2;
+  if (pred) emu::g_or_slots[slot].store(1);
+  emu::g_barrier->arrive_and_wait();
+  const int any = emu::g_or_slots[slot].load();
+  if (threadIdx.x == 0) emu::g_or_slots[1 - slot].store(0);
+  emu::g_barrier->arrive_and_wait();
+  return any;
+}
+
+inline int atomicMax(int* address, int value) {
+  std::atomic_ref<int> target(*address);
+  int old = target.load();
+  while (old < value && !target.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+
 namespace nvcuda { namespace wmma {
 struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment { float v[16][16]; };
+struct fragment {
+  static constexpr int num_elements = 256;  // every lane holds the whole tile
+  union { float v[16][16]; float x[256]; };
+};
 template <class T> inline float tof(T x) {
   if constexpr (std::is_same_v<T, float>) return x;
   else if constexpr (std::is_same_v<T, __half>) return __half2float(x);

@@ -71,6 +71,13 @@ struct LoraGradWmma {
       }
     }
   }
+  // acc *= factor (a power of two: exact).
+  __device__ static void scale(Acc& acc, float factor) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int i = 0; i < acc.f[t].num_elements; ++i) acc.f[t].x[i] *= factor;
+  }
   __device__ void store(const Acc& acc, float* s_c) const {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t)
@@ -161,16 +168,19 @@ __global__ void __launch_bounds__(256) lora_grads_kernel(const LoraGradParams<T>
     cp_async_commit();
     const int s = kt % Tile::kStages;
     if constexpr (Num<T>::kTensorCore) {
+      // V split into 16-bit hi + lo (common.cuh); an fp16 tile beyond fp16's range is split again
+      // divided by 2^exponent, and this stage's MMAs run on the accumulator divided by the same.
       const float* sv = s_v(s);
+      bool beyond_fp16 = false;
       for (int e = threadIdx.x; e < BKM * R; e += TH) {
         const int m = e / R, q = e % R;
-        const float x = sv[m * Tile::kLdV + q];
-        const T hi = Num<T>::from_float(x);
-        s_hi[m * Tile::kLdSplit + q] = hi;
-        s_lo[m * Tile::kLdSplit + q] = Num<T>::from_float(x - Num<T>::to_float(hi));
+        beyond_fp16 |= split_element(s_hi + m * Tile::kLdSplit + q, s_lo + m * Tile::kLdSplit + q,
+                                     sv[m * Tile::kLdV + q]);
       }
-      __syncthreads();
+      const int exponent = split_barrier<T, BKM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, sv, Tile::kLdV);
+      if (exponent != 0) Math::scale(acc, ldexpf(1.0f, -exponent));
       math.mma_stage(acc, s_u(s), s_hi, s_lo);
+      if (exponent != 0) Math::scale(acc, ldexpf(1.0f, exponent));
     } else {
       math.mma_stage(acc, s_u(s), s_v(s));
     }
