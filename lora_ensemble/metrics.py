@@ -114,7 +114,7 @@ def _check_targets(targets: Tensor, num_classes: int, name: str, shape: tuple[in
 def _finite_samples(values: Tensor, sample_dim: int) -> Tensor:
     """``[B]`` bool: True where every value of sample ``b`` (along ``sample_dim``) is finite."""
     ok = torch.isfinite(values)
-    return ok.movedim(sample_dim, 0).reshape(ok.shape[sample_dim], -1).all(dim=1)
+    return ok.movedim(sample_dim, 0).flatten(1).all(dim=1)
 
 
 def _select_finite(ok: Tensor, nonfinite: NonFinite, name: str, what: str) -> Tensor | None:
