@@ -30,7 +30,7 @@ __all__ = ["EnsembleMetrics"]
 
 # Order of the scalar sums kept before the [3, n_bins] bin sums in one float64 state vector.
 _SCALARS = ("samples", "correct", "nll", "brier", "disagreement", "skipped")
-SCORE_NAMES: tuple[str, ...] = ("confidence", "predictive_entropy", "mutual_information", "correct")
+_SCORE_NAMES: tuple[str, ...] = ("confidence", "predictive_entropy", "mutual_information", "correct")
 
 
 class EnsembleMetrics:
@@ -54,7 +54,7 @@ class EnsembleMetrics:
             every rank must call them, and each returns the result for the union of all ranks' samples.
             False keeps them local.
 
-    Inputs to :meth:`update` may live on any device; the state stays there.
+    The state lives on the device of the first update's inputs; later updates must use the same one.
     """
 
     def __init__(self, n_bins: int = 15, convention: Convention = "mean_probs", *, nonfinite: NonFinite = "raise",
@@ -71,7 +71,7 @@ class EnsembleMetrics:
         """Forget every sample seen so far."""
         self._shape: tuple[int, int] | None = None  # (members N, classes C) of the updates so far
         self._sums: Tensor | None = None  # float64 [len(_SCALARS) + 3 * n_bins]
-        self._scores: list[Tensor] = []  # float64 [B_i, len(SCORE_NAMES)] per update
+        self._scores: list[Tensor] = []  # float64 [B_i, len(_SCORE_NAMES)] per update
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         """Add a batch.
@@ -96,6 +96,8 @@ class EnsembleMetrics:
         metrics._check_targets(targets, shape[1], "logits", tuple(logits.shape))
         if targets.device != logits.device:
             raise ValueError(f"targets is on {targets.device} but logits on {logits.device}")
+        if self._sums is not None and logits.device != self._sums.device:
+            raise ValueError(f"logits is on {logits.device} but earlier updates were on {self._sums.device}")
 
         member_probs = members.detach().double().softmax(dim=-1)
         mean_probs = member_probs.mean(dim=0)
@@ -163,9 +165,9 @@ class EnsembleMetrics:
             raise RuntimeError("scores() needs EnsembleMetrics(keep_scores=True)")
         self._synced_sums()  # checks that there are samples and that every rank agrees on (N, C)
         local = (torch.cat(self._scores) if self._scores
-                 else torch.zeros(0, len(SCORE_NAMES), dtype=torch.float64))
+                 else torch.zeros(0, len(_SCORE_NAMES), dtype=torch.float64))
         rows = self._gather_rows(local) if self._distributed() else local
-        scores = dict(zip(SCORE_NAMES, rows.unbind(dim=1), strict=True))
+        scores = dict(zip(_SCORE_NAMES, rows.unbind(dim=1), strict=True))
         scores["correct"] = scores["correct"].bool()
         return scores
 

@@ -96,7 +96,7 @@ def _check_floating(name: str, tensor: Tensor) -> None:
 
 
 def _check_targets(targets: Tensor, num_classes: int, name: str, shape: tuple[int, ...]) -> None:
-    """``targets [B]``: integer class indices in ``[0, C)`` on the device of ``name`` (of shape ``shape``)."""
+    """``targets [B]``: integer class indices in ``[0, C)``, for ``name`` of shape ``shape`` (``[..., B, C]``)."""
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor of class indices, got {type(targets).__name__}")
     batch = shape[-2]

@@ -4,18 +4,15 @@ give every rank the metrics of the whole, sharded test set."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_ensemble import metrics
 from lora_ensemble.evaluation import EnsembleMetrics
 
-from .test_distributed import WORLD_SIZE, spawn
+from .test_distributed import run_ranks
 from .test_metrics import random_ensemble
 
 TOL = 1e-12  # float64 sums in another order
@@ -175,7 +172,7 @@ DIST_CASES = {  # name -> samples of each rank (in batches), out of one test set
 }
 
 
-def _distributed_worker(rank: int, out_dir: str) -> None:
+def _distributed_worker(rank: int) -> dict:
     logits, targets = random_ensemble(3, 37, 6, seed=5)
     results = {}
     for case, sizes in DIST_CASES.items():
@@ -196,16 +193,12 @@ def _distributed_worker(rank: int, out_dir: str) -> None:
         mismatched.compute()
     except ValueError as error:
         results["mismatch"] = str(error)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("this torch build has no torch.distributed with gloo")
-    out_dir = tmp_path_factory.mktemp("evaluation")
-    spawn(_distributed_worker, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return run_ranks(_distributed_worker, tmp_path_factory, "evaluation")
 
 
 @pytest.mark.parametrize("case", list(DIST_CASES))
