@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .ensemble import LoRAEnsemble
+from .plotting import reliability_diagram
 
 __all__ = ["DigitsSplits", "TinyViT", "load_digits_splits", "main", "run"]
 
@@ -186,31 +187,13 @@ def format_table(results: list[Result], labels: Tensor) -> str:
 
 
 def plot_reliability(results: list[Result], labels: Tensor, path: str, n_bins: int = 15) -> None:
-    """One reliability diagram per model (accuracy against confidence per bin), side by side."""
+    """One reliability diagram per model, side by side, with per-bin counts, written to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), sharey=True)
-    for ax, result in zip(axes, results):
-        bins = metrics.reliability_bins(result.probs, labels, n_bins)
-        centers = ((bins.edges[:-1] + bins.edges[1:]) / 2).numpy()
-        filled = (bins.count > 0).numpy()
-        width = 1.0 / n_bins
-        acc, conf = bins.accuracy.numpy()[filled], bins.confidence.numpy()[filled]
-        ax.bar(centers[filled], acc, width=width, edgecolor="black", label="accuracy")
-        ax.bar(centers[filled], abs(conf - acc), bottom=[min(a, c) for a, c in zip(acc, conf)], width=width,
-               color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-        ece = metrics.expected_calibration_error(result.probs, labels, n_bins).item()
-        ax.set_title(f"{result.name}\nECE {ece:.4f}", fontsize=9)
-        ax.set_xlabel("confidence")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig = reliability_diagram({result.name: result.probs for result in results}, labels, n_bins)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -125,25 +125,34 @@ def spawn(worker: Callable, *args) -> None:
     mp.spawn(_entry, args=(_free_port(), worker, args), nprocs=WORLD_SIZE, join=True)
 
 
+def _save_result(rank: int, worker: Callable[[int], dict], out_dir: str) -> None:
+    torch.save(worker(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_ranks(worker: Callable[[int], dict], tmp_path_factory: pytest.TempPathFactory, name: str) -> list[dict]:
+    """What ``worker(rank)`` returns in each of ``WORLD_SIZE`` gloo processes, rank by rank (skips the test
+    when this torch has no gloo)."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    out_dir = tmp_path_factory.mktemp(name)
+    spawn(_save_result, worker, str(out_dir))
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+
 def _all_reduce_mean(value: float) -> float:
     t = torch.tensor(value, dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
 
-def _worker(rank: int, out_dir: str) -> None:
-    runs = {"ddp": _ddp_run(rank), "fsdp": _fsdp_run(rank), "members": _member_parallel_run(rank)}
-    torch.save(runs, os.path.join(out_dir, f"rank{rank}.pt"))
+def _worker(rank: int) -> dict:
+    return {"ddp": _ddp_run(rank), "fsdp": _fsdp_run(rank), "members": _member_parallel_run(rank)}
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Every scenario below, run once in one pair of processes (starting them costs more than the runs)."""
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("this torch build has no torch.distributed with gloo")
-    out_dir = tmp_path_factory.mktemp("distributed")
-    spawn(_worker, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return run_ranks(_worker, tmp_path_factory, "distributed")
 
 
 # --- DDP ------------------------------------------------------------------------------------------

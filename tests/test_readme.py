@@ -1,7 +1,9 @@
-"""The README's quickstart runs as written."""
+"""The README's quickstart and evaluation example run as written."""
 
 import pathlib
 import re
+
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -12,3 +14,17 @@ def test_quickstart_runs(capsys):
     assert len(code.strip().splitlines()) <= 10
     exec(compile(code, "README quickstart", "exec"), {})
     assert "torch.Size([8, 10, 32]) True" in capsys.readouterr().out
+
+
+def test_evaluating_an_ensemble_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    code = re.search(r"## Evaluating an ensemble\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README evaluating an ensemble", "exec"), {})
+    assert "'samples': 100, 'skipped': 0}" in capsys.readouterr().out
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plt.close("all")
