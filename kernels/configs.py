@@ -11,23 +11,28 @@ import os
 import torch
 import triton
 
+from .device import compute_capability
+
 __all__ = [
-    "FUSED_MATMUL_GPU_CONFIGS",
-    "SHARED_ROWS_GPU_CONFIGS",
-    "WEIGHT_GRADS_GPU_CONFIGS",
+    "FUSED_LORA_GEMM_GPU_CONFIGS",
+    "LORA_GRADS_GPU_CONFIGS",
+    "SHARED_INPUT_GPU_CONFIGS",
+    "autotuning",
     "block_rank",
     "block_rows",
     "dot_precision",
-    "fitting_fused_matmul_configs",
-    "fitting_weight_grads_configs",
-    "fused_matmul_block_rows",
-    "fused_matmul_configs",
+    "fitting_fused_lora_gemm_configs",
+    "fitting_lora_grads_configs",
+    "fused_lora_gemm_block_rows",
+    "fused_lora_gemm_configs",
     "interpreting",
-    "prune_fused_matmul_configs",
-    "prune_weight_grads_configs",
-    "shared_rows_configs",
+    "lora_grads_configs",
+    "pipeline_buffers",
+    "prune_fused_lora_gemm_configs",
+    "prune_lora_grads_configs",
+    "shared_input_configs",
+    "size_bucket",
     "tf32_allowed",
-    "weight_grads_configs",
 ]
 
 MIN_DOT_TILE = 16  # a 16-bit tl.dot on NVIDIA needs every dimension >= 16
@@ -67,19 +72,35 @@ def block_rank(rank: int) -> int:
     return max(MIN_DOT_TILE, triton.next_power_of_2(rank))
 
 
+def autotuning() -> bool:
+    """Whether the Triton kernels benchmark their candidate configs on first use of each tuning key
+    (default). ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` runs the first config the pruning keeps instead:
+    no benchmarking, deterministic config choice (e.g. for CI time, or to compare runs)."""
+    return os.environ.get("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def size_bucket(size: int) -> int:
+    """A tuning key for a size that varies per call (rows, members): its power-of-two bucket, so
+    that a config tuned for one row or member count is reused only on counts within a factor of 2."""
+    return triton.next_power_of_2(max(size, 1))
+
+
 def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False, tf32x3: bool = False) -> int:
     """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
     tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
-    rows for a rank tile above 64, in the shared-rows kernel, and for 3xTF32 dots (which split
-    every operand in two), where 128 rows leave ptxas too few registers (measured on sm_90)."""
+    rows for a rank tile above 64, in the shared-input kernel, and for 3xTF32 dots (which split
+    every operand in two), and at most 32 for 3xTF32 at a rank tile above 64, where larger tiles
+    leave ptxas too few registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
     cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
+    if tf32x3 and block_r > 64:
+        cap = MAX_BLOCK_ROWS // 4
     return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
 
 
-def fused_matmul_block_rows(args: dict) -> int:
-    """``BLOCK_M`` heuristic of the fused matmul kernels, from their launch arguments (the
-    shared-rows kernel is the one with a ``SUM_MEMBERS`` argument)."""
-    return block_rows(args["M"], args["BLOCK_R"], shared_rows="SUM_MEMBERS" in args,
+def fused_lora_gemm_block_rows(args: dict) -> int:
+    """``BLOCK_M`` heuristic of the fused kernels, from their launch arguments (the shared-input
+    kernel is the one with a ``SUM_MEMBERS`` argument)."""
+    return block_rows(args["ROWS"], args["BLOCK_R"], shared_rows="SUM_MEMBERS" in args,
                       tf32x3=args["DOT_PRECISION"] == "tf32x3")
 
 
@@ -87,59 +108,60 @@ def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Stacked fused matmul (forward, and the dx backward): BLOCK_M comes from block_rows(M); these tile
-# the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
+# Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from block_rows(ROWS); these
+# tile the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
 # tutorial's Ampere/Hopper lists, trimmed to leave registers for the [BLOCK_M, BLOCK_R] accumulator.
-FUSED_MATMUL_GPU_CONFIGS: tuple[triton.Config, ...] = (
+FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
-# Shared-rows kernel: it keeps the base tile live across the member loop next to the member's own
+# Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
-SHARED_ROWS_GPU_CONFIGS: tuple[triton.Config, ...] = (
+SHARED_INPUT_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
-INTERPRETER_FUSED_MATMUL_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+INTERPRETER_FUSED_LORA_GEMM_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 # The configs of the two lists above that 3xTF32 dots (fp32 without TF32), which split every
-# operand into a high and a low part, run without register spills on sm_90 and sm_80: (warps,
-# stages, BLOCK_N, BLOCK_K) as measured with
-# `python -m lora_ensemble.kernels.aot --arch {90,80} --all-configs --only tf32x3`.
-_TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32)}
-_TF32X3_SHARED_ROWS = {(8, 4, 128, 32), (8, 3, 64, 64), (4, 4, 64, 32)}
+# operand into a high and a low part, run without register spills on sm_80 and sm_90 at every row
+# and rank tile: (warps, stages, BLOCK_N, BLOCK_K) as measured with
+# `python -m lora_ensemble.kernels.aot --arch {80,90} --all-configs --only tf32x3`.
+_TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32), (8, 3, 64, 32)}
+_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
-WEIGHT_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
+LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(4, 4, BLOCK_M=64, BLOCK_C=128),
     _cfg(8, 3, BLOCK_M=128, BLOCK_C=128),
     _cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
     _cfg(4, 5, BLOCK_M=32, BLOCK_C=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_C=256),
 )
-INTERPRETER_WEIGHT_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
+INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 
-def fused_matmul_configs() -> list[triton.Config]:
-    """The autotune list of the stacked fused matmul kernel on this machine."""
-    return [INTERPRETER_FUSED_MATMUL_CONFIG] if interpreting() else list(FUSED_MATMUL_GPU_CONFIGS)
+def fused_lora_gemm_configs() -> list[triton.Config]:
+    """The autotune list of the stacked fused kernel on this machine."""
+    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
 
 
-def shared_rows_configs() -> list[triton.Config]:
-    """The autotune list of the shared-rows fused matmul kernel on this machine."""
-    return [INTERPRETER_FUSED_MATMUL_CONFIG] if interpreting() else list(SHARED_ROWS_GPU_CONFIGS)
+def shared_input_configs() -> list[triton.Config]:
+    """The autotune list of the shared-input fused kernel on this machine."""
+    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(SHARED_INPUT_GPU_CONFIGS)
 
 
-def weight_grads_configs() -> list[triton.Config]:
+def lora_grads_configs() -> list[triton.Config]:
     """The autotune list of the weight-gradient kernel on this machine."""
-    return [INTERPRETER_WEIGHT_GRADS_CONFIG] if interpreting() else list(WEIGHT_GRADS_GPU_CONFIGS)
+    return [INTERPRETER_LORA_GRADS_CONFIG] if interpreting() else list(LORA_GRADS_GPU_CONFIGS)
 
 
 def _keep_fitting(configs: list[triton.Config], limits: dict[str, int]) -> list[triton.Config]:
@@ -152,53 +174,62 @@ def _keep_fitting(configs: list[triton.Config], limits: dict[str, int]) -> list[
     return [min(configs, key=lambda c: tuple(c.kwargs[name] for name in bound))]
 
 
-def _shared_memory_limit(device: torch.device) -> int:
-    """Shared memory one program may use on a CUDA ``device`` (bytes)."""
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+def pipeline_buffers(num_stages: int, capability: int) -> int:
+    """Shared-memory copies of the K-loop tiles Triton allocates for ``num_stages``: one fewer than
+    the stages on Ampere (sm_8x, ``cp.async`` pipelining), as many as the stages on Hopper (measured
+    with the AOT compile: shared memory of every config on sm_80 and sm_90)."""
+    return num_stages - 1 if capability < 90 else num_stages
 
 
-def fitting_fused_matmul_configs(
+def fitting_fused_lora_gemm_configs(
     configs: list[triton.Config],
     *,
-    n_cols: int,
-    k_dim: int,
+    cols: int,
+    inner: int,
     element_size: int,
     block_m: int,
     block_r: int,
     shared_memory: int,
+    capability: int,
     sum_members: bool | None = None,
     tf32x3: bool = False,
 ) -> list[triton.Config]:
-    """The fused matmul configs worth trying for one problem.
+    """The fused-kernel configs worth trying for one problem.
 
-    Drops configs with a column or reduction tile wider than the matrix, pipelined tiles beyond
-    ``shared_memory`` bytes, or fp32 accumulators beyond 128 registers a thread: [block_m, BLOCK_N]
-    (twice in the shared-input forward, ``sum_members=False``: the base tile and a member's
-    output), [block_m, block_r], and the [block_m, BLOCK_K] member sum (``sum_members=True``);
-    in the shared-rows kernel, 4-warp configs for rank tiles above 32. ``sum_members=None`` is the
+    Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
+    with fewer than 64 rows (they spill kilobytes per thread: ptxas on sm_80 and sm_90); pipelined
+    tiles beyond ``shared_memory`` bytes (:func:`pipeline_buffers` copies on sm_``capability``);
+    fp32 accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
+    forward, ``sum_members=False``: the base tile and a member's output), [block_m, block_r], and
+    the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``);
+    in the shared-input kernel, 4-warp configs for rank tiles above 32. ``sum_members=None`` is the
     stacked kernel. With ``tf32x3`` only the configs measured to run 3xTF32 dots without spills,
-    and the split's extra shared memory (about 15% on sm_90) counted. Never empty: falls back to
-    the smallest tiles.
+    and the split's extra shared memory (about 15% on sm_90) counted. With autotuning off
+    (:func:`autotuning`) only the first config that fits. Never empty: falls back to the smallest
+    tiles.
     """
-    kept = _keep_fitting(configs, {"BLOCK_N": n_cols, "BLOCK_K": k_dim})
+    kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if sum_members is not None and block_r > 32 and c.num_warps < 8:
-            return False  # the shared-rows kernel spills on 4 warps with wide rank tiles (measured, sm_90)
-        if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
-                _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_ROWS):
+        if bn > 128 and block_m < 64:
             return False
-        smem = c.num_stages * (block_m * bk + bk * bn + bk * block_r) * element_size * (1.25 if tf32x3 else 1)
-        acc = output_tiles * block_m * bn + block_m * block_r + (block_m * bk if sum_members else 0)
+        if sum_members is not None and block_r > 32 and c.num_warps < 8:
+            return False  # the shared-input kernel spills on 4 warps with wide rank tiles (measured, sm_90)
+        if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
+                _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
+            return False
+        tile_bytes = (block_m * bk + bk * bn + bk * block_r) * element_size * (1.25 if tf32x3 else 1)
+        smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
+        acc = output_tiles * block_m * bn + block_m * block_r + (2 * block_m * bk if sum_members else 0)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return fitting if autotuning() else fitting[:1]
 
 
-def fitting_weight_grads_configs(
+def fitting_lora_grads_configs(
     configs: list[triton.Config],
     *,
     rows: int,
@@ -206,39 +237,45 @@ def fitting_weight_grads_configs(
     element_size: int,
     block_r: int,
     shared_memory: int,
+    capability: int,
     tf32x3: bool = False,
 ) -> list[triton.Config]:
     """The weight-gradient configs worth trying: no tile wider than the problem, pipelined tiles
-    (fp32 P, ``element_size`` Z) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
-    accumulator within 128 registers a thread, and with ``tf32x3`` at most a 64 x 128 tile per 4
-    warps. Never empty."""
+    (fp32 ``low``, ``element_size`` ``in``) within ``shared_memory`` bytes, the [block_r, BLOCK_C]
+    fp32 accumulator within 128 registers a thread, and with ``tf32x3`` at most a 64 x 128 tile per
+    4 warps. With autotuning off only the first config that fits. Never empty."""
     kept = _keep_fitting(configs, {"BLOCK_M": rows, "BLOCK_C": cols})
 
     def fits(c: triton.Config) -> bool:
         bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
-        smem = c.num_stages * (block_r * bm * 4 + bm * bc * element_size) * (1.25 if tf32x3 else 1)
+        tile_bytes = (block_r * bm * 4 + bm * bc * element_size) * (1.25 if tf32x3 else 1)
+        smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         if tf32x3 and bm * bc > 64 * 128 * c.num_warps // 4:
             return False  # the operand split doubles the register footprint (spills measured on sm_90)
         return smem <= shared_memory and block_r * bc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
+    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
+    return fitting if autotuning() else fitting[:1]
 
 
-def prune_fused_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the fused matmul kernels (see :func:`fitting_fused_matmul_configs`)."""
-    x = named_args["x_ptr"]
-    return fitting_fused_matmul_configs(
-        configs, n_cols=named_args["N_COLS"], k_dim=named_args["K_DIM"], element_size=x.element_size(),
-        block_m=kwargs["BLOCK_M"], block_r=kwargs["BLOCK_R"], shared_memory=_shared_memory_limit(x.device),
-        sum_members=kwargs.get("SUM_MEMBERS"), tf32x3=kwargs["DOT_PRECISION"] == "tf32x3",
+def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``early_config_prune`` of the fused kernels (see :func:`fitting_fused_lora_gemm_configs`).
+    The kernels are launched by keyword, so their arguments arrive in ``kwargs``."""
+    args = {**named_args, **kwargs}
+    inp = args["in_ptr"]
+    return fitting_fused_lora_gemm_configs(
+        configs, cols=args["COLS"], inner=args["INNER"], element_size=inp.element_size(), block_m=args["BLOCK_M"],
+        block_r=args["BLOCK_R"], shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
+        sum_members=args.get("SUM_MEMBERS"), tf32x3=args["DOT_PRECISION"] == "tf32x3",
     )
 
 
-def prune_weight_grads_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the weight-gradient kernel (see :func:`fitting_weight_grads_configs`)."""
-    z = named_args["za_ptr"]
-    return fitting_weight_grads_configs(
-        configs, rows=named_args["rows_per_split"], cols=max(named_args["COLS_A"], named_args["COLS_B"]),
-        element_size=z.element_size(), block_r=kwargs["BLOCK_R"], shared_memory=_shared_memory_limit(z.device),
-        tf32x3=kwargs["DOT_PRECISION"] == "tf32x3",
+def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``early_config_prune`` of the weight-gradient kernel (see :func:`fitting_lora_grads_configs`)."""
+    args = {**named_args, **kwargs}
+    inp = args["in_a_ptr"]
+    return fitting_lora_grads_configs(
+        configs, rows=args["ROWS_PER_SPLIT"], cols=max(args["COLS_A"], args["COLS_B"]),
+        element_size=inp.element_size(), block_r=args["BLOCK_R"], shared_memory=args["SHARED_MEMORY"],
+        capability=compute_capability(inp.device), tf32x3=args["DOT_PRECISION"] == "tf32x3",
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .kernels import fused_lowrank_matmul, lowrank_weight_grads
+from .kernels import launch_fused_lora_gemm, launch_lora_grads
 
 __all__ = ["forward", "backward_dx", "backward_lora"]
 
@@ -29,8 +29,8 @@ def forward(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
-    # Y = X W + bias + s (X S) E with W = W0^T [d, k], S = A^T [N, d, r], E = B^T [N, r, k].
-    return fused_lowrank_matmul(x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scaling)
+    # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k] (views, no copies).
+    return launch_fused_lora_gemm(x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scaling)
 
 
 def backward_dx(
@@ -43,8 +43,8 @@ def backward_dx(
 ) -> tuple[Tensor, Tensor]:
     """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
     ``dyb = grad_out @ B [N, M, r]`` fp32."""
-    # Y = X W + s (X S) E with X = dy, W = W0 [k, d], S = B [N, k, r], E = A [N, r, d].
-    return fused_lowrank_matmul(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
+    # in = dy, weight = W0 [k, d], shrink = B [N, k, r], expand = A [N, r, d].
+    return launch_fused_lora_gemm(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
 
 
 def backward_lora(
@@ -56,4 +56,4 @@ def backward_lora(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
-    return lowrank_weight_grads(grad_out, x, xa, dyb, scaling)
+    return launch_lora_grads(grad_out, x, xa, dyb, scaling)

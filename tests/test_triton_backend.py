@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
-from lora_ensemble.kernels import fused_lowrank_matmul, lowrank_matmul, lowrank_weight_grads, weight_grads
+from lora_ensemble.kernels import fused_lora_gemm, launch_fused_lora_gemm, launch_lora_grads, lora_grads
 from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
 from lora_ensemble.reference import lora_ensemble_reference
 
@@ -118,7 +118,7 @@ def test_shared_forward_in_member_groups(dtype):
     want = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared_input=True)
     want_xa = inp.x.double() @ inp.lora_A.double().transpose(1, 2)
     for groups in (2, 5):
-        out, xa = fused_lowrank_matmul(inp.x, inp.weight.t(), inp.lora_A.transpose(1, 2), inp.lora_B.transpose(1, 2),
+        out, xa = launch_fused_lora_gemm(inp.x, inp.weight.t(), inp.lora_A.transpose(1, 2), inp.lora_B.transpose(1, 2),
                                        inp.bias, s, member_groups=groups)
         assert_close_named(f"out (groups={groups})", out.reshape(n * m, k), want, dtype, tolerance(dtype))
         assert_close_named(f"xa (groups={groups})", xa, want_xa, dtype, tolerance(dtype))
@@ -183,7 +183,7 @@ def test_weight_grads_split_over_rows_match_unsplit(shared, dtype):
     want_a = s * dyb.double().transpose(1, 2) @ x64
     want_b = s * grad_out.double().transpose(1, 2) @ xa.double()
     for splits in (1, 3):
-        grad_a, grad_b = lowrank_weight_grads(grad_out, x, xa, dyb, s, splits=splits)
+        grad_a, grad_b = launch_lora_grads(grad_out, x, xa, dyb, s, splits=splits)
         assert grad_a.dtype == dtype and grad_b.dtype == dtype
         assert_close_named(f"dA (splits={splits})", grad_a, want_a, dtype, tolerance(dtype))
         assert_close_named(f"dB (splits={splits})", grad_b, want_b, dtype, tolerance(dtype))
@@ -192,9 +192,9 @@ def test_weight_grads_split_over_rows_match_unsplit(shared, dtype):
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 def test_one_launch_forward_two_launch_backward(shared, monkeypatch):
     launches = []
-    kernels = {"fused_matmul": lowrank_matmul._fused_lowrank_matmul_kernel,
-               "fused_matmul_shared": lowrank_matmul._fused_lowrank_matmul_shared_kernel,
-               "weight_grads": weight_grads._lowrank_weight_grads_kernel}
+    kernels = {"fused_lora_gemm": fused_lora_gemm._fused_lora_gemm_kernel,
+               "fused_lora_gemm_shared": fused_lora_gemm._fused_lora_gemm_shared_kernel,
+               "lora_grads": lora_grads._lora_grads_kernel}
     for name, kernel in kernels.items():
         def counted(*args, _run=kernel.run, _name=name, **kwargs):
             launches.append(_name)
@@ -204,10 +204,10 @@ def test_one_launch_forward_two_launch_backward(shared, monkeypatch):
     inp = make_inputs(3, 5, 20, 18, 4, device=DEVICE, shared_input=shared)
     out = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
                                      shared_input=shared, backend="triton")
-    matmul = "fused_matmul_shared" if shared else "fused_matmul"
-    assert launches == [matmul]
+    gemm = "fused_lora_gemm_shared" if shared else "fused_lora_gemm"
+    assert launches == [gemm]
     out.backward(torch.randn_like(out))
-    assert launches == [matmul, matmul, "weight_grads"]
+    assert launches == [gemm, gemm, "lora_grads"]
 
 
 def test_nan_stays_in_its_row():
@@ -290,3 +290,94 @@ def test_cuda_graph_replay_matches_eager():
     torch.cuda.synchronize()
     ref = lora_ensemble_reference(x_static, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
     assert_close_named("graph replay out", out_static, ref, torch.float16)
+
+
+# fp16 keeps |v| <= 65504. The kernels hold the rank-r products (s * x A^T, dy B) and the shared-input
+# member sum of dy in fp32; rounding them to fp16 for a tensor-core dot turns a value beyond that range
+# into inf (and inf * 0 into NaN at LoRA init, B = 0), although every exact output below is well inside
+# fp16. The kernels scale such rows by a power of two instead.
+
+@pytest.mark.parametrize("zero_b", [False, True], ids=["small-B", "B=0"])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_fp16_forward_with_rank_product_beyond_fp16_range(shared, zero_b):
+    n, m, d, k, r, s = 3, 20, 40, 24, 4, 64.0
+    inp = make_inputs(n, m, d, k, r, dtype=torch.float16, device=DEVICE, shared_input=shared, scaling=s,
+                      requires_grad=())
+    with torch.no_grad():
+        inp.x.mul_(30)
+        inp.lora_A.mul_(10 * d**0.5)  # |x A^T| ~ 2e3 (fp16-safe), |s x A^T| ~ 1.2e5 (not)
+        inp.lora_B.mul_(0.0 if zero_b else 1e-3)
+    xa = inp.x.double().reshape(-1, d) @ inp.lora_A.double().transpose(1, 2)
+    assert (s * xa).abs().max() > 65504 and xa.abs().max() < 65504
+    check_against_reference(inp, "triton")
+
+
+def test_fp16_weight_grads_of_rank_products_beyond_fp16_range():
+    n, m, d, k, r, s = 2, 40, 24, 20, 5, 0.5
+    x = (torch.randn(n, m, d, device=DEVICE) * 1e-3).half()
+    grad_out = (torch.randn(n, m, k, device=DEVICE) * 1e-3).half()
+    xa = torch.randn(n, m, r, device=DEVICE) * 1e5
+    dyb = torch.randn(n, m, r, device=DEVICE) * 1e5
+    want_a = s * dyb.double().transpose(1, 2) @ x.double()
+    want_b = s * grad_out.double().transpose(1, 2) @ xa.double()
+    for splits in (1, 2):
+        grad_a, grad_b = launch_lora_grads(grad_out, x, xa, dyb, s, splits=splits)
+        assert_close_named(f"dA (splits={splits})", grad_a, want_a, torch.float16)
+        assert_close_named(f"dB (splits={splits})", grad_b, want_b, torch.float16)
+
+
+def test_fp16_shared_input_dx_with_member_sum_beyond_fp16_range():
+    """dx of a shared input sums dy over the members: 4 x 3e4 exceeds fp16, the sum's product with
+    W0 does not."""
+    n, m, d, k, r, s = 4, 9, 20, 24, 3, 0.5
+    dy = (torch.rand(n, m, k, device=DEVICE) * 1e4 + 2.5e4).half()
+    weight = (torch.randn(k, d, device=DEVICE) * 1e-3).half()
+    lora_a = torch.randn(n, r, d, device=DEVICE).half()
+    lora_b = (torch.randn(n, k, r, device=DEVICE) * 1e-4).half()
+    dx, dyb = launch_fused_lora_gemm(dy, weight, lora_b, lora_a, None, s, sum_members=True)
+    dyb_64 = dy.double() @ lora_b.double()
+    want = (dy.double() @ weight.double() + s * dyb_64 @ lora_a.double()).sum(0)
+    assert dy.double().sum(0).abs().max() > 65504
+    assert_close_named("dx", dx, want, torch.float16)
+    assert_close_named("dyb", dyb, dyb_64, torch.float16, (1e-5, 1e-5))
+
+
+def test_more_members_than_grid_axis_1_allows_is_a_clear_error():
+    """Members go on grid axis 1 (at most 65535 programs): the launcher refuses more, naming them,
+    before it allocates or launches anything."""
+    n = 65536
+    x = torch.randn(n, 1, 16, device=DEVICE)
+    weight = torch.randn(8, 16, device=DEVICE)
+    lora_a, lora_b = torch.randn(n, 1, 16, device=DEVICE), torch.randn(n, 8, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="num_members=65536 exceeds 65535"):
+        fused_lora_ensemble_linear(x.reshape(n, 16), weight, None, lora_a, lora_b, backend="triton")
+    with pytest.raises(ValueError, match="num_members=65536 exceeds 65535"):
+        launch_lora_grads(torch.randn(n, 1, 8, device=DEVICE), x, torch.randn(n, 1, 1, device=DEVICE),
+                          torch.randn(n, 1, 1, device=DEVICE), 1.0)
+
+
+def test_autotune_keys_name_the_device_and_size_buckets():
+    """A config chosen for one GPU model (pruned by its shared memory) or one row / member count is
+    never reused on another GPU model or on very different counts: those are part of every key."""
+    from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS, fitting_fused_lora_gemm_configs
+
+    for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
+        assert {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"} <= set(kernel.fn.keys)
+    assert {"SHARED_MEMORY", "ROWS_BUCKET"} <= set(lora_grads._lora_grads_kernel.keys)
+    kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
+                                                  element_size=4, block_m=128, block_r=16, shared_memory=smem,
+                                                  capability=cap)
+            for smem, cap in ((232448, 90), (101376, 86))}  # H100, RTX 3090
+    assert len(kept[101376]) < len(kept[232448])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    inp = make_inputs(3, 9, 40, 24, 4, dtype=torch.float16, device="cuda:1", requires_grad=())
+    with torch.cuda.device(0):
+        out = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                         backend="triton")
+    torch.cuda.synchronize(1)
+    ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    assert_close_named("out", out, ref, torch.float16)

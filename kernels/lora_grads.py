@@ -1,0 +1,184 @@
+# Gradients of the low-rank factors of every member, both in one launch (the Triton counterpart of
+# csrc/cuda/lora_grads.cuh):
+#
+#     dA[n] = scaling * dyb[n]^T @ x[n]      [R, d]
+#     dB[n] = scaling * (dy[n]^T @ xa[n])    [k, R], computed as its transpose xa[n]^T @ dy[n] [R, k]
+#
+# Both are grad = scaling * low^T @ in, with low [M, R] float32 (dyb or xa: the rank-r products the
+# dx / forward kernels stored) and in [M, C] in the input dtype (x or dy): a reduction over the M
+# rows of each member.
+#
+# Tiling: grid (cdiv(d, BLOCK_C) + cdiv(k, BLOCK_C), N, SPLIT). Program (t, n, j) owns a
+# [BLOCK_R, BLOCK_C] tile of dA[n] (t < cdiv(d, BLOCK_C)) or of dB[n]^T (the other t), with the
+# whole (padded, masked) rank in one tile, and reduces rows [j * ROWS_PER_SPLIT, (j+1) *
+# ROWS_PER_SPLIT) of member n in BLOCK_M steps with an fp32 accumulator. With SPLIT = 1 the tile is
+# scaled and stored once (deterministic); with SPLIT > 1 the partial sums are atomically added
+# into float32 outputs that start at zero (fp32 reduction across programs; for 16-bit inputs the
+# launcher then casts them, one more small kernel each). A shared input x is read with member
+# stride 0. The fp32 low operand meets the 16-bit in operand through kernels/dot.py (split into
+# high and low 16-bit parts, fp16 rows kept in range); fp32 dots use DOT_PRECISION.
+"""Grouped weight gradients dA and dB of all members of a LoRA ensemble, one launch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .configs import block_rank, dot_precision, lora_grads_configs, prune_lora_grads_configs, size_bucket
+from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
+from .dot import dot_fp32_lhs
+
+__all__ = ["launch_lora_grads", "row_splits"]
+
+# ROWS_PER_SPLIT is a multiple of this (a row range ends on a 16-row boundary).
+_ROWS_QUANTUM = 16
+# SPLIT > 1 only when each split still reduces at least this many rows.
+_MIN_ROWS_PER_SPLIT = 512
+# Read by the autotuner only (not specialised): the device's shared memory and the row-count bucket.
+_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET"]
+
+
+@triton.jit
+def _lora_grad_tile(
+    low_ptr, in_ptr, grad_ptr, col_tile, row_start, row_end, RANK, COLS, scaling,
+    stride_low_m, stride_low_r, stride_in_m, stride_in_c, stride_grad_r, stride_grad_c,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``grad[:, tile] (+)= scaling * low[rows]^T @ in[rows, tile]`` for rows in [row_start, row_end)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_mask = offs_r < RANK
+    c_mask = offs_c < COLS
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        low_t = tl.load(low_ptr + offs_m[None, :] * stride_low_m + offs_r[:, None] * stride_low_r,
+                        mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+        tile = tl.load(in_ptr + offs_m[:, None] * stride_in_m + offs_c[None, :] * stride_in_c,
+                       mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = dot_fp32_lhs(low_t, tile, acc, DOT_PRECISION)
+    acc *= scaling
+    grad_ptrs = grad_ptr + offs_r[:, None] * stride_grad_r + offs_c[None, :] * stride_grad_c
+    grad_mask = r_mask[:, None] & c_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(grad_ptrs, acc, mask=grad_mask)
+    else:
+        tl.store(grad_ptrs, acc.to(grad_ptr.dtype.element_ty), mask=grad_mask)
+
+
+@triton.autotune(configs=lora_grads_configs(),
+                 key=["COLS_A", "COLS_B", "BLOCK_R", "ATOMIC", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET"],
+                 prune_configs_by={"early_config_prune": prune_lora_grads_configs},
+                 reset_to_zero=["grad_a_ptr", "grad_b_ptr"])  # the split reduction adds into zeroed outputs
+@triton.jit(do_not_specialize=_TUNING_ONLY)
+def _lora_grads_kernel(
+    low_a_ptr, in_a_ptr, grad_a_ptr, low_b_ptr, in_b_ptr, grad_b_ptr,
+    ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, scaling,
+    stride_low_a_n, stride_low_a_m, stride_low_a_r, stride_in_a_n, stride_in_a_m, stride_in_a_c,
+    stride_grad_a_n, stride_grad_a_r, stride_grad_a_c,
+    stride_low_b_n, stride_low_b_m, stride_low_b_r, stride_in_b_n, stride_in_b_m, stride_in_b_c,
+    stride_grad_b_n, stride_grad_b_r, stride_grad_b_c,
+    SHARED_MEMORY, ROWS_BUCKET,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    member = tl.program_id(1).to(tl.int64)
+    row_start = tl.program_id(2).to(tl.int64) * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, ROWS)
+    tiles_a = tl.cdiv(COLS_A, BLOCK_C)
+    if tile < tiles_a:
+        _lora_grad_tile(
+            low_a_ptr + member * stride_low_a_n, in_a_ptr + member * stride_in_a_n, grad_a_ptr + member * stride_grad_a_n,
+            tile, row_start, row_end, RANK, COLS_A, scaling,
+            stride_low_a_m, stride_low_a_r, stride_in_a_m, stride_in_a_c, stride_grad_a_r, stride_grad_a_c,
+            ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,
+        )
+    else:
+        _lora_grad_tile(
+            low_b_ptr + member * stride_low_b_n, in_b_ptr + member * stride_in_b_n, grad_b_ptr + member * stride_grad_b_n,
+            tile - tiles_a, row_start, row_end, RANK, COLS_B, scaling,
+            stride_low_b_m, stride_low_b_r, stride_in_b_m, stride_in_b_c, stride_grad_b_r, stride_grad_b_c,
+            ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,
+        )
+
+
+def row_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
+    """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless
+    the (member, column tile) programs alone leave a GPU's SMs idle and every range keeps at
+    least ``_MIN_ROWS_PER_SPLIT`` rows; always 1 under ``torch.use_deterministic_algorithms``."""
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return 1
+    wanted = triton.cdiv(2 * multiprocessor_count(device), max(programs_per_split, 1))
+    return max(1, min(wanted, rows // _MIN_ROWS_PER_SPLIT))
+
+
+def launch_lora_grads(
+    grad_out: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    dyb: Tensor,
+    scaling: float,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``dA = scaling * dyb^T @ x`` and ``dB = scaling * grad_out^T @ xa`` for every member, one
+    launch (on ``grad_out``'s device and its current stream).
+
+    Every tensor may have any strides.
+
+    Args:
+        grad_out: ``[N, M, k]``.
+        x: ``[N, M, d]``, or ``[M, d]`` rows shared by every member.
+        xa: ``x @ A^T [N, M, R]`` float32 (from the forward).
+        dyb: ``grad_out @ B [N, M, R]`` float32 (from the dx backward).
+        scaling: the LoRA scaling ``s``.
+        splits: how many row ranges to reduce in separate programs (float32 atomics when > 1);
+            None picks it from the shapes and the GPU (:func:`row_splits`).
+
+    Returns:
+        ``(dA [N, R, d], dB [N, k, R])`` in grad_out's dtype.
+
+    Raises:
+        ValueError: more than 65535 members or row splits (grid axes 1 and 2).
+    """
+    num_members, rows, k_out = grad_out.shape
+    rank, d_in = xa.shape[2], x.shape[-1]
+    dtype = grad_out.dtype
+    check_grid_yz("num_members", num_members, f"grad_out shape {tuple(grad_out.shape)}")
+    if splits is None:
+        splits = row_splits(rows, num_members * triton.cdiv(d_in + k_out, 128), grad_out.device)
+    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), _ROWS_QUANTUM) * _ROWS_QUANTUM
+    splits = triton.cdiv(max(rows, 1), rows_per_split)
+    check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
+    atomic = splits > 1
+    out_dtype = torch.float32 if atomic else dtype
+    alloc = torch.zeros if (atomic or rows == 0) else torch.empty
+    grad_a = alloc((num_members, rank, d_in), device=grad_out.device, dtype=out_dtype)
+    grad_b = alloc((num_members, k_out, rank), device=grad_out.device, dtype=out_dtype)
+    if rows > 0:
+        x3 = x.unsqueeze(0) if x.dim() == 2 else x
+        grad_b_t = grad_b.transpose(1, 2)  # written as dB^T [N, R, k]
+
+        def grid(cfg):
+            return (triton.cdiv(d_in, cfg["BLOCK_C"]) + triton.cdiv(k_out, cfg["BLOCK_C"]), num_members, splits)
+
+        with launch_device(grad_out):
+            _lora_grads_kernel[grid](
+                low_a_ptr=dyb, in_a_ptr=x3, grad_a_ptr=grad_a, low_b_ptr=xa, in_b_ptr=grad_out, grad_b_ptr=grad_b_t,
+                ROWS=rows, RANK=rank, COLS_A=d_in, COLS_B=k_out, ROWS_PER_SPLIT=rows_per_split, scaling=float(scaling),
+                stride_low_a_n=dyb.stride(0), stride_low_a_m=dyb.stride(1), stride_low_a_r=dyb.stride(2),
+                stride_in_a_n=0 if x.dim() == 2 else x3.stride(0), stride_in_a_m=x3.stride(1),
+                stride_in_a_c=x3.stride(2),
+                stride_grad_a_n=grad_a.stride(0), stride_grad_a_r=grad_a.stride(1), stride_grad_a_c=grad_a.stride(2),
+                stride_low_b_n=xa.stride(0), stride_low_b_m=xa.stride(1), stride_low_b_r=xa.stride(2),
+                stride_in_b_n=grad_out.stride(0), stride_in_b_m=grad_out.stride(1), stride_in_b_c=grad_out.stride(2),
+                stride_grad_b_n=grad_b_t.stride(0), stride_grad_b_r=grad_b_t.stride(1),
+                stride_grad_b_c=grad_b_t.stride(2),
+                SHARED_MEMORY=shared_memory_per_program(grad_out.device), ROWS_BUCKET=size_bucket(rows_per_split),
+                ATOMIC=atomic, DOT_PRECISION=dot_precision(dtype), BLOCK_R=block_rank(rank),
+            )
+    return grad_a.to(dtype), grad_b.to(dtype)
