@@ -25,12 +25,14 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import ModuleType
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "FUSED_DTYPES",
     "accum_dtype",
     "available_backends",
@@ -142,6 +144,25 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
     return name
 
 
-def get_backend(name: str) -> ModuleType:
-    """The module implementing concrete backend ``name`` (see the module docstring)."""
-    return importlib.import_module(_MODULES[name])
+class Backend(Protocol):
+    """The contract every backend module implements (shapes in the module docstring)."""
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]: ...
+
+    def backward_dx(self, grad_out: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                    shared_input: bool) -> tuple[Tensor, Tensor]: ...
+
+    def backward_lora(self, grad_out: Tensor, x: Tensor, xa: Tensor, dyb: Tensor, scaling: float,
+                      shared_input: bool) -> tuple[Tensor, Tensor]: ...
+
+
+_LOADED: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The module implementing concrete backend ``name`` (see :class:`Backend`), imported once."""
+    backend = _LOADED.get(name)
+    if backend is None:
+        backend = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return backend

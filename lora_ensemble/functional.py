@@ -1,23 +1,39 @@
-"""``fused_lora_ensemble_linear``: validate, lay the rows out per member, run the registered op."""
+"""``fused_lora_ensemble_linear``: validate, lay the rows out per member, run the op.
+
+The eager path is kept short (a call of a small layer costs little more than the PyTorch ops a user
+would write by hand): one cheap check of the common case before the detailed one, a cached backend
+choice, and :func:`lora_ensemble.ops.fused_linear_apply`.
+
+Dtypes: ``x``, ``weight`` and ``bias`` share one dtype, the compute dtype (under ``torch.autocast``,
+the autocast dtype: every floating input is cast to it). ``lora_A`` / ``lora_B`` may live in another
+floating dtype (an fp32 adapter on a bf16 base, as peft keeps it): they are cast to the compute dtype
+here, a pass over the adapters only (``N r (d + k)`` elements), never over the activations; their
+gradients come back through that cast and reach the parameters in the adapter dtype.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 
 from .backends import resolve_backend
 from .layout import stacked_output_shape
-from .ops import fused_linear
+from .ops import fused_linear_apply
 
 __all__ = ["fused_lora_ensemble_linear", "validate_inputs"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+_resolve_cached = functools.lru_cache(maxsize=256)(resolve_backend)
+
+
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    # Constant for given arguments: torch.compile folds it instead of tracing imports.
-    return resolve_backend(backend, device_type, dtype)
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Constant for given arguments: torch.compile folds it instead of tracing imports; cached in eager.
+    return _resolve_cached(backend, device, dtype)
 
 
 @torch.compiler.assume_constant_result
@@ -25,6 +41,24 @@ def _autocast_available(device_type: str) -> bool:
     # torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a skipped C function), so
     # the query is folded to a constant at trace time instead of breaking the graph.
     return torch.amp.is_autocast_available(device_type)
+
+
+def _well_formed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 shared_input: bool) -> bool:
+    """Whether :func:`validate_inputs` would pass, in a few comparisons and no messages."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or lora_A.dim() != 3:
+        return False
+    num_members, rank, d = lora_A.shape
+    k = weight.shape[0]
+    dtype, device = x.dtype, x.device
+    return (num_members >= 1 and rank >= 1 and x.shape[-1] == d and weight.shape[1] == d
+            and lora_B.shape == (num_members, k, rank) and (shared_input or x.shape[0] % num_members == 0)
+            and dtype in _DTYPES and weight.dtype == dtype and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES
+            and weight.device == device and lora_A.device == device and lora_B.device == device
+            and (bias is None or (bias.shape == (k,) and bias.dtype == dtype and bias.device == device)))
 
 
 def validate_inputs(
@@ -38,10 +72,13 @@ def validate_inputs(
     """Check ranks, shapes, dtypes and devices; raise a message naming the argument and shapes.
 
     Raises:
-        TypeError: a non-tensor argument, an unsupported dtype, or mixed dtypes.
+        TypeError: a non-tensor argument, an unsupported dtype, or ``x``, ``weight``, ``bias`` in
+            different dtypes (the LoRA factors may have their own floating dtype).
         ValueError: a wrong rank or shape, or a stacked batch not divisible by ``num_members``.
         RuntimeError: tensors on different devices.
     """
+    if _well_formed(x, weight, bias, lora_A, lora_B, shared_input):
+        return
     named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     for name, t in named.items():
         if t is None and name == "bias":
@@ -75,11 +112,12 @@ def validate_inputs(
         raise ValueError(f"x's leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not divisible by "
                          f"num_members N={num_members}; stacked inputs are [N*Bsz, ..., d], member-major")
     present = {n: t for n, t in named.items() if t is not None}
-    dtypes = {n: t.dtype for n, t in present.items()}
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; use one of {_DTYPES}")
+    for name in ("x", "lora_A", "lora_B"):
+        if named[name].dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype {named[name].dtype} is not supported; use one of {_DTYPES}")
+    dtypes = {n: t.dtype for n, t in present.items() if n not in ("lora_A", "lora_B")}
     if len(set(dtypes.values())) != 1:
-        raise TypeError(f"all inputs must have one dtype, got {dtypes}")
+        raise TypeError(f"x, weight and bias must have one dtype (the compute dtype), got {dtypes}")
     devices = {n: t.device for n, t in present.items()}
     if len(set(devices.values())) != 1:
         raise RuntimeError(f"all inputs must be on one device, got {devices}")
@@ -104,8 +142,8 @@ def fused_lora_ensemble_linear(
             or with ``shared_input`` ``[Bsz, ..., d]``, the same rows for every member.
         weight: the shared frozen ``W0 [k, d]`` (nn.Linear layout).
         bias: ``[k]`` or None.
-        lora_A: ``[N, r, d]``.
-        lora_B: ``[N, k, r]``.
+        lora_A: ``[N, r, d]``, in the compute dtype or its own (cast to the compute dtype here).
+        lora_B: ``[N, k, r]``, likewise.
         scaling: ``s`` (``alpha / r`` in LoRA terms).
         shared_input: every member sees the same ``x``; ``x @ W0^T`` is computed once.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
@@ -132,12 +170,15 @@ def fused_lora_ensemble_linear(
             for t in (x, weight, bias, lora_A, lora_B)
         )
     validate_inputs(x, weight, bias, lora_A, lora_B, shared_input)
-    device_type = x.device.type
-    name = _resolve(backend, device_type, x.dtype)
+    name = _resolve(backend, x.device, x.dtype)
+    if lora_A.dtype != x.dtype:
+        lora_A = lora_A.to(x.dtype)
+    if lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
     num_members = lora_A.shape[0]
-    d, k = weight.shape[1], weight.shape[0]
+    k, d = weight.shape
     rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)
-    out, _ = fused_linear(
+    out = fused_linear_apply(
         rows.contiguous(),
         weight.contiguous(),
         bias.contiguous() if bias is not None else None,

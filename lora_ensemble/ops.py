@@ -1,8 +1,15 @@
-"""The registered ops: ``lora_ensemble::fused_linear`` and its backward, with fake impls and autograd.
+"""The op and its autograd, in two forms that run the same backend code.
 
-Both ops take the backend by name and dispatch to it (:mod:`lora_ensemble.backends`), so one fake
-impl and one autograd formula serve every backend, and ``torch.compile(fullgraph=True)`` sees each
-call as one opaque graph node. Inputs are already validated and laid out per member
+* ``lora_ensemble::fused_linear`` and ``lora_ensemble::fused_linear_backward``: ``torch.library``
+  custom ops with fake impls and a registered autograd formula. ``torch.compile`` traces them as one
+  opaque graph node each, ``opcheck`` checks them.
+* :class:`FusedLinearFunction`: the same forward and backward as a plain ``autograd.Function``, for
+  eager calls. A custom op's Python dispatch costs ~20 µs a call, more than the kernels of a small
+  layer; :func:`fused_linear_apply` takes the Function in eager mode and the custom op while
+  ``torch.compile`` traces, and calls the backend directly when no gradient is needed.
+
+Both take the backend by name and dispatch to it (:mod:`lora_ensemble.backends`), so one fake impl
+and one autograd formula serve every backend. Inputs are already validated and laid out per member
 (:mod:`lora_ensemble.functional` does that).
 
 Autograd (``s`` = scaling; ``W0``, ``b`` get gradients only when they require grad)::
@@ -15,6 +22,7 @@ Autograd (``s`` = scaling; ``W0``, ``b`` get gradients only when they require gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,8 +30,56 @@ from torch import Tensor
 
 from .backends import accum_dtype, get_backend
 
-__all__ = ["fused_linear", "fused_linear_backward"]
+__all__ = ["FusedLinearFunction", "fused_linear", "fused_linear_apply", "fused_linear_backward"]
 
+
+def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                   scaling: float, shared_input: bool, backend: str, need_dx: bool,
+                   need_lora: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``; a gradient not asked for is an empty tensor."""
+    impl = get_backend(backend)
+    empty = grad_out.new_empty(0)
+    if need_dx:
+        dx, dyb = impl.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
+    else:
+        dx, dyb = empty, torch.bmm(grad_out, lora_B).to(accum_dtype(grad_out.dtype))
+    if need_lora:
+        dA, dB = impl.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
+    else:
+        dA, dB = empty, empty.clone()
+    return dx, dA, dB
+
+
+BackwardRunner = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def _lora_backward(ctx: Any, grad_out: Tensor, run_backward: BackwardRunner) -> tuple:
+    """The gradients of ``(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend)``, with
+    ``run_backward`` the fused backward (the custom op while tracing, the backend call in eager)."""
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    grad_out = grad_out.contiguous()  # the grad of .sum() is a stride-0 expand
+    dx = dA = dB = dW = db = None
+    if need_x or need_A or need_B:
+        dx, dA, dB = run_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.shared_input,
+                                  ctx.backend, need_x, need_A or need_B)
+    k = grad_out.shape[-1]
+    if need_w:
+        dy_rows = grad_out.sum(0) if ctx.shared_input else grad_out.reshape(-1, k)
+        dW = dy_rows.T @ x.reshape(-1, x.shape[-1])
+    if need_b:
+        db = grad_out.reshape(-1, k).sum(0)
+    return (dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None, None, None, None)
+
+
+def _save(ctx: Any, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
+          shared_input: bool, backend: str) -> None:
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+    ctx.scaling, ctx.shared_input, ctx.backend = scaling, shared_input, backend
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops (torch.compile, opcheck).
 
 @torch.library.custom_op("lora_ensemble::fused_linear", mutates_args=())
 def fused_linear(
@@ -65,17 +121,8 @@ def fused_linear_backward(
     need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)`` of :func:`fused_linear`; a gradient not asked for is an empty tensor."""
-    impl = get_backend(backend)
-    empty = grad_out.new_empty(0)
-    if need_dx:
-        dx, dyb = impl.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
-    else:
-        dx, dyb = empty, torch.bmm(grad_out, lora_B).to(accum_dtype(grad_out.dtype))
-    if need_lora:
-        dA, dB = impl.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
-    else:
-        dA, dB = empty, empty.clone()
-    return dx, dA, dB
+    return _backward_impl(grad_out, x, weight, lora_A, lora_B, xa, scaling, shared_input, backend, need_dx,
+                          need_lora)
 
 
 @fused_linear_backward.register_fake
@@ -89,38 +136,44 @@ def _fused_linear_backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    x, weight, bias, lora_A, lora_B, scaling, shared_input, backend = inputs
+    x, weight, _bias, lora_A, lora_B, scaling, shared_input, backend = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
-    ctx.scaling, ctx.shared_input, ctx.backend = scaling, shared_input, backend
+    _save(ctx, x, weight, lora_A, lora_B, output[1], scaling, shared_input, backend)
 
 
-def _backward(ctx: Any, grad_out: Tensor, _grad_xa: Tensor | None) -> tuple:
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    grad_out = grad_out.contiguous()  # the grad of .sum() is a stride-0 expand
-    dx = dA = dB = dW = db = None
-    if need_x or need_A or need_B:
-        dx, dA, dB = fused_linear_backward(
-            grad_out, x, weight, lora_A, lora_B, xa,
-            ctx.scaling, ctx.shared_input, ctx.backend, need_x, need_A or need_B,
-        )
-    k = grad_out.shape[-1]
-    if need_w:
-        dy_rows = grad_out.sum(0) if ctx.shared_input else grad_out.reshape(-1, k)
-        dW = dy_rows.T @ x.reshape(-1, x.shape[-1])
-    if need_b:
-        db = grad_out.reshape(-1, k).sum(0)
-    return (
-        dx if need_x else None,
-        dW,
-        db,
-        dA if need_A else None,
-        dB if need_B else None,
-        None,
-        None,
-        None,
-    )
+def _op_backward(ctx: Any, grad_out: Tensor, _grad_xa: Tensor | None) -> tuple:
+    return _lora_backward(ctx, grad_out, fused_linear_backward)
 
 
-fused_linear.register_autograd(_backward, setup_context=_setup_context)
+fused_linear.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager path.
+
+class FusedLinearFunction(torch.autograd.Function):
+    """:func:`fused_linear` (its output ``out`` only) and its backward as an ``autograd.Function``:
+    the same backend calls without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, shared_input: bool, backend: str) -> Tensor:
+        out, xa = get_backend(backend).forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)
+        _save(ctx, x, weight, lora_A, lora_B, xa, scaling, shared_input, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        return _lora_backward(ctx, grad_out, _backward_impl)
+
+
+def fused_linear_apply(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                       scaling: float, shared_input: bool, backend: str) -> Tensor:
+    """``out [N, M, k]`` of the op, with autograd: the custom op under ``torch.compile``, else
+    :class:`FusedLinearFunction`, or the backend alone when no gradient can flow."""
+    if torch.compiler.is_compiling():
+        return fused_linear(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return FusedLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend)
+    return get_backend(backend).forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)[0]

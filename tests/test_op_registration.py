@@ -69,3 +69,31 @@ def test_import_touches_no_cuda_nor_extension():
             "assert not torch.cuda.is_initialized(), 'cuda initialised'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_eager_calls_skip_the_custom_op_and_compiled_graphs_hold_it(monkeypatch):
+    """Eager calls run the backend through an autograd.Function (no custom-op dispatch: ~20 µs a call),
+    or with no gradient to record the backend alone; torch.compile traces the registered op. Both give
+    the same values and gradients."""
+    import lora_ensemble.ops as ops
+
+    layer = FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3 * 2, 12, requires_grad=True)
+    compiled_out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    compiled_grads = torch.autograd.grad(compiled_out.sum(), (x, layer.lora_A, layer.lora_B))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path went through the custom op")
+
+    monkeypatch.setattr(ops, "fused_linear", refuse)
+    out = layer(x)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "FusedLinearFunctionBackward"  # under a view
+    grads = torch.autograd.grad(out.sum(), (x, layer.lora_A, layer.lora_B))
+    torch.testing.assert_close(out, compiled_out)
+    for got, want in zip(grads, compiled_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    assert layer(x.detach()).grad_fn is not None  # the LoRA factors still require grad
