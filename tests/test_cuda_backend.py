@@ -161,11 +161,12 @@ static bool vec_ok(const void* p, long ld, int elem) {
 }
 template <class T>
 static void fused(bool fwd, const void* in, const void* w, const void* bias, const void* shrink, const void* expand,
-                  void* out, float* low, int n, int m, int inner, int cols, int r, float s, bool shared) {
+                  void* out, float* low, int n, int m, int inner, int cols, int r, float s, bool shared, int groups) {
   FusedLoraGemmParams<T> p{};
   p.in = (const T*)in; p.weight = (const T*)w; p.bias = (const T*)bias; p.shrink = (const T*)shrink;
   p.expand = (const T*)expand; p.out = (T*)out; p.low = low;
   p.members = n; p.rows = m; p.inner = inner; p.cols = cols; p.rank = r; p.scaling = s; p.shared = shared;
+  p.member_groups = groups; p.device = 0;
   const int d = fwd ? inner : cols;  // W0 [k, d]; forward: shrink A [r, d], expand B [k, r]; dx: shrink B, expand A
   p.vec_in = vec_ok(in, inner, sizeof(T)); p.vec_weight = vec_ok(w, d, sizeof(T));
   p.vec_shrink = vec_ok(shrink, fwd ? d : r, sizeof(T)); p.vec_expand = vec_ok(expand, fwd ? r : d, sizeof(T));
@@ -173,29 +174,34 @@ static void fused(bool fwd, const void* in, const void* w, const void* bias, con
 }
 template <class T>
 static void grads(const void* x, const void* dy, const float* xa, const float* dyb, void* ga, void* gb, int n, int m,
-                  int d, int k, int r, float s, bool shared) {
+                  int d, int k, int r, float s, bool shared, int rows_per_split) {
   LoraGradParams<T> p{};
-  p.x = (const T*)x; p.dy = (const T*)dy; p.xa = xa; p.dyb = dyb; p.grad_A = (T*)ga; p.grad_B = (T*)gb;
-  p.members = n; p.rows = m; p.d = d; p.k = k; p.rank = r; p.scaling = s; p.shared = shared;
+  const bool split = rows_per_split < m;  // then ga / gb are the zeroed fp32 sums
+  p.x = (const T*)x; p.dy = (const T*)dy; p.xa = xa; p.dyb = dyb;
+  p.grad_A = split ? nullptr : (T*)ga; p.grad_B = split ? nullptr : (T*)gb;
+  p.grad_A_sum = split ? (float*)ga : nullptr; p.grad_B_sum = split ? (float*)gb : nullptr;
+  p.members = n; p.rows = m; p.d = d; p.k = k; p.rank = r; p.rows_per_split = rows_per_split; p.scaling = s;
+  p.shared = shared; p.device = 0;
   p.vec_x = vec_ok(x, d, sizeof(T)); p.vec_dy = vec_ok(dy, k, sizeof(T));
   p.vec_low = vec_ok(xa, r, 4) && vec_ok(dyb, r, 4);
   launch_lora_grads<T>(p, nullptr);
 }
 extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void* w, const void* bias,
                                  const void* shrink, const void* expand, void* out, float* low, int n, int m,
-                                 int inner, int cols, int r, float s, int shared) {
+                                 int inner, int cols, int r, float s, int shared, int groups) {
   emu::reset_error();
-  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
-  else if (dtype == 1) fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
-  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared);
+  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
+  else if (dtype == 1) fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
+  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
   return emu::error();
 }
 extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb,
-                                      void* ga, void* gb, int n, int m, int d, int k, int r, float s, int shared) {
+                                      void* ga, void* gb, int n, int m, int d, int k, int r, float s, int shared,
+                                      int rows_per_split) {
   emu::reset_error();
-  if (dtype == 0) grads<float>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
-  else if (dtype == 1) grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
-  else grads<__nv_bfloat16>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared);
+  if (dtype == 0) grads<float>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared, rows_per_split);
+  else if (dtype == 1) grads<__half>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared, rows_per_split);
+  else grads<__nv_bfloat16>(x, dy, xa, dyb, ga, gb, n, m, d, k, r, s, shared, rows_per_split);
   return emu::error();
 }
 """
@@ -240,8 +246,8 @@ def emulated_kernels():
         (build / "emulated_kernels.so.tmp").rename(lib)
     dll = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i32] * 5 + [ctypes.c_float, i32]
-    dll.emu_lora_grads.argtypes = [i32] + [ptr] * 6 + [i32] * 5 + [ctypes.c_float, i32]
+    dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i32] * 5 + [ctypes.c_float, i32, i32]
+    dll.emu_lora_grads.argtypes = [i32] + [ptr] * 6 + [i32] * 5 + [ctypes.c_float, i32, i32]
     for fn in (dll.emu_fused, dll.emu_lora_grads):
         fn.restype = ctypes.c_char_p
     return dll
@@ -301,7 +307,7 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     bias_buf = Guarded(inp.bias, inp.bias, shift) if bias else None
     out, xa = Guarded(torch.empty(n, m, k, dtype=dtype), shift=shift), Guarded(torch.empty(n, m, r))
     _call(emulated_kernels.emu_fused, code, 1, x.ptr, w.ptr, bias_buf.ptr if bias else None, a.ptr, b.ptr, out.ptr,
-          xa.ptr, n, m, d, k, r, s, int(shared))
+          xa.ptr, n, m, d, k, r, s, int(shared), 1)
     x64 = x_rows.double().expand(n, m, d) if shared else x_rows.double()
     ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
     assert_close_named("out", out.tensor, ref.reshape(n, m, k), dtype)
@@ -312,7 +318,7 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     dx = Guarded(torch.empty((m, d) if shared else (n, m, d), dtype=dtype), shift=shift)
     dyb = Guarded(torch.empty(n, m, r))
     _call(emulated_kernels.emu_fused, code, 0, dy.ptr, w.ptr, None, b.ptr, a.ptr, dx.ptr, dyb.ptr, n, m, k, d, r, s,
-          int(shared))
+          int(shared), 1)
     grads = lora_ensemble_reference_backward(grad_out.reshape(-1, k), inp.x, inp.weight, inp.lora_A, inp.lora_B, s,
                                              shared)
     assert_close_named("dx", dx.tensor, grads.x.reshape(dx.tensor.shape), dtype)
@@ -320,7 +326,7 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
 
     grad_A, grad_B = Guarded(inp.lora_A, shift=shift), Guarded(inp.lora_B, shift=shift)
     _call(emulated_kernels.emu_lora_grads, code, x.ptr, dy.ptr, xa.ptr, dyb.ptr, grad_A.ptr, grad_B.ptr, n, m, d, k,
-          r, s, int(shared))
+          r, s, int(shared), m)
     assert_close_named("dA", grad_A.tensor, grads.lora_A, dtype)
     assert_close_named("dB", grad_B.tensor, grads.lora_B, dtype)
     for name, buf in {"out": out, "xa": xa, "dx": dx, "dyb": dyb, "dA": grad_A, "dB": grad_B}.items():
@@ -341,7 +347,7 @@ def test_fp16_split_beyond_fp16_range_under_host_emulation(emulated_kernels, sha
     x_rows = inp.x.reshape(m, d) if shared else inp.x.reshape(n, m, d)
     out, xa = torch.empty(n, m, k, dtype=torch.float16), torch.empty(n, m, r)
     _call(emulated_kernels.emu_fused, 1, 1, x_rows.data_ptr(), inp.weight.data_ptr(), inp.bias.data_ptr(),
-          inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared))
+          inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared), 1)
     assert (s * xa).abs().max() > 65504
     ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
     assert_close_named("out", out, ref.reshape(n, m, k), torch.float16)
@@ -351,10 +357,35 @@ def test_fp16_split_beyond_fp16_range_under_host_emulation(emulated_kernels, sha
     big_xa, big_dyb = torch.randn(n, m, r) * 1e5, torch.randn(n, m, r) * 1e5
     grad_A, grad_B = torch.empty(n, r, d, dtype=torch.float16), torch.empty(n, k, r, dtype=torch.float16)
     _call(emulated_kernels.emu_lora_grads, 1, x_small.data_ptr(), grad_out.data_ptr(), big_xa.data_ptr(),
-          big_dyb.data_ptr(), grad_A.data_ptr(), grad_B.data_ptr(), n, m, d, k, r, s, int(shared))
+          big_dyb.data_ptr(), grad_A.data_ptr(), grad_B.data_ptr(), n, m, d, k, r, s, int(shared), m)
     x64 = x_small.double().expand(n, m, d) if shared else x_small.double()
     assert_close_named("dA", grad_A, s * big_dyb.double().transpose(1, 2) @ x64, torch.float16)
     assert_close_named("dB", grad_B, s * grad_out.double().transpose(1, 2) @ big_xa.double(), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_member_groups_and_row_splits_under_host_emulation(emulated_kernels, dtype):
+    """The shared-input forward with its members in grid.y groups (as at batch 1 on a large GPU, each
+    group computing x W0^T once), and the weight gradients with their rows split into ranges whose
+    partial sums are added into fp32 outputs (long inputs)."""
+    code, s = EMULATED_DTYPES[dtype], 0.7
+    n, m, d, k, r = 5, 9, 24, 40, 3
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, shared_input=True, requires_grad=(), scaling=s)
+    ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, True).reshape(n, m, k)
+    for groups in (2, 5):
+        out, xa = torch.empty(n, m, k, dtype=dtype), torch.empty(n, m, r)
+        _call(emulated_kernels.emu_fused, code, 1, inp.x.data_ptr(), inp.weight.data_ptr(), inp.bias.data_ptr(),
+              inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, 1, groups)
+        assert_close_named(f"out (groups={groups})", out, ref, dtype)
+
+    n, m = 2, 100
+    x, grad_out = torch.randn(n, m, d).to(dtype), torch.randn(n, m, k).to(dtype)
+    xa, dyb = torch.randn(n, m, r), torch.randn(n, m, r)
+    sum_A, sum_B = torch.zeros(n, r, d), torch.zeros(n, k, r)
+    _call(emulated_kernels.emu_lora_grads, code, x.data_ptr(), grad_out.data_ptr(), xa.data_ptr(), dyb.data_ptr(),
+          sum_A.data_ptr(), sum_B.data_ptr(), n, m, d, k, r, s, 0, 32)  # 4 row ranges
+    assert_close_named("dA (split)", sum_A, s * dyb.double().transpose(1, 2) @ x.double(), dtype)
+    assert_close_named("dB (split)", sum_B, s * grad_out.double().transpose(1, 2) @ xa.double(), dtype)
 
 
 # ---------------------------------------------------------------------------------------------

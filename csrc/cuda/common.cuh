@@ -8,7 +8,9 @@
 // zero-filling chunks past the edge; otherwise it falls back to plain element loads and stores.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,6 +27,7 @@ namespace wmma = nvcuda::wmma;
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
 __host__ __device__ constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+__host__ __device__ constexpr int min_int(int a, int b) { return a < b ? a : b; }
 
 // float <-> storage dtype. kTensorCore: the dtype runs on WMMA 16x16x16 tiles (fp32 accumulate).
 template <class T>
@@ -103,6 +106,19 @@ __device__ __forceinline__ void load_tile(T* smem, int ld_smem, const T* g, int6
   }
 }
 
+// Runs `set_up` once per kernel (a template argument: each instantiation has its own flags) and
+// device: kernel attributes such as the dynamic shared memory limit are per device and need not be
+// set again on every launch.
+template <auto kKernel, class SetUp>
+void once_per_device(int device, SetUp&& set_up) {
+  static std::array<std::once_flag, 64> flags;
+  if (device >= 0 && device < static_cast<int>(flags.size())) {
+    std::call_once(flags[device], set_up);
+  } else {
+    set_up();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 16-bit hi + lo split of an fp32 operand for the tensor cores (s * x A^T, dy B, x A^T): hi is the
 // value rounded to the 16-bit dtype and lo the rounded remainder, so hi + lo carries ~16 mantissa
@@ -141,31 +157,39 @@ __device__ void split_tile(T* hi, T* lo, int ld_split, const float* src, int ld_
   }
 }
 
+// The rare fp16 path of split_barrier: the whole tile split again divided by the power of two that
+// brings its largest finite value below 2^15. Kept out of line, so that the registers it needs do not
+// count against the kernels' common path. Contains three CTA barriers; returns the exponent.
+template <class T, int ROWS, int COLS, int THREADS>
+__device__ __noinline__ int rescale_split_tile(T* hi, T* lo, int ld_split, const float* src, int ld_src) {
+  __shared__ int s_exponent;
+  if (threadIdx.x == 0) s_exponent = 0;
+  __syncthreads();
+  int local = 0;
+  for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
+    const int exponent = fp16_split_exponent(src[(e / COLS) * ld_src + e % COLS]);
+    local = exponent > local ? exponent : local;
+  }
+  atomicMax(&s_exponent, local);
+  __syncthreads();
+  const int exponent = s_exponent;
+  split_tile<T, ROWS, COLS, THREADS>(hi, lo, ld_split, src, ld_src, ldexpf(1.0f, -exponent));
+  __syncthreads();
+  return exponent;
+}
+
 // A CTA barrier after every thread has split its part of src [ROWS][COLS] into hi / lo (`beyond`: it
 // met a value beyond the fp16 range). Returns the power of two e the tile was divided by: 0, except
 // for fp16 when some thread met such a value, where the tile is split again times 2^-e. src must be
 // unchanged since the first split.
 template <class T, int ROWS, int COLS, int THREADS>
-__device__ int split_barrier(bool beyond, T* hi, T* lo, int ld_split, const float* src, int ld_src) {
+__device__ __forceinline__ int split_barrier(bool beyond, T* hi, T* lo, int ld_split, const float* src, int ld_src) {
   if constexpr (!std::is_same_v<T, __half>) {
     __syncthreads();
     return 0;
   } else {
     if (!__syncthreads_or(beyond)) return 0;
-    __shared__ int s_exponent;
-    if (threadIdx.x == 0) s_exponent = 0;
-    __syncthreads();
-    int local = 0;
-    for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
-      const int exponent = fp16_split_exponent(src[(e / COLS) * ld_src + e % COLS]);
-      local = exponent > local ? exponent : local;
-    }
-    atomicMax(&s_exponent, local);
-    __syncthreads();
-    const int exponent = s_exponent;
-    split_tile<T, ROWS, COLS, THREADS>(hi, lo, ld_split, src, ld_src, ldexpf(1.0f, -exponent));
-    __syncthreads();
-    return exponent;
+    return rescale_split_tile<T, ROWS, COLS, THREADS>(hi, lo, ld_split, src, ld_src);
   }
 }
 

@@ -3,22 +3,24 @@
 //   forward      out[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T      low[n] = x[n] A[n]^T   (fp32)
 //   backward dx  out[n] = dy[n] W0  +     s (dy[n] B[n]) A[n]          low[n] = dy[n] B[n]
 //
-// Generic form: out = in W + s (in P) Q, with `inner` the reduction length and P the rank-r shrink.
+// Generic form (csrc/cuda/params.cuh): out = in W + s (in shrink) expand, low = in shrink, with `inner`
+// the reduction length.
 // Tiling: a CTA (256 threads, 8 warps) owns a BM x BN = 64 x 128 output tile of one member
 // (grid.x = row tile * column tiles + column tile, grid.y = member). Its K loop runs over `inner`
 // in BK steps (32 for fp16/bf16, 16 for fp32) through a 3-stage cp.async pipeline of the tiles
-// in [BM, BK], W [BK, BN] and P [BK, R] (R = r padded to 16, 32, 64 or 128), accumulating in W
-// and in P (both fp32) from the same in tile. The epilogue writes in P to `low` (CTAs of column
-// tile 0 only), splits s (in P) into 16-bit hi + lo parts (hi + lo carries ~16 mantissa bits, so
-// the rank-r product keeps near-fp32 accuracy on tensor cores), loads Q [R, BN] and adds
-// (hi + lo) Q to the accumulator, then stores through shared memory with the bias, masked at the
+// in [BM, BK], W [BK, BN] and shrink [BK, R] (R = r padded to 16, 32, 64 or 128), accumulating
+// in W and low = in shrink (both fp32) from the same in tile. The epilogue writes low (CTAs of column
+// tile 0 only), splits s low into 16-bit hi + lo parts (hi + lo carries ~16 mantissa bits, so the
+// rank-r product keeps near-fp32 accuracy on tensor cores; see common.cuh for fp16's range), loads
+// expand [R, BN] and adds (hi + lo) expand to the accumulator, then stores through shared memory with the bias, masked at the
 // edges. fp16/bf16 use WMMA 16x16x16 tensor-core tiles (warp tile 32 x 32); fp32 uses SIMT FMAs
 // (thread tile 4 x 8), exact fp32 (no tf32).
 //
-// Shared input (a template flag, so the stacked kernels carry no second accumulator): grid.y = 1
-// and the CTA loops over members. Forward computes x W0^T once (with the first member) and, per
-// member, re-runs the K loop for x A[n]^T only; backward dx accumulates every member's
-// dy[n] W0 + s dyb[n] A[n] into one accumulator (dx is summed over members).
+// Shared input (a template flag, so the stacked kernels carry no second accumulator): the CTA loops
+// over members. Forward: grid.y = member groups (p.member_groups, more than 1 when the output tiles
+// alone leave SMs idle, as at batch 1); each CTA computes x W0^T once (with its group's first
+// member) and, per member, re-runs the K loop for x A[n]^T only. Backward dx: grid.y = 1, every
+// member's dy[n] W0 + s dyb[n] A[n] accumulated into one accumulator (dx is summed over members).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -35,31 +37,32 @@ struct FusedTile {
   static constexpr int kBM = 64, kBN = 128, kThreads = 256, kStages = 3;
   static constexpr int kBK = sizeof(T) == 2 ? 32 : 16;
   static constexpr int kPad = 16 / sizeof(T);  // keeps rows 16-byte aligned and staggers banks
-  // Pipeline stage, element strides. forward: sW [BN][BK], sP [R][BK]; backward dx: sW [BK][BN], sP [BK][R].
+  // Pipeline stage, element strides. forward: sW [BN][BK], sShrink [R][BK]; backward dx: sW [BK][BN],
+  // sShrink [BK][R].
   static constexpr int kLdIn = kBK + kPad;
   static constexpr int kLdW = kForward ? kBK + kPad : kBN + kPad;
-  static constexpr int kLdP = kForward ? kBK + kPad : kRankPad + kPad;
+  static constexpr int kLdShrink = kForward ? kBK + kPad : kRankPad + kPad;
   static constexpr int kInBytes = round_up(kBM * kLdIn * (int)sizeof(T), 128);
   static constexpr int kWBytes = round_up((kForward ? kBN : kBK) * kLdW * (int)sizeof(T), 128);
-  static constexpr int kPBytes = round_up((kForward ? kRankPad : kBK) * kLdP * (int)sizeof(T), 128);
-  static constexpr int kStageBytes = kInBytes + kWBytes + kPBytes;
-  // Epilogue: sLow fp32 [BM][R]; 16-bit sHi, sLo [BM][R]; forward sQ [BN][R], backward dx sQ [R][BN].
+  static constexpr int kShrinkBytes = round_up((kForward ? kRankPad : kBK) * kLdShrink * (int)sizeof(T), 128);
+  static constexpr int kStageBytes = kInBytes + kWBytes + kShrinkBytes;
+  // Epilogue: sLow fp32 [BM][R]; 16-bit sHi, sLo [BM][R]; forward sExpand [BN][R], backward dx [R][BN].
   static constexpr int kLdLow = kRankPad + 4;
   static constexpr int kLdSplit = kRankPad + kPad;
-  static constexpr int kLdQ = kForward ? kRankPad + kPad : kBN + kPad;
+  static constexpr int kLdExpand = kForward ? kRankPad + kPad : kBN + kPad;
   static constexpr int kLowBytes = round_up(kBM * kLdLow * 4, 128);
   static constexpr int kSplitBytes = Num<T>::kTensorCore ? round_up(kBM * kLdSplit * (int)sizeof(T), 128) : 0;
-  static constexpr int kQBytes = round_up((kForward ? kBN : kRankPad) * kLdQ * (int)sizeof(T), 128);
+  static constexpr int kExpandBytes = round_up((kForward ? kBN : kRankPad) * kLdExpand * (int)sizeof(T), 128);
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  // Layout [sLow | sHi | sLo | sQ], sQ loaded while sLow is split. For fp16/bf16 at rank 128 that
-  // would outgrow the pipeline (101 KB, over the 99 KB a CTA gets on sm_86/sm_89), so there sQ
-  // overlays sLow instead, [sHi | sLo | sLow or sQ], and is loaded after the split.
-  static constexpr bool kQOverLow = Num<T>::kTensorCore && kLowBytes + 2 * kSplitBytes + kQBytes > kPipeBytes;
-  static constexpr int kLowOffset = kQOverLow ? 2 * kSplitBytes : 0;
-  static constexpr int kHiOffset = kQOverLow ? 0 : kLowBytes;
+  // Layout [sLow | sHi | sLo | sExpand], sExpand loaded while sLow is split. For fp16/bf16 at rank
+  // 128 that would outgrow the pipeline (101 KB, over the 99 KB a CTA gets on sm_86/sm_89), so there
+  // sExpand overlays sLow instead, [sHi | sLo | sLow or sExpand], and is loaded after the split.
+  static constexpr bool kExpandOverLow = Num<T>::kTensorCore && kLowBytes + 2 * kSplitBytes + kExpandBytes > kPipeBytes;
+  static constexpr int kLowOffset = kExpandOverLow ? 2 * kSplitBytes : 0;
+  static constexpr int kHiOffset = kExpandOverLow ? 0 : kLowBytes;
   static constexpr int kLoOffset = kHiOffset + kSplitBytes;
-  static constexpr int kQOffset = kQOverLow ? kLowOffset : kLowBytes + 2 * kSplitBytes;
-  static constexpr int kEpilogueBytes = kQOffset + (kQOverLow && kLowBytes > kQBytes ? kLowBytes : kQBytes);
+  static constexpr int kExpandOffset = kExpandOverLow ? kLowOffset : kLowBytes + 2 * kSplitBytes;
+  static constexpr int kEpilogueBytes = kExpandOffset + (kExpandOverLow && kLowBytes > kExpandBytes ? kLowBytes : kExpandBytes);
   // Output staging, fp32 [BM][BN], overlays everything above once the expand is done.
   static constexpr int kLdC = kBN + 4;
   static constexpr int kCBytes = kBM * kLdC * 4;
@@ -68,11 +71,11 @@ struct FusedTile {
 };
 
 // Tensor-core math (fp16/bf16): warp w owns output rows 32 (w / 4) .. +32, columns 32 (w % 4) .. +32
-// (2 x 2 WMMA tiles), plus the low-rank tiles f = w, w + 8, ... of the BM/16 x R/16 grid of in P.
+// (2 x 2 WMMA tiles), plus the low-rank tiles f = w, w + 8, ... of the BM/16 x R/16 grid of low.
 template <class T, bool kForward, int kRankPad>
 struct WmmaMath {
   using Tile = FusedTile<T, kForward, kRankPad>;
-  // forward: W, P and Q are stored [n][k] (col-major B operands); backward dx: [k][n] (row-major).
+  // forward: W, shrink and expand are stored [n][k] (col-major B operands); backward dx: [k][n].
   using LayoutB = std::conditional_t<kForward, wmma::col_major, wmma::row_major>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB>;
@@ -107,8 +110,8 @@ struct WmmaMath {
     return kForward ? s + nn * ld + kk : s + kk * ld + nn;
   }
 
-  // acc += sIn sW (when with_base) and low += sIn sP over one BK slice.
-  __device__ void mma_stage(Acc& acc, LowAcc& low, const T* s_in, const T* s_w, const T* s_p, bool with_base) const {
+  // acc += sIn sW (when with_base) and low += sIn sShrink over one BK slice.
+  __device__ void mma_stage(Acc& acc, LowAcc& low, const T* s_in, const T* s_w, const T* s_shrink, bool with_base) const {
 #pragma unroll
     for (int kk = 0; kk < Tile::kBK; kk += 16) {
       if (with_base) {
@@ -135,7 +138,7 @@ struct WmmaMath {
           FragA a;
           FragB p;
           wmma::load_matrix_sync(a, s_in + tm * 16 * Tile::kLdIn + kk, Tile::kLdIn);
-          wmma::load_matrix_sync(p, b_tile(s_p, Tile::kLdP, kk, tq * 16), Tile::kLdP);
+          wmma::load_matrix_sync(p, b_tile(s_shrink, Tile::kLdShrink, kk, tq * 16), Tile::kLdShrink);
           wmma::mma_sync(low.f[t], a, p, low.f[t]);
         }
       }
@@ -153,8 +156,8 @@ struct WmmaMath {
     }
   }
 
-  // acc += (sHi + sLo) sQ, the scaled low-rank product split into two 16-bit parts.
-  __device__ void expand(Acc& acc, const T* s_hi, const T* s_lo, const T* s_q) const {
+  // acc += (sHi + sLo) sExpand, the scaled low-rank product split into two 16-bit parts.
+  __device__ void expand(Acc& acc, const T* s_hi, const T* s_lo, const T* s_expand) const {
 #pragma unroll
     for (int kk = 0; kk < kRankPad; kk += 16) {
       FragA hi[2], lo[2];
@@ -167,7 +170,7 @@ struct WmmaMath {
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(q[j], b_tile(s_q, Tile::kLdQ, kk, warp_n * 32 + j * 16), Tile::kLdQ);
+        wmma::load_matrix_sync(q[j], b_tile(s_expand, Tile::kLdExpand, kk, warp_n * 32 + j * 16), Tile::kLdExpand);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -234,12 +237,12 @@ struct SimtMath {
     for (int c = 0; c < kLowPerThread; ++c) acc.v[c] = 0.0f;
   }
 
-  // Element (k index kk, n index nn) of a B-side tile (W, P or Q) with leading dimension ld.
+  // Element (k index kk, n index nn) of a B-side tile (W, shrink or expand) with leading dimension ld.
   __device__ static float b_at(const float* s, int ld, int kk, int nn) {
     return kForward ? s[nn * ld + kk] : s[kk * ld + nn];
   }
 
-  __device__ void mma_stage(Acc& acc, LowAcc& low, const float* s_in, const float* s_w, const float* s_p,
+  __device__ void mma_stage(Acc& acc, LowAcc& low, const float* s_in, const float* s_w, const float* s_shrink,
                             bool with_base) const {
 #pragma unroll 4
     for (int kk = 0; kk < Tile::kBK; ++kk) {
@@ -256,7 +259,7 @@ struct SimtMath {
       }
       const float a = s_in[low_row * Tile::kLdIn + kk];
 #pragma unroll
-      for (int c = 0; c < kLowPerThread; ++c) low.v[c] = fmaf(a, b_at(s_p, Tile::kLdP, kk, low_col + 4 * c), low.v[c]);
+      for (int c = 0; c < kLowPerThread; ++c) low.v[c] = fmaf(a, b_at(s_shrink, Tile::kLdShrink, kk, low_col + 4 * c), low.v[c]);
     }
   }
 
@@ -265,15 +268,15 @@ struct SimtMath {
     for (int c = 0; c < kLowPerThread; ++c) s_low[low_row * Tile::kLdLow + low_col + 4 * c] = low.v[c];
   }
 
-  // acc += sLow sQ, where sLow holds s * (in P).
-  __device__ void expand(Acc& acc, const float* s_low, const float* s_q) const {
+  // acc += sLow sExpand, where sLow holds s * low.
+  __device__ void expand(Acc& acc, const float* s_low, const float* s_expand) const {
 #pragma unroll 4
     for (int kk = 0; kk < kRankPad; ++kk) {
       float a[kRowsPerThread], b[kColsPerThread];
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) a[i] = s_low[(row + i) * Tile::kLdLow + kk];
 #pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_q, Tile::kLdQ, kk, col + 16 * j);
+      for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_expand, Tile::kLdExpand, kk, col + 16 * j);
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
@@ -293,7 +296,7 @@ template <class T, bool kForward, int kRankPad>
 using FusedMath =
     std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kRankPad>, SimtMath<kForward, kRankPad>>;
 
-// The K loop of member n: acc += in[n] W (when with_base) and low += in[n] P[n] over the whole
+// The K loop of member n: acc += in[n] W (when with_base) and low += in[n] shrink[n] over the whole
 // reduction, through the multi-stage cp.async pipeline. Starts and ends with a CTA barrier.
 template <class T, bool kForward, bool kShared, int kRankPad>
 __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0, int col0, bool with_base,
@@ -306,7 +309,7 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
   const T* shrink = p.shrink + static_cast<int64_t>(n) * p.rank * p.inner;
   auto s_in = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes); };
   auto s_w = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes); };
-  auto s_p = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes + Tile::kWBytes); };
+  auto s_shrink = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes + Tile::kWBytes); };
 
   auto issue = [&](int kt) {
     const int s = kt % Tile::kStages, k0 = kt * BK;
@@ -316,13 +319,13 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
       if (with_base) {
         load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, p.inner, col0, k0, p.vec_weight);
       }
-      load_tile<T, R, BK, TH>(s_p(s), Tile::kLdP, shrink, p.inner, p.rank, p.inner, 0, k0, p.vec_shrink);
+      load_tile<T, R, BK, TH>(s_shrink(s), Tile::kLdShrink, shrink, p.inner, p.rank, p.inner, 0, k0, p.vec_shrink);
     } else {
       // W0 [k, d] rows are the reduction; B[n] [k, r] rows are the reduction.
       if (with_base) {
         load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, p.inner, p.cols, k0, col0, p.vec_weight);
       }
-      load_tile<T, BK, R, TH>(s_p(s), Tile::kLdP, shrink, p.rank, p.inner, p.rank, k0, 0, p.vec_shrink);
+      load_tile<T, BK, R, TH>(s_shrink(s), Tile::kLdShrink, shrink, p.rank, p.inner, p.rank, k0, 0, p.vec_shrink);
     }
   };
 
@@ -339,19 +342,22 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
     if (kt + Tile::kStages - 1 < k_tiles) issue(kt + Tile::kStages - 1);  // refills tile kt - 1's stage
     cp_async_commit();
     const int s = kt % Tile::kStages;
-    math.mma_stage(acc, low, s_in(s), s_w(s), s_p(s), with_base);
+    math.mma_stage(acc, low, s_in(s), s_w(s), s_shrink(s), with_base);
   }
   cp_async_wait<0>();
   __syncthreads();
 }
 
-// Two CTAs per SM where the kernel then fits 128 registers without spilling (ptxas -v, sm_90, CUDA
-// 13.0): fp16 up to rank 32 (bf16 spills there, fp32 and larger ranks much more). Not yet timed.
-template <class T, int kRankPad>
-constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 ? 2 : 1;
+// Two CTAs per SM where the kernel then fits 128 registers without spilling on sm_80 and sm_90 (ptxas
+// -v, CUDA 13.0): fp16 up to rank 32, except the shared-input forward, which keeps its base tile
+// across members (28-64 B/thread of spills on sm_80). bf16 needs 160-190 registers at those ranks and
+// spills 40-176 B/thread at 128 (only the stacked forward at rank 32 on sm_90 fits), fp32 and larger
+// ranks more: one CTA. Not yet timed on a GPU.
+template <class T, bool kForward, bool kShared, int kRankPad>
+constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 && !(kForward && kShared) ? 2 : 1;
 
 template <class T, bool kForward, bool kShared, int kRankPad>
-__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
+__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShared, kRankPad>))
     fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
   using Tile = FusedTile<T, kForward, kRankPad>;
   using Math = FusedMath<T, kForward, kRankPad>;
@@ -360,15 +366,18 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
   float* s_low = reinterpret_cast<float*>(smem + Tile::kLowOffset);
   T* s_hi = reinterpret_cast<T*>(smem + Tile::kHiOffset);
   T* s_lo = reinterpret_cast<T*>(smem + Tile::kLoOffset);
-  T* s_q = reinterpret_cast<T*>(smem + Tile::kQOffset);
+  T* s_expand = reinterpret_cast<T*>(smem + Tile::kExpandOffset);
   float* s_c = reinterpret_cast<float*>(smem);
 
   const int col_tiles = ceil_div(p.cols, BN);
   const int tile_col = static_cast<int>(blockIdx.x) % col_tiles;
   const int row0 = (static_cast<int>(blockIdx.x) / col_tiles) * BM;
   const int col0 = tile_col * BN;
-  const int first = kShared ? 0 : static_cast<int>(blockIdx.y);
-  const int last = kShared ? p.members : first + 1;
+  // Stacked: one member per grid.y; shared: grid.y groups of members (one for backward dx, whose
+  // output is the sum over every member).
+  const int per_group = ceil_div(p.members, static_cast<int>(gridDim.y));
+  const int first = kShared ? static_cast<int>(blockIdx.y) * per_group : static_cast<int>(blockIdx.y);
+  const int last = kShared ? min_int(first + per_group, p.members) : first + 1;
 
   const Math math;
   typename Math::Acc base;
@@ -394,23 +403,23 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
     Math::zero(low);
     fused_mainloop<T, kForward, kShared, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
 
-    // Epilogue 1: in P to shared memory; start loading this member's Q tile.
+    // Epilogue 1: low to shared memory; start loading this member's expand tile.
     const T* expand = p.expand + static_cast<int64_t>(n) * p.rank * p.cols;
-    auto load_q = [&] {
+    auto load_expand = [&] {
       if constexpr (kForward) {
-        load_tile<T, BN, R, TH>(s_q, Tile::kLdQ, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
+        load_tile<T, BN, R, TH>(s_expand, Tile::kLdExpand, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
       } else {
-        load_tile<T, R, BN, TH>(s_q, Tile::kLdQ, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
+        load_tile<T, R, BN, TH>(s_expand, Tile::kLdExpand, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
       }
       cp_async_commit();
     };
     math.store_low(low, s_low);
-    if constexpr (!Tile::kQOverLow) load_q();
+    if constexpr (!Tile::kExpandOverLow) load_expand();
     __syncthreads();
 
     // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand in s_low (and
     // split into 16-bit hi + lo parts for the tensor cores, common.cuh); columns past the rank are
-    // zeroed so that NaN/Inf in `in` cannot leak into them through P's padding.
+    // zeroed so that NaN/Inf in `in` cannot leak into them through the shrink tile's padding.
     float* low_out = p.low + static_cast<int64_t>(n) * p.rows * p.rank;
     bool beyond_fp16 = false;
     for (int e = threadIdx.x; e < BM * R; e += TH) {
@@ -427,9 +436,9 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
     // The split's barrier; fp16 tiles with |s * low| beyond its range are split again divided by
     // 2^exponent, and the expand below runs on the accumulator divided by the same power of two.
     int exponent;
-    if constexpr (Tile::kQOverLow) {
+    if constexpr (Tile::kExpandOverLow) {
       exponent = split_barrier<T, BM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
-      load_q();  // every thread is done reading s_low
+      load_expand();  // every thread is done reading s_low
       cp_async_wait<0>();
       __syncthreads();
     } else {
@@ -442,16 +451,16 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kRankPad>))
     auto add_expand = [&](typename Math::Acc& acc) {
       if constexpr (Num<T>::kTensorCore) {
         if (exponent != 0) Math::scale(acc, ldexpf(1.0f, -exponent));
-        math.expand(acc, s_hi, s_lo, s_q);
+        math.expand(acc, s_hi, s_lo, s_expand);
         if (exponent != 0) Math::scale(acc, ldexpf(1.0f, exponent));
       } else {
-        math.expand(acc, s_low, s_q);
+        math.expand(acc, s_low, s_expand);
       }
     };
     if constexpr (kForward && kShared) {  // keep x W0^T for the next member
       typename Math::Acc acc = base;
       add_expand(acc);
-      __syncthreads();  // s_c overlays s_low / s_q
+      __syncthreads();  // s_c overlays s_low / s_expand
       math.store(acc, s_c);
       __syncthreads();
       store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
@@ -479,9 +488,12 @@ void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t s
   const int64_t tiles = static_cast<int64_t>(ceil_div(p.rows, Tile::kBM)) * ceil_div(p.cols, Tile::kBN);
   TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.rows, " rows x ", p.cols, " columns need ", tiles,
               " tiles, over the grid limit");
-  const dim3 grid(static_cast<unsigned>(tiles), kShared ? 1u : static_cast<unsigned>(p.members));
-  auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int groups = kShared ? (kForward ? p.member_groups : 1) : p.members;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
+  constexpr auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad>;
+  once_per_device<kernel>(p.device, [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  });
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

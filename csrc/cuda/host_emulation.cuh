@@ -33,6 +33,9 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+#ifndef __noinline__
+#define __noinline__ __attribute__((noinline))
+#endif
 // A __shared__ variable is one per CTA; the emulation runs one CTA at a time, so one per process.
 #undef __shared__
 #define __shared__ static
@@ -45,6 +48,7 @@
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
+inline thread_local dim3 gridDim;
 
 namespace emu {
 inline std::mutex g_error_mutex;
@@ -102,11 +106,13 @@ void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& 
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       threadIdx = {unsigned(t), 0, 0};
+      gridDim = grid;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           if (t == 0) std::memset(buf, 0xFF, smem_bytes);
           bar.arrive_and_wait();
-          blockIdx = {bx, by, 0};
+          blockIdx = {bx, by, bz};
           kernel(p);
           EMU_CHECK(pending.empty() && groups.empty(), "cp.async copies never waited for");
           pending.clear();
@@ -134,6 +140,8 @@ inline int __syncthreads_or(int pred) {
   emu::g_barrier->arrive_and_wait();
   return any;
 }
+
+inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 
 inline int atomicMax(int* address, int value) {
   std::atomic_ref<int> target(*address);

@@ -3,18 +3,23 @@
 // shape, output allocation, dtype and rank dispatch, and launches on the current stream of the
 // inputs' device. forward and backward_dx are one launch each (fused_lora_gemm.cuh),
 // backward_lora is one grouped launch for every member's dA and dB (lora_grads.cuh).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "common.cuh"
 #include "params.cuh"
 
 namespace lora_ensemble {
@@ -79,6 +84,58 @@ cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+int multiprocessor_count(int device) {
+  static std::array<int, 64> counts{};
+  if (device < 0 || device >= static_cast<int>(counts.size())) return 1;
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+// The weight-gradient kernel splits rows only when every range keeps at least this many.
+constexpr int64_t kMinRowsPerSplit = 512;
+
+// Member groups of the shared-input forward: 1 (x W0^T computed once) while its 64 x 128 output
+// tiles fill the GPU; at small batches enough groups to occupy every SM, each computing x W0^T for
+// its own members (batch-1 ViT-B, 197 x 768: 24 tiles on 132 SMs -> 5 groups).
+int shared_forward_member_groups(int64_t rows, int64_t cols, int64_t members, int device) {
+  const int64_t tiles = ceil_div(static_cast<int>(rows), 64) * static_cast<int64_t>(ceil_div(static_cast<int>(cols), 128));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(members, multiprocessor_count(device) / tiles)));
+}
+
+// The fused kernel's parameters in either role: `in` [*, M, inner] with its shrink [N, *, *] and expand
+// [N, *, *] (leading dimensions shrink_ld, expand_ld), writing `out` and the fp32 rank product `low`.
+template <class T>
+FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const at::Tensor& weight,
+                                    const at::Tensor* bias, const at::Tensor& shrink, int64_t shrink_ld,
+                                    const at::Tensor& expand, int64_t expand_ld, at::Tensor& out, at::Tensor& low,
+                                    int64_t members, int64_t rows, int64_t inner, int64_t cols, int64_t rank,
+                                    double scaling, bool shared, int device) {
+  FusedLoraGemmParams<T> p{};
+  p.in = ptr<T>(in);
+  p.weight = ptr<T>(weight);
+  p.bias = bias != nullptr ? ptr<T>(*bias) : nullptr;
+  p.shrink = ptr<T>(shrink);
+  p.expand = ptr<T>(expand);
+  p.out = mut_ptr<T>(out);
+  p.low = mut_ptr<float>(low);
+  p.members = static_cast<int>(members);
+  p.rows = static_cast<int>(rows);
+  p.inner = static_cast<int>(inner);
+  p.cols = static_cast<int>(cols);
+  p.rank = static_cast<int>(rank);
+  p.scaling = static_cast<float>(scaling);
+  p.shared = shared;
+  p.member_groups = 1;
+  p.device = device;
+  p.vec_in = vec_ok(in, in_ld);
+  p.vec_weight = vec_ok(weight, weight.size(1));
+  p.vec_shrink = vec_ok(shrink, shrink_ld);
+  p.vec_expand = vec_ok(expand, expand_ld);
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                 const at::Tensor& lora_B, double scaling, bool shared_input) {
@@ -116,27 +173,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::T
   at::Tensor out = at::empty({n, m, k}, x.options());
   at::Tensor xa = at::empty({n, m, r}, x.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return {out, xa};
+  const int device = x.device().index();
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    FusedLoraGemmParams<T> p{};
-    p.in = ptr<T>(x);
-    p.weight = ptr<T>(weight);
-    p.bias = b != nullptr ? ptr<T>(*b) : nullptr;
-    p.shrink = ptr<T>(lora_A);
-    p.expand = ptr<T>(lora_B);
-    p.out = mut_ptr<T>(out);
-    p.low = mut_ptr<float>(xa);
-    p.members = static_cast<int>(n);
-    p.rows = static_cast<int>(m);
-    p.inner = static_cast<int>(d);
-    p.cols = static_cast<int>(k);
-    p.rank = static_cast<int>(r);
-    p.scaling = static_cast<float>(scaling);
-    p.shared = shared_input;
-    p.vec_in = vec_ok(x, d);
-    p.vec_weight = vec_ok(weight, d);
-    p.vec_shrink = vec_ok(lora_A, d);
-    p.vec_expand = vec_ok(lora_B, r);
+    // in = x [*, M, d], shrink = A [N, r, d], expand = B [N, k, r]
+    auto p = fused_params<T>(x, d, weight, b, lora_A, d, lora_B, r, out, xa, n, m, d, k, r, scaling, shared_input, device);
+    p.member_groups = shared_input ? shared_forward_member_groups(m, k, n, device) : 1;
     launch_fused_lora_gemm<T>(p, /*forward=*/true, current_stream(x));
   });
   return {out, xa};
@@ -173,27 +215,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out, 
   at::Tensor dyb = at::empty({n, m, r}, grad_out.options().dtype(at::kFloat));
   if (m == 0) return {dx, dyb};
   if (n == 0) return {dx.zero_(), dyb};
+  const int device = grad_out.device().index();
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    FusedLoraGemmParams<T> p{};
-    p.in = ptr<T>(grad_out);
-    p.weight = ptr<T>(weight);
-    p.bias = nullptr;
-    p.shrink = ptr<T>(lora_B);
-    p.expand = ptr<T>(lora_A);
-    p.out = mut_ptr<T>(dx);
-    p.low = mut_ptr<float>(dyb);
-    p.members = static_cast<int>(n);
-    p.rows = static_cast<int>(m);
-    p.inner = static_cast<int>(k);
-    p.cols = static_cast<int>(d);
-    p.rank = static_cast<int>(r);
-    p.scaling = static_cast<float>(scaling);
-    p.shared = shared_input;
-    p.vec_in = vec_ok(grad_out, k);
-    p.vec_weight = vec_ok(weight, d);
-    p.vec_shrink = vec_ok(lora_B, r);
-    p.vec_expand = vec_ok(lora_A, d);
+    // in = dy [N, M, k], shrink = B [N, k, r], expand = A [N, r, d]
+    auto p = fused_params<T>(grad_out, k, weight, nullptr, lora_B, r, lora_A, d, dx, dyb, n, m, k, d, r, scaling,
+                             shared_input, device);
     launch_fused_lora_gemm<T>(p, /*forward=*/false, current_stream(grad_out));
   });
   return {dx, dyb};
@@ -226,9 +253,21 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
   TORCH_CHECK(n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
 
   c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor grad_A = at::empty({n, r, d}, grad_out.options());
-  at::Tensor grad_B = at::empty({n, k, r}, grad_out.options());
-  if (n == 0) return {grad_A, grad_B};
+  if (n == 0) return {at::empty({n, r, d}, grad_out.options()), at::empty({n, k, r}, grad_out.options())};
+  const int device = grad_out.device().index();
+  // Long inputs whose (column tile, member) CTAs alone leave SMs idle are split into row ranges whose
+  // partial sums meet in fp32 outputs (atomics: not under deterministic algorithms).
+  const int64_t programs = n * (ceil_div(static_cast<int>(d), 128) + ceil_div(static_cast<int>(k), 128));
+  int64_t splits = 1;
+  if (!at::globalContext().deterministicAlgorithms()) {
+    splits = std::min<int64_t>((2 * multiprocessor_count(device) + programs - 1) / programs, m / kMinRowsPerSplit);
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
+  }
+  const int64_t rows_per_split =
+      splits > 1 ? round_up(ceil_div(static_cast<int>(m), static_cast<int>(splits)), 32) : std::max<int64_t>(m, 1);
+  const auto sum_options = grad_out.options().dtype(at::kFloat);
+  at::Tensor grad_A = splits > 1 ? at::zeros({n, r, d}, sum_options) : at::empty({n, r, d}, grad_out.options());
+  at::Tensor grad_B = splits > 1 ? at::zeros({n, k, r}, sum_options) : at::empty({n, k, r}, grad_out.options());
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     LoraGradParams<T> p{};
@@ -236,20 +275,25 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
     p.dy = ptr<T>(grad_out);
     p.xa = ptr<float>(xa);
     p.dyb = ptr<float>(dyb);
-    p.grad_A = mut_ptr<T>(grad_A);
-    p.grad_B = mut_ptr<T>(grad_B);
+    p.grad_A = splits > 1 ? nullptr : mut_ptr<T>(grad_A);
+    p.grad_B = splits > 1 ? nullptr : mut_ptr<T>(grad_B);
+    p.grad_A_sum = splits > 1 ? mut_ptr<float>(grad_A) : nullptr;
+    p.grad_B_sum = splits > 1 ? mut_ptr<float>(grad_B) : nullptr;
     p.members = static_cast<int>(n);
     p.rows = static_cast<int>(m);
     p.d = static_cast<int>(d);
     p.k = static_cast<int>(k);
     p.rank = static_cast<int>(r);
+    p.rows_per_split = static_cast<int>(rows_per_split);
     p.scaling = static_cast<float>(scaling);
     p.shared = shared_input;
+    p.device = device;
     p.vec_x = vec_ok(x, d);
     p.vec_dy = vec_ok(grad_out, k);
     p.vec_low = vec_ok(xa, r) && vec_ok(dyb, r);
     launch_lora_grads<T>(p, current_stream(grad_out));
   });
+  if (splits > 1 && dtype != at::kFloat) return {grad_A.to(dtype), grad_B.to(dtype)};
   return {grad_A, grad_B};
 }
 

@@ -29,12 +29,17 @@ struct FusedLoraGemmParams {
   int rank;          // r, 1..128
   float scaling;     // s
   bool shared;       // shared-input layout
+  // Forward + shared: grid.y groups of members, each CTA computing in W once for its group's members
+  // (more CTAs when the output tiles alone leave SMs idle); 1 otherwise.
+  int member_groups;
+  int device;        // CUDA device index (per-device kernel attributes are set once)
   // Whether each operand may use 16-byte asynchronous copies (leading dim and base pointer aligned).
   bool vec_in, vec_weight, vec_shrink, vec_expand;
 };
 
 // The grouped LoRA weight gradients, one launch for every member and both outputs:
 //   dA[n] = s dyb[n]^T x[n]  [r, d]        dB[n] = s dy[n]^T xa[n]  [k, r]
+// both grad = s low^T in, with low = dyb or xa (fp32) and in = x or dy.
 template <class T>
 struct LoraGradParams {
   const T* x;          // [N, M, d] (shared: [M, d])
@@ -43,9 +48,15 @@ struct LoraGradParams {
   const float* dyb;    // [N, M, r]
   T* grad_A;           // [N, r, d]
   T* grad_B;           // [N, k, r]
+  // Row split (grid.z ranges of rows_per_split rows): partial sums atomically added into these fp32
+  // outputs, zeroed by the caller (grad_A / grad_B unused); nullptr when there is one range.
+  float* grad_A_sum;   // [N, r, d]
+  float* grad_B_sum;   // [N, k, r]
   int members, rows, d, k, rank;
+  int rows_per_split;  // rows one CTA reduces; >= rows when not split
   float scaling;
   bool shared;
+  int device;
   bool vec_x, vec_dy, vec_low;
 };
 
