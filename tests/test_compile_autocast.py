@@ -275,6 +275,30 @@ def test_compile_reduce_overhead_matches_eager_on_cuda(backend: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_reduce_overhead_wrapped_vit_replays_as_cuda_graphs(backend: str) -> None:
+    """A whole wrapped ViT under torch.compile(mode="reduce-overhead"): inference and a training step
+    run as CUDA-graph replays (inductor records no cudagraph skip) and match eager."""
+    from torch._dynamo.utils import counters
+
+    _require_cuda_backend(backend)
+    torch._dynamo.reset()
+    counters.clear()
+    ensemble = _wrapped_vit(backend=backend).cuda()
+    compiled = torch.compile(ensemble, mode="reduce-overhead")
+    images = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        want = ensemble(images)
+        for _ in range(3):  # recorded on a later call than the first
+            got = compiled(images).clone()
+    assert_close_named("logits", got, want.double(), torch.float32, (2e-3, 2e-3))
+    for _ in range(3):
+        loss = compiled(images).float().logsumexp(-1).sum()
+        loss.backward()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"]["cudagraph_skips"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_runs_in_autocast_dtype(backend: str, dtype: torch.dtype) -> None:
     _require_cuda_backend(backend)
