@@ -114,7 +114,7 @@ class PerMemberModule(nn.Module):
         super().__init__()
         if not copies:
             raise ValueError("PerMemberModule needs at least one copy")
-        template = copies[0]
+        template = copy.deepcopy(copies[0])  # the copies themselves are left as they are
         self.param_names = [name for name, _ in template.named_parameters()]
         stacked = {name: torch.stack([c.get_parameter(name).detach() for c in copies]) for name in self.param_names}
         for name, value in stacked.items():

@@ -170,12 +170,13 @@ class FusedLoRAEnsembleLinear(nn.Module):
 
     def merged_member(self, member: int) -> nn.Module:
         """Member ``member`` as a plain layer with ``W0 + scaling * B[n] @ A[n]`` merged in (computed
-        in fp32, stored in the layer's dtype): an ``nn.Linear``, or with ``fan_in_fan_out`` an HF
-        ``Conv1D``. The result is independent of this layer."""
+        in fp32, or fp64 for an fp64 layer; stored in the layer's dtype): an ``nn.Linear``, or with
+        ``fan_in_fan_out`` an HF ``Conv1D``. The result is independent of this layer."""
         if not 0 <= member < self.num_members:
             raise IndexError(f"member must be in [0, {self.num_members}), got {member}")
         w = self.weight
-        delta = self.lora_B[member].detach().float() @ self.lora_A[member].detach().float()
+        compute = torch.promote_types(w.dtype, torch.float32)
+        delta = self.lora_B[member].detach().to(compute) @ self.lora_A[member].detach().to(compute)
         if self.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D  # a Conv1D was wrapped: transformers is installed
 
@@ -185,7 +186,7 @@ class FusedLoRAEnsembleLinear(nn.Module):
             layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                               device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            layer.weight.copy_(w.float() + self.scaling * delta)
+            layer.weight.copy_(w.to(compute) + self.scaling * delta)
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
