@@ -250,3 +250,15 @@ def test_hf_families_are_recognised_by_structure() -> None:
         "encoder.0.attention.attention.value", "encoder.0.attention.output.dense"]
     with pytest.raises(ValueError, match=r"candidate tails: \['dense', 'key', 'query', 'value'\]"):
         resolve_target_modules(model, ["o_proj"])
+
+
+def test_readme_llm_example_runs(capsys) -> None:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## LLMs\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README LLMs", "exec"), scope)
+    assert scope["logits"].shape == (5, 2, 12, 100) and scope["seq"].shape[0] == 2
+    assert scope["seqs"].shape[:2] == (5, 2) and "torch.Size([2, 4])" in capsys.readouterr().out
