@@ -564,7 +564,8 @@ class LoRAEnsemble(nn.Module):
                             "do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, generator, ensemble")
         can_generate = getattr(self.model, "can_generate", None)
         if not (callable(can_generate) and can_generate()):
-            raise TypeError(f"generate needs a causal language model (HF can_generate()), got {type(self.model).__name__}")
+            raise TypeError(f"generate needs a causal language model (HF can_generate()), got "
+                            f"{type(self.model).__name__}")
         mask = _check_tokens(input_ids, attention_mask)
         if not mask[:, -1].all():
             rows = (mask[:, -1] == 0).nonzero().flatten().tolist()

@@ -10,7 +10,7 @@ has), never by class name:
 | HF BERT, RoBERTa | ``attention.self.query`` | ``query``, ``key``, ``value``, ``attention.output.dense`` |
 | HF ViT, DeiT, AST (transformers 4.x naming) | ``attention.attention.query`` | the same four |
 | HF Phi-3 | ``self_attn.qkv_proj`` | ``self_attn.qkv_proj``, ``self_attn.o_proj`` |
-| HF Llama, Mistral, Qwen2, Gemma; HF ViT, DeiT, AST (5.x naming) | ``o_proj`` | ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` |
+| HF Llama, Mistral, Qwen2, Gemma; ViT, DeiT, AST (5.x) | ``o_proj`` | ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` |
 | HF GPT-2 (``Conv1D`` layers) | ``attn.c_attn`` | ``attn.c_attn``, ``attn.c_proj`` |
 
 Heads (``head="auto"``): a model with a language-model head (HF ``get_output_embeddings()`` returns

@@ -54,8 +54,8 @@ def classifier(family: str) -> nn.Module:
                              time_stride=4, num_labels=NUM_LABELS)
         return t.ASTForAudioClassification(config).double().eval()
     if family == "roberta":
-        return t.RobertaForSequenceClassification(t.RobertaConfig(**_SMALL, vocab_size=VOCAB, max_position_embeddings=20,
-                                                                  num_labels=NUM_LABELS)).double().eval()
+        config = t.RobertaConfig(**_SMALL, vocab_size=VOCAB, max_position_embeddings=20, num_labels=NUM_LABELS)
+        return t.RobertaForSequenceClassification(config).double().eval()
     raise KeyError(family)
 
 

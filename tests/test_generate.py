@@ -16,6 +16,8 @@ from lora_ensemble.io import export_member
 
 from .hf_tiny import VOCAB, causal_lm, left_padded, peft_copy, peft_member, randomise
 
+pytest.importorskip("peft")
+
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"]
 
 

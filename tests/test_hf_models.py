@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from lora_ensemble import EnsembleHead, FusedLoRAEnsembleLinear, LoRAEnsemble, PerMemberModule
+from lora_ensemble import EnsembleHead, LoRAEnsemble, PerMemberModule
 
 from .hf_tiny import NUM_LABELS, VOCAB, causal_lm, classifier, classifier_inputs, peft_copy, peft_member, randomise
 

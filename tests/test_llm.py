@@ -110,6 +110,18 @@ def test_member_chunks_give_the_same_forward_and_gradients() -> None:
         torch.testing.assert_close(results[2][1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_select_members_slices_module_heads_too() -> None:
+    torch.manual_seed(0)
+    ensemble = LoRAEnsemble(classifier("roberta"), num_members=4, rank=2, backend="torch")
+    randomise(ensemble)
+    inputs = classifier_inputs("roberta", 2)
+    with torch.no_grad():
+        full = ensemble(**inputs)
+        kept = ensemble.select_members_(slice(1, 3))(**inputs)
+    torch.testing.assert_close(kept, full[1:3], rtol=1e-10, atol=1e-12)
+    assert ensemble.head.num_members == 2 and ensemble.head.module.out_proj.weight.shape[0] == 2
+
+
 def test_direct_call_with_an_unreplicated_batch_is_an_error() -> None:
     _, ensemble = lm_ensemble(num_members=3)
     ids = torch.randint(3, VOCAB, (2, 4))
