@@ -6,7 +6,7 @@ on first use.
 
 from . import metrics
 from .backends import available_backends
-from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
+from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble, PerMemberModule
 from .functional import fused_lora_ensemble_linear
 from .layout import replicate_members, to_member_fastest, to_member_major
 from .modules import FusedLoRAEnsembleLinear
@@ -21,6 +21,7 @@ __all__ = [
     "FusedLoRAEnsembleLinear",
     "LoRAEnsemble",
     "MemberParallelEnsemble",
+    "PerMemberModule",
     "available_backends",
     "fused_lora_ensemble_linear",
     "lora_ensemble_reference",

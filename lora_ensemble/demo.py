@@ -262,7 +262,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    """``--task digits`` (default): this demo; ``--task mcqa``: :mod:`lora_ensemble.demo_mcqa`."""
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=("digits", "mcqa"), default="digits")
+    chosen, rest = task.parse_known_args(argv)
+    if chosen.task == "mcqa":
+        from .demo_mcqa import main as mcqa_main
+
+        mcqa_main(rest)
+    else:
+        run(parse_args(rest))
 
 
 if __name__ == "__main__":

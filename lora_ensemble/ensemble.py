@@ -2,17 +2,22 @@
 
 The wrapped model computes, for member ``n`` and input ``x [B, ...]``::
 
-    logits[n] = head[n]( backbone_n(x) )        backbone_n: every target linear W0 -> W0 + s B[n] A[n]
+    logits[n] = head[n]( backbone_n(x) )        backbone_n: every target layer W0 -> W0 + s B[n] A[n]
 
 Every member runs in one forward pass: the input is replicated member-major along the batch
-(``[N*B, ...]``, rows ``n*B:(n+1)*B`` are member ``n``), each target ``nn.Linear`` is swapped for a
-:class:`~lora_ensemble.FusedLoRAEnsembleLinear` that shares its frozen weight, every other layer runs
-unchanged on the stacked batch, and the classification head becomes an :class:`EnsembleHead` (one
-linear per member). The output is ``[N, B, C]``.
+(``[N*B, ...]``, rows ``n*B:(n+1)*B`` are member ``n``), each target ``nn.Linear`` (or HF ``Conv1D``)
+is swapped for a :class:`~lora_ensemble.FusedLoRAEnsembleLinear` that shares its frozen weight,
+every other layer runs unchanged on the stacked batch, and the classification heads become
+per-member (:class:`~lora_ensemble.heads.EnsembleHead` for an ``nn.Linear``,
+:class:`~lora_ensemble.heads.PerMemberModule` for a head of several layers). The output is
+``[N, B, ...]``. A language model's ``lm_head`` stays one shared frozen layer; :meth:`LoRAEnsemble.generate`
+decodes all members in one stacked batch with one KV cache, :meth:`LoRAEnsemble.predict` with
+``answer_token_ids`` scores multiple-choice answers at each sequence's last token.
 
 Where the replication happens:
 
-* default: at the model entry, every tensor argument whose leading dim is the batch size.
+* default: at the model entry, every tensor argument whose leading dim is the batch size (except
+  ``cache_position`` and ``logits_to_keep``, which index positions).
 * ``replicate_at="<module name>"``: everything before that module runs once at batch ``B`` and the
   module's tensor inputs are replicated (e.g. ``"blocks"`` for timm ViTs, ``"encoder.layers"`` for
   torchvision's, ``"bert.encoder"`` for HF BERT classifiers).
@@ -22,161 +27,42 @@ Where the replication happens:
   that layer, so all member blocks of its input hold the same values and the result equals the
   default path (exactly so in eval mode; in training mode, stochastic layers before it (dropout)
   draw one mask shared by all members, as with ``replicate_at``).
+
+Calling ``ensemble.model`` (or ``ensemble.model.generate``) directly bypasses the replication: the
+model then expects the stacked batch ``[N*B, ...]``. A batch whose size is not a multiple of ``N``
+is refused with a ``ValueError``; one that happens to be a multiple of ``N`` cannot be told apart
+from a stacked batch and runs sample ``n*B + b`` through member ``n``. Call the ensemble
+(``ensemble(...)``, ``predict``, ``generate``) instead.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
 from .attention import replace_multihead_attention
+from .generation import GenerationOptions, choose_next_tokens
+from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
-from .modules import FusedLoRAEnsembleLinear
+from .modules import FusedLoRAEnsembleLinear, check_lora_options
+from .targets import TargetSpec, find_heads, has_lm_head, resolve_target_modules
 
-__all__ = ["EnsembleHead", "EnsemblePrediction", "LoRAEnsemble", "resolve_target_modules"]
+__all__ = ["EnsembleHead", "EnsemblePrediction", "LoRAEnsemble", "PerMemberModule", "resolve_target_modules"]
 
-TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
-
-# Default targets per model family, detected from module names: (suffix that identifies the family,
-# patterns wrapped). Patterns match a module's dotted name, or its tail after a dot.
-_FAMILY_TARGETS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attn.qkv", ("attn.qkv", "attn.proj")),                             # timm VisionTransformer
-    ("self_attention.q_proj", ("q_proj", "k_proj", "v_proj", "out_proj")),  # torchvision ViT (converted MHA)
-    ("attention.self.query", ("query", "key", "value", "attention.output.dense")),  # HF BERT
-)
-_HEAD_NAMES: tuple[str, ...] = ("head", "heads.head", "classifier", "fc")
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
-
-
-def resolve_target_modules(model: nn.Module, target_modules: TargetSpec | None,
-                           exclude: Sequence[str] = ()) -> list[str]:
-    """Dotted names of the ``nn.Linear`` modules of ``model`` that ``target_modules`` selects.
-
-    Args:
-        model: the backbone.
-        target_modules: a name or glob pattern, a list of them (each matches a module's full dotted
-            name or its tail after a dot: ``"qkv"`` matches ``"blocks.0.attn.qkv"``), a predicate
-            ``(name, module) -> bool``, or None for the defaults of a known family (timm ViT,
-            torchvision ViT, HF BERT).
-        exclude: names never selected (the classification head).
-
-    Raises:
-        ValueError: a pattern that selects no ``nn.Linear`` (the message lists the candidates), or
-            None for a model of no known family.
-    """
-    linears = {name: m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name not in exclude}
-    if callable(target_modules):
-        chosen = [name for name, m in linears.items() if target_modules(name, m)]
-        if not chosen:
-            raise ValueError(f"target_modules predicate selected no nn.Linear; candidates: {sorted(linears)}")
-        return chosen
-    if target_modules is None:
-        for marker, patterns in _FAMILY_TARGETS:
-            if any(_matches(name, marker) for name in linears):
-                target_modules = patterns
-                break
-        else:
-            raise ValueError("target_modules=None only knows timm/torchvision ViTs and HF BERT; pass names, "
-                             f"patterns or a predicate. Candidates: {sorted(linears)}")
-    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    chosen: list[str] = []
-    for pattern in patterns:
-        hits = [name for name in linears if _matches(name, pattern)]
-        if not hits:
-            tails = sorted({name.rsplit(".", 1)[-1] for name in linears})
-            raise ValueError(f"target_modules entry {pattern!r} matches no nn.Linear in "
-                             f"{type(model).__name__}; candidate names: {sorted(linears)} (tails: {tails})")
-        chosen += [name for name in hits if name not in chosen]
-    return [name for name in linears if name in chosen]  # model order
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-
-
-class EnsembleHead(nn.Module):
-    """One linear classifier per member, applied to member-major features.
-
-    Input ``[N*B, ..., H]`` (rows ``n*B:(n+1)*B`` are member ``n``), output ``[N*B, ..., C]``;
-    member ``n`` computes ``x @ weight[n]^T + bias[n]``.
-
-    Attributes:
-        weight: ``[N, C, H]``.
-        bias: ``[N, C]`` or None.
-    """
-
-    def __init__(self, in_features: int, out_features: int, num_members: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_members = in_features, out_features, num_members
-        self.weight = nn.Parameter(torch.empty(num_members, out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_members, out_features, **factory)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Each member initialised independently, as ``nn.Linear`` initialises itself."""
-        with torch.no_grad():
-            for n in range(self.num_members):
-                nn.init.kaiming_uniform_(self.weight[n], a=math.sqrt(5))
-                if self.bias is not None:
-                    bound = 1 / math.sqrt(self.in_features)
-                    nn.init.uniform_(self.bias[n], -bound, bound)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, num_members: int) -> EnsembleHead:
-        """Every member starts as a copy of ``linear`` (its parameters are copied, not shared)."""
-        w = linear.weight
-        head = cls(linear.in_features, linear.out_features, num_members, bias=linear.bias is not None,
-                   device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            head.weight.copy_(w.detach().expand_as(head.weight))
-            if linear.bias is not None:
-                head.bias.copy_(linear.bias.detach().expand_as(head.bias))
-        return head
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[N*B, ..., H]`` -> ``[N*B, ..., C]``."""
-        if x.shape[0] % self.num_members != 0:
-            raise ValueError(f"EnsembleHead: leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not "
-                             f"divisible by num_members={self.num_members}")
-        rows = x.reshape(self.num_members, -1, self.in_features)
-        if self.bias is None:
-            out = torch.bmm(rows, self.weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(self.bias.unsqueeze(1), rows, self.weight.transpose(1, 2))
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def merged_member(self, member: int) -> nn.Linear:
-        """Member ``member`` as an independent ``nn.Linear``."""
-        if not 0 <= member < self.num_members:
-            raise IndexError(f"member must be in [0, {self.num_members}), got {member}")
-        w = self.weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w[member])
-            if self.bias is not None:
-                linear.bias.copy_(self.bias[member])
-        return linear
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_members={self.num_members}, bias={self.bias is not None}")
+# Keyword inputs that index positions, not samples: never replicated, never taken as the batch.
+_NOT_BATCHED = frozenset({"cache_position", "logits_to_keep"})
+# Keyword inputs that carry the batch, when a call to the wrapped model is checked for replication.
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values")
+_PER_MEMBER_TYPES = (FusedLoRAEnsembleLinear, EnsembleHead, PerMemberModule)
 
 
 @dataclass
@@ -215,23 +101,48 @@ class EnsemblePrediction:
 
 
 class _Replicator:
-    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major."""
+    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
+    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+
+    ``active`` is set while the ensemble calls its model; ``batch`` is then ``B`` (replicate the
+    tensors whose leading dim is ``B``) or None (the inputs are already stacked ``[N*B, ...]``).
+    """
 
     def __init__(self, num_members: int) -> None:
         self.num_members = num_members
+        self.active = False
         self.batch: int | None = None
 
     def replicate(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if self.batch is None:
+            return args, kwargs
+
         def rep(v: Any) -> Any:
             if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
                 return replicate_members(v, self.num_members)
             return v
-        return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
+        return (tuple(rep(a) for a in args),
+                {k: v if k in _NOT_BATCHED else rep(v) for k, v in kwargs.items()})
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if self.batch is None:
+        if not self.active:
             raise RuntimeError("replicate_at module called outside LoRAEnsemble.forward")
         return self.replicate(args, kwargs)
+
+    def check_direct_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Pre-hook on the wrapped model: a direct call must bring a stacked batch."""
+        if self.active:
+            return
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None:
+            first = next((kwargs[k] for k in _BATCH_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+        if first is not None and first.dim() >= 1 and first.shape[0] % self.num_members != 0:
+            raise ValueError(
+                f"{type(module).__name__} of a LoRAEnsemble was called directly with a batch of {first.shape[0]} "
+                f"(input shape {tuple(first.shape)}), not a multiple of num_members={self.num_members}: the wrapped "
+                "model expects the member-stacked batch [N*B, ...]. Call the ensemble instead (ens(...), "
+                "ens.predict(...), ens.generate(...)), or stack the batch with replicate_members(x, N). A batch that "
+                "happens to be a multiple of N is not detected: its rows n*B:(n+1)*B run through member n.")
 
 
 class _FirstInputSharing:
@@ -265,31 +176,101 @@ def _logits_of(output: Any) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
+    values = (*args, *(v for k, v in kwargs.items() if k not in _NOT_BATCHED))
+    first = next((v for v in values if isinstance(v, Tensor) and v.dim() >= 1), None)
+    if first is None:
+        raise ValueError("LoRAEnsemble needs at least one tensor input with a batch dim")
+    return first.shape[0]
+
+
+def _set_by_name(root: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, value)
+
+
+@contextmanager
+def _undone_on_error(model: nn.Module) -> Iterator[None]:
+    """On an exception, put back every submodule ``model`` had and every parameter's ``requires_grad``."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for parent, name, child in children:
+            setattr(parent, name, child)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """HF's position ids of a padded batch: ``cumsum(mask) - 1``, 0 on padding (``[B, T]``)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _check_tokens(input_ids: Any, attention_mask: Any) -> Tensor:
+    """Validate ``input_ids [B, T]`` and ``attention_mask``; returns the mask (ones when None)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or 0 in input_ids.shape:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor [B, T] with B, T >= 1, got {shape}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all() or not attention_mask.bool().any(-1).all():
+        raise ValueError("attention_mask must hold 0/1 with at least one 1 (attended token) per row")
+    return attention_mask
+
+
 class LoRAEnsemble(nn.Module):
     """``num_members`` LoRA members of one frozen ``model``, evaluated in a single stacked pass.
 
     ``model`` is modified in place and kept as ``self.model``: every ``nn.MultiheadAttention`` is
     swapped for an equivalent :class:`~lora_ensemble.attention.ExplicitMultiheadAttention`, each
-    target ``nn.Linear`` for a :class:`~lora_ensemble.FusedLoRAEnsembleLinear` sharing its weight
-    and bias, and the head for an :class:`EnsembleHead`. All original parameters are frozen; the
-    trainable ones are the LoRA factors and the heads.
+    target ``nn.Linear`` / HF ``Conv1D`` for a :class:`~lora_ensemble.FusedLoRAEnsembleLinear` sharing
+    its weight and bias, and each head for a per-member head. All original parameters are frozen;
+    the trainable ones are the LoRA factors and the heads. If wrapping fails (an unknown target, a bad
+    option), ``model`` is left as it was.
+
+    ``LoRAEnsemble(model, N, r)`` with nothing else wraps the attention projections of timm,
+    torchvision and HF ViTs, HF DeiT, AST, BERT, RoBERTa, Llama, Mistral, Qwen2, Gemma, Phi-3 and GPT-2
+    (see :mod:`lora_ensemble.targets`).
 
     Args:
         model: the backbone; its forward must take the batch on dim 0 of its tensor inputs.
         num_members: ``N``.
         rank: LoRA rank ``r``.
-        target_modules: see :func:`resolve_target_modules` (None: the family's attention projections).
+        target_modules: see :func:`~lora_ensemble.targets.resolve_target_modules` (None: the family's
+            attention projections).
         alpha: LoRA ``alpha`` (scaling ``alpha / r``); None gives scaling 1, as the paper's code.
-        head: dotted name of the ``nn.Linear`` classifier to make per-member; ``"auto"`` tries
-            ``head``, ``heads.head``, ``classifier``, ``fc``; None keeps the model's output as is.
-        num_classes: fresh per-member heads with this many classes (independently initialised);
-            None copies the model's head into every member.
-        init_gain: Xavier gain of ``lora_A`` (10, as the paper).
+        head: ``"auto"`` (see :mod:`lora_ensemble.targets`: none for a language model, whose
+            ``lm_head`` stays shared and frozen; an HF model's task heads; else the first ``nn.Linear``
+            of ``head``, ``heads.head``, ``classifier``, ``fc``), a dotted module name or a list of
+            them, or None (the model's output as is). An ``nn.Linear`` head becomes an
+            :class:`EnsembleHead`; any other module a :class:`PerMemberModule` (copied whole per member).
+        num_classes: fresh per-member heads with this many classes, independently initialised (for a
+            module head: its last ``nn.Linear`` is replaced); None copies the model's heads into every
+            member (then the members' heads start equal).
+        init_gain: Xavier gain of ``lora_A`` with ``init="paper"`` (10, as the paper).
         backend: the fused op's backend.
         replicate_at: dotted name of the module at whose input the batch is replicated (None: at
             the model entry). Everything before it runs once, at batch ``B``.
         share_first_input: run the first LoRA layer(s) on member 0's rows with ``shared_input``
             (see the module docstring).
+        init: ``"paper"`` (``lora_A`` Xavier-uniform, gain ``init_gain``: the LoRA-Ensemble paper's, for
+            vision and encoder models) or ``"peft"`` (Kaiming-uniform, ``a=sqrt(5)``: peft's, which the
+            LLM LoRA-ensemble work uses). None: ``"peft"`` for a language model (``has_lm_head``),
+            ``"paper"`` otherwise. ``lora_B`` starts at zero either way.
+        use_rslora: rsLoRA scaling ``alpha / sqrt(r)`` (needs ``alpha``).
+        lora_dropout: dropout on the LoRA path's input in training mode (peft's ``lora_dropout``;
+            see :class:`~lora_ensemble.FusedLoRAEnsembleLinear` for its cost).
+        member_chunk_size: run the members ``k`` at a time (forward, :meth:`forward_hf`,
+            :meth:`predict`, :meth:`generate`): the same results as all at once, with the activations of
+            ``k*B`` rows instead of ``N*B`` at a time. None: all at once. Also settable later as the
+            attribute.
     """
 
     def __init__(
@@ -299,41 +280,45 @@ class LoRAEnsemble(nn.Module):
         rank: int,
         target_modules: TargetSpec | None = None,
         alpha: float | None = None,
-        head: str | None = "auto",
+        head: str | Sequence[str] | None = "auto",
         num_classes: int | None = None,
         init_gain: float = 10.0,
         backend: str = "auto",
         replicate_at: str | None = None,
         share_first_input: bool = False,
+        init: str | None = None,
+        use_rslora: bool = False,
+        lora_dropout: float = 0.0,
+        member_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
             raise ValueError(f"num_members must be a positive int, got {num_members!r}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
+            raise ValueError(f"member_chunk_size must be a positive int or None, got {member_chunk_size!r}")
+        init = init if init is not None else ("peft" if has_lm_head(model) else "paper")
+        check_lora_options(init, alpha, use_rslora, lora_dropout)
         self.num_members, self.rank, self.alpha = num_members, rank, alpha
-        self.init_gain, self.backend = init_gain, backend
-        model.requires_grad_(False)
-        replace_multihead_attention(model)
+        self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
+        self.backend, self.num_classes, self.member_chunk_size = backend, num_classes, member_chunk_size
 
-        self.head_name = self._find_head(model, head)
-        if self.head_name is not None:
-            original = model.get_submodule(self.head_name)
-            if num_classes is None:
-                new_head = EnsembleHead.from_linear(original, num_members)
-            else:
-                w = original.weight
-                new_head = EnsembleHead(original.in_features, num_classes, num_members,
-                                        bias=original.bias is not None, device=w.device, dtype=w.dtype)
-            _set_submodule(model, self.head_name, new_head)
-        elif num_classes is not None:
-            raise ValueError("num_classes needs a head to replace; head=None keeps the model's output")
-
-        self.target_names = resolve_target_modules(model, target_modules)
-        for name in self.target_names:
-            layer = FusedLoRAEnsembleLinear.from_linear(model.get_submodule(name), num_members, rank,
-                                                        alpha=alpha, backend=backend, init_gain=init_gain)
-            _set_submodule(model, name, layer)
+        with _undone_on_error(model):
+            model.requires_grad_(False)
+            replace_multihead_attention(model)
+            self.head_names = find_heads(model, head)
+            if num_classes is not None and not self.head_names:
+                raise ValueError("num_classes needs a head to replace; head=None (or a language model) keeps "
+                                 "the model's output as is")
+            for name in self.head_names:
+                _set_by_name(model, name, self._per_member_head(model.get_submodule(name)))
+            self.target_names = resolve_target_modules(model, target_modules)
+            for name in self.target_names:
+                layer = FusedLoRAEnsembleLinear.from_linear(
+                    model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
+                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout)
+                _set_by_name(model, name, layer)
         self.model = model
 
         self.replicate_at = replicate_at
@@ -343,7 +328,18 @@ class LoRAEnsemble(nn.Module):
         self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
+    def _per_member_head(self, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            if self.num_classes is None:
+                return EnsembleHead.from_linear(module, self.num_members)
+            w = module.weight
+            return EnsembleHead(module.in_features, self.num_classes, self.num_members,
+                                bias=module.bias is not None, device=w.device, dtype=w.dtype)
+        return PerMemberModule.from_module(module, self.num_members, self.num_classes)
+
     def _install_hooks(self) -> None:
+        self._hook_handles.append(self.model.register_forward_pre_hook(self._replicator.check_direct_call,
+                                                                       with_kwargs=True))
         if self.replicate_at is not None:
             trunk = self.model.get_submodule(self.replicate_at)
             self._hook_handles.append(trunk.register_forward_pre_hook(self._replicator, with_kwargs=True))
@@ -363,59 +359,272 @@ class LoRAEnsemble(nn.Module):
         finally:
             self._install_hooks()
 
-    @staticmethod
-    def _find_head(model: nn.Module, head: str | None) -> str | None:
-        if head is None:
-            return None
-        modules = dict(model.named_modules())
-        if head == "auto":
-            found = [n for n in _HEAD_NAMES if isinstance(modules.get(n), nn.Linear)]
-            if not found:
-                raise ValueError(f"head='auto' found none of {_HEAD_NAMES} as an nn.Linear in "
-                                 f"{type(model).__name__}; pass head=<name> or head=None")
-            return found[0]
-        if not isinstance(modules.get(head), nn.Linear):
-            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
-            raise ValueError(f"head {head!r} is not an nn.Linear of {type(model).__name__}; candidates: {linears}")
-        return head
-
     def lora_layers(self) -> dict[str, FusedLoRAEnsembleLinear]:
         """The wrapped layers by their dotted name in ``self.model``."""
         return {name: self.model.get_submodule(name) for name in self.target_names}
 
     @property
-    def head(self) -> EnsembleHead | None:
-        """The per-member classification head, or None."""
+    def heads(self) -> dict[str, EnsembleHead | PerMemberModule]:
+        """The per-member heads by their dotted name in ``self.model`` (empty for a language model)."""
+        return {name: self.model.get_submodule(name) for name in self.head_names}
+
+    @property
+    def head_name(self) -> str | None:
+        """The name of the first (usually only) per-member head, or None."""
+        return self.head_names[0] if self.head_names else None
+
+    @property
+    def head(self) -> EnsembleHead | PerMemberModule | None:
+        """The first (usually only) per-member head, or None."""
         return self.model.get_submodule(self.head_name) if self.head_name is not None else None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The model's inputs (batch ``B`` on dim 0) -> every member's logits ``[N, B, ...]``."""
-        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() >= 1), None)
-        if first is None:
-            raise ValueError("LoRAEnsemble.forward needs at least one tensor input with a batch dim")
-        batch = first.shape[0]
-        self._replicator.batch = batch
-        if self.replicate_at is None:
-            args, kwargs = self._replicator.replicate(args, kwargs)
-        self._sharing.active = self.share_first_input
+    def member_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter that holds one slice per member along dim 0 (``[N, ...]``), by its dotted
+        name in ``self.model``: each wrapped layer's ``lora_A`` / ``lora_B`` and every head parameter."""
+        params: dict[str, nn.Parameter] = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, FusedLoRAEnsembleLinear):
+                params[f"{prefix}.lora_A"], params[f"{prefix}.lora_B"] = module.lora_A, module.lora_B
+            elif isinstance(module, (EnsembleHead, PerMemberModule)):
+                params.update(module.named_parameters(prefix))
+        return params
+
+    def _chunks(self) -> list[slice]:
+        size = self.member_chunk_size or self.num_members
+        return [slice(start, min(start + size, self.num_members)) for start in range(0, self.num_members, size)]
+
+    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any],
+              params: dict[str, nn.Parameter]) -> Any:
+        """``self.model`` on the members ``members`` only. ``batch``: ``B`` when the inputs are one batch
+        to replicate (at the entry or at ``replicate_at``), None when they are stacked ``[k*B, ...]``.
+        ``params``: :meth:`member_parameters`, sliced to ``members`` when they are not all members."""
+        count = len(range(self.num_members)[members])
+        self._replicator.active, self._replicator.batch = True, batch
+        self._replicator.num_members = self._sharing.num_members = count
+        self._sharing.active = self.share_first_input and batch is not None
         try:
-            out = _logits_of(self.model(*args, **kwargs))
+            if self.replicate_at is None:
+                args, kwargs = self._replicator.replicate(args, kwargs)
+            if count == self.num_members:
+                return self.model(*args, **kwargs)
+            return functional_call(self.model, {name: p[members] for name, p in params.items()}, args, kwargs)
         finally:
-            self._replicator.batch = None
+            self._replicator.active, self._replicator.batch = False, None
+            self._replicator.num_members = self._sharing.num_members = self.num_members
             self._sharing.active, self._sharing.source = False, None
-        return out.reshape(self.num_members, batch, *out.shape[1:])
+
+    def _run(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, list[tuple[int, Any]]]:
+        """The batch size and every member chunk's (member count, raw model output)."""
+        batch = _batch_size(args, kwargs)
+        chunks = self._chunks()
+        params = self.member_parameters() if len(chunks) > 1 else {}
+        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs, params)) for c in chunks]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The model's inputs (batch ``B`` on dim 0) -> every member's logits ``[N, B, ...]``
+        (a causal LM: ``[N, B, T, V]``). The rest of an HF output: :meth:`forward_hf`."""
+        batch, outs = self._run(args, kwargs)
+        return torch.cat([_logits_of(out).reshape(count, batch, *_logits_of(out).shape[1:]) for count, out in outs])
+
+    def forward_hf(self, *args: Any, **kwargs: Any) -> Any:
+        """The HF output of the stacked pass, with ``logits`` as ``[N, B, ...]``.
+
+        ``loss`` (when ``labels`` are given) is HF's loss over the stacked batch, which with the labels
+        replicated is the mean over members of each member's loss. ``past_key_values``,
+        ``hidden_states`` and the other fields are HF's for the stacked batch ``[N*B, ...]``
+        (member-major); to continue decoding from that cache pass ``ens.model`` stacked inputs, or use
+        :meth:`generate`. With ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are
+        returned (the other fields exist per chunk, not for the whole ensemble).
+
+        Raises:
+            TypeError: the model does not return an HF ``ModelOutput`` with ``logits``.
+        """
+        batch, outs = self._run(args, kwargs)
+        first = outs[0][1]
+        if not (hasattr(first, "keys") and "logits" in first.keys()):
+            raise TypeError(f"forward_hf needs a model that returns an HF ModelOutput with logits, got "
+                            f"{type(first).__name__}; use ens(...) for the logits")
+        logits = torch.cat([out.logits.reshape(count, batch, *out.logits.shape[1:]) for count, out in outs])
+        if len(outs) == 1:
+            first["logits"] = logits
+            return first
+        fields: dict[str, Any] = {"logits": logits}
+        if all(getattr(out, "loss", None) is not None for _, out in outs):
+            fields["loss"] = sum(out.loss * count for count, out in outs) / self.num_members
+        return type(first)(**fields)
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _accepts(self, name: str) -> bool:
+        return name in inspect.signature(self.model.forward).parameters
 
     @torch.no_grad()
-    def predict(self, *args: Any, **kwargs: Any) -> EnsemblePrediction:
-        """Ensemble prediction and its uncertainty for classification logits ``[N, B, C]``
-        (gradients off; the module's train/eval mode is left as it is)."""
-        return EnsemblePrediction.from_logits(self(*args, **kwargs))
+    def predict(self, *args: Any, answer_token_ids: Sequence[int] | Tensor | None = None,
+                **kwargs: Any) -> EnsemblePrediction:
+        """Ensemble prediction and its uncertainty, in eval mode (the previous train/eval mode of
+        every submodule is restored) without gradients.
+
+        Without ``answer_token_ids``: the model's inputs -> classification logits ``[N, B, C]``.
+
+        With ``answer_token_ids`` (a causal LM, multiple-choice QA as in Balabanov & Linander):
+        ``predict(input_ids [B, T], attention_mask=mask, answer_token_ids=[id_A, id_B, ...])`` takes each
+        member's next-token logits at each sequence's last attended position (left or right padding),
+        keeps the answer tokens' logits ``[N, B, A]`` and softmaxes over them: the prediction is over
+        the answers, renormalised. Position ids follow the mask (as HF ``generate`` computes them)
+        unless given; only the needed positions reach ``lm_head`` (``logits_to_keep``) when the model
+        takes that argument.
+
+        Raises:
+            ValueError: malformed ``input_ids`` / ``attention_mask``, an empty ``answer_token_ids`` or
+                one outside the vocabulary.
+        """
+        with self._eval_mode():
+            if answer_token_ids is None:
+                return EnsemblePrediction.from_logits(self(*args, **kwargs))
+            return EnsemblePrediction.from_logits(self._answer_logits(args, kwargs, answer_token_ids))
+
+    def _answer_logits(self, args: tuple, kwargs: dict[str, Any], answer_token_ids: Sequence[int] | Tensor) -> Tensor:
+        if len(args) > 1 or (args and "input_ids" in kwargs):
+            raise TypeError("predict with answer_token_ids takes input_ids (positional or keyword) and every "
+                            "other model input by keyword")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        mask = _check_tokens(input_ids, kwargs.get("attention_mask"))
+        answers = torch.as_tensor(answer_token_ids, device=input_ids.device).long().reshape(-1)
+        if answers.numel() == 0:
+            raise ValueError("answer_token_ids must name at least one token")
+        length = input_ids.shape[1]
+        last = length - 1 - mask.flip(-1).argmax(-1)  # each row's last attended position
+        if self._accepts("position_ids") and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = _positions(mask)
+        if self._accepts("logits_to_keep"):
+            if "logits_to_keep" in kwargs:
+                raise ValueError("predict with answer_token_ids chooses logits_to_keep itself; do not pass it")
+            kept = torch.unique(last)
+            kwargs["logits_to_keep"] = kept
+            last = torch.searchsorted(kept, last)
+        logits = self(input_ids, **kwargs)  # [N, B, T or kept, V]
+        vocab = logits.shape[-1]
+        if answers.min() < 0 or answers.max() >= vocab:
+            raise ValueError(f"answer_token_ids must be in [0, {vocab}) (the vocabulary), got {answers.tolist()}")
+        index = last.view(1, -1, 1, 1).expand(logits.shape[0], -1, 1, vocab)
+        return logits.gather(2, index).squeeze(2)[..., answers]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        ensemble: bool = False,
+        **unsupported: Any,
+    ) -> Tensor:
+        """Decode every member of a causal LM in one stacked batch with one KV cache (in eval mode,
+        restored afterwards; no gradients).
+
+        ``ensemble=False``: every member decodes its own continuation, ``[N, B, T + new]``; member
+        ``n``'s rows equal HF ``generate`` of member ``n`` alone (greedy). ``ensemble=True``: one
+        continuation per sequence from the mean of the member probabilities, ``[B, T + new]`` (see
+        :mod:`lora_ensemble.generation` for the rules). ``new`` is ``max_new_tokens``, or fewer when
+        every sequence has ended: a sequence stops at an end-of-sequence token and is padded with
+        ``pad_token_id`` after it. With ``member_chunk_size`` the members run ``k`` at a time at every
+        step (each chunk keeps its own cache), with the same results.
+
+        Args:
+            input_ids: ``[B, T]`` prompts, left-padded when their lengths differ.
+            attention_mask: ``[B, T]`` (1 = token, 0 = padding), None for no padding.
+            max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id: as in HF
+                ``generate``; each unset one comes from ``self.model.generation_config``, else HF's
+                default (20 tokens, greedy, ``top_k=50`` when sampling).
+            generator: the ``torch.Generator`` sampling draws from (None: the global one, as HF).
+            ensemble: decode the ensemble's mean distribution instead of each member.
+
+        Raises:
+            TypeError: an HF ``generate`` option this decoder does not implement (beam search,
+                repetition penalty, ...), or a model that cannot generate.
+            ValueError: malformed or right-padded ``input_ids`` / ``attention_mask``, an option out of range.
+        """
+        if unsupported:
+            raise TypeError(f"LoRAEnsemble.generate does not support {sorted(unsupported)}; it takes max_new_tokens, "
+                            "do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, generator, ensemble")
+        can_generate = getattr(self.model, "can_generate", None)
+        if not (callable(can_generate) and can_generate()):
+            raise TypeError(f"generate needs a causal language model (HF can_generate()), got "
+                            f"{type(self.model).__name__}")
+        mask = _check_tokens(input_ids, attention_mask)
+        if not mask[:, -1].all():
+            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(f"generate needs left padding; rows {rows} end in padding (attention_mask[:, -1] == 0)")
+        options = GenerationOptions.from_call(
+            getattr(self.model, "generation_config", None), generator, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id)
+        with self._eval_mode():
+            return self._decode(input_ids, mask, options, ensemble)
+
+    def _decode(self, input_ids: Tensor, mask: Tensor, options: GenerationOptions, ensemble: bool) -> Tensor:
+        batch = input_ids.shape[0]
+        chunks = self._chunks()
+        params = self.member_parameters() if len(chunks) > 1 else {}
+        keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
+        with_positions = self._accepts("position_ids")
+        seqs = input_ids if ensemble else replicate_members(input_ids, self.num_members)
+        eos = torch.tensor(options.eos_token_ids, dtype=torch.long, device=input_ids.device)
+        unfinished = torch.ones(seqs.shape[0], dtype=torch.bool, device=input_ids.device)
+        caches: list[Any] = [None] * len(chunks)
+        for step in range(options.max_new_tokens):
+            positions = _positions(mask)
+            logits = []
+            for i, members in enumerate(chunks):
+                count = len(range(self.num_members)[members])
+                if step == 0 or ensemble:  # one batch for every member: the prompt, or the ensemble's token
+                    inputs = {"input_ids": input_ids if step == 0 else seqs[:, -1:], "attention_mask": mask,
+                              "position_ids": positions if step == 0 else positions[:, -1:]}
+                    step_batch: int | None = batch
+                else:  # each member's own last token: stacked rows of this chunk
+                    inputs = {"input_ids": seqs[members.start * batch:members.stop * batch, -1:],
+                              "attention_mask": replicate_members(mask, count),
+                              "position_ids": replicate_members(positions[:, -1:], count)}
+                    step_batch = None
+                if not with_positions:
+                    del inputs["position_ids"]
+                out = self._call(members, step_batch, (),
+                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep}, params)
+                if out.past_key_values is None:
+                    raise RuntimeError(f"{type(self.model).__name__} returned no past_key_values with use_cache=True")
+                caches[i] = out.past_key_values
+                logits.append(out.logits[:, -1].float().reshape(count, batch, -1))
+            tokens = choose_next_tokens(torch.cat(logits), options, ensemble)
+            if eos.numel():
+                tokens = torch.where(unfinished, tokens, options.pad_token_id)
+            seqs = torch.cat([seqs, tokens[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            if eos.numel():
+                unfinished &= ~torch.isin(tokens, eos)
+                if not unfinished.any():
+                    break
+        return seqs if ensemble else seqs.view(self.num_members, batch, -1)
 
     def select_members_(self, members: slice) -> LoRAEnsemble:
-        """Keep only ``members``, in place: every wrapped layer's ``lora_A [N, r, d]`` and
-        ``lora_B [N, k, r]`` and the head's ``weight [N, C, H]``, ``bias [N, C]`` are sliced along
-        dim 0 into new Parameters, and every member count becomes the block's size. Build optimizers
-        after this call. Returns ``self``.
+        """Keep only ``members``, in place: every parameter of :meth:`member_parameters` (each wrapped
+        layer's ``lora_A [N, r, d]`` and ``lora_B [N, k, r]``, every head parameter ``[N, ...]``) is
+        sliced along dim 0 into a new Parameter, and every member count becomes the block's size.
+        Build optimizers after this call. Returns ``self``.
 
         Raises:
             ValueError: a strided slice, or one that keeps no member (slices clip to ``range(N)`` as
@@ -425,24 +634,17 @@ class LoRAEnsemble(nn.Module):
         if len(kept) == 0 or members.step not in (None, 1):
             raise ValueError(f"members must be a non-empty contiguous slice of range({self.num_members}), "
                              f"got {members}")
-
-        def keep(param: Tensor) -> nn.Parameter:
-            return nn.Parameter(param.detach()[members].clone(), requires_grad=param.requires_grad)
-
+        for name, param in self.member_parameters().items():
+            _set_by_name(self.model, name, nn.Parameter(param.detach()[members].clone(),
+                                                        requires_grad=param.requires_grad))
         for module in self.modules():
-            if isinstance(module, FusedLoRAEnsembleLinear):
-                module.lora_A, module.lora_B = keep(module.lora_A), keep(module.lora_B)
+            if isinstance(module, _PER_MEMBER_TYPES):
                 module.num_members = len(kept)
-            elif isinstance(module, EnsembleHead):
-                module.weight = keep(module.weight)
-                if module.bias is not None:
-                    module.bias = keep(module.bias)
-                module.num_members = len(kept)
-        # The member count lives on the ensemble and on its two forward pre-hooks.
+        # The member count lives on the ensemble and on its forward pre-hooks.
         self.num_members = self._replicator.num_members = self._sharing.num_members = len(kept)
         return self
 
     def extra_repr(self) -> str:
-        return (f"num_members={self.num_members}, rank={self.rank}, alpha={self.alpha}, "
-                f"targets={len(self.target_names)}, head={self.head_name!r}, replicate_at={self.replicate_at!r}, "
-                f"share_first_input={self.share_first_input}")
+        return (f"num_members={self.num_members}, rank={self.rank}, alpha={self.alpha}, init={self.init!r}, "
+                f"targets={len(self.target_names)}, heads={self.head_names}, replicate_at={self.replicate_at!r}, "
+                f"share_first_input={self.share_first_input}, member_chunk_size={self.member_chunk_size}")

@@ -1,9 +1,10 @@
 """Save and load the members of a :class:`~lora_ensemble.LoRAEnsemble`, and export one member.
 
 Only what the members own is saved: every wrapped layer's ``lora_A [N, r, d]`` / ``lora_B [N, k, r]``
-and the per-member head (``weight [N, C, H]``, ``bias [N, C]``), in one safetensors file keyed by
-the parameter's name inside the model (``blocks.0.attn.qkv.lora_A``, ``head.weight``), next to a
-small JSON config (members, rank, alpha, target layer names, head name, replication options). The
+and the per-member heads (``weight [N, C, H]``, ``bias [N, C]``; a module head's parameters ``[N, ...]``),
+in one safetensors file keyed by the parameter's name inside the model (``blocks.0.attn.qkv.lora_A``,
+``head.weight``), next to a small JSON config (members, rank, alpha, LoRA options, target layer names,
+head names, replication options). The
 frozen backbone is not saved: :func:`load_members` re-attaches the members to a fresh copy of it.
 """
 
@@ -40,16 +41,18 @@ def save_members(ensemble: LoRAEnsemble, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in _member_state(ensemble).items()}
-    head = ensemble.head
     config: dict[str, Any] = {
         "format_version": _FORMAT_VERSION,
         "num_members": ensemble.num_members,
         "rank": ensemble.rank,
         "alpha": ensemble.alpha,
+        "use_rslora": ensemble.use_rslora,
+        "lora_dropout": ensemble.lora_dropout,
+        "init": ensemble.init,
         "init_gain": ensemble.init_gain,
         "target_modules": list(ensemble.target_names),
-        "head": ensemble.head_name,
-        "num_classes": head.out_features if head is not None else None,
+        "head": list(ensemble.head_names),
+        "num_classes": ensemble.num_classes,
         "replicate_at": ensemble.replicate_at,
         "share_first_input": ensemble.share_first_input,
     }
@@ -77,11 +80,12 @@ def load_members(model: nn.Module, directory: str | Path, backend: str = "auto")
         model, config["num_members"], config["rank"],
         target_modules=lambda name, module: name in targets,
         alpha=config["alpha"], head=config["head"], num_classes=config["num_classes"],
-        init_gain=config["init_gain"], backend=backend,
+        init_gain=config["init_gain"], backend=backend, init=config.get("init", "paper"),
+        use_rslora=config.get("use_rslora", False), lora_dropout=config.get("lora_dropout", 0.0),
         replicate_at=config["replicate_at"], share_first_input=config["share_first_input"],
     )
     if set(ensemble.target_names) != targets:
-        raise ValueError(f"the model has no nn.Linear named {sorted(targets - set(ensemble.target_names))} "
+        raise ValueError(f"the model has no nn.Linear / Conv1D named {sorted(targets - set(ensemble.target_names))} "
                          "(saved target_modules)")
     saved = load_file(str(directory / WEIGHTS_NAME))
     params = _member_state(ensemble)
@@ -98,7 +102,8 @@ def load_members(model: nn.Module, directory: str | Path, backend: str = "auto")
 
 def export_member(ensemble: LoRAEnsemble, member: int) -> nn.Module:
     """Member ``member`` as a plain model: a copy of the backbone with ``W0 + s B[n] A[n]`` merged
-    into each wrapped layer (a plain ``nn.Linear``) and the member's head as an ``nn.Linear``.
+    into each wrapped layer (a plain ``nn.Linear``, or HF ``Conv1D`` where the base was one) and the
+    member's heads as plain modules (an ``nn.Linear``, or the member's copy of a module head).
 
     The copy shares nothing with the ensemble, takes an ordinary (un-replicated) batch and has every
     parameter trainable, as a freshly built model would. Converted
@@ -107,8 +112,8 @@ def export_member(ensemble: LoRAEnsemble, member: int) -> nn.Module:
     if not 0 <= member < ensemble.num_members:
         raise IndexError(f"member must be in [0, {ensemble.num_members}), got {member}")
     memo: dict[int, Any] = {id(layer): layer.merged_member(member) for layer in ensemble.lora_layers().values()}
-    if ensemble.head is not None:
-        memo[id(ensemble.head)] = ensemble.head.merged_member(member)
+    for head in ensemble.heads.values():
+        memo[id(head)] = head.merged_member(member)
     with ensemble.hooks_removed():
         plain = copy.deepcopy(ensemble.model, memo)
     plain.requires_grad_(True)
