@@ -180,7 +180,7 @@ def fused_lora_ensemble_linear(
     rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)
     out = fused_linear_apply(
         rows.contiguous(),
-        weight.contiguous(),
+        weight.contiguous() if name == "cuda" else weight,  # torch and triton read any strides (Conv1D's W0^T)
         bias.contiguous() if bias is not None else None,
         lora_A.contiguous(),
         lora_B.contiguous(),

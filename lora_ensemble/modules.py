@@ -37,7 +37,8 @@ class FusedLoRAEnsembleLinear(nn.Module):
     Attributes:
         weight: ``W0``, frozen (``requires_grad=False``): ``[out_features, in_features]``, or with
             ``fan_in_fan_out`` ``[in_features, out_features]`` (HF ``Conv1D``'s layout, peft's name); the
-            op then reads ``weight.t()``, a view (the op currently makes it contiguous: one copy per call).
+            op then reads ``weight.t()``, a view (the ``torch`` and ``triton`` backends read it as it is;
+            the ``cuda`` backend needs a contiguous ``W0`` and copies it on every call).
         bias: ``[out_features]`` or None, frozen.
         lora_A: ``[N, rank, in_features]``; ``init="paper"``: each member Xavier-uniform with gain
             ``init_gain`` (10, as the LoRA-Ensemble paper); ``init="peft"``: each member Kaiming-uniform

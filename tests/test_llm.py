@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsemble, PerMemberModule, replicate_members
+from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsemble, PerMemberModule, available_backends, replicate_members
 from lora_ensemble.targets import resolve_target_modules
 
 from .hf_tiny import VOCAB, causal_lm, classifier, classifier_inputs, left_padded, peft_copy, peft_member, randomise
@@ -274,3 +274,29 @@ def test_readme_llm_example_runs(capsys) -> None:
     exec(compile(code, "README LLMs", "exec"), scope)
     assert scope["logits"].shape == (5, 2, 12, 100) and scope["seq"].shape[0] == 2
     assert scope["seqs"].shape[:2] == (5, 2) and "torch.Size([2, 4])" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in available_backends("cpu")])
+def test_conv1d_base_is_read_in_place(backend: str) -> None:
+    """The op reads a Conv1D's W0^T as the strided view it is: no copy of W0 per call (the torch and
+    triton backends take any strides), forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.pytorch_utils import Conv1D
+
+    class CopiesOf(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.copies = tuple(shape), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default):
+                if tuple(args[0].shape) in (self.shape, self.shape[::-1]):
+                    self.copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    layer = FusedLoRAEnsembleLinear.from_linear(Conv1D(24, 40), num_members=2, rank=3, backend=backend)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2 * 3, 40, requires_grad=True)
+    with CopiesOf(layer.weight.shape) as mode:
+        layer(x).sum().backward()
+    assert not mode.copies, mode.copies
