@@ -28,7 +28,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import pytest

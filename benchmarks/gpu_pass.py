@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PART_BUDGET_S", "PARTS", "Step", "main", "run_part", "steps_for"]
+__all__ = ["GPU_PARTS", "PART_BUDGET_S", "Step", "main", "run_part", "steps_for"]
 
 # One part must end within the 10 minutes a command may run on the lent GPU machines.
 PART_BUDGET_S = 570

@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
-from .modules import FusedLoRAEnsembleLinear
+from .ensemble import EnsemblePrediction, LoRAEnsemble
 
 __all__ = ["MemberParallelEnsemble", "member_slice"]
 
@@ -48,12 +47,7 @@ def member_slice(num_members: int, world_size: int, rank: int) -> slice:
 
 def _shared_trainable(ensemble: LoRAEnsemble) -> list[str]:
     """Names of trainable parameters that do not belong to one member (they would need an all-reduce)."""
-    per_member: set[int] = set()
-    for module in ensemble.modules():
-        if isinstance(module, FusedLoRAEnsembleLinear):
-            per_member |= {id(module.lora_A), id(module.lora_B)}
-        elif isinstance(module, EnsembleHead):
-            per_member |= {id(p) for p in module.parameters()}
+    per_member = {id(p) for p in ensemble.member_parameters().values()}
     return [name for name, p in ensemble.named_parameters() if p.requires_grad and id(p) not in per_member]
 
 
