@@ -38,6 +38,7 @@ from .configs import (
     fitting_fused_lora_gemm_configs,
     fitting_lora_grads_configs,
     fused_lora_gemm_block_rows,
+    spill_key,
 )
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
 from .lora_grads import _lora_grads_kernel
@@ -47,7 +48,6 @@ __all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "c
 ARCHS = (80, 90)
 # Largest dynamic shared memory per block (bytes) an NVIDIA architecture grants.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-_ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # (dtype, dot precision) pairs: fp32 runs one TF32 pass when PyTorch allows TF32, else 3xTF32.
 VARIANTS = (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"))
 RANK_TILES = (16, 32, 64, 128)
@@ -84,6 +84,10 @@ _ROLES = (
      {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
 )
 ROLE_NAMES = tuple(role[0] for role in _ROLES)
+# The kernel each role runs, as named in SPILLING_CONFIGS.
+ROLE_KERNEL = {"forward": "stacked", "backward_dx": "stacked", "forward_shared": "shared",
+               "backward_dx_shared": "shared", "backward_lora": "lora_grads", "backward_lora_split": "lora_grads"}
+_SPILLING_CONFIGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spilling_configs.py")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,11 @@ class AotCase:
     def config_text(self) -> str:
         kwargs = " ".join(f"{k}={v}" for k, v in self.config.kwargs.items())
         return f"{kwargs} w{self.config.num_warps} s{self.config.num_stages}"
+
+    def spill_key(self, arch: int) -> tuple:
+        """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS`."""
+        return spill_key(ROLE_KERNEL[self.name], self.dtype, self.precision, self.block_r, self.block_m,
+                         self.config, arch)
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,7 @@ class AotReport:
 
     def as_dict(self) -> dict:
         return {"arch": self.arch, "case": self.case.label(), "config": self.case.config_text(),
+                "spill_key": list(self.case.spill_key(self.arch)),
                 "registers": self.registers, "spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
                 "shared_bytes": self.shared_bytes, "shared_limit": self.shared_limit, "fits": self.fits}
 
@@ -148,26 +158,24 @@ def _role(name: str) -> tuple:
     return next(role for role in _ROLES if role[0] == name)
 
 
-def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows: int,
-                      arch: int = 90) -> list[tuple[int, triton.Config]]:
+def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows: int, arch: int = 90,
+                      without_measured_spills: bool = True) -> list[tuple[int, triton.Config]]:
     """``(block_m, config)`` for every config the run-time pruning keeps for role ``name`` on a
-    problem of ``rows`` rows per member (d = k = 4096) on ``sm_<arch>``, in autotune order."""
+    problem of ``rows`` rows per member (d = k = 4096) on ``sm_<arch>``, in autotune order
+    (``without_measured_spills=False``: also those the spill record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
-    shared_memory = SHARED_MEMORY_LIMIT[arch]
-    tf32x3 = precision == "tf32x3"
+    common = dict(dtype=dtype, precision=precision, block_r=block_r, shared_memory=SHARED_MEMORY_LIMIT[arch],
+                  capability=arch, without_measured_spills=without_measured_spills)
     if kernel is _lora_grads_kernel:
-        kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, element_size=_ELEMENT_SIZE[dtype],
-                                          block_r=block_r, shared_memory=shared_memory, capability=arch, tf32x3=tf32x3)
+        kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, **common)
         return [(c.kwargs["BLOCK_M"], c) for c in kept]
     block_m = fused_lora_gemm_block_rows({"ROWS": rows, "BLOCK_R": block_r, "DOT_PRECISION": precision, **fixed})
-    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE,
-                                           element_size=_ELEMENT_SIZE[dtype], block_m=block_m, block_r=block_r,
-                                           shared_memory=shared_memory, capability=arch,
-                                           sum_members=fixed.get("SUM_MEMBERS"), tf32x3=tf32x3)
+    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=block_m,
+                                           sum_members=fixed.get("SUM_MEMBERS"), **common)
     return [(block_m, c) for c in kept]
 
 
-def aot_cases(arch: int = 90) -> list[AotCase]:
+def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
     """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``,
     without repeats (a config kept in both row regimes of the weight-gradient kernel is one case)."""
     cases: dict[str, AotCase] = {}
@@ -175,10 +183,39 @@ def aot_cases(arch: int = 90) -> list[AotCase]:
         for dtype, precision in VARIANTS:
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
-                    for block_m, config in candidate_configs(name, dtype, precision, block_r, rows, arch):
+                    for block_m, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
+                                                             without_measured_spills):
                         case = AotCase(name, dtype, precision, block_r, block_m, config)
                         cases.setdefault(f"{case.label()} {case.config_text()}", case)
     return list(cases.values())
+
+
+def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIGS_FILE) -> int:
+    """Write ``spilling_configs.py`` from the JSON reports of ``--all-candidates`` runs (one per
+    triton version): the union of every kernel that spilled. Returns how many there are."""
+    spilling = set()
+    versions = []
+    for report_path in report_paths:
+        with open(report_path) as f:
+            run = json.load(f)
+        versions.append(run["triton"])
+        spilling |= {tuple(r["spill_key"]) for r in run["reports"]
+                     if not isinstance(r, str) and (r["spill_stores"] or r["spill_loads"])}
+    lines = [
+        "# Generated by `python -m lora_ensemble.kernels.aot --write-spilling-configs REPORT.json ...` from",
+        f"# `--all-candidates` runs with triton {', '.join(sorted(set(versions)))}: every kernel that spilled",
+        "# registers on sm_80 or sm_90 (the key of configs.spill_key: arch family, kernel, dtype, dot",
+        "# precision, rank tile, row tile, warps, stages, other tiles). The run-time pruning never keeps these.",
+        '"""Launch configs measured to spill registers (see kernels/aot.py)."""',
+        "",
+        "SPILLING_CONFIGS: frozenset[tuple] = frozenset({",
+        *(f"    {key!r}," for key in sorted(spilling)),
+        "})",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return len(spilling)
 
 
 def _source(case: AotCase) -> ASTSource:
@@ -246,11 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", metavar="PATH", help="also write the reports (and failures) to PATH as JSON")
     parser.add_argument("--only", metavar="TEXT", default="", help="compile only the cases whose label contains TEXT")
+    parser.add_argument("--all-candidates", action="store_true",
+                        help="also compile the configs the spill record excludes (to measure it again)")
+    parser.add_argument("--write-spilling-configs", nargs="+", metavar="REPORT",
+                        help="write spilling_configs.py from the JSON of --all-candidates runs, and exit")
     args = parser.parse_args(argv)
+    if args.write_spilling_configs:
+        count = write_spilling_configs(args.write_spilling_configs)
+        print(f"{_SPILLING_CONFIGS_FILE}: {count} spilling kernels")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
         return 2
-    work = [(case, arch) for arch in (args.arch or ARCHS) for case in aot_cases(arch) if args.only in case.label()]
+    work = [(case, arch) for arch in (args.arch or ARCHS)
+            for case in aot_cases(arch, without_measured_spills=not args.all_candidates) if args.only in case.label()]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(_compile_in_worker, work, chunksize=4))
     bad = 0
@@ -261,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(result.line())
             bad += result.spills or not result.fits
-    print(f"{len(results) - bad}/{len(results)} kernels compiled, fit and do not spill")
+    print(f"{len(results) - bad}/{len(results)} kernels compiled, fit and do not spill (triton {triton.__version__})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r if isinstance(r, str) else r.as_dict() for r in results], f, indent=1)
+            json.dump({"triton": triton.__version__,
+                       "reports": [r if isinstance(r, str) else r.as_dict() for r in results]}, f, indent=1)
     return 1 if bad else 0
 
 

@@ -12,8 +12,14 @@ import torch
 import triton
 
 from .device import compute_capability
+from .spilling_configs import SPILLING_CONFIGS
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 __all__ = [
+    "DTYPE_NAMES",
+    "ELEMENT_SIZE",
     "FUSED_LORA_GEMM_GPU_CONFIGS",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
@@ -32,6 +38,7 @@ __all__ = [
     "prune_lora_grads_configs",
     "shared_input_configs",
     "size_bucket",
+    "spill_key",
     "tf32_allowed",
 ]
 
@@ -89,10 +96,10 @@ def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False
     """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
     tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
     rows for a rank tile above 64, in the shared-input kernel, and for 3xTF32 dots (which split
-    every operand in two), and at most 32 for 3xTF32 at a rank tile above 64, where larger tiles
+    every operand in two), and at most 32 for 3xTF32 at a rank tile above 32, where larger tiles
     leave ptxas too few registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
     cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
-    if tf32x3 and block_r > 64:
+    if tf32x3 and block_r > 32:
         cap = MAX_BLOCK_ROWS // 4
     return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
 
@@ -131,10 +138,9 @@ SHARED_INPUT_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
 INTERPRETER_FUSED_LORA_GEMM_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-# The configs of the two lists above that 3xTF32 dots (fp32 without TF32), which split every
-# operand into a high and a low part, run without register spills on sm_80 and sm_90 at every row
-# and rank tile: (warps, stages, BLOCK_N, BLOCK_K) as measured with
-# `python -m lora_ensemble.kernels.aot --arch {80,90} --all-configs --only tf32x3`.
+# The candidates for 3xTF32 dots (fp32 without TF32), which split every operand into a high and a low
+# part and so need about twice the registers: (warps, stages, BLOCK_N, BLOCK_K) of the two lists
+# above with room for that; which of them spill at which tiles is in SPILLING_CONFIGS.
 _TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32), (8, 3, 64, 32)}
 _TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32)}
 
@@ -145,6 +151,7 @@ LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
     _cfg(4, 5, BLOCK_M=32, BLOCK_C=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_C=256),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_C=64),  # 3xTF32 at rank tile 128: every 4-warp tile spills on sm_80
 )
 INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
@@ -181,46 +188,63 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
     return num_stages - 1 if capability < 90 else num_stages
 
 
+def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
+              capability: int) -> tuple:
+    """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
+    sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, ``"lora_grads"``), the
+    dtype and dot precision, the rank and row tiles, warps, stages and the config's other tiles."""
+    tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
+    return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, config.num_warps,
+            config.num_stages, *tiles)
+
+
 def fitting_fused_lora_gemm_configs(
     configs: list[triton.Config],
     *,
     cols: int,
     inner: int,
-    element_size: int,
+    dtype: str,
+    precision: str,
     block_m: int,
     block_r: int,
     shared_memory: int,
     capability: int,
     sum_members: bool | None = None,
-    tf32x3: bool = False,
+    without_measured_spills: bool = True,
 ) -> list[triton.Config]:
-    """The fused-kernel configs worth trying for one problem.
+    """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
+    ``precision`` the dots' "tf32" or "tf32x3").
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
-    with fewer than 64 rows (they spill kilobytes per thread: ptxas on sm_80 and sm_90); pipelined
-    tiles beyond ``shared_memory`` bytes (:func:`pipeline_buffers` copies on sm_``capability``);
-    fp32 accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
+    with fewer than 64 rows (they spill kilobytes per thread); pipelined tiles beyond
+    ``shared_memory`` bytes (:func:`pipeline_buffers` copies on sm_``capability``); fp32
+    accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
     forward, ``sum_members=False``: the base tile and a member's output), [block_m, block_r], and
     the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``);
-    in the shared-input kernel, 4-warp configs for rank tiles above 32. ``sum_members=None`` is the
-    stacked kernel. With ``tf32x3`` only the configs measured to run 3xTF32 dots without spills,
-    and the split's extra shared memory (about 15% on sm_90) counted. With autotuning off
-    (:func:`autotuning`) only the first config that fits. Never empty: falls back to the smallest
-    tiles.
+    in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
+    the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
+    shared memory counted; and (``without_measured_spills``) every config in
+    :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel. With autotuning off
+    (:func:`autotuning`) only the first config left. Never empty: falls back to the smallest tiles.
     """
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
+    tf32x3 = precision == "tf32x3"
+    kind = "stacked" if sum_members is None else "shared"
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bn > 128 and block_m < 64:
             return False
         if sum_members is not None and block_r > 32 and c.num_warps < 8:
-            return False  # the shared-input kernel spills on 4 warps with wide rank tiles (measured, sm_90)
+            return False  # the shared-input kernel spills on 4 warps with wide rank tiles
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        tile_bytes = (block_m * bk + bk * bn + bk * block_r) * element_size * (1.25 if tf32x3 else 1)
+        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c,
+                                                 capability) in SPILLING_CONFIGS:
+            return False
+        tile_bytes = (block_m * bk + bk * bn + bk * block_r) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         acc = output_tiles * block_m * bn + block_m * block_r + (2 * block_m * bk if sum_members else 0)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
@@ -234,24 +258,30 @@ def fitting_lora_grads_configs(
     *,
     rows: int,
     cols: int,
-    element_size: int,
+    dtype: str,
+    precision: str,
     block_r: int,
     shared_memory: int,
     capability: int,
-    tf32x3: bool = False,
+    without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The weight-gradient configs worth trying: no tile wider than the problem, pipelined tiles
-    (fp32 ``low``, ``element_size`` ``in``) within ``shared_memory`` bytes, the [block_r, BLOCK_C]
-    fp32 accumulator within 128 registers a thread, and with ``tf32x3`` at most a 64 x 128 tile per
-    4 warps. With autotuning off only the first config that fits. Never empty."""
+    (fp32 ``low``, ``in`` in ``dtype``) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
+    accumulator within 128 registers a thread, with 3xTF32 at most a 64 x 128 tile per 4 warps,
+    and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. With autotuning off only the
+    first config left. Never empty."""
     kept = _keep_fitting(configs, {"BLOCK_M": rows, "BLOCK_C": cols})
+    tf32x3 = precision == "tf32x3"
 
     def fits(c: triton.Config) -> bool:
         bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
-        tile_bytes = (block_r * bm * 4 + bm * bc * element_size) * (1.25 if tf32x3 else 1)
-        smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         if tf32x3 and bm * bc > 64 * 128 * c.num_warps // 4:
-            return False  # the operand split doubles the register footprint (spills measured on sm_90)
+            return False  # the operand split doubles the register footprint
+        if without_measured_spills and spill_key("lora_grads", dtype, precision, block_r, bm, c,
+                                                 capability) in SPILLING_CONFIGS:
+            return False
+        tile_bytes = (block_r * bm * 4 + bm * bc * ELEMENT_SIZE[dtype]) * (1.25 if tf32x3 else 1)
+        smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         return smem <= shared_memory and block_r * bc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
@@ -264,9 +294,10 @@ def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict
     args = {**named_args, **kwargs}
     inp = args["in_ptr"]
     return fitting_fused_lora_gemm_configs(
-        configs, cols=args["COLS"], inner=args["INNER"], element_size=inp.element_size(), block_m=args["BLOCK_M"],
-        block_r=args["BLOCK_R"], shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        sum_members=args.get("SUM_MEMBERS"), tf32x3=args["DOT_PRECISION"] == "tf32x3",
+        configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
+        precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
+        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
+        sum_members=args.get("SUM_MEMBERS"),
     )
 
 
@@ -276,6 +307,6 @@ def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **k
     inp = args["in_a_ptr"]
     return fitting_lora_grads_configs(
         configs, rows=args["ROWS_PER_SPLIT"], cols=max(args["COLS_A"], args["COLS_B"]),
-        element_size=inp.element_size(), block_r=args["BLOCK_R"], shared_memory=args["SHARED_MEMORY"],
-        capability=compute_capability(inp.device), tf32x3=args["DOT_PRECISION"] == "tf32x3",
+        dtype=DTYPE_NAMES[inp.dtype], precision=args["DOT_PRECISION"], block_r=args["BLOCK_R"],
+        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
     )

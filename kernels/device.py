@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import ContextManager
 
 import torch
 
@@ -27,7 +26,7 @@ MAX_GRID_YZ = 65535
 _NO_GUARD = contextlib.nullcontext()
 
 
-def launch_device(tensor: torch.Tensor) -> ContextManager:
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context that makes ``tensor``'s CUDA device current for a Triton launch (a no-op when it
     already is, or for CPU tensors under the interpreter). Triton takes the device, its stream and
     the autotuner's benchmark device from the current device, so a model on ``cuda:1`` with

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import lora_ensemble
-
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
+
 from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs
 
 OPS = ("cuda_forward", "cuda_backward_dx", "cuda_backward_lora")

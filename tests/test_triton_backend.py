@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-
-from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
 from lora_ensemble.kernels import fused_lora_gemm, launch_fused_lora_gemm, launch_lora_grads, lora_grads
 from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
+
+from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
 from lora_ensemble.reference import lora_ensemble_reference
 
 from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs
@@ -233,6 +233,7 @@ def test_tiles_pad_rank_and_shrink_for_few_rows():
     assert block_rows(800, block_r=128) == 64
     assert block_rows(800, shared_rows=True) == 64
     assert block_rows(800, tf32x3=True) == 64
+    assert block_rows(800, block_r=64, tf32x3=True) == 32
 
 
 def test_opcheck_fused_linear():
@@ -365,8 +366,8 @@ def test_autotune_keys_name_the_device_and_size_buckets():
         assert {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"} <= set(kernel.fn.keys)
     assert {"SHARED_MEMORY", "ROWS_BUCKET"} <= set(lora_grads._lora_grads_kernel.keys)
     kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
-                                                  element_size=4, block_m=128, block_r=16, shared_memory=smem,
-                                                  capability=cap)
+                                                  dtype="fp32", precision="tf32", block_m=128, block_r=16,
+                                                  shared_memory=smem, capability=cap)
             for smem, cap in ((232448, 90), (101376, 86))}  # H100, RTX 3090
     assert len(kept[101376]) < len(kept[232448])
 
