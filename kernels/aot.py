@@ -62,31 +62,39 @@ _UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
 _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
 
-# (role, kernel, strides equal to 1 for contiguous inputs, fixed constexprs, config list)
+# (role, kernel, strides equal to 1 for contiguous inputs, fixed constexprs, config list). The *_delta
+# roles are the low-rank update over a base layer the kernels cannot read (a quantized one): no weight,
+# the base output added in the epilogue (forward) or nothing (dx).
+_FORWARD_UNIT = {"stride_in_k", "stride_weight_k", "stride_shrink_k", "stride_expand_r", "stride_out_c", "stride_low_r"}
+_DX_UNIT = {"stride_in_k", "stride_weight_c", "stride_shrink_r", "stride_expand_c", "stride_out_c", "stride_low_r"}
+_GRADS_UNIT = {"stride_low_a_r", "stride_in_a_c", "stride_grad_a_c", "stride_low_b_r", "stride_in_b_c", "stride_grad_b_r"}
+_GEMM = {"HAS_WEIGHT": True, "HAS_BASE": False}
+_DELTA = {"HAS_WEIGHT": False, "HAS_BIAS": False}
 _ROLES = (
-    ("forward", _fused_lora_gemm_kernel,
-     {"stride_in_k", "stride_weight_k", "stride_shrink_k", "stride_expand_r", "stride_out_c", "stride_low_r"},
-     {"HAS_BIAS": True}, FUSED_LORA_GEMM_GPU_CONFIGS),
-    ("forward_shared", _fused_lora_gemm_shared_kernel,
-     {"stride_in_k", "stride_weight_k", "stride_shrink_k", "stride_expand_r", "stride_out_c", "stride_low_r"},
-     {"HAS_BIAS": True, "SUM_MEMBERS": False}, SHARED_INPUT_GPU_CONFIGS),
-    ("backward_dx", _fused_lora_gemm_kernel,
-     {"stride_in_k", "stride_weight_c", "stride_shrink_r", "stride_expand_c", "stride_out_c", "stride_low_r"},
-     {"HAS_BIAS": False}, FUSED_LORA_GEMM_GPU_CONFIGS),
-    ("backward_dx_shared", _fused_lora_gemm_shared_kernel,
-     {"stride_in_k", "stride_weight_c", "stride_shrink_r", "stride_expand_c", "stride_out_c", "stride_low_r"},
-     {"HAS_BIAS": False, "SUM_MEMBERS": True}, SHARED_INPUT_GPU_CONFIGS),
-    ("backward_lora", _lora_grads_kernel,
-     {"stride_low_a_r", "stride_in_a_c", "stride_grad_a_c", "stride_low_b_r", "stride_in_b_c", "stride_grad_b_r"},
-     {"ATOMIC": False}, LORA_GRADS_GPU_CONFIGS),
-    ("backward_lora_split", _lora_grads_kernel,
-     {"stride_low_a_r", "stride_in_a_c", "stride_grad_a_c", "stride_low_b_r", "stride_in_b_c", "stride_grad_b_r"},
-     {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
+    ("forward", _fused_lora_gemm_kernel, _FORWARD_UNIT, {**_GEMM, "HAS_BIAS": True}, FUSED_LORA_GEMM_GPU_CONFIGS),
+    ("forward_shared", _fused_lora_gemm_shared_kernel, _FORWARD_UNIT,
+     {**_GEMM, "HAS_BIAS": True, "SUM_MEMBERS": False}, SHARED_INPUT_GPU_CONFIGS),
+    ("backward_dx", _fused_lora_gemm_kernel, _DX_UNIT, {**_GEMM, "HAS_BIAS": False}, FUSED_LORA_GEMM_GPU_CONFIGS),
+    ("backward_dx_shared", _fused_lora_gemm_shared_kernel, _DX_UNIT,
+     {**_GEMM, "HAS_BIAS": False, "SUM_MEMBERS": True}, SHARED_INPUT_GPU_CONFIGS),
+    ("forward_delta", _fused_lora_gemm_kernel, _FORWARD_UNIT | {"stride_base_c"}, {**_DELTA, "HAS_BASE": True},
+     FUSED_LORA_GEMM_GPU_CONFIGS),
+    ("forward_shared_delta", _fused_lora_gemm_shared_kernel, _FORWARD_UNIT | {"stride_base_c"},
+     {**_DELTA, "HAS_BASE": True, "SUM_MEMBERS": False}, SHARED_INPUT_GPU_CONFIGS),
+    ("backward_dx_delta", _fused_lora_gemm_kernel, _DX_UNIT, {**_DELTA, "HAS_BASE": False},
+     FUSED_LORA_GEMM_GPU_CONFIGS),
+    ("backward_dx_shared_delta", _fused_lora_gemm_shared_kernel, _DX_UNIT,
+     {**_DELTA, "HAS_BASE": False, "SUM_MEMBERS": True}, SHARED_INPUT_GPU_CONFIGS),
+    ("backward_lora", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": False}, LORA_GRADS_GPU_CONFIGS),
+    ("backward_lora_split", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
 )
+# Roles compiled with their first kept config only: the delta kernels are the full ones without the
+# weight tiles (fewer registers and less shared memory at every config).
+_FIRST_CONFIG_ONLY = {"forward_delta", "forward_shared_delta", "backward_dx_delta", "backward_dx_shared_delta"}
 ROLE_NAMES = tuple(role[0] for role in _ROLES)
 # The kernel each role runs, as named in SPILLING_CONFIGS.
-ROLE_KERNEL = {"forward": "stacked", "backward_dx": "stacked", "forward_shared": "shared",
-               "backward_dx_shared": "shared", "backward_lora": "lora_grads", "backward_lora_split": "lora_grads"}
+ROLE_KERNEL = {role: "lora_grads" if role.startswith("backward_lora") else "shared" if "shared" in role else "stacked"
+               for role in ROLE_NAMES}
 _SPILLING_CONFIGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spilling_configs.py")
 
 
@@ -176,15 +184,16 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
 
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
-    """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``,
-    without repeats (a config kept in both row regimes of the weight-gradient kernel is one case)."""
+    """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``
+    (the first kept config only for the delta roles), without repeats (a config kept in both row
+    regimes of the weight-gradient kernel is one case)."""
     cases: dict[str, AotCase] = {}
     for name in ROLE_NAMES:
         for dtype, precision in VARIANTS:
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
-                    for block_m, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
-                                                             without_measured_spills):
+                    kept = candidate_configs(name, dtype, precision, block_r, rows, arch, without_measured_spills)
+                    for block_m, config in kept[:1] if name in _FIRST_CONFIG_ONLY else kept:
                         case = AotCase(name, dtype, precision, block_r, block_m, config)
                         cases.setdefault(f"{case.label()} {case.config_text()}", case)
     return list(cases.values())

@@ -127,6 +127,12 @@ def _tile_of(pid, ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
+def _load_rows(ptr, rows, cols, stride_m, stride_c):
+    """The [BLOCK_M, BLOCK_C] tile at (wrapped, in-range) ``rows``, ``cols`` of a matrix, in fp32."""
+    return tl.load(ptr + rows[:, None] * stride_m + cols[None, :] * stride_c).to(tl.float32)
+
+
+@triton.jit
 def _store_rows(ptr, value, offs_m, offs_c, ROWS, COLS, stride_m, stride_c):
     """Store ``value`` [BLOCK_M, BLOCK_C] at rows ``offs_m``, columns ``offs_c`` of a [ROWS, COLS] matrix."""
     mask = (offs_m[:, None] < ROWS) & (offs_c[None, :] < COLS)
@@ -138,17 +144,19 @@ def _store_rows(ptr, value, offs_m, offs_c, ROWS, COLS, stride_m, stride_c):
                  prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
 @triton.jit(do_not_specialize=_TUNING_ONLY)
 def _fused_lora_gemm_kernel(
-    in_ptr, weight_ptr, bias_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
+    in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
     ROWS, INNER, COLS, RANK, scaling,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
+    stride_base_n, stride_base_m, stride_base_c,
     stride_shrink_n, stride_shrink_k, stride_shrink_r,
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
     SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     member = tl.program_id(1).to(tl.int64)
     pid_m, pid_n = _tile_of(tl.program_id(0), ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
@@ -168,7 +176,7 @@ def _fused_lora_gemm_kernel(
         shrink_ptr + member * stride_shrink_n + offs_k[:, None] * stride_shrink_k + offs_r[None, :] * stride_shrink_r,
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
         INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION, BLOCK_K,
-        WITH_BASE=True, WITH_LOW=True,
+        WITH_BASE=HAS_WEIGHT, WITH_LOW=True,
     )
     if pid_n == 0:
         _store_rows(low_ptr + member * stride_low_n, low, offs_m, offs_r, ROWS, RANK, stride_low_m, stride_low_r)
@@ -176,6 +184,8 @@ def _fused_lora_gemm_kernel(
                       stride_expand_r, stride_expand_c, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BASE:
+        acc += _load_rows(base_ptr + member * stride_base_n, rows, cols, stride_base_m, stride_base_c)
     _store_rows(out_ptr + member * stride_out_n, acc, offs_m, offs_c, ROWS, COLS, stride_out_m, stride_out_c)
 
 
@@ -184,17 +194,19 @@ def _fused_lora_gemm_kernel(
                  prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
 @triton.jit(do_not_specialize=_TUNING_ONLY)
 def _fused_lora_gemm_shared_kernel(
-    in_ptr, weight_ptr, bias_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
+    in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
     ROWS, INNER, COLS, RANK, MEMBERS, scaling, member_sum_scale,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
+    stride_base_n, stride_base_m, stride_base_c,
     stride_shrink_n, stride_shrink_k, stride_shrink_r,
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
     SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
-    SUM_MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUM_MEMBERS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_of(tl.program_id(0), ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -208,18 +220,21 @@ def _fused_lora_gemm_shared_kernel(
     weight_tile = weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c
     shrink_tile = shrink_ptr + offs_k[:, None] * stride_shrink_k + offs_r[None, :] * stride_shrink_r
 
-    # The base tile, once: in @ weight, or (sum_n in[n]) @ weight.
+    # The base tile, once: in @ weight, or (sum_n in[n]) @ weight; or the given base output's tile.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SUM_MEMBERS:
-        acc = _member_sum_k_loop(in_tile, weight_tile, acc, INNER, MEMBERS, member_sum_scale, stride_in_n,
-                                 stride_in_k, stride_weight_k, offs_k, DOT_PRECISION, BLOCK_M, BLOCK_K)
-        acc = acc * (1.0 / member_sum_scale)
-    else:
-        acc, _ = _k_loop(in_tile, weight_tile, shrink_tile, acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-                         INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION,
-                         BLOCK_K, WITH_BASE=True, WITH_LOW=False)
+    if HAS_WEIGHT:
+        if SUM_MEMBERS:
+            acc = _member_sum_k_loop(in_tile, weight_tile, acc, INNER, MEMBERS, member_sum_scale, stride_in_n,
+                                     stride_in_k, stride_weight_k, offs_k, DOT_PRECISION, BLOCK_M, BLOCK_K)
+            acc = acc * (1.0 / member_sum_scale)
+        else:
+            acc, _ = _k_loop(in_tile, weight_tile, shrink_tile, acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                             INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION,
+                             BLOCK_K, WITH_BASE=True, WITH_LOW=False)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BASE:
+        acc += _load_rows(base_ptr, rows, cols, stride_base_m, stride_base_c)
 
     # The low-rank update of each member of this program's group on top of it (grid axis 1 splits
     # the members into groups; one group when SUM_MEMBERS). The member pointers advance by one
@@ -267,22 +282,24 @@ def member_groups_for(rows: int, cols: int, num_members: int, device: torch.devi
 
 def launch_fused_lora_gemm(
     inp: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     shrink: Tensor,
     expand: Tensor,
     bias: Tensor | None,
     scaling: float,
     sum_members: bool = False,
     member_groups: int | None = None,
+    base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``out[n] = inp[n] @ weight + bias + scaling * (inp[n] @ shrink[n]) @ expand[n]`` for every
-    member, one launch (on ``inp``'s device and its current stream).
+    """``out[n] = inp[n] @ weight + bias + base[n] + scaling * (inp[n] @ shrink[n]) @ expand[n]`` for
+    every member, one launch (on ``inp``'s device and its current stream).
 
     Every tensor may have any strides (pass transposed views rather than copies).
 
     Args:
         inp: ``[N, M, K]`` per-member rows, or ``[M, K]`` rows shared by every member.
-        weight: ``[K, C]``, shared.
+        weight: ``[K, C]``, shared; None for no ``inp @ weight`` term (the low-rank update alone, or on
+            top of ``base``: a base layer the kernel cannot read, e.g. a quantized one).
         shrink: ``[N, K, R]``.
         expand: ``[N, R, C]``.
         bias: ``[C]`` or None (made contiguous).
@@ -292,21 +309,22 @@ def launch_fused_lora_gemm(
         member_groups: with shared rows ``inp [M, K]``, how many groups of members get their own
             programs, each computing ``inp @ weight`` once for its group; None picks it from the
             shapes and the GPU (:func:`member_groups_for`). Always 1 with ``sum_members``.
+        base: a precomputed output to add, ``[N, M, C]`` (``[M, C]`` with shared rows), or None.
 
     Returns:
         ``(out, low)``: ``out [N, M, C]`` (``[M, C]`` with ``sum_members``) in inp's dtype, and
         ``low = inp @ shrink [N, M, R]`` in float32.
 
     Raises:
-        ValueError: ``sum_members`` with shared rows or a bias; more than 65535 members in the
+        ValueError: ``sum_members`` with shared rows, a bias or a base; more than 65535 members in the
             stacked layout (grid axis 1).
     """
     num_members, inner, rank = shrink.shape
-    cols = weight.shape[1]
+    cols = expand.shape[2]
     shared_rows = inp.dim() == 2
     rows = inp.shape[-2]
-    if sum_members and (shared_rows or bias is not None):
-        raise ValueError("sum_members needs per-member rows inp [N, M, K] and no bias")
+    if sum_members and (shared_rows or bias is not None or base is not None):
+        raise ValueError("sum_members needs per-member rows inp [N, M, K], and no bias or base")
     if not (shared_rows or sum_members):
         check_grid_yz("num_members", num_members, f"shrink shape {tuple(shrink.shape)}, stacked layout")
     out_shape = (rows, cols) if sum_members else (num_members, rows, cols)
@@ -317,18 +335,24 @@ def launch_fused_lora_gemm(
     bias = bias.contiguous() if bias is not None else None
     inp3 = inp.unsqueeze(0) if shared_rows else inp  # member stride 0 when shared
     out3 = out.unsqueeze(0) if sum_members else out
+    base3 = base.unsqueeze(0) if base is not None and base.dim() == 2 else base  # member stride 0 when shared
     arguments = dict(
-        in_ptr=inp3, weight_ptr=weight, bias_ptr=bias, shrink_ptr=shrink, expand_ptr=expand, out_ptr=out3, low_ptr=low,
+        # Without a weight the kernel never reads weight_ptr: any tensor of the dtype stands in for it.
+        in_ptr=inp3, weight_ptr=weight if weight is not None else inp3, bias_ptr=bias, base_ptr=base3,
+        shrink_ptr=shrink, expand_ptr=expand, out_ptr=out3, low_ptr=low,
         ROWS=rows, INNER=inner, COLS=cols, RANK=rank, scaling=float(scaling),
         stride_in_n=0 if shared_rows else inp3.stride(0), stride_in_m=inp3.stride(1), stride_in_k=inp3.stride(2),
-        stride_weight_k=weight.stride(0), stride_weight_c=weight.stride(1),
+        stride_weight_k=weight.stride(0) if weight is not None else 0,
+        stride_weight_c=weight.stride(1) if weight is not None else 0,
+        stride_base_n=base.stride(0) if base is not None and base.dim() == 3 else 0,
+        stride_base_m=0 if base3 is None else base3.stride(1), stride_base_c=0 if base3 is None else base3.stride(2),
         stride_shrink_n=shrink.stride(0), stride_shrink_k=shrink.stride(1), stride_shrink_r=shrink.stride(2),
         stride_expand_n=expand.stride(0), stride_expand_r=expand.stride(1), stride_expand_c=expand.stride(2),
         stride_out_n=0 if sum_members else out3.stride(0), stride_out_m=out3.stride(1), stride_out_c=out3.stride(2),
         stride_low_n=low.stride(0), stride_low_m=low.stride(1), stride_low_r=low.stride(2),
         SHARED_MEMORY=shared_memory_per_program(inp.device), ROWS_BUCKET=size_bucket(rows),
-        MEMBERS_BUCKET=size_bucket(num_members),
-        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(inp.dtype), BLOCK_R=block_rank(rank),
+        MEMBERS_BUCKET=size_bucket(num_members), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_BASE=base is not None, DOT_PRECISION=dot_precision(inp.dtype), BLOCK_R=block_rank(rank),
     )
     with launch_device(inp):
         if shared_rows or sum_members:

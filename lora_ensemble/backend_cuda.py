@@ -47,16 +47,16 @@ def device_problem(index: int) -> str | None:
 
 
 @torch.library.register_fake("lora_ensemble::cuda_forward")
-def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input):
+def _forward_fake(x, weight, bias, base, lora_A, lora_B, scaling, shared_input):
     n, r = lora_A.shape[0], lora_A.shape[1]
     rows = x.shape[-2]
-    return x.new_empty((n, rows, weight.shape[0])), x.new_empty((n, rows, r), dtype=torch.float32)
+    return x.new_empty((n, rows, lora_B.shape[1])), x.new_empty((n, rows, r), dtype=torch.float32)
 
 
 @torch.library.register_fake("lora_ensemble::cuda_backward_dx")
 def _backward_dx_fake(grad_out, weight, lora_A, lora_B, scaling, shared_input):
     n, rows, _ = grad_out.shape
-    dx_shape = (rows, weight.shape[1]) if shared_input else (n, rows, weight.shape[1])
+    dx_shape = (rows, lora_A.shape[2]) if shared_input else (n, rows, lora_A.shape[2])
     return grad_out.new_empty(dx_shape), grad_out.new_empty((n, rows, lora_A.shape[1]), dtype=torch.float32)
 
 
@@ -67,13 +67,13 @@ def _backward_lora_fake(grad_out, x, xa, dyb, scaling, shared_input):
     return grad_out.new_empty((n, r, d)), grad_out.new_empty((n, k, r))
 
 
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+            scaling: float, shared_input: bool, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One kernel launch: ``out [N, M, k]``, ``xa [N, M, r]`` fp32."""
-    return torch.ops.lora_ensemble.cuda_forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)
+    return torch.ops.lora_ensemble.cuda_forward(x, weight, bias, base, lora_A, lora_B, scaling, shared_input)
 
 
-def backward_dx(grad_out: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+def backward_dx(grad_out: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
     """One kernel launch: ``dx``, ``dyb [N, M, r]`` fp32."""
     return torch.ops.lora_ensemble.cuda_backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)

@@ -22,28 +22,36 @@ __all__ = ["forward", "backward_dx", "backward_lora"]
 
 def forward(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     shared_input: bool,
+    base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` in the accum dtype."""
     num_members = lora_A.shape[0]
-    base = F.linear(x, weight, bias)  # one GEMM over every row (once only when shared)
+    if weight is not None:
+        start = F.linear(x, weight, bias)  # one GEMM over every row (once only when shared)
+        if base is not None:
+            start = start + base
+    else:
+        start = base if base is not None else x.new_zeros((*x.shape[:-1], lora_B.shape[1]))
+        if bias is not None:
+            start = start + bias
     if shared_input:
         xa = torch.matmul(x, lora_A.transpose(1, 2))  # [M, d] @ [N, d, r] -> [N, M, r]
-        base = base.unsqueeze(0).expand(num_members, *base.shape)
+        start = start.unsqueeze(0).expand(num_members, *start.shape)
     else:
         xa = torch.bmm(x, lora_A.transpose(1, 2))
-    out = torch.baddbmm(base, xa, lora_B.transpose(1, 2), alpha=scaling)
+    out = torch.baddbmm(start, xa, lora_B.transpose(1, 2), alpha=scaling)
     return out, xa.to(accum_dtype(x.dtype))
 
 
 def backward_dx(
     grad_out: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
@@ -52,10 +60,16 @@ def backward_dx(
     """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
     ``dyb = grad_out @ B [N, M, r]`` in the accum dtype."""
     num_members, rows, k = grad_out.shape
+    d = lora_A.shape[2]
     dyb = torch.bmm(grad_out, lora_B)
     if shared_input:
-        base = grad_out.sum(0) @ weight  # sum_n dy[n] @ W0, one GEMM
-        dx = base.addmm(dyb.transpose(0, 1).reshape(rows, -1), lora_A.reshape(-1, weight.shape[1]), alpha=scaling)
+        flat = dyb.transpose(0, 1).reshape(rows, -1)
+        if weight is None:
+            dx = (flat @ lora_A.reshape(-1, d)) * scaling
+        else:
+            dx = (grad_out.sum(0) @ weight).addmm(flat, lora_A.reshape(-1, d), alpha=scaling)  # sum_n dy[n] @ W0
+    elif weight is None:
+        dx = torch.bmm(dyb, lora_A) * scaling
     else:
         base = (grad_out.reshape(-1, k) @ weight).view(num_members, rows, -1)
         dx = torch.baddbmm(base, dyb, lora_A, alpha=scaling)

@@ -21,21 +21,23 @@ __all__ = ["forward", "backward_dx", "backward_lora"]
 
 def forward(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     shared_input: bool,
+    base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
     # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k] (views, no copies).
-    return launch_fused_lora_gemm(x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scaling)
+    return launch_fused_lora_gemm(x, weight.t() if weight is not None else None, lora_A.transpose(1, 2),
+                                  lora_B.transpose(1, 2), bias, scaling, base=base)
 
 
 def backward_dx(
     grad_out: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,

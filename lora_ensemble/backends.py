@@ -1,20 +1,26 @@
 """Backend registry: which implementations of the op exist here, and which one ``auto`` picks.
 
-A backend is a module with three functions, all taking contiguous tensors of one dtype
-(``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank). The rank-``r``
-intermediates ``xa`` and ``dyb`` are kept in the accumulation dtype (:func:`accum_dtype`: float32,
-float64 for float64 inputs, which only the ``torch`` backend takes)::
+A backend is a module with three functions (:class:`Backend`), all taking tensors of one dtype
+(``N`` members, ``M`` rows per member, ``d`` in, ``k`` out, ``r`` rank); ``x``, ``lora_A``,
+``lora_B`` and ``grad_out`` are contiguous, ``weight`` may be any strided view (the ``cuda``
+backend is handed a contiguous one). The rank-``r`` intermediates ``xa`` and ``dyb`` are kept in the
+accumulation dtype (:func:`accum_dtype`: float32, float64 for float64 inputs, which only the
+``torch`` backend takes)::
 
-    forward(x, weight, bias, lora_A, lora_B, scaling, shared_input) -> (out, xa)
-        x [N, M, d] (shared_input: [M, d]), weight [k, d], bias [k] | None,
-        lora_A [N, r, d], lora_B [N, k, r]
-        out [N, M, k] in x.dtype;  xa = x @ A^T  [N, M, r] accum dtype (saved for backward)
+    forward(x, weight, bias, lora_A, lora_B, scaling, shared_input, base=None) -> (out, xa)
+        x [N, M, d] (shared_input: [M, d]), weight [k, d] | None, bias [k] | None,
+        lora_A [N, r, d], lora_B [N, k, r], base [N, M, k] (shared_input: [M, k]) | None
+        out = x @ W0^T (when weight) + bias + base + s (x @ A^T) @ B^T  [N, M, k] in x.dtype
+        xa = x @ A^T  [N, M, r] accum dtype (saved for backward)
     backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input) -> (dx, dyb)
         grad_out [N, M, k]
-        dx = dy @ W0 + s * (dy @ B) @ A   [N, M, d] (shared_input: [M, d], summed over members)
-        dyb = dy @ B  [N, M, r] accum dtype
+        dx = dy @ W0 (when weight) + s * (dy @ B) @ A   [N, M, d] (shared_input: [M, d], summed
+        over members);  dyb = dy @ B  [N, M, r] accum dtype
     backward_lora(grad_out, x, xa, dyb, scaling, shared_input) -> (dA, dB)
         dA = s * dyb^T @ x  [N, r, d];  dB = s * dy^T @ xa  [N, k, r];  both in x.dtype
+
+``weight=None`` with a ``base`` is the low-rank update over a base layer the kernels cannot read (a
+quantized linear): its output ``base`` is computed by the layer itself and added here.
 
 Backends are imported lazily: nothing here touches CUDA, Triton or the compiled extension at
 import time.
@@ -147,10 +153,10 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
 class Backend(Protocol):
     """The contract every backend module implements (shapes in the module docstring)."""
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]: ...
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, shared_input: bool, base: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
-    def backward_dx(self, grad_out: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    def backward_dx(self, grad_out: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
                     shared_input: bool) -> tuple[Tensor, Tensor]: ...
 
     def backward_lora(self, grad_out: Tensor, x: Tensor, xa: Tensor, dyb: Tensor, scaling: float,

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .layout import stacked_output_shape
-from .ops import fused_linear_apply
+from .ops import fused_linear_apply, lora_delta_apply
 
-__all__ = ["fused_lora_ensemble_linear", "validate_inputs"]
+__all__ = ["fused_lora_ensemble_linear", "lora_ensemble_delta", "validate_delta_inputs", "validate_inputs"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -43,22 +43,75 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+def _factors_well_formed(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, shared_input: bool) -> bool:
+    if not (isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)) or x.dim() < 2 or lora_A.dim() != 3:
+        return False
+    num_members, rank, d = lora_A.shape
+    device = x.device
+    return (num_members >= 1 and rank >= 1 and x.shape[-1] == d and lora_B.shape == (num_members, k, rank)
+            and (shared_input or x.shape[0] % num_members == 0) and x.dtype in _DTYPES
+            and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES and lora_A.device == device
+            and lora_B.device == device)
+
+
 def _well_formed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                  shared_input: bool) -> bool:
     """Whether :func:`validate_inputs` would pass, in a few comparisons and no messages."""
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
-            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))):
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
         return False
-    if x.dim() < 2 or weight.dim() != 2 or lora_A.dim() != 3:
+    if weight.dim() != 2 or not _factors_well_formed(x, lora_A, lora_B, weight.shape[0], shared_input):
         return False
-    num_members, rank, d = lora_A.shape
-    k = weight.shape[0]
+    k, d = weight.shape
     dtype, device = x.dtype, x.device
-    return (num_members >= 1 and rank >= 1 and x.shape[-1] == d and weight.shape[1] == d
-            and lora_B.shape == (num_members, k, rank) and (shared_input or x.shape[0] % num_members == 0)
-            and dtype in _DTYPES and weight.dtype == dtype and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES
-            and weight.device == device and lora_A.device == device and lora_B.device == device
+    return (x.shape[-1] == d and weight.dtype == dtype and weight.device == device
             and (bias is None or (bias.shape == (k,) and bias.dtype == dtype and bias.device == device)))
+
+
+def _check_tensors(**named: Tensor | None) -> None:
+    for name, t in named.items():
+        if not (isinstance(t, Tensor) or (t is None and name == "bias")):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_factor_dims(lora_A: Tensor, lora_B: Tensor) -> None:
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_A must be 3-D [N, r, d], got shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 3:
+        raise ValueError(f"lora_B must be 3-D [N, k, r], got shape {tuple(lora_B.shape)}")
+
+
+def _check_factors(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, d: int, shared_input: bool,
+                   reference: str) -> None:
+    """The shapes of ``lora_A [N, r, d]``, ``lora_B [N, k, r]`` and of the stacked batch, for the ``k``
+    and ``d`` given by ``reference`` (the shape that fixed them, for the messages)."""
+    _check_factor_dims(lora_A, lora_B)
+    num_members, rank, d_a = lora_A.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x's last dim {x.shape[-1]} (x shape {tuple(x.shape)}) != in_features {d} ({reference})")
+    if d_a != d:
+        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [N, r, d] with d={d} ({reference})")
+    if num_members < 1 or rank < 1:
+        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} needs N >= 1 members and rank r >= 1")
+    if tuple(lora_B.shape) != (num_members, k, rank):
+        raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [N, k, r] = {(num_members, k, rank)} "
+                         f"(lora_A shape {tuple(lora_A.shape)}, {reference})")
+    if not shared_input and x.shape[0] % num_members != 0:
+        raise ValueError(f"x's leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not divisible by "
+                         f"num_members N={num_members}; stacked inputs are [N*Bsz, ..., d], member-major")
+
+
+def _check_dtypes_and_devices(compute: dict[str, Tensor], factors: dict[str, Tensor]) -> None:
+    """``compute`` tensors share one supported dtype; the LoRA ``factors`` have a supported floating
+    dtype of their own; all share one device."""
+    for name, t in {**compute, **factors}.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported; use one of {_DTYPES}")
+    dtypes = {n: t.dtype for n, t in compute.items()}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"{', '.join(compute)} must have one dtype (the compute dtype), got {dtypes}")
+    devices = {n: t.device for n, t in {**compute, **factors}.items()}
+    if len(set(devices.values())) != 1:
+        raise RuntimeError(f"all inputs must be on one device, got {devices}")
 
 
 def validate_inputs(
@@ -79,48 +132,50 @@ def validate_inputs(
     """
     if _well_formed(x, weight, bias, lora_A, lora_B, shared_input):
         return
-    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_tensors(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims [..., d], got shape {tuple(x.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [k, d], got shape {tuple(weight.shape)}")
-    if lora_A.dim() != 3:
-        raise ValueError(f"lora_A must be 3-D [N, r, d], got shape {tuple(lora_A.shape)}")
-    if lora_B.dim() != 3:
-        raise ValueError(f"lora_B must be 3-D [N, k, r], got shape {tuple(lora_B.shape)}")
     k, d = weight.shape
-    num_members, rank, d_a = lora_A.shape
-    if x.shape[-1] != d:
-        raise ValueError(f"x's last dim {x.shape[-1]} (x shape {tuple(x.shape)}) != weight's in_features {d} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if d_a != d:
-        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [N, r, d] with d={d} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if num_members < 1 or rank < 1:
-        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} needs N >= 1 members and rank r >= 1")
-    if tuple(lora_B.shape) != (num_members, k, rank):
-        raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [N, k, r] = {(num_members, k, rank)} "
-                         f"(lora_A shape {tuple(lora_A.shape)}, weight shape {tuple(weight.shape)})")
+    _check_factors(x, lora_A, lora_B, k, d, shared_input, f"weight shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(f"bias shape {tuple(bias.shape)} must be [k] = ({k},) (weight shape {tuple(weight.shape)})")
-    if not shared_input and x.shape[0] % num_members != 0:
-        raise ValueError(f"x's leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not divisible by "
-                         f"num_members N={num_members}; stacked inputs are [N*Bsz, ..., d], member-major")
-    present = {n: t for n, t in named.items() if t is not None}
-    for name in ("x", "lora_A", "lora_B"):
-        if named[name].dtype not in _DTYPES:
-            raise TypeError(f"{name} dtype {named[name].dtype} is not supported; use one of {_DTYPES}")
-    dtypes = {n: t.dtype for n, t in present.items() if n not in ("lora_A", "lora_B")}
-    if len(set(dtypes.values())) != 1:
-        raise TypeError(f"x, weight and bias must have one dtype (the compute dtype), got {dtypes}")
-    devices = {n: t.device for n, t in present.items()}
-    if len(set(devices.values())) != 1:
-        raise RuntimeError(f"all inputs must be on one device, got {devices}")
+    compute = {"x": x, "weight": weight, **({"bias": bias} if bias is not None else {})}
+    _check_dtypes_and_devices(compute, {"lora_A": lora_A, "lora_B": lora_B})
+
+
+def validate_delta_inputs(x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tensor, shared_input: bool) -> None:
+    """:func:`validate_inputs` for :func:`lora_ensemble_delta`: ``base`` is the base layer's output,
+    ``x``'s shape with the last dim ``k`` (``lora_B``'s), in ``x``'s dtype."""
+    _check_tensors(x=x, base=base, lora_A=lora_A, lora_B=lora_B)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dims [..., d], got shape {tuple(x.shape)}")
+    _check_factor_dims(lora_A, lora_B)
+    k, d = lora_B.shape[1], lora_A.shape[2]
+    if (_factors_well_formed(x, lora_A, lora_B, k, shared_input) and base.shape == (*x.shape[:-1], k)
+            and base.dtype == x.dtype and base.device == x.device):
+        return
+    _check_factors(x, lora_A, lora_B, k, d, shared_input, f"lora_A shape {tuple(lora_A.shape)}")
+    if tuple(base.shape) != (*x.shape[:-1], k):
+        raise ValueError(f"base shape {tuple(base.shape)} must be x's shape with last dim k: {(*x.shape[:-1], k)} "
+                         f"(x shape {tuple(x.shape)}, lora_B shape {tuple(lora_B.shape)})")
+    _check_dtypes_and_devices({"x": x, "base": base}, {"lora_A": lora_A, "lora_B": lora_B})
+
+
+def _in_autocast_dtype(x: Tensor, *tensors: Tensor | None) -> tuple:
+    """Under ``torch.autocast`` on ``x``'s device: ``(x, *tensors)`` with every floating tensor in the
+    autocast dtype (activations of an earlier autocast op may already be low precision while the
+    parameters are fp32); otherwise unchanged."""
+    if not (isinstance(x, Tensor) and _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def _factors_in(dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+    """The LoRA factors in the compute dtype (a pass over the adapters only), contiguous."""
+    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous()
 
 
 def fused_lora_ensemble_linear(
@@ -160,21 +215,10 @@ def fused_lora_ensemble_linear(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if (isinstance(x, Tensor) and _autocast_available(x.device.type)
-            and torch.is_autocast_enabled(x.device.type)):
-        # Autocast: every floating input runs in the autocast dtype (activations of an earlier
-        # autocast op may already be low precision while the parameters are fp32).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_A, lora_B = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_A, lora_B)
-        )
+    x, weight, bias, lora_A, lora_B = _in_autocast_dtype(x, weight, bias, lora_A, lora_B)
     validate_inputs(x, weight, bias, lora_A, lora_B, shared_input)
     name = _resolve(backend, x.device, x.dtype)
-    if lora_A.dtype != x.dtype:
-        lora_A = lora_A.to(x.dtype)
-    if lora_B.dtype != x.dtype:
-        lora_B = lora_B.to(x.dtype)
+    lora_A, lora_B = _factors_in(x.dtype, lora_A, lora_B)
     num_members = lora_A.shape[0]
     k, d = weight.shape
     rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)
@@ -182,10 +226,55 @@ def fused_lora_ensemble_linear(
         rows.contiguous(),
         weight.contiguous() if name == "cuda" else weight,  # torch and triton read any strides (Conv1D's W0^T)
         bias.contiguous() if bias is not None else None,
-        lora_A.contiguous(),
-        lora_B.contiguous(),
+        lora_A,
+        lora_B,
         float(scaling),
         bool(shared_input),
         name,
     )
+    return out.reshape(stacked_output_shape(x.shape, num_members, shared_input, k))
+
+
+def lora_ensemble_delta(
+    x: Tensor,
+    base: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float = 1.0,
+    shared_input: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Every member's low-rank update on top of a base layer's output, in one op (shrink and expand
+    fused): ``y[n] = base[n] + scaling * (x[n] @ lora_A[n]^T) @ lora_B[n]^T``.
+
+    For base layers the fused kernels cannot read (bitsandbytes 4/8-bit, torchao-quantized linears):
+    the layer computes ``base = layer(x)`` itself and this adds the members. Gradients flow to ``x``
+    (the low-rank term only; the layer's own backward adds its part through ``base``), ``base``,
+    ``lora_A`` and ``lora_B``.
+
+    Args:
+        x: stacked ``[N*Bsz, ..., d]`` or, with ``shared_input``, ``[Bsz, ..., d]``.
+        base: the base layer's output on ``x``: ``x``'s shape with the last dim ``k``, ``x``'s dtype.
+        lora_A: ``[N, r, d]``, in ``x``'s dtype or its own (cast here).
+        lora_B: ``[N, k, r]``, likewise.
+        scaling: ``s``.
+        shared_input: every member sees the same ``x`` (and so the same ``base``).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``[N*Bsz, ..., k]``, member-major, in ``x``'s dtype.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    x, base, lora_A, lora_B = _in_autocast_dtype(x, base, lora_A, lora_B)
+    validate_delta_inputs(x, base, lora_A, lora_B, shared_input)
+    name = _resolve(backend, x.device, x.dtype)
+    lora_A, lora_B = _factors_in(x.dtype, lora_A, lora_B)
+    num_members, k, d = lora_A.shape[0], lora_B.shape[1], x.shape[-1]
+    if shared_input:
+        rows, base_rows = x.reshape(-1, d), base.reshape(-1, k)
+    else:
+        rows, base_rows = x.reshape(num_members, -1, d), base.reshape(num_members, -1, k)
+    out = lora_delta_apply(rows.contiguous(), base_rows.contiguous(), lora_A, lora_B, float(scaling),
+                           bool(shared_input), name)
     return out.reshape(stacked_output_shape(x.shape, num_members, shared_input, k))

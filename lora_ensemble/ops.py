@@ -1,12 +1,15 @@
-"""The op and its autograd, in two forms that run the same backend code.
+"""The ops and their autograd, each in two forms that run the same backend code.
 
-* ``lora_ensemble::fused_linear`` and ``lora_ensemble::fused_linear_backward``: ``torch.library``
-  custom ops with fake impls and a registered autograd formula. ``torch.compile`` traces them as one
-  opaque graph node each, ``opcheck`` checks them.
-* :class:`FusedLinearFunction`: the same forward and backward as a plain ``autograd.Function``, for
-  eager calls. A custom op's Python dispatch costs ~20 µs a call, more than the kernels of a small
-  layer; :func:`fused_linear_apply` takes the Function in eager mode and the custom op while
-  ``torch.compile`` traces, and calls the backend directly when no gradient is needed.
+* ``lora_ensemble::fused_linear`` (``x W0^T + b + s (x A^T) B^T``), ``lora_ensemble::lora_delta``
+  (``base + s (x A^T) B^T``: the members' update over the output ``base`` of a base layer the kernels
+  cannot read, e.g. a quantized one) and their shared ``lora_ensemble::fused_linear_backward``:
+  ``torch.library`` custom ops with fake impls and a registered autograd formula. ``torch.compile``
+  traces them as one opaque graph node each, ``opcheck`` checks them.
+* :class:`FusedLinearFunction` and :class:`LoRADeltaFunction`: the same forwards and backwards as
+  plain autograd Functions, for eager calls. A custom op's Python dispatch costs ~20 µs a
+  call, more than the kernels of a small layer; :func:`fused_linear_apply` and
+  :func:`lora_delta_apply` take the Function in eager mode and the custom op while ``torch.compile``
+  traces, and call the backend directly when no gradient is needed.
 
 Both take the backend by name and dispatch to it (:mod:`lora_ensemble.backends`), so one fake impl
 and one autograd formula serve every backend. Inputs are already validated and laid out per member
@@ -30,10 +33,18 @@ from torch import Tensor
 
 from .backends import accum_dtype, get_backend
 
-__all__ = ["FusedLinearFunction", "fused_linear", "fused_linear_apply", "fused_linear_backward"]
+__all__ = [
+    "FusedLinearFunction",
+    "LoRADeltaFunction",
+    "fused_linear",
+    "fused_linear_apply",
+    "fused_linear_backward",
+    "lora_delta",
+    "lora_delta_apply",
+]
 
 
-def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                    scaling: float, shared_input: bool, backend: str, need_dx: bool,
                    need_lora: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; a gradient not asked for is an empty tensor."""
@@ -97,20 +108,24 @@ def fused_linear(
     return out, xa
 
 
-@fused_linear.register_fake
-def _fused_linear_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend):
+def _empty_outputs(x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+    """``out [N, M, k]`` and ``xa [N, M, r]`` (accum dtype) for an input ``x [N, M, d]`` or ``[M, d]``."""
     num_members, rank = lora_A.shape[0], lora_A.shape[1]
     rows = x.shape[-2]
-    out = x.new_empty((num_members, rows, weight.shape[0]))
-    xa = x.new_empty((num_members, rows, rank), dtype=accum_dtype(x.dtype))
-    return out, xa
+    return (x.new_empty((num_members, rows, lora_B.shape[1])),
+            x.new_empty((num_members, rows, rank), dtype=accum_dtype(x.dtype)))
+
+
+@fused_linear.register_fake
+def _fused_linear_fake(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend):
+    return _empty_outputs(x, lora_A, lora_B)
 
 
 @torch.library.custom_op("lora_ensemble::fused_linear_backward", mutates_args=())
 def fused_linear_backward(
     grad_out: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     xa: Tensor,
@@ -120,7 +135,8 @@ def fused_linear_backward(
     need_dx: bool,
     need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dA, dB)`` of :func:`fused_linear`; a gradient not asked for is an empty tensor."""
+    """``(dx, dA, dB)`` of :func:`fused_linear` (and of :func:`lora_delta`: ``weight=None``, ``dx``
+    without the ``dy W0`` term); a gradient not asked for is an empty tensor."""
     return _backward_impl(grad_out, x, weight, lora_A, lora_B, xa, scaling, shared_input, backend, need_dx,
                           need_lora)
 
@@ -148,6 +164,54 @@ def _op_backward(ctx: Any, grad_out: Tensor, _grad_xa: Tensor | None) -> tuple:
 fused_linear.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lora_ensemble::lora_delta", mutates_args=())
+def lora_delta(
+    x: Tensor,
+    base: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    shared_input: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``x [N, M, d]`` (shared: ``[M, d]``), ``base [N, M, k]`` (shared: ``[M, k]``) ->
+    ``(out = base + s (x A^T) B^T [N, M, k], xa [N, M, r])``, xa in the accum dtype."""
+    out, xa = get_backend(backend).forward(x, None, None, lora_A, lora_B, scaling, shared_input, base=base)
+    return out, xa
+
+
+@lora_delta.register_fake
+def _lora_delta_fake(x, base, lora_A, lora_B, scaling, shared_input, backend):
+    return _empty_outputs(x, lora_A, lora_B)
+
+
+def _delta_backward(ctx: Any, grad_out: Tensor, run_backward: BackwardRunner) -> tuple:
+    """The gradients of ``(x, base, lora_A, lora_B, scaling, shared_input, backend)``."""
+    x, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
+    grad_out = grad_out.contiguous()
+    dx = dA = dB = None
+    if need_x or need_A or need_B:
+        dx, dA, dB = run_backward(grad_out, x, None, lora_A, lora_B, xa, ctx.scaling, ctx.shared_input, ctx.backend,
+                                  need_x, need_A or need_B)
+    dbase = (grad_out.sum(0) if ctx.shared_input else grad_out) if need_base else None
+    return dx if need_x else None, dbase, dA if need_A else None, dB if need_B else None, None, None, None
+
+
+def _delta_setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    x, _base, lora_A, lora_B, scaling, shared_input, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, lora_A, lora_B, output[1])
+    ctx.scaling, ctx.shared_input, ctx.backend = scaling, shared_input, backend
+
+
+def _delta_op_backward(ctx: Any, grad_out: Tensor, _grad_xa: Tensor | None) -> tuple:
+    return _delta_backward(ctx, grad_out, fused_linear_backward)
+
+
+lora_delta.register_autograd(_delta_op_backward, setup_context=_delta_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # The eager path.
 
@@ -167,13 +231,42 @@ class FusedLinearFunction(torch.autograd.Function):
         return _lora_backward(ctx, grad_out, _backward_impl)
 
 
+class LoRADeltaFunction(torch.autograd.Function):
+    """:func:`lora_delta` (its output ``out`` only) and its backward as an ``autograd.Function``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                shared_input: bool, backend: str) -> Tensor:
+        out, xa = get_backend(backend).forward(x, None, None, lora_A, lora_B, scaling, shared_input, base=base)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.scaling, ctx.shared_input, ctx.backend = scaling, shared_input, backend
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        return _delta_backward(ctx, grad_out, _backward_impl)
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lora_delta_apply(x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, shared_input: bool,
+                     backend: str) -> Tensor:
+    """``out [N, M, k]`` of :func:`lora_delta`, with autograd, like :func:`fused_linear_apply`."""
+    if torch.compiler.is_compiling():
+        return lora_delta(x, base, lora_A, lora_B, scaling, shared_input, backend)[0]
+    if _records_grad(x, base, lora_A, lora_B):
+        return LoRADeltaFunction.apply(x, base, lora_A, lora_B, scaling, shared_input, backend)
+    return get_backend(backend).forward(x, None, None, lora_A, lora_B, scaling, shared_input, base=base)[0]
+
+
 def fused_linear_apply(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                        scaling: float, shared_input: bool, backend: str) -> Tensor:
     """``out [N, M, k]`` of the op, with autograd: the custom op under ``torch.compile``, else
     :class:`FusedLinearFunction`, or the backend alone when no gradient can flow."""
     if torch.compiler.is_compiling():
         return fused_linear(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend)[0]
-    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if _records_grad(x, weight, bias, lora_A, lora_B):
         return FusedLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, shared_input, backend)
     return get_backend(backend).forward(x, weight, bias, lora_A, lora_B, scaling, shared_input)[0]

@@ -94,7 +94,7 @@ def _meta_args(op: str, shared_input: bool, with_bias: bool = True) -> tuple:
     t = lambda *s, dtype=torch.float16: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
     x = t(m, d) if shared_input else t(n, m, d)
     if op == "cuda_forward":
-        return (x, t(k, d), t(k) if with_bias else None, t(n, r, d), t(n, k, r), 0.5, shared_input)
+        return (x, t(k, d), t(k) if with_bias else None, None, t(n, r, d), t(n, k, r), 0.5, shared_input)
     if op == "cuda_backward_dx":
         return (t(n, m, k), t(k, d), t(n, r, d), t(n, k, r), 0.5, shared_input)
     return (t(n, m, k), x, t(n, m, r, dtype=torch.float32), t(n, m, r, dtype=torch.float32), 0.5, shared_input)
@@ -161,14 +161,16 @@ static bool vec_ok(const void* p, long ld, int elem) {
 }
 template <class T>
 static void fused(bool fwd, const void* in, const void* w, const void* bias, const void* shrink, const void* expand,
-                  void* out, float* low, int n, int m, int inner, int cols, int r, float s, bool shared, int groups) {
+                  void* out, float* low, int n, int m, int inner, int cols, int r, float s, bool shared, int groups,
+                  const void* base) {
   FusedLoraGemmParams<T> p{};
-  p.in = (const T*)in; p.weight = (const T*)w; p.bias = (const T*)bias; p.shrink = (const T*)shrink;
+  p.in = (const T*)in; p.weight = (const T*)w; p.bias = (const T*)bias; p.base = (const T*)base;
+  p.shrink = (const T*)shrink;
   p.expand = (const T*)expand; p.out = (T*)out; p.low = low;
   p.members = n; p.rows = m; p.inner = inner; p.cols = cols; p.rank = r; p.scaling = s; p.shared = shared;
   p.member_groups = groups; p.device = 0;
   const int d = fwd ? inner : cols;  // W0 [k, d]; forward: shrink A [r, d], expand B [k, r]; dx: shrink B, expand A
-  p.vec_in = vec_ok(in, inner, sizeof(T)); p.vec_weight = vec_ok(w, d, sizeof(T));
+  p.vec_in = vec_ok(in, inner, sizeof(T)); p.vec_weight = w != nullptr && vec_ok(w, d, sizeof(T));
   p.vec_shrink = vec_ok(shrink, fwd ? d : r, sizeof(T)); p.vec_expand = vec_ok(expand, fwd ? r : d, sizeof(T));
   launch_fused_lora_gemm<T>(p, fwd, nullptr);
 }
@@ -188,11 +190,12 @@ static void grads(const void* x, const void* dy, const float* xa, const float* d
 }
 extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void* w, const void* bias,
                                  const void* shrink, const void* expand, void* out, float* low, int n, int m,
-                                 int inner, int cols, int r, float s, int shared, int groups) {
+                                 int inner, int cols, int r, float s, int shared, int groups, const void* base) {
   emu::reset_error();
-  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
-  else if (dtype == 1) fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
-  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups);
+  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
+  else if (dtype == 1)
+    fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
+  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
   return emu::error();
 }
 extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb,
@@ -246,7 +249,7 @@ def emulated_kernels():
         (build / "emulated_kernels.so.tmp").rename(lib)
     dll = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i32] * 5 + [ctypes.c_float, i32, i32]
+    dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i32] * 5 + [ctypes.c_float, i32, i32, ptr]
     dll.emu_lora_grads.argtypes = [i32] + [ptr] * 6 + [i32] * 5 + [ctypes.c_float, i32, i32]
     for fn in (dll.emu_fused, dll.emu_lora_grads):
         fn.restype = ctypes.c_char_p
@@ -307,7 +310,7 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     bias_buf = Guarded(inp.bias, inp.bias, shift) if bias else None
     out, xa = Guarded(torch.empty(n, m, k, dtype=dtype), shift=shift), Guarded(torch.empty(n, m, r))
     _call(emulated_kernels.emu_fused, code, 1, x.ptr, w.ptr, bias_buf.ptr if bias else None, a.ptr, b.ptr, out.ptr,
-          xa.ptr, n, m, d, k, r, s, int(shared), 1)
+          xa.ptr, n, m, d, k, r, s, int(shared), 1, None)
     x64 = x_rows.double().expand(n, m, d) if shared else x_rows.double()
     ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
     assert_close_named("out", out.tensor, ref.reshape(n, m, k), dtype)
@@ -318,7 +321,7 @@ def test_kernels_under_host_emulation(emulated_kernels, case):
     dx = Guarded(torch.empty((m, d) if shared else (n, m, d), dtype=dtype), shift=shift)
     dyb = Guarded(torch.empty(n, m, r))
     _call(emulated_kernels.emu_fused, code, 0, dy.ptr, w.ptr, None, b.ptr, a.ptr, dx.ptr, dyb.ptr, n, m, k, d, r, s,
-          int(shared), 1)
+          int(shared), 1, None)
     grads = lora_ensemble_reference_backward(grad_out.reshape(-1, k), inp.x, inp.weight, inp.lora_A, inp.lora_B, s,
                                              shared)
     assert_close_named("dx", dx.tensor, grads.x.reshape(dx.tensor.shape), dtype)
@@ -347,7 +350,8 @@ def test_fp16_split_beyond_fp16_range_under_host_emulation(emulated_kernels, sha
     x_rows = inp.x.reshape(m, d) if shared else inp.x.reshape(n, m, d)
     out, xa = torch.empty(n, m, k, dtype=torch.float16), torch.empty(n, m, r)
     _call(emulated_kernels.emu_fused, 1, 1, x_rows.data_ptr(), inp.weight.data_ptr(), inp.bias.data_ptr(),
-          inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared), 1)
+          inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared), 1,
+          None)
     assert (s * xa).abs().max() > 65504
     ref = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared)
     assert_close_named("out", out, ref.reshape(n, m, k), torch.float16)
@@ -375,7 +379,8 @@ def test_member_groups_and_row_splits_under_host_emulation(emulated_kernels, dty
     for groups in (2, 5):
         out, xa = torch.empty(n, m, k, dtype=dtype), torch.empty(n, m, r)
         _call(emulated_kernels.emu_fused, code, 1, inp.x.data_ptr(), inp.weight.data_ptr(), inp.bias.data_ptr(),
-              inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, 1, groups)
+              inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, 1, groups,
+              None)
         assert_close_named(f"out (groups={groups})", out, ref, dtype)
 
     n, m = 2, 100
@@ -386,6 +391,31 @@ def test_member_groups_and_row_splits_under_host_emulation(emulated_kernels, dty
           sum_A.data_ptr(), sum_B.data_ptr(), n, m, d, k, r, s, 0, 32)  # 4 row ranges
     assert_close_named("dA (split)", sum_A, s * dyb.double().transpose(1, 2) @ x.double(), dtype)
     assert_close_named("dB (split)", sum_B, s * grad_out.double().transpose(1, 2) @ xa.double(), dtype)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_low_rank_update_over_a_given_base_under_host_emulation(emulated_kernels, dtype, shared):
+    """Without W0 (a base layer the kernels cannot read): the forward adds the given base output and
+    the members' update, the dx kernel computes the update's part alone."""
+    code, s = EMULATED_DTYPES[dtype], 0.7
+    n, m, d, k, r = 3, 37, 40, 72, 5
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, shared_input=shared, requires_grad=(), scaling=s)
+    x_rows = inp.x.reshape(m, d) if shared else inp.x.reshape(n, m, d)
+    base = torch.randn((m, k) if shared else (n, m, k)).to(dtype)
+    out, xa = torch.empty(n, m, k, dtype=dtype), torch.empty(n, m, r)
+    _call(emulated_kernels.emu_fused, code, 1, x_rows.data_ptr(), None, None, inp.lora_A.data_ptr(),
+          inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, int(shared), 1, base.data_ptr())
+    x64 = x_rows.double().expand(n, m, d) if shared else x_rows.double()
+    want = base.double() + s * x64 @ inp.lora_A.double().transpose(1, 2) @ inp.lora_B.double().transpose(1, 2)
+    assert_close_named("out", out, want, dtype)
+
+    dy = torch.randn(n, m, k).to(dtype)
+    dx, dyb = torch.empty((m, d) if shared else (n, m, d), dtype=dtype), torch.empty(n, m, r)
+    _call(emulated_kernels.emu_fused, code, 0, dy.data_ptr(), None, None, inp.lora_B.data_ptr(),
+          inp.lora_A.data_ptr(), dx.data_ptr(), dyb.data_ptr(), n, m, k, d, r, s, int(shared), 1, None)
+    want_dx = s * dy.double() @ inp.lora_B.double() @ inp.lora_A.double()
+    assert_close_named("dx", dx, want_dx.sum(0) if shared else want_dx, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +511,7 @@ def test_nan_propagates_only_to_its_row():
     inp = make_inputs(2, 20, 32, 24, 4, dtype=torch.float16, device="cuda", requires_grad=())
     x = inp.x.clone()
     x[3, 5] = float("inf")
-    out = torch.ops.lora_ensemble.cuda_forward(x.reshape(2, 20, 32), inp.weight, inp.bias, inp.lora_A,
+    out = torch.ops.lora_ensemble.cuda_forward(x.reshape(2, 20, 32), inp.weight, inp.bias, None, inp.lora_A,
                                                inp.lora_B, inp.scaling, False)[0].reshape(40, 24)
     assert not torch.isfinite(out[3]).all()
     assert torch.isfinite(torch.cat([out[:3], out[4:]])).all()
@@ -493,17 +523,18 @@ def test_bad_inputs_raise_named_errors():
     x3 = inp.x.reshape(2, 8, 32)
     fwd = torch.ops.lora_ensemble.cuda_forward
     with pytest.raises(RuntimeError, match="lora_B shape"):
-        fwd(x3, inp.weight, inp.bias, inp.lora_A, inp.lora_B[:, :-1].contiguous(), 1.0, False)
+        fwd(x3, inp.weight, inp.bias, None, inp.lora_A, inp.lora_B[:, :-1].contiguous(), 1.0, False)
     with pytest.raises(RuntimeError, match="weight has dtype"):
-        fwd(x3, inp.weight.float(), inp.bias, inp.lora_A, inp.lora_B, 1.0, False)
+        fwd(x3, inp.weight.float(), inp.bias, None, inp.lora_A, inp.lora_B, 1.0, False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        fwd(x3.transpose(1, 2).contiguous().transpose(1, 2), inp.weight, inp.bias, inp.lora_A, inp.lora_B, 1.0, False)
+        fwd(x3.transpose(1, 2).contiguous().transpose(1, 2), inp.weight, inp.bias, None, inp.lora_A, inp.lora_B, 1.0,
+            False)
     with pytest.raises(RuntimeError, match=r"rank r=129"):
         a, b = torch.zeros(2, 129, 32, device="cuda", dtype=torch.half), torch.zeros(2, 24, 129, device="cuda",
                                                                                       dtype=torch.half)
-        fwd(x3, inp.weight, inp.bias, a, b, 1.0, False)
+        fwd(x3, inp.weight, inp.bias, None, a, b, 1.0, False)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
-        fwd(x3, inp.weight.cpu(), inp.bias, inp.lora_A, inp.lora_B, 1.0, False)
+        fwd(x3, inp.weight.cpu(), inp.bias, None, inp.lora_A, inp.lora_B, 1.0, False)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 //
 //   forward      out[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T      low[n] = x[n] A[n]^T   (fp32)
 //   backward dx  out[n] = dy[n] W0  +     s (dy[n] B[n]) A[n]          low[n] = dy[n] B[n]
+// Without W0 (a base layer the kernel cannot read, e.g. a quantized one) the W0 term is left out,
+// and the forward adds the given base output base[n] at the store instead.
 //
 // Generic form (csrc/cuda/params.cuh): out = in W + s (in shrink) expand, low = in shrink, with `inner`
 // the reduction length.
@@ -384,22 +386,29 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
   typename Math::LowAcc low;
   Math::zero(base);
 
-  // Bounded, masked store of the fp32 tile in s_c (+ bias) to out[row0.., col0..].
-  auto store_out = [&](T* out) {
+  // Bounded, masked store of the fp32 tile in s_c (+ bias, + the given base output of member n) to
+  // out[row0.., col0..].
+  auto store_out = [&](T* out, int n) {
+    const T* base_out = kForward && p.base != nullptr
+                            ? p.base + (kShared ? 0 : static_cast<int64_t>(n) * p.rows * p.cols)
+                            : nullptr;
     for (int e = threadIdx.x; e < BM * BN; e += TH) {
       const int r = e / BN, c = e % BN;
       const int m = row0 + r, j = col0 + c;
       if (m < p.rows && j < p.cols) {
+        const int64_t at = static_cast<int64_t>(m) * p.cols + j;
         float v = s_c[r * Tile::kLdC + c];
         if (kForward && p.bias != nullptr) v += Num<T>::to_float(p.bias[j]);
-        out[static_cast<int64_t>(m) * p.cols + j] = Num<T>::from_float(v);
+        if (base_out != nullptr) v += Num<T>::to_float(base_out[at]);
+        out[at] = Num<T>::from_float(v);
       }
     }
   };
 
   for (int n = first; n < last; ++n) {
-    // Forward + shared: x W0^T is the same for every member, computed with the first.
-    const bool with_base = !kForward || n == first;
+    // The in W term: none without a weight (the low-rank update over a given base output); forward +
+    // shared: x W0^T is the same for every member, computed with the first.
+    const bool with_base = p.weight != nullptr && (!kForward || n == first);
     Math::zero(low);
     fused_mainloop<T, kForward, kShared, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
 
@@ -463,14 +472,14 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
       __syncthreads();  // s_c overlays s_low / s_expand
       math.store(acc, s_c);
       __syncthreads();
-      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
+      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, n);
     } else {
       add_expand(base);
       if constexpr (!kShared) {
         __syncthreads();
         math.store(base, s_c);
         __syncthreads();
-        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols);
+        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, n);
       }
     }
   }
@@ -478,7 +487,7 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
     __syncthreads();
     math.store(base, s_c);
     __syncthreads();
-    store_out(p.out);
+    store_out(p.out, 0);
   }
 }
 

@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "common.cuh"
 #include "params.cuh"
@@ -105,17 +106,19 @@ int shared_forward_member_groups(int64_t rows, int64_t cols, int64_t members, in
 }
 
 // The fused kernel's parameters in either role: `in` [*, M, inner] with its shrink [N, *, *] and expand
-// [N, *, *] (leading dimensions shrink_ld, expand_ld), writing `out` and the fp32 rank product `low`.
+// [N, *, *] (leading dimensions shrink_ld, expand_ld), the optional W0, bias and base output, writing
+// `out` and the fp32 rank product `low`.
 template <class T>
-FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const at::Tensor& weight,
-                                    const at::Tensor* bias, const at::Tensor& shrink, int64_t shrink_ld,
-                                    const at::Tensor& expand, int64_t expand_ld, at::Tensor& out, at::Tensor& low,
-                                    int64_t members, int64_t rows, int64_t inner, int64_t cols, int64_t rank,
-                                    double scaling, bool shared, int device) {
+FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const at::Tensor* weight,
+                                    const at::Tensor* bias, const at::Tensor* base, const at::Tensor& shrink,
+                                    int64_t shrink_ld, const at::Tensor& expand, int64_t expand_ld, at::Tensor& out,
+                                    at::Tensor& low, int64_t members, int64_t rows, int64_t inner, int64_t cols,
+                                    int64_t rank, double scaling, bool shared, int device) {
   FusedLoraGemmParams<T> p{};
   p.in = ptr<T>(in);
-  p.weight = ptr<T>(weight);
+  p.weight = weight != nullptr ? ptr<T>(*weight) : nullptr;
   p.bias = bias != nullptr ? ptr<T>(*bias) : nullptr;
+  p.base = base != nullptr ? ptr<T>(*base) : nullptr;
   p.shrink = ptr<T>(shrink);
   p.expand = ptr<T>(expand);
   p.out = mut_ptr<T>(out);
@@ -130,43 +133,69 @@ FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const a
   p.member_groups = 1;
   p.device = device;
   p.vec_in = vec_ok(in, in_ld);
-  p.vec_weight = vec_ok(weight, weight.size(1));
+  p.vec_weight = weight != nullptr && vec_ok(*weight, weight->size(1));
   p.vec_shrink = vec_ok(shrink, shrink_ld);
   p.vec_expand = vec_ok(expand, expand_ld);
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+// The LoRA factors' checks shared by the forward and backward-dx ops: lora_A [N, r, d], lora_B [N, k, r].
+void check_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& like, const char* op,
+                   int64_t k, int64_t d) {
+  check_operand(lora_A, op, "lora_A", like, 3);
+  check_operand(lora_B, op, "lora_B", like, 3);
+  check_dtype(lora_A, op, "lora_A", like.scalar_type());
+  check_dtype(lora_B, op, "lora_B", like.scalar_type());
+  const int64_t n = lora_A.size(0), r = lora_A.size(1);
+  check_rank(r, op, "lora_A", lora_A.sizes());
+  TORCH_CHECK(k > 0 && d > 0, op, ": k=", k, ", d=", d, " must be >= 1 (lora_B shape ", lora_B.sizes(),
+              ", lora_A shape ", lora_A.sizes(), ")");
+  TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
+  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == k && lora_B.size(2) == r, op, ": lora_B shape ",
+              lora_B.sizes(), " must be [N, k, r] = [", n, ", ", k, ", ", r, "]");
+}
+
+// (k, d): W0's [k, d] when given (checked), else from lora_B [N, k, r] and lora_A [N, r, d].
+std::pair<int64_t, int64_t> check_weight(const at::Tensor* weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                         const at::Tensor& like, const char* op) {
+  if (weight == nullptr) return {lora_B.size(1), lora_A.size(2)};
+  check_operand(*weight, op, "weight", like, 2);
+  check_dtype(*weight, op, "weight", like.scalar_type());
+  return {weight->size(0), weight->size(1)};
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight_opt,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& base_opt, const at::Tensor& lora_A,
                                                 const at::Tensor& lora_B, double scaling, bool shared_input) {
   constexpr const char* op = "lora_ensemble::cuda_forward";
   check_float_input(x, op, "x");
   check_operand(x, op, shared_input ? "x (shared_input, [M, d])" : "x ([N, M, d])", x, shared_input ? 2 : 3);
-  check_operand(weight, op, "weight", x, 2);
-  check_operand(lora_A, op, "lora_A", x, 3);
-  check_operand(lora_B, op, "lora_B", x, 3);
-  const auto dtype = x.scalar_type();
-  check_dtype(weight, op, "weight", dtype);
-  check_dtype(lora_A, op, "lora_A", dtype);
-  check_dtype(lora_B, op, "lora_B", dtype);
-  const int64_t k = weight.size(0), d = weight.size(1);
+  const at::Tensor* weight = present(weight_opt);
+  const auto [k, d] = check_weight(weight, lora_A, lora_B, x, op);
+  check_factors(lora_A, lora_B, x, op, k, d);
   const int64_t n = lora_A.size(0), r = lora_A.size(1);
   const int64_t m = x.size(-2);
-  check_rank(r, op, "lora_A", lora_A.sizes());
-  TORCH_CHECK(k > 0 && d > 0, op, ": weight shape ", weight.sizes(), " must be [k, d] with k, d >= 1");
-  TORCH_CHECK(x.size(-1) == d, op, ": x shape ", x.sizes(), " must end in d=", d, " (weight shape ", weight.sizes(),
+  TORCH_CHECK(x.size(-1) == d, op, ": x shape ", x.sizes(), " must end in d=", d, " (lora_A shape ", lora_A.sizes(),
               ")");
   TORCH_CHECK(shared_input || x.size(0) == n, op, ": x shape ", x.sizes(), " must be [N, M, d] with N=", n,
               " (lora_A shape ", lora_A.sizes(), ")");
-  TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
-  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == k && lora_B.size(2) == r, op, ": lora_B shape ",
-              lora_B.sizes(), " must be [N, k, r] = [", n, ", ", k, ", ", r, "]");
   TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
-  const at::Tensor* b = bias.has_value() && bias->defined() ? &bias.value() : nullptr;
+  const at::Tensor* b = present(bias);
   if (b != nullptr) {
     check_operand(*b, op, "bias", x, 1);
-    check_dtype(*b, op, "bias", dtype);
+    check_dtype(*b, op, "bias", x.scalar_type());
     TORCH_CHECK(b->size(0) == k, op, ": bias shape ", b->sizes(), " must be [k] = [", k, "]");
+  }
+  const at::Tensor* base = present(base_opt);
+  if (base != nullptr) {
+    check_operand(*base, op, shared_input ? "base (shared_input, [M, k])" : "base ([N, M, k])", x, shared_input ? 2 : 3);
+    check_dtype(*base, op, "base", x.scalar_type());
+    TORCH_CHECK(base->size(-2) == m && base->size(-1) == k && (shared_input || base->size(0) == n), op,
+                ": base shape ", base->sizes(), " must be ", shared_input ? "[M, k]" : "[N, M, k]", " with N=", n,
+                ", M=", m, ", k=", k);
   }
 
   c10::cuda::CUDAGuard guard(x.device());
@@ -174,40 +203,32 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::T
   at::Tensor xa = at::empty({n, m, r}, x.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return {out, xa};
   const int device = x.device().index();
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // in = x [*, M, d], shrink = A [N, r, d], expand = B [N, k, r]
-    auto p = fused_params<T>(x, d, weight, b, lora_A, d, lora_B, r, out, xa, n, m, d, k, r, scaling, shared_input, device);
+    auto p = fused_params<T>(x, d, weight, b, base, lora_A, d, lora_B, r, out, xa, n, m, d, k, r, scaling,
+                             shared_input, device);
     p.member_groups = shared_input ? shared_forward_member_groups(m, k, n, device) : 1;
     launch_fused_lora_gemm<T>(p, /*forward=*/true, current_stream(x));
   });
   return {out, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out,
+                                                    const std::optional<at::Tensor>& weight_opt,
                                                     const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                     double scaling, bool shared_input) {
   constexpr const char* op = "lora_ensemble::cuda_backward_dx";
   check_float_input(grad_out, op, "grad_out");
   check_operand(grad_out, op, "grad_out ([N, M, k])", grad_out, 3);
-  check_operand(weight, op, "weight", grad_out, 2);
-  check_operand(lora_A, op, "lora_A", grad_out, 3);
-  check_operand(lora_B, op, "lora_B", grad_out, 3);
-  const auto dtype = grad_out.scalar_type();
-  check_dtype(weight, op, "weight", dtype);
-  check_dtype(lora_A, op, "lora_A", dtype);
-  check_dtype(lora_B, op, "lora_B", dtype);
-  const int64_t k = weight.size(0), d = weight.size(1);
+  const at::Tensor* weight = present(weight_opt);
+  const auto [k, d] = check_weight(weight, lora_A, lora_B, grad_out, op);
+  check_factors(lora_A, lora_B, grad_out, op, k, d);
   const int64_t n = lora_A.size(0), r = lora_A.size(1);
   const int64_t m = grad_out.size(1);
-  check_rank(r, op, "lora_A", lora_A.sizes());
-  TORCH_CHECK(k > 0 && d > 0, op, ": weight shape ", weight.sizes(), " must be [k, d] with k, d >= 1");
   TORCH_CHECK(grad_out.size(0) == n && grad_out.size(2) == k, op, ": grad_out shape ", grad_out.sizes(),
-              " must be [N, M, k] with N=", n, ", k=", k, " (lora_A shape ", lora_A.sizes(), ", weight shape ",
-              weight.sizes(), ")");
-  TORCH_CHECK(lora_A.size(2) == d, op, ": lora_A shape ", lora_A.sizes(), " must be [N, r, d] with d=", d);
-  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == k && lora_B.size(2) == r, op, ": lora_B shape ",
-              lora_B.sizes(), " must be [N, k, r] = [", n, ", ", k, ", ", r, "]");
+              " must be [N, M, k] with N=", n, ", k=", k, " (lora_A shape ", lora_A.sizes(), ", lora_B shape ",
+              lora_B.sizes(), ")");
   TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
 
   c10::cuda::CUDAGuard guard(grad_out.device());
@@ -216,11 +237,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out, 
   if (m == 0) return {dx, dyb};
   if (n == 0) return {dx.zero_(), dyb};
   const int device = grad_out.device().index();
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(grad_out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // in = dy [N, M, k], shrink = B [N, k, r], expand = A [N, r, d]
-    auto p = fused_params<T>(grad_out, k, weight, nullptr, lora_B, r, lora_A, d, dx, dyb, n, m, k, d, r, scaling,
-                             shared_input, device);
+    auto p = fused_params<T>(grad_out, k, weight, nullptr, nullptr, lora_B, r, lora_A, d, dx, dyb, n, m, k, d, r,
+                             scaling, shared_input, device);
     launch_fused_lora_gemm<T>(p, /*forward=*/false, current_stream(grad_out));
   });
   return {dx, dyb};

@@ -16,8 +16,9 @@ namespace lora_ensemble {
 template <class T>
 struct FusedLoraGemmParams {
   const T* in;       // x or dy: [N, M, inner] (forward + shared: [M, inner])
-  const T* weight;   // W0 [k, d]
+  const T* weight;   // W0 [k, d], or nullptr: no in W term (the low-rank update alone)
   const T* bias;     // [k] or nullptr (forward only)
+  const T* base;     // forward only: a base output to add, [N, M, k] (shared: [M, k]), or nullptr
   const T* shrink;   // forward: A [N, r, d]; backward dx: B [N, k, r]   (in -> rank r)
   const T* expand;   // forward: B [N, k, r]; backward dx: A [N, r, d]   (rank r -> cols)
   T* out;            // [N, M, cols] (backward dx + shared: [M, cols])
