@@ -7,9 +7,9 @@ on first use.
 from . import metrics
 from .backends import available_backends
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble, PerMemberModule
-from .functional import fused_lora_ensemble_linear
+from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members, to_member_fastest, to_member_major
-from .modules import FusedLoRAEnsembleLinear
+from .modules import FusedLoRAEnsembleLinear, LoRAEnsembleLayer, LoRAEnsembleOverBase
 from .parallel import MemberParallelEnsemble
 from .reference import lora_ensemble_reference, lora_ensemble_reference_backward
 
@@ -19,11 +19,14 @@ __all__ = [
     "EnsembleHead",
     "EnsemblePrediction",
     "FusedLoRAEnsembleLinear",
+    "LoRAEnsembleLayer",
+    "LoRAEnsembleOverBase",
     "LoRAEnsemble",
     "MemberParallelEnsemble",
     "PerMemberModule",
     "available_backends",
     "fused_lora_ensemble_linear",
+    "lora_ensemble_delta",
     "lora_ensemble_reference",
     "lora_ensemble_reference_backward",
     "metrics",

@@ -53,7 +53,7 @@ from .attention import replace_multihead_attention
 from .generation import GenerationOptions, choose_next_tokens
 from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
-from .modules import FusedLoRAEnsembleLinear, check_lora_options
+from .modules import LoRAEnsembleLayer, check_lora_options, wrap_linear
 from .targets import TargetSpec, find_heads, has_lm_head, resolve_target_modules
 
 __all__ = ["EnsembleHead", "EnsemblePrediction", "LoRAEnsemble", "PerMemberModule", "resolve_target_modules"]
@@ -62,7 +62,7 @@ __all__ = ["EnsembleHead", "EnsemblePrediction", "LoRAEnsemble", "PerMemberModul
 _NOT_BATCHED = frozenset({"cache_position", "logits_to_keep"})
 # Keyword inputs that carry the batch, when a call to the wrapped model is checked for replication.
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values")
-_PER_MEMBER_TYPES = (FusedLoRAEnsembleLinear, EnsembleHead, PerMemberModule)
+_PER_MEMBER_TYPES = (LoRAEnsembleLayer, EnsembleHead, PerMemberModule)
 
 
 @dataclass
@@ -231,7 +231,8 @@ class LoRAEnsemble(nn.Module):
     ``model`` is modified in place and kept as ``self.model``: every ``nn.MultiheadAttention`` is
     swapped for an equivalent :class:`~lora_ensemble.attention.ExplicitMultiheadAttention`, each
     target ``nn.Linear`` / HF ``Conv1D`` for a :class:`~lora_ensemble.FusedLoRAEnsembleLinear` sharing
-    its weight and bias, and each head for a per-member head. All original parameters are frozen;
+    its weight and bias (a quantized or parametrized ``nn.Linear``, whose weight the kernels cannot
+    read, for a :class:`~lora_ensemble.LoRAEnsembleOverBase` around it), and each head for a per-member head. All original parameters are frozen;
     the trainable ones are the LoRA factors and the heads. If wrapping fails (an unknown target, a bad
     option), ``model`` is left as it was.
 
@@ -267,6 +268,10 @@ class LoRAEnsemble(nn.Module):
         use_rslora: rsLoRA scaling ``alpha / sqrt(r)`` (needs ``alpha``).
         lora_dropout: dropout on the LoRA path's input in training mode (peft's ``lora_dropout``;
             see :class:`~lora_ensemble.FusedLoRAEnsembleLinear` for its cost).
+        adapter_dtype: the dtype of every LoRA factor (and of its gradient and optimizer state); None:
+            each base layer's dtype (float32 over a quantized base). fp32 factors on a bf16 model are
+            peft's default: the ops cast them to the activations' dtype per call (a pass over the
+            factors only) and accumulate in fp32. The heads keep the model's dtype.
         member_chunk_size: run the members ``k`` at a time (forward, :meth:`forward_hf`,
             :meth:`predict`, :meth:`generate`): the same results as all at once, with the activations of
             ``k*B`` rows instead of ``N*B`` at a time. None: all at once. Also settable later as the
@@ -290,6 +295,7 @@ class LoRAEnsemble(nn.Module):
         use_rslora: bool = False,
         lora_dropout: float = 0.0,
         member_chunk_size: int | None = None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -299,8 +305,9 @@ class LoRAEnsemble(nn.Module):
         if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
             raise ValueError(f"member_chunk_size must be a positive int or None, got {member_chunk_size!r}")
         init = init if init is not None else ("peft" if has_lm_head(model) else "paper")
-        check_lora_options(init, alpha, use_rslora, lora_dropout)
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
         self.num_members, self.rank, self.alpha = num_members, rank, alpha
+        self.adapter_dtype = adapter_dtype
         self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
         self.backend, self.num_classes, self.member_chunk_size = backend, num_classes, member_chunk_size
 
@@ -315,9 +322,9 @@ class LoRAEnsemble(nn.Module):
                 _set_by_name(model, name, self._per_member_head(model.get_submodule(name)))
             self.target_names = resolve_target_modules(model, target_modules)
             for name in self.target_names:
-                layer = FusedLoRAEnsembleLinear.from_linear(
+                layer = wrap_linear(
                     model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
-                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout)
+                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
                 _set_by_name(model, name, layer)
         self.model = model
 
@@ -359,7 +366,7 @@ class LoRAEnsemble(nn.Module):
         finally:
             self._install_hooks()
 
-    def lora_layers(self) -> dict[str, FusedLoRAEnsembleLinear]:
+    def lora_layers(self) -> dict[str, LoRAEnsembleLayer]:
         """The wrapped layers by their dotted name in ``self.model``."""
         return {name: self.model.get_submodule(name) for name in self.target_names}
 
@@ -383,7 +390,7 @@ class LoRAEnsemble(nn.Module):
         name in ``self.model``: each wrapped layer's ``lora_A`` / ``lora_B`` and every head parameter."""
         params: dict[str, nn.Parameter] = {}
         for prefix, module in self.model.named_modules():
-            if isinstance(module, FusedLoRAEnsembleLinear):
+            if isinstance(module, LoRAEnsembleLayer):
                 params[f"{prefix}.lora_A"], params[f"{prefix}.lora_B"] = module.lora_A, module.lora_B
             elif isinstance(module, (EnsembleHead, PerMemberModule)):
                 params.update(module.named_parameters(prefix))

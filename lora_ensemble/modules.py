@@ -1,4 +1,17 @@
-"""``FusedLoRAEnsembleLinear``: a drop-in ``nn.Linear`` (or HF ``Conv1D``) replacement holding all N members."""
+"""The LoRA-Ensemble layers: N members' LoRA factors on one frozen base layer.
+
+* :class:`FusedLoRAEnsembleLinear`: a drop-in ``nn.Linear`` (or HF ``Conv1D``) replacement whose
+  base ``W0`` the fused kernels read: ``x W0^T + b`` and every member's update in one op.
+* :class:`LoRAEnsembleOverBase`: around a base layer the kernels cannot read (bitsandbytes 4/8-bit,
+  torchao-quantized, parametrized linears): the layer computes ``base(x)`` itself, and every
+  member's update is added in one op (shrink and expand fused, :func:`lora_ensemble_delta`).
+* :func:`wrap_linear` picks the one that fits a layer, or says why neither does.
+
+Both keep the LoRA factors in ``adapter_dtype`` (default: the base's dtype; e.g. fp32 factors on a
+bf16 base, peft's default): the factors, their gradients and the optimizer's state live in it. The
+op casts the factors to the activations' dtype for each call (a pass over the factors, never over
+the activations) and accumulates in fp32; their gradients come back in ``adapter_dtype``.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +21,25 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from .functional import fused_lora_ensemble_linear, validate_inputs
+from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members
 
-__all__ = ["FusedLoRAEnsembleLinear", "is_hf_conv1d"]
+__all__ = [
+    "FusedLoRAEnsembleLinear",
+    "LoRAEnsembleLayer",
+    "LoRAEnsembleOverBase",
+    "check_lora_options",
+    "is_hf_conv1d",
+    "kernels_can_read",
+    "lora_scaling",
+    "wrap_linear",
+]
 
 INITS = ("paper", "peft")
+# Dtypes of a base weight the fused kernels (torch backend: float64 too) read directly.
+_READABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -26,7 +51,101 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
-class FusedLoRAEnsembleLinear(nn.Module):
+def kernels_can_read(module: nn.Module) -> bool:
+    """Whether the fused kernels can read ``module``'s weight as ``W0``: a plain (not parametrized)
+    ``nn.Linear`` or HF ``Conv1D`` whose weight and bias are plain float tensors. bitsandbytes'
+    ``Linear4bit`` / ``Linear8bitLt`` (integer weights), torchao-quantized linears (tensor-subclass
+    weights) and parametrized linears are not."""
+    if not (isinstance(module, nn.Linear) or is_hf_conv1d(module)) or parametrize.is_parametrized(module):
+        return False
+    plain = (torch.Tensor, nn.Parameter)
+    return all(t is None or (type(t) in plain and t.dtype in _READABLE_DTYPES) for t in (module.weight, module.bias))
+
+
+def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
+    """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA), or 1.0 without ``alpha`` (the paper's code)."""
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def check_lora_options(init: str, alpha: float | None, use_rslora: bool, lora_dropout: float,
+                       adapter_dtype: torch.dtype | None = None) -> None:
+    """Raise ``ValueError`` for an unknown ``init``, rsLoRA without ``alpha``, a dropout outside [0, 1),
+    or an ``adapter_dtype`` that is not a floating dtype."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if use_rslora and alpha is None:
+        raise ValueError("use_rslora=True scales by alpha / sqrt(rank): pass alpha")
+    if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype) or adapter_dtype not in _READABLE_DTYPES):
+        raise ValueError(f"adapter_dtype must be one of {_READABLE_DTYPES} or None, got {adapter_dtype!r}")
+
+
+class LoRAEnsembleLayer(nn.Module):
+    """What every LoRA-Ensemble layer has, whatever its base: ``lora_A [N, r, in]``, ``lora_B [N, out, r]``
+    in ``adapter_dtype``, their scaling, initialisation and the LoRA dropout, and the attributes
+    ``in_features``, ``out_features``, ``num_members``, ``rank``, ``alpha``, ``use_rslora``, ``init``,
+    ``init_gain``, ``lora_dropout``, ``shared_input``, ``backend``."""
+
+    def __init__(self, in_features: int, out_features: int, num_members: int, rank: int, alpha: float | None,
+                 backend: str, init: str, init_gain: float, use_rslora: bool, lora_dropout: float,
+                 shared_input: bool, device: torch.device | str | None, adapter_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("num_members", num_members), ("rank", rank)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_members, self.rank = num_members, rank
+        self.alpha, self.use_rslora = alpha, use_rslora
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
+        self.backend = backend
+        self.init, self.init_gain = init, init_gain
+        self.lora_dropout = float(lora_dropout)
+        self.shared_input = shared_input
+        factory = {"device": device, "dtype": adapter_dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_members, rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_members, out_features, rank, **factory))
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the LoRA factors (and their gradients and optimizer state) live in."""
+        return self.lora_A.dtype
+
+    def reset_lora_parameters(self) -> None:
+        """``lora_B = 0`` and each ``lora_A[n]`` drawn independently: Xavier-uniform with gain
+        ``init_gain`` (``init="paper"``) or Kaiming-uniform with ``a=sqrt(5)`` (``init="peft"``)."""
+        with torch.no_grad():
+            for member in self.lora_A:
+                if self.init == "peft":
+                    nn.init.kaiming_uniform_(member, a=math.sqrt(5))
+                else:
+                    nn.init.xavier_uniform_(member, gain=self.init_gain)
+            self.lora_B.zero_()
+
+    def _dropout_active(self) -> bool:
+        return self.training and self.lora_dropout > 0
+
+    def _dropped_delta(self, x: Tensor, base: Tensor, shared: bool) -> Tensor:
+        """``base + s (dropout(x) A^T) B^T`` per member, in one op: every row of the stacked batch, so
+        every member, draws its own dropout mask (with a shared input, ``x`` and ``base`` are stacked
+        first: one copy per member)."""
+        if shared:
+            x, base = replicate_members(x, self.num_members), replicate_members(base, self.num_members)
+        dropped = F.dropout(x, self.lora_dropout, training=True)
+        return lora_ensemble_delta(dropped, base, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+
+    def _members_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_members={self.num_members}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"adapter_dtype={self.adapter_dtype}, lora_dropout={self.lora_dropout:g}, "
+                f"shared_input={self.shared_input}, backend={self.backend!r}")
+
+
+class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
     """A frozen linear layer ``W0`` shared by ``num_members`` LoRA members, run in one fused op.
 
     Input ``[N*Bsz, ..., in_features]`` (member-major stacked batch), or ``[Bsz, ..., in_features]``
@@ -40,17 +159,17 @@ class FusedLoRAEnsembleLinear(nn.Module):
             op then reads ``weight.t()``, a view (the ``torch`` and ``triton`` backends read it as it is;
             the ``cuda`` backend needs a contiguous ``W0`` and copies it on every call).
         bias: ``[out_features]`` or None, frozen.
-        lora_A: ``[N, rank, in_features]``; ``init="paper"``: each member Xavier-uniform with gain
-            ``init_gain`` (10, as the LoRA-Ensemble paper); ``init="peft"``: each member Kaiming-uniform
-            with ``a=sqrt(5)`` (peft's default, bound ``1/sqrt(in_features)``).
+        lora_A: ``[N, rank, in_features]`` in ``adapter_dtype`` (default: ``dtype``); ``init="paper"``:
+            each member Xavier-uniform with gain ``init_gain`` (10, as the LoRA-Ensemble paper);
+            ``init="peft"``: each member Kaiming-uniform with ``a=sqrt(5)`` (peft's default).
         lora_B: ``[N, out_features, rank]``, zeros: every member starts equal to ``W0``.
         scaling: ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``) when ``alpha`` is given,
             else 1.0 (the paper's code).
         lora_dropout: dropout probability on the LoRA path's input, in training mode only (peft's
             ``lora_dropout``; every row of the stacked batch, so every member, draws its own mask). While
-            it is active the layer runs ``F.linear(x, W0, b)`` plus two batched GEMMs for the delta (the
-            ``torch`` backend's cost, not one fused launch: base and delta read different inputs); in
-            eval mode, or with ``lora_dropout=0``, the fused op runs.
+            it is active the layer runs ``F.linear(x, W0, b)`` and then every member's update on the
+            dropped input in one op (:func:`lora_ensemble_delta`): two launches instead of one. In eval
+            mode, or with ``lora_dropout=0``, the one fused op runs.
         shared_input: default layout of ``forward``'s input.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
     """
@@ -72,28 +191,15 @@ class FusedLoRAEnsembleLinear(nn.Module):
         use_rslora: bool = False,
         lora_dropout: float = 0.0,
         fan_in_fan_out: bool = False,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("num_members", num_members), ("rank", rank)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_lora_options(init, alpha, use_rslora, lora_dropout)
+        super().__init__(in_features, out_features, num_members, rank, alpha, backend, init, init_gain, use_rslora,
+                         lora_dropout, shared_input, device, adapter_dtype or dtype)
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.num_members, self.rank = num_members, rank
-        self.alpha, self.use_rslora = alpha, use_rslora
-        self.scaling = lora_scaling(alpha, rank, use_rslora)
-        self.backend = backend
-        self.init, self.init_gain = init, init_gain
-        self.lora_dropout = float(lora_dropout)
-        self.shared_input = shared_input
         self.fan_in_fan_out = fan_in_fan_out
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.lora_A = nn.Parameter(torch.empty(num_members, rank, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(num_members, out_features, rank, **factory))
         self._reset_base()
         self.reset_lora_parameters()
 
@@ -103,17 +209,6 @@ class FusedLoRAEnsembleLinear(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-
-    def reset_lora_parameters(self) -> None:
-        """``lora_B = 0`` and each ``lora_A[n]`` drawn independently: Xavier-uniform with gain
-        ``init_gain`` (``init="paper"``) or Kaiming-uniform with ``a=sqrt(5)`` (``init="peft"``)."""
-        with torch.no_grad():
-            for member in self.lora_A:
-                if self.init == "peft":
-                    nn.init.kaiming_uniform_(member, a=math.sqrt(5))
-                else:
-                    nn.init.xavier_uniform_(member, gain=self.init_gain)
-            self.lora_B.zero_()
 
     @classmethod
     def from_linear(
@@ -128,10 +223,12 @@ class FusedLoRAEnsembleLinear(nn.Module):
         init: str = "paper",
         use_rslora: bool = False,
         lora_dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
     ) -> FusedLoRAEnsembleLinear:
         """Wrap an existing ``nn.Linear`` or HF ``Conv1D`` (then ``fan_in_fan_out=True``): its
         ``weight`` and ``bias`` Parameters are shared, not copied, and frozen
-        (``requires_grad_(False)``); the LoRA factors are freshly initialised."""
+        (``requires_grad_(False)``); the LoRA factors are freshly initialised, in ``adapter_dtype``
+        (default: the weight's dtype)."""
         conv1d = is_hf_conv1d(linear)
         if not isinstance(linear, nn.Linear) and not conv1d:
             raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
@@ -140,11 +237,12 @@ class FusedLoRAEnsembleLinear(nn.Module):
         layer = cls(in_features, out_features, num_members, rank, alpha=alpha,
                     bias=linear.bias is not None, backend=backend, device="meta", dtype=w.dtype,
                     init_gain=init_gain, shared_input=shared_input, init=init, use_rslora=use_rslora,
-                    lora_dropout=lora_dropout, fan_in_fan_out=conv1d)
+                    lora_dropout=lora_dropout, fan_in_fan_out=conv1d, adapter_dtype=adapter_dtype)
         layer.weight = w.requires_grad_(False)
         layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
-        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=w.dtype))
+        factors = {"device": w.device, "dtype": adapter_dtype or w.dtype}
+        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, **factors))
+        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, **factors))
         layer.reset_lora_parameters()
         return layer
 
@@ -152,22 +250,10 @@ class FusedLoRAEnsembleLinear(nn.Module):
         """``x [N*Bsz, ..., in]`` (or ``[Bsz, ..., in]`` shared) -> ``[N*Bsz, ..., out]``."""
         shared = self.shared_input if shared_input is None else shared_input
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        if self.training and self.lora_dropout > 0:
-            return self._forward_lora_dropout(x, weight, shared)
+        if self._dropout_active():
+            return self._dropped_delta(x, F.linear(x, weight, self.bias), shared)
         return fused_lora_ensemble_linear(x, weight, self.bias, self.lora_A, self.lora_B,
                                           self.scaling, shared_input=shared, backend=self.backend)
-
-    def _forward_lora_dropout(self, x: Tensor, weight: Tensor, shared: bool) -> Tensor:
-        # y = x W0^T + b + s (dropout(x) A^T) B^T: the base reads x, the delta the dropped x, so the
-        # one-input fused op does not apply. Cost: the base GEMM once, two batched rank-r GEMMs.
-        validate_inputs(x, weight, self.bias, self.lora_A, self.lora_B, shared)
-        num_members = self.lora_A.shape[0]
-        base = F.linear(x, weight, self.bias)
-        if shared:  # one base for every member, a dropout mask per member
-            base, x = replicate_members(base, num_members), replicate_members(x, num_members)
-        rows = F.dropout(x, self.lora_dropout, training=True).reshape(num_members, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(rows, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))
-        return base + self.scaling * delta.view(base.shape)
 
     def merged_member(self, member: int) -> nn.Module:
         """Member ``member`` as a plain layer with ``W0 + scaling * B[n] @ A[n]`` merged in (computed
@@ -193,24 +279,80 @@ class FusedLoRAEnsembleLinear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_members={self.num_members}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"bias={self.bias is not None}, lora_dropout={self.lora_dropout:g}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, shared_input={self.shared_input}, backend={self.backend!r}")
+        return f"{self._members_repr()}, bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
-def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
-    """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA), or 1.0 without ``alpha`` (the paper's code)."""
-    if alpha is None:
-        return 1.0
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+class LoRAEnsembleOverBase(LoRAEnsembleLayer):
+    """``num_members`` LoRA members over a frozen base layer the fused kernels cannot read.
+
+    Member ``n`` computes ``base_layer(x) + scaling * (dropout(x) @ lora_A[n]^T) @ lora_B[n]^T``: the
+    base layer runs as it is (once for a shared input), dequantizing or not as it does, and every
+    member's update is added to its output in one op (:func:`lora_ensemble_delta`: shrink and expand
+    fused in one launch). Input and output layouts as :class:`FusedLoRAEnsembleLinear`.
+
+    Attributes:
+        base_layer: the wrapped layer, frozen (``in_features``, ``out_features`` attributes; output in
+            the input's dtype: bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao-quantized
+            ``nn.Linear``, parametrized ``nn.Linear``).
+        lora_A, lora_B, scaling, lora_dropout, shared_input, backend: as in :class:`FusedLoRAEnsembleLinear`.
+    """
+
+    def __init__(self, base_layer: nn.Module, num_members: int, rank: int, alpha: float | None = None,
+                 backend: str = "auto", init_gain: float = 10.0, shared_input: bool = False, init: str = "paper",
+                 use_rslora: bool = False, lora_dropout: float = 0.0,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        in_features, out_features = getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None)
+        if not isinstance(in_features, int) or not isinstance(out_features, int):
+            raise TypeError(f"base_layer {type(base_layer).__name__} needs int in_features and out_features "
+                            "attributes (a linear layer)")
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if isinstance(weight, Tensor) else None
+        super().__init__(in_features, out_features, num_members, rank, alpha, backend, init, init_gain, use_rslora,
+                         lora_dropout, shared_input, device, adapter_dtype or _float_dtype_of(base_layer))
+        self.base_layer = base_layer.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    def forward(self, x: Tensor, shared_input: bool | None = None) -> Tensor:
+        """``x [N*Bsz, ..., in]`` (or ``[Bsz, ..., in]`` shared) -> ``[N*Bsz, ..., out]``."""
+        shared = self.shared_input if shared_input is None else shared_input
+        base = self.base_layer(x)
+        if self._dropout_active():
+            return self._dropped_delta(x, base, shared)
+        return lora_ensemble_delta(x, base, self.lora_A, self.lora_B, self.scaling, shared_input=shared,
+                                   backend=self.backend)
+
+    def merged_member(self, member: int) -> nn.Module:
+        """Not possible: a member's update cannot be merged into a weight the package cannot read."""
+        raise TypeError(f"member {member}'s LoRA factors cannot be merged into a {type(self.base_layer).__name__} "
+                        "base layer (its weight is quantized or computed): use the ensemble itself, or save the "
+                        "members with lora_ensemble.io.save_members / save_peft_adapters")
+
+    def extra_repr(self) -> str:
+        return self._members_repr()
 
 
-def check_lora_options(init: str, alpha: float | None, use_rslora: bool, lora_dropout: float) -> None:
-    """Raise ``ValueError`` for an unknown ``init``, rsLoRA without ``alpha``, or a dropout outside [0, 1)."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if use_rslora and alpha is None:
-        raise ValueError("use_rslora=True scales by alpha / sqrt(rank): pass alpha")
-    if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+def _float_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype LoRA factors over ``module`` default to: its weight's, when that is a float dtype the
+    kernels take (torchao's quantized weights report their float dtype), else its ``compute_dtype``
+    (bitsandbytes 4-bit), else float32 (peft's default for adapters on quantized bases)."""
+    dtype = getattr(getattr(module, "weight", None), "dtype", None)
+    if dtype in _READABLE_DTYPES:
+        return dtype
+    compute = getattr(module, "compute_dtype", None)
+    return compute if compute in _READABLE_DTYPES else torch.float32
+
+
+def wrap_linear(module: nn.Module, num_members: int, rank: int, **options) -> FusedLoRAEnsembleLinear | LoRAEnsembleOverBase:
+    """The LoRA-Ensemble layer for ``module``: :class:`FusedLoRAEnsembleLinear` sharing its weight
+    when the kernels can read it (:func:`kernels_can_read`), :class:`LoRAEnsembleOverBase` around
+    any other ``nn.Linear`` (quantized or parametrized). ``options``: those of the layers.
+
+    Raises:
+        TypeError: ``module`` is neither an ``nn.Linear`` (or subclass) nor an HF ``Conv1D``.
+    """
+    if kernels_can_read(module):
+        return FusedLoRAEnsembleLinear.from_linear(module, num_members, rank, **options)
+    if isinstance(module, nn.Linear):
+        return LoRAEnsembleOverBase(module, num_members, rank, **options)
+    raise TypeError(f"cannot wrap a {type(module).__name__}: LoRA-Ensemble layers wrap nn.Linear (plain, "
+                    "quantized or parametrized) and transformers' Conv1D")
