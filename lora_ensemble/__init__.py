@@ -8,6 +8,7 @@ from . import metrics
 from .backends import available_backends
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble
 from .functional import fused_lora_ensemble_linear
+from . import flop_counts  # noqa: E402,F401  (FLOP formulas of the op for FlopCounterMode)
 from .layout import replicate_members, to_member_fastest, to_member_major
 from .modules import FusedLoRAEnsembleLinear
 from .parallel import MemberParallelEnsemble
