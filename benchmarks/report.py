@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["PROVIDER_ORDER", "add_ratios", "main", "merge_runs", "render_markdown", "render_plot"]
 
 PROVIDER_ORDER: tuple[str, ...] = (
-    "triton", "cuda", "bmm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "explicit", "limit")
+    "triton", "cuda", "graphed", "bmm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "explicit", "limit")
 MODE_TITLES: dict[str, str] = {
     "fwd": "Forward (inference, no autograd graph)",
     "bwd": "Backward (replayed backward of one forward)",
