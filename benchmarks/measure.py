@@ -218,7 +218,8 @@ def device_time(step: Callable[[], object], device: torch.device, once_s: float,
         try:
             graph_s = statistics.median(_graph_replay_times(step, calls, buffer.zero_))
         except Exception as exc:  # noqa: BLE001  (any capture failure: record it, keep the event time)
-            graph_error = f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            graph_error = f"capture failed: {type(exc).__name__}: {first_line[:300]}"
             torch.cuda.synchronize()
     del buffer
     if graph_s is not None:
