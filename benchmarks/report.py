@@ -297,17 +297,19 @@ def render_markdown(data: dict, title: str) -> str:
 
 
 def render_plot(data: dict, path: Path) -> None:
-    """One panel per mode: bars of the device-time speedup over ``vmap`` (log scale) per provider
-    and shape; a MISSING provider has no bar."""
+    """One panel per mode that has ``vmap`` rows: bars of the device-time speedup over ``vmap`` (log
+    scale) per provider and shape; a MISSING provider has no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     add_ratios(data["benchmarks"])
-    by_mode = _table_rows(data)
+    by_mode = {mode: shapes for mode, shapes in _table_rows(data).items()
+               if any(e["provider"] == "vmap" and "bench" in e for entries in shapes.values() for e in entries)}
     colors = plt.get_cmap("tab20")  # one colour per provider in every panel
-    fig, axes = plt.subplots(len(by_mode), 1, figsize=(14, 3.6 * len(by_mode)), squeeze=False)
+    panels = max(len(by_mode), 1)  # a figure with one empty panel when no group has vmap
+    fig, axes = plt.subplots(panels, 1, figsize=(14, 3.6 * panels), squeeze=False)
     for ax, (mode, shapes) in zip(axes[:, 0], by_mode.items()):
         providers = sorted({e["provider"] for entries in shapes.values() for e in entries if "bench" in e},
                            key=_provider_rank)

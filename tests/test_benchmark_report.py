@@ -118,3 +118,10 @@ def test_a_json_without_device_times_or_provider_lists_still_renders() -> None:
     markdown = report.render_markdown(copy.deepcopy(old), "old")
     assert "| vmap | 20.0 µs | — | — |" in markdown  # no device time measured; ratios use host medians
     assert "MISSING" not in markdown  # expected providers: the ones seen in the op modes
+
+
+def test_plot_has_a_panel_per_mode_with_vmap_and_survives_none(tmp_path: Path) -> None:
+    data = report.merge_runs([_run([_bench("vmap", 2e-5, 2e-5), _bench("limit", 1e-5, 1e-5)])])
+    report.render_plot(data, tmp_path / "one.png")
+    report.render_plot(report.merge_runs([_run([_bench("limit", 1e-5, 1e-5)])]), tmp_path / "none.png")
+    assert (tmp_path / "one.png").stat().st_size > 0 and (tmp_path / "none.png").stat().st_size > 0
