@@ -75,9 +75,9 @@ def pytest_runtest_makereport(item, call):
     provider = fixture.extra_info.get("provider")
     if provider is None:
         return
-    reason = call.excinfo.exconly() if call.excinfo is not None else report.longreprtext
-    _MISSING.append({"group": fixture.group, "provider": provider, "outcome": report.outcome,
-                     "reason": reason.strip().removeprefix("Skipped: ").splitlines()[0][:300],
+    text = call.excinfo.exconly() if call.excinfo is not None else report.longreprtext
+    reason = (text.strip().removeprefix("Skipped: ").splitlines() or ["(no message)"])[0][:300]
+    _MISSING.append({"group": fixture.group, "provider": provider, "outcome": report.outcome, "reason": reason,
                      "test": item.nodeid})
 
 
