@@ -6,6 +6,12 @@ member-major, like :class:`lora_ensemble.FusedLoRAEnsembleLinear`).
   ``torch.func.stack_module_state`` (which copies the shared ``W0`` N times), run through
   ``torch.func.vmap`` over ``functional_call``. ``copy_base=False`` is the same code with ``W0``
   and its bias left unbatched (``in_dims=None``): no copies, and vmap turns ``x W0^T`` into one GEMM.
+* :class:`PaperVmapLoRAEnsembleLinear`: the same vmap layer in the paper's data layout as well. Its
+  input arrives sequence-first and member-fastest, ``[S, B*N, d]`` (the paper repeats each image N
+  times at the model entry, ``x.repeat_interleave(N, 0)``, and its attention hands the projections
+  a seq-first transposed view); the layer does ``x.view(S, B, N, d).movedim(2, 0)``, the vmap, then
+  ``movedim(0, 2).contiguous()`` (one copy of its output) and a view back to ``[S, B*N, k]``.
+  :func:`to_paper_layout` and :func:`from_paper_layout` convert member-major rows to and from it.
 * :class:`LoopLoRAEnsembleLinear`: a Python loop over members, one ``F.linear`` plus the low-rank
   update per member (an Explicit-Ensemble-style loop).
 
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["LoopLoRAEnsembleLinear", "PaperLoRALinear", "VmapLoRAEnsembleLinear"]
+__all__ = ["LoopLoRAEnsembleLinear", "PaperLoRALinear", "PaperVmapLoRAEnsembleLinear", "VmapLoRAEnsembleLinear",
+           "from_paper_layout", "to_paper_layout"]
 
 
 class PaperLoRALinear(nn.Module):
@@ -98,6 +105,39 @@ class VmapLoRAEnsembleLinear(nn.Module):
         rows = x.reshape(self.num_members, x.shape[0] // self.num_members, *x.shape[1:])
         out = vmap(self._member, in_dims=(self._in_dims, 0))(params, rows)
         return out.reshape(x.shape[0], *out.shape[2:])
+
+
+class PaperVmapLoRAEnsembleLinear(VmapLoRAEnsembleLinear):
+    """:class:`VmapLoRAEnsembleLinear` with ``W0`` copied N times, in the paper's layout: sequence-first,
+    member-fastest ``[S, B*N, d]`` -> ``[S, B*N, k]`` (the paper's ``EnsembleLoRA.forward``)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> None:
+        super().__init__(weight, bias, lora_A, lora_B, copy_base=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [S, B*N, d]``, member ``n`` of image ``b`` at column ``b*N + n`` -> ``[S, B*N, k]``."""
+        params = {name: getattr(self, attr) for name, attr in _STACKED_NAMES.items() if name in self._in_dims}
+        seq, batch = x.shape[0], x.shape[1] // self.num_members
+        members = x.view(seq, batch, self.num_members, -1).movedim(2, 0)
+        out = vmap(self._member, in_dims=(self._in_dims, 0))(params, members)
+        return out.movedim(0, 2).contiguous().view(seq, -1, out.shape[-1])
+
+
+def to_paper_layout(x: Tensor, num_members: int, seq_len: int) -> Tensor:
+    """Member-major rows ``x [N*M, ..., d]`` (``M = B*S``: B sequences of ``seq_len`` tokens per
+    member) -> ``[S, B*N, d]`` member-fastest, as the paper's attention hands it to a projection: a
+    seq-first transposed view of a contiguous batch-first ``[B*N, S, d]`` copy."""
+    d = x.shape[-1]
+    rows = x.reshape(num_members, -1, seq_len, d)  # [N, B, S, d]
+    batch_first = rows.transpose(0, 1).reshape(-1, seq_len, d)  # [B*N, S, d], one copy
+    return batch_first.transpose(0, 1)
+
+
+def from_paper_layout(y: Tensor, num_members: int) -> Tensor:
+    """``[S, B*N, f]`` member-fastest -> member-major rows ``[N*B*S, f]`` (the inverse of
+    :func:`to_paper_layout` with the row dims flattened)."""
+    seq, f = y.shape[0], y.shape[-1]
+    return y.reshape(seq, -1, num_members, f).permute(2, 1, 0, 3).reshape(-1, f)
 
 
 class LoopLoRAEnsembleLinear(nn.Module):

@@ -6,22 +6,29 @@ For ``N`` members, ``M`` rows each, ``d`` in, ``k`` out, rank ``r`` (``R = N*M``
     backward  2Rdk (dy W0)   + 4Rr(d + k) (dy B; (dy B) A; dA; dB)      W0 frozen: no dW0
     limit     the base GEMM alone: 2Rdk forward, 2Rdk backward (dx only)
 
-Bytes are the unavoidable traffic: every operand read once and every result written once
-(``xa = x A^T`` is saved for backward in fp32). The compute floor is FLOPs / peak FLOP/s, the memory
-floor is bytes / peak bandwidth; a kernel cannot beat the larger of the two.
+(:mod:`lora_ensemble.flop_counts` registers the same forward and backward counts with
+``torch.utils.flop_counter``.) Bytes are the unavoidable traffic: every operand read once and every
+result written once. ``xa = x A^T`` (fp32, ``4Rr`` bytes) is part of it only where a backward
+follows: written by the forward of ``fwd_bwd``, read by every backward. The inference forward
+(``fwd``) needs no ``xa``; the providers that write it anyway are listed by
+:func:`benchmarks.providers.forward_extra_bytes`. The compute floor is FLOPs / peak FLOP/s, the
+memory floor is bytes / peak bandwidth; a kernel cannot beat the larger of the two.
+
+Peaks are measured on the device at the start of a run (:func:`device_peaks`); spec-sheet numbers
+of known GPUs are kept as a labelled reference (:func:`spec_peaks`).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
 
+from .measure import new_event_factory, synchronize, timed_calls
 from .shapes import OpShape
 
-__all__ = ["DevicePeaks", "OpCost", "device_name", "device_peaks", "op_cost"]
+__all__ = ["DevicePeaks", "OpCost", "device_peaks", "op_cost", "spec_peaks"]
 
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 
@@ -47,16 +54,16 @@ def op_cost(shape: OpShape, mode: str, elem_bytes: int, limit: bool = False) -> 
     bwd_flops = 2 * rows * d * k + lora * 4 * rows * r * (d + k)
     base_weights = e * d * k
     lora_weights = lora * e * n * r * (d + k)                      # all A and B
-    xa = lora * 4 * rows * r                                       # x A^T, saved in fp32
-    # forward: read x, W0, bias, A, B; write y (and xa).
-    fwd_bytes = e * rows * d + base_weights + e * k + lora_weights + e * rows * k + xa
+    xa = lora * 4 * rows * r                                       # x A^T in fp32
+    # inference forward: read x, W0, bias, A, B; write y.
+    fwd_bytes = e * rows * d + base_weights + e * k + lora_weights + e * rows * k
     # backward: read dy, W0, A, B; write dx; the LoRA grads also read x and xa and write dA, dB.
     bwd_bytes = e * rows * k + base_weights + lora_weights + e * rows * d + lora * (e * rows * d + xa) + lora_weights
     if mode == "fwd":
         return OpCost(fwd_flops, fwd_bytes)
     if mode == "bwd":
         return OpCost(bwd_flops, bwd_bytes)
-    return OpCost(fwd_flops + bwd_flops, fwd_bytes + bwd_bytes)
+    return OpCost(fwd_flops + bwd_flops, fwd_bytes + xa + bwd_bytes)  # the training forward saves xa
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,8 @@ class DevicePeaks:
     source: str
 
 
-# Spec-sheet dense peaks (no sparsity), FLOP/s by dtype, and HBM bandwidth in bytes/s. fp32 is the
-# CUDA-core rate: PyTorch's matmuls do not use TF32 unless allowed.
+# Spec-sheet dense peaks (no sparsity), FLOP/s by dtype, and HBM bandwidth in bytes/s: a reference
+# only. fp32 is the CUDA-core rate: PyTorch's matmuls do not use TF32 unless allowed.
 _GPU_SPECS: tuple[tuple[str, dict[torch.dtype, float], float], ...] = (
     ("H200", {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12}, 4.8e12),
     ("H100 PCIe", {torch.bfloat16: 756.0e12, torch.float16: 756.0e12, torch.float32: 51.2e12}, 2.0e12),
@@ -79,56 +86,52 @@ _GPU_SPECS: tuple[tuple[str, dict[torch.dtype, float], float], ...] = (
 _TF32_PEAK_FRACTION = 0.5  # TF32 tensor-core rate is half the 16-bit rate on Ampere and Hopper
 
 
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model with its core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
+def spec_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks | None:
+    """The spec-sheet peaks of a known GPU (a reference beside the measured ones), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops, bandwidth in _GPU_SPECS:
+        if key in name and dtype in flops:
+            peak = flops[dtype]
+            if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+                peak = _TF32_PEAK_FRACTION * flops[torch.bfloat16]
+            return DevicePeaks(peak, bandwidth, f"spec sheet ({key})")
+    return None
+
+
+def _best_seconds(fn, device: torch.device, warmup_s: float, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (CUDA events on a GPU), after calling it
+    for ``warmup_s`` (clocks ramp up) and at least once."""
+    new_event = new_event_factory(device)
+    (once,) = timed_calls(fn, 1, lambda: None, new_event, synchronize)
+    for _ in range(min(1000, int(warmup_s / max(once, 1e-7)))):
+        fn()
+    return min(timed_calls(fn, repeats, lambda: None, new_event, synchronize))
 
 
 @functools.cache
 def device_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks:
-    """Spec-sheet peaks for a known GPU; otherwise measured here: the best of a few large GEMMs
-    in ``dtype`` and a large copy (read + write)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops, bandwidth in _GPU_SPECS:
-            if key in name and dtype in flops:
-                peak = flops[dtype]
-                if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-                    peak = _TF32_PEAK_FRACTION * flops[torch.bfloat16]
-                return DevicePeaks(peak, bandwidth, f"spec sheet ({key})")
-    return _measured_peaks(device, dtype)
+    """Peaks measured on ``device``: the best of a few large ``dtype`` GEMMs (FLOP/s) and of a large
+    device-to-device copy (bytes read + written per second). Cached: the first call (the start of a
+    benchmark run, ``conftest.py``) measures; on a GPU it also warms the clocks up.
 
-
-def _best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _measured_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks:
-    size = 1024 if device.type == "cpu" else 8192
+    fp32 GEMMs run as PyTorch's fp32 matmul setting says (``allow_tf32``; off by default: CUDA-core
+    FMAs). The fused ``triton`` backend's fp32 dots run on tensor cores instead (3xTF32, see
+    ``kernels/configs.py::dot_precision``), so in fp32 it can run under this compute floor.
+    """
+    cuda = device.type == "cuda"
+    size, copy_mib = (8192, 1024) if cuda else (1024, 64)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    gemm_s = _best_time(lambda: a @ b, repeats=5)
-    src = torch.randn(64 * 2**20 // 4, device=device)
+    gemm_s = _best_seconds(lambda: a @ b, device, warmup_s=0.5 if cuda else 0.0, repeats=10 if cuda else 5)
+    del a, b
+    src = torch.randn(copy_mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best_time(lambda: dst.copy_(src), repeats=5)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device, warmup_s=0.1 if cuda else 0.0, repeats=10 if cuda else 5)
+    precision = ""
+    if dtype == torch.float32 and cuda:
+        precision = f", fp32 matmul with allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
     return DevicePeaks(2 * size**3 / gemm_s, 2 * src.numel() * 4 / copy_s,
-                       f"measured here ({size}^3 GEMM, 64 MiB copy)")
+                       f"measured at the start of the run: best {size}^3 {str(dtype).removeprefix('torch.')} "
+                       f"GEMM{precision}, {copy_mib} MiB copy")

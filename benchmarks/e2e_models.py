@@ -7,10 +7,17 @@ provider            model
 ``triton``/``cuda`` ``lora_ensemble.LoRAEnsemble(vit, N, r, backend=name)`` (CUDA only)
 ``bmm``             the same with ``backend="torch"``
 ``vmap``            the same ensemble with every LoRA layer swapped for the paper's vmap layer
-                    (``W0`` copied N times, :class:`benchmarks.baselines.VmapLoRAEnsembleLinear`)
+                    (``W0`` copied N times, :class:`benchmarks.baselines.VmapLoRAEnsembleLinear`),
+                    on the package's member-major batch-first rows; the paper's seq-first,
+                    member-fastest layout is benchmarked per layer only (``vmap_paper`` of
+                    :mod:`benchmarks.providers`): a whole model in it would need the paper's
+                    attention as well
 ``vmap_shared_w0``  the vmap layer without the ``W0`` copies
 ``explicit``        N independent full ViTs run one after the other on the ``B`` images (the
                     paper's Explicit Ensemble; training updates all their parameters)
+``graphed``         the fused-backend ensemble (the first of ``triton``, ``cuda`` available, as
+                    ``backend="auto"`` picks) under ``torch.compile(mode="reduce-overhead")``:
+                    CUDA graphs replayed, no launch overhead (CUDA only)
 ``limit``           one plain ViT on the ``N*B`` images: what an ensemble should cost at best.
                     Training differentiates only the q, k, v biases of the first block, so its
                     backward runs the same chain as the ensemble's (down to the first LoRA
@@ -46,13 +53,24 @@ from .shapes import EndToEndShape
 
 __all__ = ["E2E_PROVIDERS", "E2ERun", "build_e2e_run", "e2e_unavailable_reason", "make_e2e_step", "plain_vit"]
 
-E2E_PROVIDERS: tuple[str, ...] = FUSED_PROVIDERS + ("bmm", "vmap", "vmap_shared_w0", "explicit", "limit")
+E2E_PROVIDERS: tuple[str, ...] = FUSED_PROVIDERS + ("graphed", "bmm", "vmap", "vmap_shared_w0", "explicit", "limit")
+
+
+def _graphed_backend(device: torch.device) -> str | None:
+    """The fused backend of the ``graphed`` provider on ``device``: the first available, or None."""
+    return next((b for b in FUSED_PROVIDERS if provider_unavailable_reason(b, device) is None), None)
 
 
 def e2e_unavailable_reason(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` is not benchmarked end to end on ``device``, or None."""
     if provider not in E2E_PROVIDERS:
         return f"unknown end-to-end provider {provider!r}; choose one of {E2E_PROVIDERS}"
+    if provider == "graphed":
+        if device.type != "cuda":
+            return "torch.compile(mode='reduce-overhead') records CUDA graphs: CUDA devices only"
+        if _graphed_backend(device) is None:
+            return "no fused backend is available: " + "; ".join(
+                str(provider_unavailable_reason(b, device)) for b in FUSED_PROVIDERS)
     return provider_unavailable_reason(provider, device) if provider in FUSED_PROVIDERS else None
 
 
@@ -68,11 +86,15 @@ def plain_vit(shape: EndToEndShape, device: torch.device, dtype: torch.dtype) ->
 
 @dataclass
 class E2ERun:
-    """A model bound to a provider: ``forward(images)`` and the tensors a training step differentiates."""
+    """A model bound to a provider: ``forward(images)`` and the tensors a training step differentiates.
+    ``backend``: the LoRA layers' backend (None: no LoRA layers); ``graphed``: ``forward`` replays
+    CUDA graphs (torch.compile's reduce-overhead mode), and each step starts a new graph step."""
 
     model: nn.Module
     forward: Callable[[Tensor], Tensor]
     trainable: list[Tensor]
+    backend: str | None = None
+    graphed: bool = False
 
 
 def _lora_ensemble(shape: EndToEndShape, backend: str, device: torch.device, dtype: torch.dtype) -> LoRAEnsemble:
@@ -101,6 +123,11 @@ def build_e2e_run(provider: str, shape: EndToEndShape, device: torch.device, dty
         attention = model.encoder.layers[0].self_attention
         first_biases = [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
         return E2ERun(model, model, [b.requires_grad_(True) for b in first_biases])
+    if provider == "graphed":
+        backend = _graphed_backend(device)
+        ensemble = _lora_ensemble(shape, backend, device, dtype)
+        compiled = torch.compile(ensemble, mode="reduce-overhead", dynamic=False)
+        return E2ERun(ensemble, compiled, _trainable(ensemble), backend, graphed=True)
     backend = "torch" if provider in ("bmm", "vmap", "vmap_shared_w0") else provider
     ensemble = _lora_ensemble(shape, backend, device, dtype)
     if provider in ("vmap", "vmap_shared_w0"):
@@ -109,17 +136,23 @@ def build_e2e_run(provider: str, shape: EndToEndShape, device: torch.device, dty
                                              copy_base=provider == "vmap")
             parent, _, child = name.rpartition(".")
             setattr(ensemble.model.get_submodule(parent), child, vmapped)
-    return E2ERun(ensemble, ensemble, _trainable(ensemble))
+    return E2ERun(ensemble, ensemble, _trainable(ensemble), backend)
 
 
 def make_e2e_step(run: E2ERun, mode: str, images: Tensor, labels: Tensor) -> Callable[[], object]:
     """The callable timed for ``mode``: ``e2e_infer`` (eval mode, no autograd) or ``e2e_train``
     (train mode; forward, cross-entropy of the logits' ``N*B`` rows against ``labels [N*B]``,
-    gradients of ``run.trainable``)."""
+    gradients of ``run.trainable``). A graphed run marks the start of each step for torch.compile's
+    CUDA graph trees (nothing from the last step is read again)."""
+    def begin() -> None:
+        if run.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+
     if mode == "e2e_infer":
         run.model.eval()
 
         def infer() -> Tensor:
+            begin()
             with torch.no_grad():
                 return run.forward(images)
         return infer
@@ -128,6 +161,7 @@ def make_e2e_step(run: E2ERun, mode: str, images: Tensor, labels: Tensor) -> Cal
     run.model.train()
 
     def train_step() -> tuple[Tensor, ...]:
+        begin()
         logits = run.forward(images)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels)
         return torch.autograd.grad(loss, run.trainable)

@@ -32,7 +32,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class OpShape:
-    """One LoRA-Ensemble linear layer: ``x [N*M, d]``, ``W0 [k, d]``, ``A [N, r, d]``, ``B [N, k, r]``."""
+    """One LoRA-Ensemble linear layer: ``x [N*M, d]``, ``W0 [k, d]``, ``A [N, r, d]``, ``B [N, k, r]``.
+    ``seq_len`` splits the ``M`` rows of a member into sequences (``M = B * seq_len``), for the
+    ``vmap_paper`` provider's sequence-first layout; None: one sequence of ``M`` tokens."""
 
     label: str
     num_members: int
@@ -40,6 +42,12 @@ class OpShape:
     d: int
     k: int
     rank: int
+    seq_len: int | None = None
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per sequence: ``seq_len``, else ``rows``."""
+        return self.seq_len or self.rows
 
     def __str__(self) -> str:
         return f"{self.label} N{self.num_members} M{self.rows} d{self.d} k{self.k} r{self.rank}"
@@ -67,6 +75,9 @@ class EndToEndShape:
         return f"{self.label} N{self.num_members} r{self.rank}"
 
 
+VIT_TOKENS = 50  # ViT-B/32 at 224 px (and the CPU set's ViT widths): 7*7 patches + a class token
+
+
 def _sweep(base: OpShape, label: str, **changes: int) -> OpShape:
     fields = {**base.__dict__, "label": label, **changes}
     return OpShape(**fields)
@@ -85,10 +96,10 @@ def _dedupe(shapes: list[OpShape]) -> list[OpShape]:
 
 def _op_shapes(vit_d: int, infer_rows: int, train_rows: int, llm: OpShape, members: tuple[int, ...],
                ranks: tuple[int, ...]) -> list[OpShape]:
-    """ViT-B/32 q/k/v/out_proj at inference and training batch, an N sweep at the inference rows,
-    a rank sweep at the training rows, and one LLM projection."""
-    infer = OpShape("vit_infer", 16, infer_rows, vit_d, vit_d, 8)
-    train = OpShape("vit_train", 16, train_rows, vit_d, vit_d, 8)
+    """ViT-B/32 q/k/v/out_proj at inference and training batch (sequences of :data:`VIT_TOKENS`),
+    an N sweep at the inference rows, a rank sweep at the training rows, and one LLM projection."""
+    infer = OpShape("vit_infer", 16, infer_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
+    train = OpShape("vit_train", 16, train_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
     return _dedupe(
         [infer, train]
         + [_sweep(infer, "members", num_members=n) for n in members]

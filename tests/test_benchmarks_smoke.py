@@ -12,8 +12,24 @@ import torch
 from benchmarks import report
 from benchmarks.cost_model import MODES
 from benchmarks.e2e_models import E2E_PROVIDERS, build_e2e_run, e2e_unavailable_reason, make_e2e_step
-from benchmarks.measure import peak_memory_bytes
-from benchmarks.providers import OP_PROVIDERS, build_op_run, make_step, provider_unavailable_reason
+from benchmarks.machine import parse_nvidia_smi_csv
+from benchmarks.measure import (
+    MAX_DEVICE_CALLS,
+    MIN_DEVICE_CALLS,
+    MIN_FLUSH_BYTES,
+    device_calls,
+    device_time,
+    flush_bytes,
+    memory_peak,
+    timed_calls,
+)
+from benchmarks.providers import (
+    OP_PROVIDERS,
+    build_op_run,
+    forward_extra_bytes,
+    make_step,
+    provider_unavailable_reason,
+)
 from benchmarks.shapes import EndToEndShape
 from lora_ensemble import available_backends
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
@@ -30,16 +46,18 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 @pytest.mark.parametrize("provider", OP_ON_CPU)
 def test_op_provider_matches_reference(provider: str) -> None:
-    inp = make_inputs(3, 5, 17, 11, 2, lead=(5,), scaling=1.0)  # N=3, 5 rows per member, d=17, k=11, r=2
-    run = build_op_run(provider, inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    # N=3, 6 rows per member (vmap_paper: 2 sequences of 3 tokens), d=17, k=11, r=2
+    inp = make_inputs(3, 6, 17, 11, 2, lead=(6,), scaling=1.0)
+    run = build_op_run(provider, inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, seq_len=3)
     lora_B = torch.zeros_like(inp.lora_B) if provider == "limit" else inp.lora_B  # limit is the op without LoRA
     out = run.forward()
-    assert_close_named("out", out, lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, lora_B, 1.0),
-                       torch.float32)
+    assert_close_named("out", run.to_member_major(out),
+                       lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, lora_B, 1.0), torch.float32)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, run.trainable, grad_out)
-    ref = lora_ensemble_reference_backward(grad_out, inp.x, inp.weight, inp.lora_A, lora_B, 1.0)
-    for name, grad in zip(("x", "lora_A", "lora_B"), grads):
+    ref = lora_ensemble_reference_backward(run.to_member_major(grad_out), inp.x, inp.weight, inp.lora_A, lora_B, 1.0)
+    assert_close_named("dx", run.to_member_major(grads[0]), ref.x, torch.float32)
+    for name, grad in zip(("lora_A", "lora_B"), grads[1:]):
         assert_close_named(f"d{name}", grad, getattr(ref, name), torch.float32)
     for mode in MODES:
         make_step(run, mode)()
@@ -48,7 +66,55 @@ def test_op_provider_matches_reference(provider: str) -> None:
 def test_training_step_peak_memory_counts_the_inputs() -> None:
     inp = make_inputs(2, 8, 32, 32, 4, scaling=1.0)
     step = make_step(build_op_run("bmm", inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, 1.0), "fwd_bwd")
-    assert peak_memory_bytes(step, CPU) >= inp.x.numel() * inp.x.element_size()
+    memory = memory_peak(step, CPU)
+    assert memory.before_bytes >= inp.x.numel() * inp.x.element_size()  # the step reads x: it is counted
+    assert memory.peak_bytes - memory.before_bytes >= inp.x.numel() * inp.x.element_size()  # dx, at least
+
+
+def test_timed_calls_flush_before_every_call_and_outside_its_events() -> None:
+    log: list[str] = []
+
+    class Event:  # "time" is the position in the log, in ms
+        def record(self) -> None:
+            log.append("record")
+            self.at = len(log)
+
+        def elapsed_time(self, end: Event) -> float:
+            return float(end.at - self.at)
+
+    times = timed_calls(lambda: log.append("call"), 3, lambda: log.append("flush"), Event, lambda: log.append("wait"))
+    assert log == ["flush", "record", "call", "record"] * 3 + ["wait"]
+    assert times == [0.002] * 3  # the call and the end event: 2 "ms" each, in seconds
+
+
+def test_flush_is_larger_than_l2_and_device_calls_stay_in_bounds() -> None:
+    assert flush_bytes(50 * 2**20) == MIN_FLUSH_BYTES  # H100: 50 MiB L2
+    assert flush_bytes(None) >= 2 * 128 * 2**20  # L2 size not reported
+    assert flush_bytes(300 * 2**20) == 600 * 2**20
+    assert device_calls(1e-6) == MAX_DEVICE_CALLS and device_calls(1.0) == MIN_DEVICE_CALLS
+    assert MIN_DEVICE_CALLS < device_calls(2e-3) < MAX_DEVICE_CALLS
+
+
+def test_cpu_device_time_is_the_host_time() -> None:
+    timing = device_time(lambda: None, CPU, once_s=1e-3, host_median_s=2e-3)
+    assert (timing.seconds, timing.method, timing.flush_bytes) == (2e-3, "wall_clock", 0)
+    assert timing.extra_info()["device_s"] == 2e-3
+
+
+def test_forward_extra_bytes_name_the_xa_writes() -> None:
+    n, m, r = 16, 50, 8
+    assert forward_extra_bytes("triton", n, m, r, torch.bfloat16) == 4 * n * m * r
+    assert forward_extra_bytes("bmm", n, m, r, torch.bfloat16) == 6 * n * m * r
+    assert forward_extra_bytes("bmm", n, m, r, torch.float32) == 0
+    assert all(forward_extra_bytes(p, n, m, r, torch.bfloat16) == 0
+               for p in ("compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "limit"))
+
+
+def test_nvidia_smi_rows_are_parsed_by_field() -> None:
+    text = ("GPU-1234, NVIDIA H100 80GB HBM3, 570.86, P0, 1980 MHz, 1980 MHz, 2619 MHz, 41, 120.50 W, 700.00 W\n"
+            "garbage line\n")
+    (row,) = parse_nvidia_smi_csv(text)
+    assert row["uuid"] == "GPU-1234" and row["clocks.sm"] == "1980 MHz" and row["power.limit"] == "700.00 W"
 
 
 @pytest.mark.parametrize("provider", E2E_ON_CPU)
