@@ -4,9 +4,9 @@ Importing the package touches neither CUDA, Triton nor the compiled extension; b
 on first use.
 """
 
+from . import flop_counts  # noqa: F401  (FLOP formulas of the ops for FlopCounterMode)
 from . import metrics
 from .backends import available_backends
-from . import flop_counts  # noqa: F401  (FLOP formulas of the ops for FlopCounterMode)
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble, PerMemberModule
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members, to_member_fastest, to_member_major

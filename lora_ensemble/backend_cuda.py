@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the .so: registers the lora_ensemble::cuda_* ops)
+from .flop_counts import register_cuda_kernel_formulas
 
 __all__ = ["build_archs", "device_problem", "forward", "backward_dx", "backward_lora", "has_cuda_kernels"]
 
@@ -27,6 +28,7 @@ def has_cuda_kernels() -> bool:
 if not has_cuda_kernels():
     raise ImportError("lora_ensemble._C was built without CUDA kernels (no CUDA toolkit at build time, "
                       "or LORA_ENSEMBLE_SKIP_CUDA_BUILD=1)")
+register_cuda_kernel_formulas()
 
 
 def build_archs() -> list[str]:

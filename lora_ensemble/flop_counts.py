@@ -8,6 +8,9 @@ FLOPs, as FlopCounterMode counts ``mm``)::
     backward dA  2NMrd, and dy B (2NMrk) when dx was not asked for
     backward dB  2NMrk
 
+``lora_ensemble::lora_delta`` (the update over a base layer's output) and the backward without
+``W0`` leave out the ``2NMdk`` (``2Mdk``) terms: the base layer's own FLOPs are counted where it runs.
+
 What a ``FlopCounterMode`` counts (it is a ``TorchDispatchMode``: it sees dispatcher ops only):
 
 * ``torch.ops.lora_ensemble.fused_linear`` / ``fused_linear_backward`` (``torch.compile`` traces the op
@@ -26,39 +29,55 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import ops  # noqa: F401  (registers the ops the formulas are for)
+
 __all__ = ["backward_flops", "forward_flops", "register_cuda_kernel_formulas"]
 
 Shape = torch.Size | tuple[int, ...]
 
 
-def forward_flops(x_shape: Shape, weight_shape: Shape, lora_A_shape: Shape, shared_input: bool) -> int:
-    """FLOPs of the forward: ``x [N, M, d]`` (shared: ``[M, d]``), ``weight [k, d]``, ``lora_A [N, r, d]``."""
+def forward_flops(x_shape: Shape, weight_shape: Shape | None, lora_A_shape: Shape, shared_input: bool,
+                  out_features: int | None = None) -> int:
+    """FLOPs of the forward: ``x [N, M, d]`` (shared: ``[M, d]``), ``weight [k, d]`` (None: no
+    ``x W0^T``, and ``k = out_features``), ``lora_A [N, r, d]``."""
     num_members, rank, d = lora_A_shape
-    k = weight_shape[0]
+    k = weight_shape[0] if weight_shape is not None else out_features
     rows = x_shape[-2]
     base_rows = rows if shared_input else num_members * rows
-    return 2 * base_rows * d * k + 2 * num_members * rows * rank * (d + k)
+    base = 2 * base_rows * d * k if weight_shape is not None else 0
+    return base + 2 * num_members * rows * rank * (d + k)
 
 
-def backward_flops(grad_out_shape: Shape, weight_shape: Shape, lora_A_shape: Shape, shared_input: bool,
+def backward_flops(grad_out_shape: Shape, weight_shape: Shape | None, lora_A_shape: Shape, shared_input: bool,
                    need_dx: bool, need_lora: bool) -> int:
-    """FLOPs of :func:`lora_ensemble.ops.fused_linear_backward`: ``grad_out [N, M, k]``, ``weight [k, d]``,
-    ``lora_A [N, r, d]``; ``dy B`` is computed once and serves both dx and dA."""
+    """FLOPs of :func:`lora_ensemble.ops.fused_linear_backward`: ``grad_out [N, M, k]``, ``weight [k, d]``
+    (None: no ``dy W0``), ``lora_A [N, r, d]``; ``dy B`` is computed once and serves both dx and dA."""
     num_members, rows, k = grad_out_shape
     rank, d = lora_A_shape[1], lora_A_shape[2]
     lora_rows = num_members * rows
     flops = 2 * lora_rows * k * rank  # dy B
     if need_dx:
-        flops += 2 * (rows if shared_input else lora_rows) * k * d + 2 * lora_rows * rank * d  # dy W0, (dy B) A
+        if weight_shape is not None:
+            flops += 2 * (rows if shared_input else lora_rows) * k * d  # dy W0
+        flops += 2 * lora_rows * rank * d  # (dy B) A
     if need_lora:
         flops += 2 * lora_rows * rank * d + 2 * lora_rows * k * rank  # dA, dB
     return flops
 
 
 def _fused_linear_flops(x_shape, weight_shape, _bias_shape, lora_A_shape, _lora_B_shape, _scaling, shared_input,
-                        *_args, **_kwargs) -> int:
-    # fused_linear(..., backend) and cuda_forward(...) (no backend argument) alike.
+                        _backend, **_kwargs) -> int:
     return forward_flops(x_shape, weight_shape, lora_A_shape, shared_input)
+
+
+def _lora_delta_flops(x_shape, _base_shape, lora_A_shape, lora_B_shape, _scaling, shared_input, _backend,
+                      **_kwargs) -> int:
+    return forward_flops(x_shape, None, lora_A_shape, shared_input, out_features=lora_B_shape[1])
+
+
+def _cuda_forward_flops(x_shape, weight_shape, _bias_shape, _base_shape, lora_A_shape, lora_B_shape, _scaling,
+                        shared_input, **_kwargs) -> int:
+    return forward_flops(x_shape, weight_shape, lora_A_shape, shared_input, out_features=lora_B_shape[1])
 
 
 def _fused_linear_backward_flops(grad_out_shape, _x_shape, weight_shape, lora_A_shape, _lora_B_shape, _xa_shape,
@@ -78,6 +97,7 @@ def _cuda_backward_lora_flops(grad_out_shape, x_shape, xa_shape, _dyb_shape, _sc
 
 
 register_flop_formula(torch.ops.lora_ensemble.fused_linear)(_fused_linear_flops)
+register_flop_formula(torch.ops.lora_ensemble.lora_delta)(_lora_delta_flops)
 register_flop_formula(torch.ops.lora_ensemble.fused_linear_backward)(_fused_linear_backward_flops)
 
 
@@ -85,17 +105,14 @@ def register_cuda_kernel_formulas() -> bool:
     """Register the formulas of the CUDA extension's ops (``lora_ensemble::cuda_forward``,
     ``cuda_backward_dx``, ``cuda_backward_lora``) once they exist; True when they are registered.
 
-    Call it after :mod:`lora_ensemble.backend_cuda` loaded; a second call does nothing. Only
-    ``FlopCounterMode`` objects created afterwards use the formulas.
+    :mod:`lora_ensemble.backend_cuda` calls it when it loads the extension; a second call does
+    nothing. Only ``FlopCounterMode`` objects created afterwards use the formulas.
     """
     ops = torch.ops.lora_ensemble
     if not hasattr(ops, "cuda_forward"):
         return False
     if ops.cuda_forward not in torch.utils.flop_counter.flop_registry:
-        register_flop_formula(ops.cuda_forward)(_fused_linear_flops)
+        register_flop_formula(ops.cuda_forward)(_cuda_forward_flops)
         register_flop_formula(ops.cuda_backward_dx)(_cuda_backward_dx_flops)
         register_flop_formula(ops.cuda_backward_lora)(_cuda_backward_lora_flops)
     return True
-
-
-register_cuda_kernel_formulas()

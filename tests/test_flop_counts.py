@@ -90,3 +90,20 @@ def test_benchmark_cost_model_flops_are_what_the_counter_sees(provider: str, mod
     run = build_op_run(provider, inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, 1.0)
     step = make_step(run, mode)
     assert _count(step) == op_cost(shape, mode, 4, limit=provider == "limit").flops
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_flop_counter_counts_the_delta_op_without_the_base_gemm(shared_input: bool) -> None:
+    """lora_delta adds the members' update to a given base output: no 2NMdk term forward or backward."""
+    inp = make_inputs(N, M, D, K, R, shared_input=shared_input)
+    x = inp.x if shared_input else inp.x.view(N, M, D)
+    base = torch.randn(*x.shape[:-1], K, requires_grad=True)
+    lora_terms = 2 * N * M * R * (D + K)
+
+    def op() -> torch.Tensor:
+        return torch.ops.lora_ensemble.lora_delta(x, base, inp.lora_A, inp.lora_B, inp.scaling, shared_input,
+                                                  "torch")[0]
+
+    assert _count(op) == lora_terms
+    assert _count(lambda: op().sum().backward()) == lora_terms + backward_flops(
+        (N, M, K), None, inp.lora_A.shape, shared_input, True, True)
