@@ -96,11 +96,14 @@ def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False
     """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
     tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
     rows for a rank tile above 64, in the shared-input kernel, and for 3xTF32 dots (which split
-    every operand in two), and at most 32 for 3xTF32 at a rank tile above 32, where larger tiles
-    leave ptxas too few registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
+    every operand in two), at most 32 for 3xTF32 at a rank tile above 32 and in the shared-input
+    kernel at a rank tile above 64, and 16 for both at once, where larger tiles leave ptxas too few
+    registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
     cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
-    if tf32x3 and block_r > 32:
+    if (tf32x3 and block_r > 32) or (shared_rows and block_r > 64):
         cap = MAX_BLOCK_ROWS // 4
+    if tf32x3 and shared_rows and block_r > 64:
+        cap = MIN_DOT_TILE
     return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
 
 
@@ -136,13 +139,15 @@ SHARED_INPUT_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # rank tiles 64-128: the wider 8-warp tiles spill
+    _cfg(8, 3, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
 )
 INTERPRETER_FUSED_LORA_GEMM_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 # The candidates for 3xTF32 dots (fp32 without TF32), which split every operand into a high and a low
 # part and so need about twice the registers: (warps, stages, BLOCK_N, BLOCK_K) of the two lists
 # above with room for that; which of them spill at which tiles is in SPILLING_CONFIGS.
 _TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32), (8, 3, 64, 32)}
-_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32)}
+_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32), (8, 3, 64, 32), (8, 3, 32, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
 LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (

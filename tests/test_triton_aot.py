@@ -3,7 +3,7 @@ in every config the run-time pruning keeps, fits the shared memory and spills no
 
 ``python -m lora_ensemble.kernels.aot`` runs triton.compile for GPUTarget("cuda", arch, 32) down to a
 cubin (ptxas included) for every kernel role, dtype and dot precision, rank tile and row-tile regime,
-with every config the pruning keeps there (about 650 kernels per arch); it runs in a subprocess because
+with every config the pruning keeps there (about 850 kernels per arch); it runs in a subprocess because
 the interpreter (TRITON_INTERPRET=1, set for the other tests) replaces the kernels by Python functions.
 """
 
