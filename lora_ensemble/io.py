@@ -119,7 +119,7 @@ def _base_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 def _check_base(saved: dict[str, Any] | None, ensemble: LoRAEnsemble, directory: Path, strict_base: bool) -> None:
     if saved is None:
         warnings.warn(f"{directory / CONFIG_NAME} records nothing about the base the members were trained on "
-                      "(written before format_version 2): the model cannot be checked", stacklevel=3)
+                      "(written before format_version 2): the model cannot be checked", stacklevel=5)
         return
     found = _base_differences(saved, _base_record(ensemble))
     if not found:
@@ -128,7 +128,7 @@ def _check_base(saved: dict[str, Any] | None, ensemble: LoRAEnsemble, directory:
                f"{' (' + repr(saved['name_or_path']) + ')' if saved['name_or_path'] else ''}: {'; '.join(found)}")
     if strict_base:
         raise ValueError(f"{message}. Pass strict_base=False to load them anyway")
-    warnings.warn(f"{message}; loading anyway (strict_base=False)", stacklevel=3)
+    warnings.warn(f"{message}; loading anyway (strict_base=False)", stacklevel=5)
 
 
 def save_members(ensemble: LoRAEnsemble, directory: str | Path) -> Path:
