@@ -358,13 +358,18 @@ class LoRAEnsemble(nn.Module):
     def hooks_removed(self) -> Iterator[None]:
         """Within this context ``self.model`` carries none of the ensemble's forward pre-hooks
         (what :func:`lora_ensemble.io.export_member` copies the model under)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        self._remove_hooks()
         try:
             yield
         finally:
             self._install_hooks()
+
+    def _remove_hooks(self) -> None:
+        """Take the ensemble's forward pre-hooks off ``self.model`` for good (what a loader does when it
+        gives a model back unwrapped after an error); the ensemble no longer replicates its inputs."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
 
     def lora_layers(self) -> dict[str, LoRAEnsembleLayer]:
         """The wrapped layers by their dotted name in ``self.model``."""

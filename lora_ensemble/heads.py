@@ -75,6 +75,11 @@ class EnsembleHead(nn.Module):
             out = torch.baddbmm(self.bias.unsqueeze(1), rows, self.weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def stacked_parameters(self) -> dict[str, nn.Parameter]:
+        """``{"weight": [N, C, H], "bias": [N, C]}`` (no bias when there is none): each parameter of
+        one member's ``nn.Linear``, by its name there, stacked over members."""
+        return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
+
     def merged_member(self, member: int) -> nn.Linear:
         """Member ``member`` as an independent ``nn.Linear``."""
         if not 0 <= member < self.num_members:
@@ -142,9 +147,14 @@ class PerMemberModule(nn.Module):
                                                                device=w.device, dtype=w.dtype))
         return cls(copies)
 
+    def stacked_parameters(self) -> dict[str, nn.Parameter]:
+        """Each parameter of one member's module, by its name there (``dense.weight``), stacked over
+        members: ``[N, *shape]``."""
+        return {name: attrgetter(name)(self.module) for name in self.param_names}
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``x [N*B, ...]`` -> the members' outputs ``[N*B, ...]``."""
-        stacked = {name: attrgetter(name)(self.module) for name in self.param_names}
+        stacked = self.stacked_parameters()
         num_members = next(iter(stacked.values())).shape[0]  # a member chunk passes a slice
         if x.shape[0] % num_members != 0:
             raise ValueError(f"PerMemberModule: leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not "

@@ -1,46 +1,146 @@
-"""Save and load the members of a :class:`~lora_ensemble.LoRAEnsemble`, and export one member.
+"""Save and load the members of a :class:`~lora_ensemble.LoRAEnsemble`, export one member, and convert
+from and to peft LoRA adapters.
 
-Only what the members own is saved: every wrapped layer's ``lora_A [N, r, d]`` / ``lora_B [N, k, r]``
-and the per-member heads (``weight [N, C, H]``, ``bias [N, C]``; a module head's parameters ``[N, ...]``),
-in one safetensors file keyed by the parameter's name inside the model (``blocks.0.attn.qkv.lora_A``,
-``head.weight``), next to a small JSON config (members, rank, alpha, LoRA options, target layer names,
-head names, replication options). The
-frozen backbone is not saved: :func:`load_members` re-attaches the members to a fresh copy of it.
+:func:`save_members` writes only what the members own: every wrapped layer's ``lora_A [N, r, d]`` /
+``lora_B [N, k, r]`` and the per-member heads (``weight [N, C, H]``, ``bias [N, C]``; a module head's
+parameters ``[N, ...]``), in one safetensors file keyed by the parameter's name inside the model
+(``blocks.0.attn.qkv.lora_A``, ``head.weight``), next to a small JSON config: members, rank, alpha, LoRA
+options, target layer names, head names, replication options, and a record of the base the members were
+trained on (its class, HF ``model_type`` and ``_name_or_path``, each wrapped layer's ``[k, d]`` and 64 entries
+of its ``W0`` at fixed positions). The frozen backbone is not saved: :func:`load_members` re-attaches the
+members to a fresh copy of it and refuses a different one.
+
+:func:`load_peft_adapters` makes member ``n`` of a new ensemble peft adapter ``n`` (a ``save_pretrained``
+folder), and :func:`save_peft_adapters` writes one such folder per member; see
+:mod:`lora_ensemble.peft_format` for the format.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
-from .ensemble import LoRAEnsemble
+from .attention import ExplicitMultiheadAttention
+from .ensemble import LoRAEnsemble, _undone_on_error
+from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_adapter
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_member", "load_members", "save_members"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_member", "load_members", "load_peft_adapters", "save_members",
+           "save_peft_adapters"]
 
 CONFIG_NAME = "lora_ensemble.json"
 WEIGHTS_NAME = "members.safetensors"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the base record and adapter_dtype; 1 (read too): neither
+_SAMPLES = 64  # entries of W0 recorded per wrapped layer
+# Two W0 samples are one base when every entry agrees within this fraction of itself plus of the
+# sample's RMS: a base cast to bf16 / fp16 passes, a different model's weights do not.
+_SAMPLE_TOLERANCE = 2.0**-7
+# LoRAEnsemble arguments that load_peft_adapters takes from the adapters.
+_SET_BY_ADAPTERS = frozenset({"num_members", "rank", "target_modules", "alpha", "use_rslora", "head", "num_classes",
+                              "init", "init_gain"})
 
 
-def _member_state(ensemble: LoRAEnsemble) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in ensemble.model.named_parameters() if p.requires_grad}
+def _wrap(model: nn.Module, fill: Callable[[LoRAEnsemble], None], **options: Any) -> LoRAEnsemble:
+    """``LoRAEnsemble(model, **options)``, then ``fill(ensemble)``; if either raises, ``model`` is given
+    back as it was (its modules, ``requires_grad`` flags and hooks). The ensemble is in ``model``'s
+    train / eval mode (the layers and heads it adds too)."""
+    training = model.training
+    with _undone_on_error(model):
+        ensemble = LoRAEnsemble(model, **options)
+        try:
+            fill(ensemble)
+        except BaseException:
+            ensemble._remove_hooks()
+            raise
+    return ensemble.train(training)
+
+
+def _weight_sample(layer: nn.Module, k: int, d: int) -> list[float] | None:
+    """``_SAMPLES`` entries of the layer's ``W0 [k, d]`` at fixed positions spread evenly over it (as
+    float64), or None when the layer holds no floating-point ``W0`` of that shape (a quantized base)."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        return None
+    weight = weight.t() if getattr(layer, "fan_in_fan_out", False) else weight
+    if tuple(weight.shape) != (k, d):
+        return None
+    count = min(_SAMPLES, k * d)
+    flat = torch.tensor([i * (k * d - 1) // max(count - 1, 1) for i in range(count)], device=weight.device)
+    return weight.detach()[flat // d, flat % d].double().tolist()
+
+
+def _base_record(ensemble: LoRAEnsemble) -> dict[str, Any]:
+    """What identifies the base of ``ensemble``: class, HF ``model_type`` / ``_name_or_path`` (None when
+    not an HF model) and, per wrapped layer, ``[k, d]`` and a sample of ``W0``."""
+    model = ensemble.model
+    config = getattr(model, "config", None)
+    layers = {}
+    for name, layer in ensemble.lora_layers().items():
+        k, d = layer.lora_B.shape[1], layer.lora_A.shape[2]
+        layers[name] = {"shape": [k, d], "sample": _weight_sample(layer, k, d)}
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model_type": getattr(config, "model_type", None),
+            "name_or_path": getattr(config, "_name_or_path", None) or None,
+            "layers": layers}
+
+
+def _same_sample(saved: list[float], current: list[float]) -> bool:
+    a, b = torch.tensor(saved, dtype=torch.float64), torch.tensor(current, dtype=torch.float64)
+    rms = a.square().mean().sqrt()
+    return a.shape == b.shape and bool(((a - b).abs() <= _SAMPLE_TOLERANCE * (a.abs() + rms)).all())
+
+
+def _base_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the base ``current`` differs from the ``saved`` record (empty when it does not)."""
+    found = [f"{key} {saved[key]!r} (saved) vs {current[key]!r}" for key in ("class", "model_type")
+             if saved[key] != current[key]]
+    shapes, weights = [], []
+    for name, layer in saved["layers"].items():
+        now = current["layers"][name]
+        if layer["shape"] != now["shape"]:
+            shapes.append(f"{name} {layer['shape']} (saved) vs {now['shape']}")
+        elif None not in (layer["sample"], now["sample"]) and not _same_sample(layer["sample"], now["sample"]):
+            weights.append(name)
+    if shapes:
+        found.append(f"wrapped layer shapes [k, d]: {'; '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else ""))
+    if weights:
+        found.append(f"the weights W0 of {len(weights)} of {len(saved['layers'])} wrapped layers (fingerprint): "
+                     f"{', '.join(weights[:4])}" + (" ..." if len(weights) > 4 else ""))
+    return found
+
+
+def _check_base(saved: dict[str, Any] | None, ensemble: LoRAEnsemble, directory: Path, strict_base: bool) -> None:
+    if saved is None:
+        warnings.warn(f"{directory / CONFIG_NAME} records nothing about the base the members were trained on "
+                      "(written before format_version 2): the model cannot be checked", stacklevel=5)
+        return
+    found = _base_differences(saved, _base_record(ensemble))
+    if not found:
+        return
+    message = (f"the model is not the base the members in {directory} were trained on"
+               f"{' (' + repr(saved['name_or_path']) + ')' if saved['name_or_path'] else ''}: {'; '.join(found)}")
+    if strict_base:
+        raise ValueError(f"{message}. Pass strict_base=False to load them anyway")
+    warnings.warn(f"{message}; loading anyway (strict_base=False)", stacklevel=5)
 
 
 def save_members(ensemble: LoRAEnsemble, directory: str | Path) -> Path:
-    """Write ``directory/members.safetensors`` and ``directory/lora_ensemble.json``.
+    """Write ``directory/members.safetensors`` and ``directory/lora_ensemble.json`` (see the module docstring).
 
     Returns:
         ``directory`` as a Path (created if missing).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in _member_state(ensemble).items()}
+    state = {name: t.detach().contiguous().cpu() for name, t in ensemble.member_parameters().items()}
+    adapter_dtype = getattr(ensemble, "adapter_dtype", None)
     config: dict[str, Any] = {
         "format_version": _FORMAT_VERSION,
         "num_members": ensemble.num_members,
@@ -50,54 +150,115 @@ def save_members(ensemble: LoRAEnsemble, directory: str | Path) -> Path:
         "lora_dropout": ensemble.lora_dropout,
         "init": ensemble.init,
         "init_gain": ensemble.init_gain,
+        "adapter_dtype": None if adapter_dtype is None else str(adapter_dtype).removeprefix("torch."),
         "target_modules": list(ensemble.target_names),
         "head": list(ensemble.head_names),
         "num_classes": ensemble.num_classes,
         "replicate_at": ensemble.replicate_at,
         "share_first_input": ensemble.share_first_input,
+        "base": _base_record(ensemble),
     }
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
-def load_members(model: nn.Module, directory: str | Path, backend: str = "auto") -> LoRAEnsemble:
+def _member_indices(members: Sequence[int] | slice | None, count: int) -> list[int]:
+    """``members`` as indices into ``range(count)``, in the given order."""
+    if members is None:
+        return list(range(count))
+    if isinstance(members, slice):
+        chosen = list(range(count)[members])
+    elif isinstance(members, Sequence) and all(isinstance(m, int) and not isinstance(m, bool) for m in members):
+        outside = [m for m in members if not -count <= m < count]
+        if outside:
+            raise ValueError(f"members {outside} are outside the {count} saved members")
+        chosen = [m % count for m in members]
+    else:
+        raise TypeError(f"members must be a slice or a sequence of ints, got {members!r}")
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"members must select at least one of the {count} saved members, each once; got {members!r}")
+    return chosen
+
+
+def load_members(
+    model: nn.Module,
+    directory: str | Path,
+    backend: str = "auto",
+    *,
+    members: Sequence[int] | slice | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    strict_base: bool = True,
+) -> LoRAEnsemble:
     """Wrap a fresh ``model`` (the same backbone the members were trained on) and load the members.
 
-    The tensors are moved to the device and dtype of the model's parameters.
+    Args:
+        model: the backbone, unwrapped; it is wrapped in place (as by :class:`LoRAEnsemble`) and is left
+            as it was if loading fails.
+        directory: what :func:`save_members` wrote.
+        backend: the fused op's backend.
+        members: which saved members to load, in this order: a slice (``slice(0, 4)``, ``slice(None, None,
+            2)``) or a sequence of indices (``[3, 0]``; negative ones count from the end; each at most once).
+            Member ``i`` of the result is saved member ``members[i]``. None: all of them.
+        device: move the model and the members there (None: where the model is).
+        dtype: the dtype the LoRA factors are kept in, as ``LoRAEnsemble(adapter_dtype=...)`` (None: the
+            saved ensemble's ``adapter_dtype``, whose own None means the base's dtype). The base keeps its
+            dtype; to load members into a base of another dtype (trained in fp32, run in bf16) cast the
+            model before loading: every saved tensor is cast to the dtype of the parameter it loads into.
+        strict_base: refuse a model that is not the base the members were saved from (its class, HF
+            ``model_type``, a wrapped layer's shape, or its ``W0`` at the recorded positions, compared within
+            bf16 rounding). False: load anyway, with a warning that says what differs. Files written before
+            the record existed load with a warning that nothing could be checked.
+
+    Returns:
+        The ensemble, in ``model``'s train / eval mode (the layers and heads it adds too).
 
     Raises:
-        ValueError: a file format this version cannot read, a target layer the model lacks, or
-            saved tensors whose names or shapes do not match the wrapped model.
+        ValueError: a file format this version cannot read, a target layer the model lacks, saved tensors
+            whose names or shapes do not match the wrapped model, a different base (``strict_base``), or
+            ``members`` outside the saved ones or naming one twice.
+        TypeError: ``members`` of another type.
     """
     directory = Path(directory)
     config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("format_version") != _FORMAT_VERSION:
+    if config.get("format_version") not in (1, _FORMAT_VERSION):
         raise ValueError(f"{directory / CONFIG_NAME}: format_version {config.get('format_version')!r} "
-                         f"is not {_FORMAT_VERSION}")
+                         f"is not 1 or {_FORMAT_VERSION}")
+    chosen = _member_indices(members, config["num_members"])
+    saved = load_file(str(directory / WEIGHTS_NAME))
     targets = set(config["target_modules"])
-    ensemble = LoRAEnsemble(
-        model, config["num_members"], config["rank"],
+    adapter_dtype = dtype if dtype is not None else config.get("adapter_dtype")
+    options = {} if adapter_dtype is None else {"adapter_dtype": getattr(torch, adapter_dtype)
+                                                if isinstance(adapter_dtype, str) else adapter_dtype}
+
+    def fill(ensemble: LoRAEnsemble) -> None:
+        if set(ensemble.target_names) != targets:
+            raise ValueError(f"the model has no nn.Linear / Conv1D named "
+                             f"{sorted(targets - set(ensemble.target_names))} (saved target_modules)")
+        _check_base(config.get("base"), ensemble, directory, strict_base)
+        params = ensemble.member_parameters()
+        if set(saved) != set(params):
+            raise ValueError(f"saved tensors do not match the wrapped model: missing "
+                             f"{sorted(set(params) - set(saved))}, unexpected {sorted(set(saved) - set(params))}")
+        for name, p in params.items():
+            if saved[name].shape != (config["num_members"], *p.shape[1:]):
+                raise ValueError(f"saved {name} has shape {tuple(saved[name].shape)}, the model's is "
+                                 f"{(config['num_members'], *p.shape[1:])} for {config['num_members']} members")
+        if device is not None:
+            ensemble.to(device)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name][chosen])
+
+    return _wrap(
+        model, fill, num_members=len(chosen), rank=config["rank"],
         target_modules=lambda name, module: name in targets,
         alpha=config["alpha"], head=config["head"], num_classes=config["num_classes"],
         init_gain=config["init_gain"], backend=backend, init=config.get("init", "paper"),
         use_rslora=config.get("use_rslora", False), lora_dropout=config.get("lora_dropout", 0.0),
-        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"],
+        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"], **options,
     )
-    if set(ensemble.target_names) != targets:
-        raise ValueError(f"the model has no nn.Linear / Conv1D named {sorted(targets - set(ensemble.target_names))} "
-                         "(saved target_modules)")
-    saved = load_file(str(directory / WEIGHTS_NAME))
-    params = _member_state(ensemble)
-    if set(saved) != set(params):
-        raise ValueError(f"saved tensors do not match the wrapped model: missing {sorted(set(params) - set(saved))}, "
-                         f"unexpected {sorted(set(saved) - set(params))}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(f"saved {name} has shape {tuple(saved[name].shape)}, the model's is {tuple(p.shape)}")
-            p.copy_(saved[name])
-    return ensemble
 
 
 def export_member(ensemble: LoRAEnsemble, member: int) -> nn.Module:
@@ -118,3 +279,156 @@ def export_member(ensemble: LoRAEnsemble, member: int) -> nn.Module:
         plain = copy.deepcopy(ensemble.model, memo)
     plain.requires_grad_(True)
     return plain
+
+
+def load_peft_adapters(
+    model: nn.Module,
+    adapter_dirs: Sequence[str | Path],
+    *,
+    adapter_dtype: torch.dtype | None = None,
+    **lora_ensemble_options: Any,
+) -> LoRAEnsemble:
+    """Wrap ``model`` so that member ``n`` is peft LoRA adapter ``adapter_dirs[n]``: the same outputs as
+    ``PeftModel.from_pretrained(model, adapter_dirs[n])`` (needs only safetensors, not peft).
+
+    Each folder is peft's ``save_pretrained`` output. From its ``adapter_config.json``: the targets
+    (``target_modules`` as a list of names or suffixes or as a regex, ``exclude_modules``,
+    ``layers_to_transform``: peft's rules), rank and alpha (with ``rank_pattern`` / ``alpha_pattern``),
+    ``use_rslora``, ``lora_dropout`` and ``modules_to_save``, whose modules become per-member heads
+    (:class:`~lora_ensemble.EnsembleHead` for an ``nn.Linear``, else
+    :class:`~lora_ensemble.PerMemberModule`) holding each adapter's copy. GPT-2's ``Conv1D`` layers
+    (peft's ``fan_in_fan_out``) are wrapped as such.
+
+    Alpha: a wrapped layer has one ``scaling`` for all members. The ensemble takes adapter 0's
+    ``lora_alpha`` and ``use_rslora`` (so every layer's scaling is adapter 0's ``s0 = alpha / r``, or
+    ``alpha / sqrt(r)``); where adapter ``n``'s scaling ``s_n`` at a layer differs from it (another alpha,
+    an ``alpha_pattern`` entry, rsLoRA in one adapter only), ``lora_B[n]`` holds ``B_n * s_n / s0`` (computed
+    in float64), which computes the same delta. :func:`save_peft_adapters` then writes that member with
+    ``s0`` and the scaled ``B``: the same outputs, not the same file.
+
+    Args:
+        model: the base model the adapters were trained on, unwrapped (wrapped in place; left as it was
+            if loading fails).
+        adapter_dirs: the adapter folders, one per member (at least one).
+        adapter_dtype: the dtype of the LoRA factors, as ``LoRAEnsemble(adapter_dtype=...)``; None: the
+            ensemble's default (the base's dtype). Loaded tensors are cast to it.
+        lora_ensemble_options: other :class:`LoRAEnsemble` arguments (``backend``, ``replicate_at``,
+            ``share_first_input``, ``member_chunk_size``, ``lora_dropout``); the ones the adapters set
+            (targets, rank, alpha, rsLoRA, heads, init) are refused. ``lora_dropout`` defaults to adapter
+            0's; adapters that disagree on it get a warning (it only matters in training).
+
+    Returns:
+        The ensemble, in ``model``'s train / eval mode (the layers and heads it adds too).
+
+    Raises:
+        TypeError: ``adapter_dirs`` is not a sequence of folders, or an option the adapters set.
+        FileNotFoundError: a folder without ``adapter_config.json`` or weights.
+        ValueError: an adapter this function cannot represent, naming the folder and the module:
+            another peft method or LoRA variant (DoRA, ``bias``, PiSSA-style init, ...), a target that is no
+            ``nn.Linear`` / ``Conv1D``, ranks that differ between modules or adapters, adapters that target
+            different modules or save different heads, weights that do not match the config or the model.
+    """
+    if isinstance(adapter_dirs, (str, Path)) or not isinstance(adapter_dirs, Sequence) or not adapter_dirs:
+        raise TypeError(f"adapter_dirs must be a non-empty list of adapter folders, one per member, got "
+                        f"{adapter_dirs!r}")
+    refused = sorted(_SET_BY_ADAPTERS & set(lora_ensemble_options))
+    if refused:
+        raise TypeError(f"load_peft_adapters takes {refused} from the adapters' configs; do not pass them")
+    adapters = [read_adapter(folder, model) for folder in adapter_dirs]
+    first = adapters[0]
+    for adapter in adapters[1:]:
+        for verb, mine, theirs in (("targets", adapter.targets, first.targets),
+                                   ("saves (modules_to_save)", adapter.heads, first.heads)):
+            if mine != theirs:
+                name = min(set(mine) ^ set(theirs))
+                has, lacks = (adapter, first) if name in mine else (first, adapter)
+                raise ValueError(f"adapter {has.folder} {verb} module {name} and adapter {lacks.folder} does not: "
+                                 "the members of one ensemble wrap the same modules")
+        if adapter.rank != first.rank:
+            raise ValueError(f"adapter {adapter.folder} has rank {adapter.rank} (module {adapter.targets[0]}), "
+                             f"adapter {first.folder} rank {first.rank}: a LoRAEnsemble has one rank for every member")
+    if first.lora_alpha == 0:
+        raise ValueError(f"adapter {first.folder}: lora_alpha 0 (a no-op adapter) cannot be member 0, whose alpha the "
+                         "ensemble keeps")
+    dropouts = sorted({adapter.lora_dropout for adapter in adapters})
+    if len(dropouts) > 1 and "lora_dropout" not in lora_ensemble_options:
+        warnings.warn(f"the adapters' lora_dropout differ ({dropouts}); the ensemble uses adapter 0's, "
+                      f"{first.lora_dropout} (it only matters in training; pass lora_dropout= to choose)",
+                      stacklevel=2)
+    options = {"lora_dropout": first.lora_dropout, **lora_ensemble_options}
+    if adapter_dtype is not None:
+        options["adapter_dtype"] = adapter_dtype
+    targets = set(first.targets)
+
+    def fill(ensemble: LoRAEnsemble) -> None:
+        with torch.no_grad():
+            for name, layer in ensemble.lora_layers().items():
+                for n, adapter in enumerate(adapters):
+                    lora_A, lora_B = adapter.lora[name]
+                    ratio = adapter.scalings[name] / layer.scaling
+                    layer.lora_A[n].copy_(lora_A)
+                    layer.lora_B[n].copy_(lora_B if ratio == 1 else lora_B.double() * ratio)
+            for name, head in ensemble.heads.items():
+                for key, stacked in head.stacked_parameters().items():
+                    for n, adapter in enumerate(adapters):
+                        stacked[n].copy_(adapter.head_state[name][key])
+
+    return _wrap(model, fill, num_members=len(adapters), rank=first.rank,
+                 target_modules=lambda name, module: name in targets, alpha=first.lora_alpha,
+                 use_rslora=first.use_rslora, head=first.heads or None, init="peft", **options)
+
+
+def save_peft_adapters(ensemble: LoRAEnsemble, directory: str | Path) -> list[str]:
+    """Write member ``n`` as a peft LoRA adapter folder ``directory/member_<n>`` (what peft's
+    ``save_pretrained`` writes: ``adapter_config.json`` and ``adapter_model.safetensors``), loadable with
+    ``PeftModel.from_pretrained`` on the same base with member ``n``'s outputs (needs only safetensors).
+
+    Each folder's config: ``r`` = the rank, ``lora_alpha`` = the ensemble's alpha (the rank when it is
+    None: scaling 1), its ``use_rslora`` and ``lora_dropout``, ``target_modules`` = the wrapped layers'
+    full names, ``modules_to_save`` = the per-member heads; its weights: member ``n``'s ``lora_A [r, d]``
+    and ``lora_B [k, r]`` of every wrapped layer and its copy of every head, in their dtype.
+
+    Returns:
+        The folders, in member order (created, or overwritten if they exist).
+
+    Raises:
+        ValueError: an ensemble whose ``nn.MultiheadAttention`` modules were converted (torchvision ViTs):
+            its wrapped layers do not exist in the model peft would load the adapter into.
+    """
+    if any(isinstance(m, ExplicitMultiheadAttention) for m in ensemble.model.modules()):
+        raise ValueError("save_peft_adapters: this ensemble's nn.MultiheadAttention modules were converted to "
+                         "ExplicitMultiheadAttention, whose q_proj/k_proj/v_proj/out_proj the unconverted model peft "
+                         "loads into does not have; use save_members")
+    layers, heads = ensemble.lora_layers(), ensemble.heads
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(ensemble.model, "config", None), "_name_or_path", None) or None,
+        "r": ensemble.rank,
+        "lora_alpha": ensemble.alpha if ensemble.alpha is not None else ensemble.rank,
+        "use_rslora": ensemble.use_rslora,
+        "lora_dropout": ensemble.lora_dropout,
+        "target_modules": list(layers),
+        "modules_to_save": list(heads) or None,
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    folders = []
+    width = len(str(ensemble.num_members - 1))
+    for n in range(ensemble.num_members):
+        tensors = {}
+        for name, layer in layers.items():
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[n]
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[n]
+        for name, head in heads.items():
+            tensors.update({f"{PREFIX}{name}.{key}": stacked[n] for key, stacked in head.stacked_parameters().items()})
+        folder = directory / f"member_{n:0{width}d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({key: t.detach().cpu().clone() for key, t in tensors.items()}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        folders.append(str(folder))
+    return folders

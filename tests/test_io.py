@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -75,3 +76,120 @@ def test_export_member_is_a_plain_model_equal_to_that_member(family: str) -> Non
     assert not shared & {p.data_ptr() for p in plain.parameters()}, "the export must not share storage"
     with torch.no_grad():  # the ensemble's hooks are still in place and still work
         torch.testing.assert_close(ensemble(*args, **kwargs), out)
+
+
+def timm_members(tmp_path, num_members: int = 4) -> tuple[nn.Module, LoRAEnsemble]:
+    """A timm ViT (eval mode) and an ensemble of it with distinct members, saved to ``tmp_path``."""
+    build, _, _ = FAMILIES["timm"]
+    original = build().eval()
+    ensemble = LoRAEnsemble(copy.deepcopy(original), num_members=num_members, rank=2, num_classes=NUM_CLASSES).eval()
+    randomise_lora(ensemble)
+    save_members(ensemble, tmp_path)
+    return original, ensemble
+
+
+def assert_unwrapped(model: nn.Module) -> None:
+    assert not any(isinstance(m, FusedLoRAEnsembleLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_load_refuses_another_base_of_the_same_shapes(tmp_path) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+    original, ensemble = timm_members(tmp_path)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())["base"]
+    assert record["class"] == "timm.models.vision_transformer.VisionTransformer"
+    assert record["layers"]["blocks.0.attn.qkv"]["shape"] == [96, 32]
+    assert len(record["layers"]["blocks.0.attn.qkv"]["sample"]) == 64
+
+    retrained = FAMILIES["timm"][0]()  # same class and shapes, other weights (a random vit_tiny vs a pretrained one)
+    with pytest.raises(ValueError, match=r"the weights W0 of 4 of 4 wrapped layers \(fingerprint\): blocks\.0\.attn"):
+        load_members(retrained, tmp_path)
+    assert_unwrapped(retrained)
+
+    class OtherViT(VisionTransformer):  # same weights, another class (e.g. a DeiT built on the ViT code)
+        pass
+    other = OtherViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
+    other.load_state_dict(original.state_dict())
+    with pytest.raises(ValueError, match=r"class 'timm\.models\.vision_transformer\.VisionTransformer' \(saved\) vs "
+                                         r"'.*OtherViT'\. Pass strict_base=False"):
+        load_members(other, tmp_path)
+    assert_unwrapped(other)
+    with pytest.warns(UserWarning, match="loading anyway"):
+        loaded = load_members(retrained, tmp_path, strict_base=False)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.lora_B, ensemble.model.blocks[0].attn.qkv.lora_B)
+
+
+def test_load_into_the_base_cast_to_bfloat16(tmp_path, recwarn) -> None:
+    original, ensemble = timm_members(tmp_path)
+    loaded = load_members(copy.deepcopy(original).to(torch.bfloat16), tmp_path)  # bf16 rounding is no other base
+    assert not recwarn.list
+    assert loaded.model.blocks[0].attn.qkv.lora_A.dtype == torch.bfloat16 and not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.bfloat16()).float(), ensemble(x), atol=0.1, rtol=0.05)
+
+
+def test_files_without_a_base_record_load_with_a_warning(tmp_path) -> None:
+    timm_members(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["base"], config["adapter_dtype"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "format_version": 1}))
+    with pytest.warns(UserWarning, match="records nothing about the base"):
+        loaded = load_members(FAMILIES["timm"][0](), tmp_path)
+    assert loaded.num_members == 4
+
+
+def test_load_a_selection_of_members(tmp_path) -> None:
+    original, ensemble = timm_members(tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = ensemble(x)
+        for members, order in (([3, 0], [3, 0]), (slice(None, None, 2), [0, 2]), ([-1], [3]), (slice(1, 3), [1, 2])):
+            loaded = load_members(copy.deepcopy(original), tmp_path, members=members, device="cpu")
+            assert loaded.num_members == len(order) and loaded.head.weight.shape[0] == len(order)
+            torch.testing.assert_close(loaded(x), expected[order], rtol=0, atol=0)
+            assert_close_named("export of a loaded member", export_member(loaded, 0).eval()(x), expected[order[0]].double(),
+                               torch.float32)
+    model = copy.deepcopy(original)
+    for members, error, message in (([0, 0], ValueError, "each once"), ([4], ValueError, r"\[4\] are outside the 4"),
+                                    (slice(5, None), ValueError, "at least one"), ("0", TypeError, "slice or a sequence"),
+                                    ([True], TypeError, "slice or a sequence")):
+        with pytest.raises(error, match=message):
+            load_members(model, tmp_path, members=members)
+    assert_unwrapped(model)
+
+
+def test_weight_sample_of_a_layer_without_a_floating_point_weight() -> None:
+    from lora_ensemble.io import _weight_sample
+
+    class Packed(nn.Module):  # a quantized base stores packed integers: nothing to fingerprint
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 2, dtype=torch.uint8), requires_grad=False)
+
+    assert _weight_sample(Packed(), 4, 4) is None
+    linear = nn.Linear(3, 5)
+    assert _weight_sample(linear, 5, 3) == linear.weight.detach().double().flatten().tolist()  # 15 < 64: all of it
+
+
+@pytest.mark.skipif("adapter_dtype" not in inspect.signature(LoRAEnsemble).parameters,
+                    reason="LoRAEnsemble has no adapter_dtype yet")
+def test_load_members_in_another_adapter_dtype(tmp_path) -> None:
+    original, _ = timm_members(tmp_path)
+    loaded = load_members(copy.deepcopy(original), tmp_path, dtype=torch.float64)
+    assert loaded.adapter_dtype == torch.float64 and loaded.model.blocks[0].attn.qkv.lora_A.dtype == torch.float64
+    assert loaded.model.blocks[0].attn.qkv.weight.dtype == torch.float32
+    save_members(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / CONFIG_NAME).read_text())["adapter_dtype"] == "float64"
+    assert load_members(copy.deepcopy(original), tmp_path / "again").adapter_dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_members_onto_a_gpu(tmp_path) -> None:
+    original, ensemble = timm_members(tmp_path)
+    loaded = load_members(copy.deepcopy(original), tmp_path, device="cuda", members=[1])
+    assert all(p.is_cuda for p in loaded.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.cuda()).cpu(), ensemble(x)[[1]], atol=1e-4, rtol=1e-4)
