@@ -311,6 +311,11 @@ class LoRAEnsemble(nn.Module):
         self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
         self.backend, self.num_classes, self.member_chunk_size = backend, num_classes, member_chunk_size
 
+        if replicate_at is not None:
+            try:
+                model.get_submodule(replicate_at)
+            except AttributeError as exc:
+                raise ValueError(f"replicate_at={replicate_at!r} names no submodule of {type(model).__name__}") from exc
         with _undone_on_error(model):
             model.requires_grad_(False)
             replace_multihead_attention(model)
@@ -326,6 +331,7 @@ class LoRAEnsemble(nn.Module):
                     model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
                     init=init, use_rslora=use_rslora, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
                 _set_by_name(model, name, layer)
+            model.train(model.training)  # the new layers and heads take the model's mode (eval stays eval)
         self.model = model
 
         self.replicate_at = replicate_at

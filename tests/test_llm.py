@@ -152,7 +152,17 @@ def test_failed_wrap_leaves_the_model_unmodified() -> None:
         LoRAEnsemble(model, 2, 2, member_chunk_size=0)
     with pytest.raises(ValueError, match="num_classes needs a head"):
         LoRAEnsemble(causal_lm("llama"), 2, 2, num_classes=3)
-    assert dict(model.named_modules()) == before
+    hooks = dict(model._forward_pre_hooks)
+    with pytest.raises(ValueError, match="replicate_at='nope' names no submodule"):
+        LoRAEnsemble(model, 2, 2, replicate_at="nope")
+    assert dict(model.named_modules()) == before and dict(model._forward_pre_hooks) == hooks
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_the_wrapped_layers_and_heads_take_the_models_mode(training: bool) -> None:
+    model = classifier("roberta").train(training)
+    ensemble = LoRAEnsemble(model, num_members=2, rank=2, lora_dropout=0.5)
+    assert all(module.training == training for module in ensemble.model.modules())
 
 
 def test_lora_dropout_rslora_and_peft_init_match_peft() -> None:

@@ -180,3 +180,26 @@ def test_adapter_dtype_of_a_single_layer_and_its_checks():
     copy.deepcopy(layer)  # plain module state
     with pytest.raises(ValueError, match="adapter_dtype"):
         FusedLoRAEnsembleLinear(8, 6, 2, 3, adapter_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("kind", ["bnb-4bit", "torchao-int8"])
+def test_members_over_a_quantized_base_save_and_load(kind, tmp_path):
+    _importorskip(kind)
+    from lora_ensemble.io import load_members, save_members
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = _base(kind)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    ensemble = LoRAEnsemble(Net(), 3, 4, target_modules=["proj"], head=None, backend="torch")
+    with torch.no_grad():
+        ensemble.model.proj.lora_B.normal_()
+    x = torch.randn(2, 40)
+    save_members(ensemble, tmp_path)
+    again = load_members(Net(), tmp_path, backend="torch")
+    assert isinstance(again.model.proj, LoRAEnsembleOverBase)
+    torch.testing.assert_close(again(x), ensemble(x))
