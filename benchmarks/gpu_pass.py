@@ -8,7 +8,8 @@ On a machine with a CUDA GPU and torch already installed (offline: the extension
     python -m benchmarks.gpu_pass --out DIR --part ops-a      # op benchmarks, first half
     python -m benchmarks.gpu_pass --out DIR --part ops-b      # op benchmarks, second half
     python -m benchmarks.gpu_pass --out DIR --part e2e        # end-to-end benchmarks + a noise re-run
-    python -m benchmarks.gpu_pass --out DIR --part all        # the five in a row (no time limit)
+    python -m benchmarks.gpu_pass --out DIR --part llm        # generate / predict of an LLM ensemble, host cost
+    python -m benchmarks.gpu_pass --out DIR --part all        # the six in a row (no time limit)
     python -m benchmarks.gpu_pass --list                      # print every step's command
 
 Every step writes its log (and its JSON or JUnit XML) into ``DIR``; ``DIR/summary-<part>.json``
@@ -41,7 +42,7 @@ __all__ = ["GPU_PARTS", "PART_BUDGET_S", "Step", "main", "run_part", "steps_for"
 PART_BUDGET_S = 570
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-GPU_PARTS = ("tests", "sanitize", "ops-a", "ops-b", "e2e")
+GPU_PARTS = ("tests", "sanitize", "ops-a", "ops-b", "e2e", "llm")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,15 @@ def steps_for(part: str, out: Path) -> list[Step]:
             # (without the graphed row, whose compilation would take most of the time).
             Step("e2e_repeat", _bench(out / "e2e_repeat.json", "benchmarks/bench_end_to_end.py", "-k",
                                       "e2e_train and not graphed"), timeout_s=170),
+            Step("clocks_after", clocks, timeout_s=30),
+        ]
+    if part == "llm":
+        return [
+            Step("clocks_before", clocks, timeout_s=30),
+            Step("llm", _bench(out / "llm.json", "benchmarks/bench_llm.py"), timeout_s=420),
+            # The overhead table: host cost per call of each backend's layer against F.linear and the composite.
+            Step("overhead", (PYTHON, "-m", "benchmarks.bench_overhead", "--json", str(out / "overhead.json")),
+                 timeout_s=90),
             Step("clocks_after", clocks, timeout_s=30),
         ]
     raise ValueError(f"unknown part {part!r}; choose one of {GPU_PARTS + ('all',)}")

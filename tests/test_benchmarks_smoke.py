@@ -177,3 +177,24 @@ def test_gpu_pass_parts_cover_the_checklist(tmp_path: Path) -> None:
         assert any(f"--benchmark-json={tmp_path / part}.json" in c and "bench_op.py" in c for c in commands[part])
     assert sum("bench_end_to_end.py" in c for c in commands["e2e"]) == 2
     assert main(["--list"]) == 0
+
+
+def test_llm_providers_compute_the_same_members() -> None:
+    """bench_llm's providers on the CPU shape: the ensemble's members and the peft adapters run one after
+    another decode the same tokens and give the same answer probabilities; limit runs the plain model on
+    N copies of the prompts."""
+    pytest.importorskip("peft")
+    from benchmarks.bench_llm import ANSWER_TOKENS, CPU_LLM, build_llm_run
+
+    shape = CPU_LLM
+    ids = torch.randint(3, shape.vocab, (shape.batch, shape.prompt_len))
+    runs = {p: build_llm_run(p, shape, CPU, torch.float32) for p in ("ensemble", "limit", "peft_sequential")}
+    with torch.no_grad():
+        tokens = {p: run.generate(ids) for p, run in runs.items()}
+        probs = {p: run.predict(ids) for p, run in runs.items()}
+    assert tokens["ensemble"].shape == (shape.num_members, shape.batch, shape.prompt_len + shape.new_tokens)
+    assert torch.equal(tokens["ensemble"], tokens["peft_sequential"])
+    assert tokens["limit"].shape == (shape.num_members * shape.batch, shape.prompt_len + shape.new_tokens)
+    member_probs = probs["peft_sequential"]  # [N, B, answers]
+    assert member_probs.shape == (shape.num_members, shape.batch, len(ANSWER_TOKENS))
+    torch.testing.assert_close(probs["ensemble"], member_probs.mean(0), atol=1e-5, rtol=1e-5)
