@@ -299,6 +299,31 @@ def test_reduce_overhead_wrapped_vit_replays_as_cuda_graphs(backend: str) -> Non
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_reduce_overhead_wrapped_llm_replays_as_cuda_graphs(backend: str) -> None:
+    """A wrapped Llama's member logits under torch.compile(mode="reduce-overhead"): CUDA-graph replays
+    (no cudagraph skip), the same logits as eager."""
+    from torch._dynamo.utils import counters
+
+    from .hf_tiny import causal_lm
+
+    _require_cuda_backend(backend)
+    torch._dynamo.reset()
+    counters.clear()
+    ensemble = LoRAEnsemble(causal_lm("llama").float().cuda(), num_members=3, rank=4, backend=backend)
+    for layer in ensemble.lora_layers().values():
+        _random_lora(layer, std=0.05)
+    compiled = torch.compile(ensemble, mode="reduce-overhead")
+    ids = torch.randint(3, 64, (2, 7), device="cuda")
+    with torch.no_grad():
+        want = ensemble(ids)
+        for _ in range(3):
+            got = compiled(ids).clone()
+    assert_close_named("logits", got, want.double(), torch.float32, (2e-3, 2e-3))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"]["cudagraph_skips"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_runs_in_autocast_dtype(backend: str, dtype: torch.dtype) -> None:
     _require_cuda_backend(backend)
