@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import metrics
 from .demo import train
 from .ensemble import EnsemblePrediction, LoRAEnsemble
 
@@ -161,27 +163,18 @@ class McqaScores:
         return self.id.mean_probs.argmax(-1) != self.id_answers
 
 
-def auroc(positive: Tensor, negative: Tensor) -> float:
-    """The AUROC with which a score ranks ``positive`` above ``negative`` (0.5: chance; nan when a
-    side is empty)."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(positive) == 0 or len(negative) == 0:
-        return float("nan")
-    labels = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
-    return float(roc_auc_score(labels.numpy(), torch.cat([positive, negative]).double().numpy()))
-
-
 def score_rows(scores: list[McqaScores]) -> list[dict[str, Any]]:
     """One row per (model, uncertainty score): ID accuracy, the AUROC of wrong vs right (ID) and of
-    OOD vs ID, and the score's mean on each side."""
+    OOD vs ID (:func:`lora_ensemble.metrics.error_auroc`, :func:`~lora_ensemble.metrics.ood_auroc`),
+    and the score's mean on each side."""
     rows = []
     for s in scores:
         wrong = s.wrong()
+        both_kinds = bool(wrong.any()) and bool((~wrong).any())  # an AUROC needs both sides (else nan)
         for measure, (in_dist, out_dist) in s.measures().items():
             rows.append({"model": s.name, "score": measure, "accuracy": 1 - wrong.float().mean().item(),
-                         "wrong_vs_right": auroc(in_dist[wrong], in_dist[~wrong]),
-                         "ood_vs_id": auroc(out_dist, in_dist),
+                         "wrong_vs_right": float(metrics.error_auroc(in_dist, ~wrong)) if both_kinds else math.nan,
+                         "ood_vs_id": float(metrics.ood_auroc(in_dist, out_dist)) if len(out_dist) else math.nan,
                          "mean_id": in_dist.mean().item(), "mean_ood": out_dist.mean().item()})
     return rows
 
