@@ -59,6 +59,17 @@ def _base(kind: str, d: int = 40, k: int = 24) -> nn.Module:
 KINDS = ["bnb-4bit", "bnb-8bit", "torchao-int8", "parametrized"]
 
 
+class _Net(nn.Module):
+    """A model of one such base layer, ``proj``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.proj = _base(kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 def _importorskip(kind: str) -> None:
     pytest.importorskip("torchao" if kind.startswith("torchao") else "bitsandbytes" if kind.startswith("bnb")
                         else "torch")
@@ -98,16 +109,8 @@ def test_each_member_equals_peft_over_the_same_quantized_layer(kind):
     _importorskip(kind)
     peft = pytest.importorskip("peft")
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = _base(kind)
-
-        def forward(self, x):
-            return self.proj(x)
-
     n, r, alpha = 3, 4, 8.0
-    ensemble = LoRAEnsemble(Net(), n, r, target_modules=["proj"], alpha=alpha, head=None, backend="torch")
+    ensemble = LoRAEnsemble(_Net(kind), n, r, target_modules=["proj"], alpha=alpha, head=None, backend="torch")
     layer = ensemble.model.proj
     assert isinstance(layer, LoRAEnsembleOverBase)
     with torch.no_grad():
@@ -118,7 +121,7 @@ def test_each_member_equals_peft_over_the_same_quantized_layer(kind):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = peft.get_peft_model(Net(), config)
+            model = peft.get_peft_model(_Net(kind), config)
         peft_layer = model.base_model.model.proj
         assert type(peft_layer.base_layer).__name__ == type(layer.base_layer).__name__  # LoRA around the same kind
         with torch.no_grad():
@@ -187,19 +190,11 @@ def test_members_over_a_quantized_base_save_and_load(kind, tmp_path):
     _importorskip(kind)
     from lora_ensemble.io import load_members, save_members
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = _base(kind)
-
-        def forward(self, x):
-            return self.proj(x)
-
-    ensemble = LoRAEnsemble(Net(), 3, 4, target_modules=["proj"], head=None, backend="torch")
+    ensemble = LoRAEnsemble(_Net(kind), 3, 4, target_modules=["proj"], head=None, backend="torch")
     with torch.no_grad():
         ensemble.model.proj.lora_B.normal_()
     x = torch.randn(2, 40)
     save_members(ensemble, tmp_path)
-    again = load_members(Net(), tmp_path, backend="torch")
+    again = load_members(_Net(kind), tmp_path, backend="torch")
     assert isinstance(again.model.proj, LoRAEnsembleOverBase)
     torch.testing.assert_close(again(x), ensemble(x))
