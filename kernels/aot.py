@@ -88,12 +88,11 @@ _ROLES = (
     ("backward_lora", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": False}, LORA_GRADS_GPU_CONFIGS),
     ("backward_lora_split", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
 )
-# Roles compiled with their first kept config only: the delta kernels are the full ones without the
-# weight tiles (fewer registers and less shared memory at every config).
-_FIRST_CONFIG_ONLY = {"forward_delta", "forward_shared_delta", "backward_dx_delta", "backward_dx_shared_delta"}
 ROLE_NAMES = tuple(role[0] for role in _ROLES)
-# The kernel each role runs, as named in SPILLING_CONFIGS.
-ROLE_KERNEL = {role: "lora_grads" if role.startswith("backward_lora") else "shared" if "shared" in role else "stacked"
+# The kernel each role runs, as named in SPILLING_CONFIGS (the weightless delta kernels spill at
+# configs of their own: fewer tiles, but ptxas allocates them differently).
+ROLE_KERNEL = {role: "lora_grads" if role.startswith("backward_lora")
+               else ("shared" if "shared" in role else "stacked") + ("_delta" if role.endswith("_delta") else "")
                for role in ROLE_NAMES}
 _SPILLING_CONFIGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spilling_configs.py")
 
@@ -172,20 +171,21 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
     problem of ``rows`` rows per member (d = k = 4096) on ``sm_<arch>``, in autotune order
     (``without_measured_spills=False``: also those the spill record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
-    common = dict(dtype=dtype, precision=precision, block_r=block_r, shared_memory=SHARED_MEMORY_LIMIT[arch],
-                  capability=arch, without_measured_spills=without_measured_spills)
+    common = {"dtype": dtype, "precision": precision, "block_r": block_r, "shared_memory": SHARED_MEMORY_LIMIT[arch],
+              "capability": arch, "without_measured_spills": without_measured_spills}
     if kernel is _lora_grads_kernel:
         kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, **common)
         return [(c.kwargs["BLOCK_M"], c) for c in kept]
     block_m = fused_lora_gemm_block_rows({"ROWS": rows, "BLOCK_R": block_r, "DOT_PRECISION": precision, **fixed})
     kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=block_m,
-                                           sum_members=fixed.get("SUM_MEMBERS"), **common)
+                                           sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"],
+                                           **common)
     return [(block_m, c) for c in kept]
 
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
-    """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``
-    (the first kept config only for the delta roles), without repeats (a config kept in both row
+    """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``,
+    without repeats (a config kept in both row
     regimes of the weight-gradient kernel is one case)."""
     cases: dict[str, AotCase] = {}
     for name in ROLE_NAMES:
@@ -193,7 +193,7 @@ def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotC
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
                     kept = candidate_configs(name, dtype, precision, block_r, rows, arch, without_measured_spills)
-                    for block_m, config in kept[:1] if name in _FIRST_CONFIG_ONLY else kept:
+                    for block_m, config in kept:
                         case = AotCase(name, dtype, precision, block_r, block_m, config)
                         cases.setdefault(f"{case.label()} {case.config_text()}", case)
     return list(cases.values())

@@ -196,8 +196,8 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
 def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
               capability: int) -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
-    sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, ``"lora_grads"``), the
-    dtype and dot precision, the rank and row tiles, warps, stages and the config's other tiles."""
+    sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
+    ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision, the rank and row tiles, warps, stages and the config's other tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
     return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, config.num_warps,
             config.num_stages, *tiles)
@@ -215,6 +215,7 @@ def fitting_fused_lora_gemm_configs(
     shared_memory: int,
     capability: int,
     sum_members: bool | None = None,
+    has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
@@ -229,13 +230,15 @@ def fitting_fused_lora_gemm_configs(
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; and (``without_measured_spills``) every config in
-    :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel. With autotuning off
+    :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel; ``has_weight=False`` its
+    weightless (delta) form, which spills at configs of its own (the shared-memory and register
+    estimates keep counting the weight tile: an upper bound). With autotuning off
     (:func:`autotuning`) only the first config left. Never empty: falls back to the smallest tiles.
     """
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
-    kind = "stacked" if sum_members is None else "shared"
+    kind = ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -302,7 +305,7 @@ def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict
         configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
         precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
         shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        sum_members=args.get("SUM_MEMBERS"),
+        sum_members=args.get("SUM_MEMBERS"), has_weight=args["HAS_WEIGHT"],
     )
 
 

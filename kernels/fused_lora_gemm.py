@@ -53,10 +53,11 @@ from .dot import dot_fp32_lhs, split16
 
 __all__ = ["launch_fused_lora_gemm", "member_groups_for"]
 
-# Autotune key: tiles and sizes that change the best config, the device's shared memory (configs
-# are pruned by it, so a config kept for one GPU model is never reused on another), and the
-# power-of-two buckets of the row and member counts.
-_TUNING_KEY = ["BLOCK_M", "COLS", "INNER", "BLOCK_R", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET",
+# Autotune key: tiles and sizes that change the best config, whether W0 is read (the weightless
+# delta kernels are pruned by spills of their own), the device's shared memory (configs are pruned
+# by it, so a config kept for one GPU model is never reused on another), and the power-of-two
+# buckets of the row and member counts.
+_TUNING_KEY = ["BLOCK_M", "COLS", "INNER", "BLOCK_R", "DOT_PRECISION", "HAS_WEIGHT", "SHARED_MEMORY", "ROWS_BUCKET",
                "MEMBERS_BUCKET"]
 # Arguments read by the autotuner only: not specialised, so their values never cause a recompile.
 _TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"]

@@ -108,11 +108,11 @@ def register_cuda_kernel_formulas() -> bool:
     :mod:`lora_ensemble.backend_cuda` calls it when it loads the extension; a second call does
     nothing. Only ``FlopCounterMode`` objects created afterwards use the formulas.
     """
-    ops = torch.ops.lora_ensemble
-    if not hasattr(ops, "cuda_forward"):
+    lib = torch.ops.lora_ensemble
+    if not hasattr(lib, "cuda_forward"):
         return False
-    if ops.cuda_forward not in torch.utils.flop_counter.flop_registry:
-        register_flop_formula(ops.cuda_forward)(_cuda_forward_flops)
-        register_flop_formula(ops.cuda_backward_dx)(_cuda_backward_dx_flops)
-        register_flop_formula(ops.cuda_backward_lora)(_cuda_backward_lora_flops)
+    if lib.cuda_forward not in torch.utils.flop_counter.flop_registry:
+        register_flop_formula(lib.cuda_forward)(_cuda_forward_flops)
+        register_flop_formula(lib.cuda_backward_dx)(_cuda_backward_dx_flops)
+        register_flop_formula(lib.cuda_backward_lora)(_cuda_backward_lora_flops)
     return True

@@ -3,7 +3,7 @@ in every config the run-time pruning keeps, fits the shared memory and spills no
 
 ``python -m lora_ensemble.kernels.aot`` runs triton.compile for GPUTarget("cuda", arch, 32) down to a
 cubin (ptxas included) for every kernel role, dtype and dot precision, rank tile and row-tile regime,
-with every config the pruning keeps there (about 850 kernels per arch); it runs in a subprocess because
+with every config the pruning keeps there (about 1350 kernels per arch); it runs in a subprocess because
 the interpreter (TRITON_INTERPRET=1, set for the other tests) replaces the kernels by Python functions.
 """
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 from lora_ensemble.kernels import aot
 
 
@@ -23,7 +24,9 @@ def aot_reports(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=3000)
     assert out.exists(), f"the AOT compile did not run:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text()), proc
+    run = json.loads(out.read_text())
+    assert run["triton"] == triton.__version__
+    return run["reports"], proc
 
 
 def test_every_kernel_compiles_for_every_arch(aot_reports):

@@ -372,6 +372,40 @@ def test_autotune_keys_name_the_device_and_size_buckets():
     assert len(kept[101376]) < len(kept[232448])
 
 
+def test_delta_kernels_are_pruned_by_spills_of_their_own():
+    """The weightless (delta) kernels spill at configs where the full ones do not, and the other way
+    round: each is pruned by its own record, and they never share a tuned config."""
+    from lora_ensemble.kernels import aot
+    from lora_ensemble.kernels.configs import (
+        FUSED_LORA_GEMM_GPU_CONFIGS,
+        SPILLING_CONFIGS,
+        fitting_fused_lora_gemm_configs,
+        spill_key,
+    )
+
+    for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
+        assert "HAS_WEIGHT" in kernel.fn.keys
+    kinds = {key[1] for key in SPILLING_CONFIGS}
+    assert kinds <= {"stacked", "shared", "stacked_delta", "shared_delta", "lora_grads"}, kinds
+    assert aot.ROLE_KERNEL["forward_shared_delta"] == "shared_delta"
+    assert aot.ROLE_KERNEL["backward_dx_delta"] == "stacked_delta"
+    assert aot.ROLE_KERNEL["backward_dx_shared"] == "shared"
+    stacked = [k for k in SPILLING_CONFIGS if k[1] in ("stacked", "stacked_delta")]
+    assert {k[1] for k in stacked} == {"stacked", "stacked_delta"}
+    for key in stacked:
+        arch, kind, dtype, precision, block_r, block_m = key[:6]
+        config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
+                      if spill_key(kind, dtype, precision, block_r, block_m, c, arch) == key)
+        kept = {has_weight: fitting_fused_lora_gemm_configs(
+                    list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype=dtype, precision=precision,
+                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, has_weight=has_weight)
+                for has_weight in (True, False)}
+        delta = kind == "stacked_delta"
+        other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch)
+        assert config not in kept[not delta], key
+        assert (config in kept[delta]) == (other_key not in SPILLING_CONFIGS), key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launches_on_the_tensors_device_not_the_current_one():
