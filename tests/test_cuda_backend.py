@@ -169,6 +169,7 @@ static void fused(bool fwd, const void* in, const void* w, const void* bias, con
   p.expand = (const T*)expand; p.out = (T*)out; p.low = low;
   p.members = n; p.rows = m; p.inner = inner; p.cols = cols; p.rank = r; p.scaling = s; p.shared = shared;
   p.member_groups = groups; p.device = 0;
+  p.out_sum = !fwd && shared && groups > 1 ? (float*)out : nullptr;  // then out is the zeroed fp32 sum
   const int d = fwd ? inner : cols;  // W0 [k, d]; forward: shrink A [r, d], expand B [k, r]; dx: shrink B, expand A
   p.vec_in = vec_ok(in, inner, sizeof(T)); p.vec_weight = w != nullptr && vec_ok(w, d, sizeof(T));
   p.vec_shrink = vec_ok(shrink, fwd ? d : r, sizeof(T)); p.vec_expand = vec_ok(expand, fwd ? r : d, sizeof(T));
@@ -369,9 +370,10 @@ def test_fp16_split_beyond_fp16_range_under_host_emulation(emulated_kernels, sha
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_member_groups_and_row_splits_under_host_emulation(emulated_kernels, dtype):
-    """The shared-input forward with its members in grid.y groups (as at batch 1 on a large GPU, each
-    group computing x W0^T once), and the weight gradients with their rows split into ranges whose
-    partial sums are added into fp32 outputs (long inputs)."""
+    """The shared-input forward and dx with their members in grid.y groups (as at batch 1 on a large
+    GPU: each forward group computes x W0^T once, each dx group adds its members' sum into an fp32
+    output), and the weight gradients with their rows split into ranges whose partial sums are added
+    into fp32 outputs (long inputs)."""
     code, s = EMULATED_DTYPES[dtype], 0.7
     n, m, d, k, r = 5, 9, 24, 40, 3
     inp = make_inputs(n, m, d, k, r, dtype=dtype, shared_input=True, requires_grad=(), scaling=s)
@@ -382,6 +384,17 @@ def test_member_groups_and_row_splits_under_host_emulation(emulated_kernels, dty
               inp.lora_A.data_ptr(), inp.lora_B.data_ptr(), out.data_ptr(), xa.data_ptr(), n, m, d, k, r, s, 1, groups,
               None)
         assert_close_named(f"out (groups={groups})", out, ref, dtype)
+
+    grad_out = torch.randn(n, m, k).to(dtype)
+    w64, a64, b64 = (t.double() for t in (inp.weight, inp.lora_A, inp.lora_B))
+    dx_ref = (grad_out.double() @ w64 + s * (grad_out.double() @ b64) @ a64).sum(0)
+    for groups in (2, 5):
+        dx_sum, dyb = torch.zeros(m, d), torch.empty(n, m, r)
+        _call(emulated_kernels.emu_fused, code, 0, grad_out.data_ptr(), inp.weight.data_ptr(), None,
+              inp.lora_B.data_ptr(), inp.lora_A.data_ptr(), dx_sum.data_ptr(), dyb.data_ptr(), n, m, k, d, r, s, 1,
+              groups, None)
+        assert_close_named(f"dx (groups={groups})", dx_sum, dx_ref, dtype)
+        assert_close_named(f"dyb (groups={groups})", dyb, grad_out.double() @ b64, torch.float32)
 
     n, m = 2, 100
     x, grad_out = torch.randn(n, m, d).to(dtype), torch.randn(n, m, k).to(dtype)
@@ -504,6 +517,30 @@ def test_large_members_and_rows():
     """Many row tiles and members; M not a multiple of the tile."""
     inp = make_inputs(16, 197, 192, 192, 8, dtype=torch.bfloat16, device="cuda")
     check_against_reference(inp, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_input_dx_in_member_groups(dtype):
+    """Batch-1 sizes (few tiles, 16 members): the shared-input dx runs its members in groups whose
+    partial sums meet in fp32 with atomics; under deterministic algorithms it runs one group. Both
+    agree with the float64 reference, and the deterministic one is bitwise repeatable."""
+    n, m, d, k, r, s = 16, 197, 192, 576, 8, 0.5
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, device="cuda", shared_input=True, requires_grad=(), scaling=s)
+    dy = torch.randn(n, m, k, device="cuda").to(dtype)
+    w64, a64, b64 = (t.double() for t in (inp.weight, inp.lora_A, inp.lora_B))
+    want = (dy.double() @ w64 + s * (dy.double() @ b64) @ a64).sum(0)
+    backward_dx = torch.ops.lora_ensemble.cuda_backward_dx
+    grouped = backward_dx(dy, inp.weight, inp.lora_A, inp.lora_B, s, True)[0]
+    assert_close_named("dx (member groups)", grouped, want, dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        once, again = (backward_dx(dy, inp.weight, inp.lora_A, inp.lora_B, s, True)[0] for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert_close_named("dx (deterministic)", once, want, dtype)
+    assert torch.equal(once, again)
 
 
 @pytest.mark.gpu

@@ -21,8 +21,9 @@
 // Shared input (a template flag, so the stacked kernels carry no second accumulator): the CTA loops
 // over members. Forward: grid.y = member groups (p.member_groups, more than 1 when the output tiles
 // alone leave SMs idle, as at batch 1); each CTA computes x W0^T once (with its group's first
-// member) and, per member, re-runs the K loop for x A[n]^T only. Backward dx: grid.y = 1, every
-// member's dy[n] W0 + s dyb[n] A[n] accumulated into one accumulator (dx is summed over members).
+// member) and, per member, re-runs the K loop for x A[n]^T only. Backward dx: every member's
+// dy[n] W0 + s dyb[n] A[n] accumulated into one accumulator (dx is summed over members); with more
+// than one group (few tiles), each group's partial sum is atomically added into the fp32 out_sum.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -375,8 +376,7 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
   const int tile_col = static_cast<int>(blockIdx.x) % col_tiles;
   const int row0 = (static_cast<int>(blockIdx.x) / col_tiles) * BM;
   const int col0 = tile_col * BN;
-  // Stacked: one member per grid.y; shared: grid.y groups of members (one for backward dx, whose
-  // output is the sum over every member).
+  // Stacked: one member per grid.y; shared: grid.y groups of members.
   const int per_group = ceil_div(p.members, static_cast<int>(gridDim.y));
   const int first = kShared ? static_cast<int>(blockIdx.y) * per_group : static_cast<int>(blockIdx.y);
   const int last = kShared ? min_int(first + per_group, p.members) : first + 1;
@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
   Math::zero(base);
 
   // Bounded, masked store of the fp32 tile in s_c (+ bias, + the given base output of member n) to
-  // out[row0.., col0..].
-  auto store_out = [&](T* out, int n) {
+  // out[row0.., col0..], or atomically added to the fp32 sum[row0.., col0..] when that is given.
+  auto store_out = [&](T* out, float* sum, int n) {
     const T* base_out = kForward && p.base != nullptr
                             ? p.base + (kShared ? 0 : static_cast<int64_t>(n) * p.rows * p.cols)
                             : nullptr;
@@ -400,7 +400,11 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
         float v = s_c[r * Tile::kLdC + c];
         if (kForward && p.bias != nullptr) v += Num<T>::to_float(p.bias[j]);
         if (base_out != nullptr) v += Num<T>::to_float(base_out[at]);
-        out[at] = Num<T>::from_float(v);
+        if (sum != nullptr) {
+          atomicAdd(sum + at, v);
+        } else {
+          out[at] = Num<T>::from_float(v);
+        }
       }
     }
   };
@@ -472,14 +476,14 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
       __syncthreads();  // s_c overlays s_low / s_expand
       math.store(acc, s_c);
       __syncthreads();
-      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, n);
+      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, nullptr, n);
     } else {
       add_expand(base);
       if constexpr (!kShared) {
         __syncthreads();
         math.store(base, s_c);
         __syncthreads();
-        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, n);
+        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, nullptr, n);
       }
     }
   }
@@ -487,7 +491,7 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
     __syncthreads();
     math.store(base, s_c);
     __syncthreads();
-    store_out(p.out, 0);
+    store_out(p.out, p.out_sum, 0);  // out_sum: this group's partial sum over its members
   }
 }
 
@@ -497,7 +501,7 @@ void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t s
   const int64_t tiles = static_cast<int64_t>(ceil_div(p.rows, Tile::kBM)) * ceil_div(p.cols, Tile::kBN);
   TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.rows, " rows x ", p.cols, " columns need ", tiles,
               " tiles, over the grid limit");
-  const int groups = kShared ? (kForward ? p.member_groups : 1) : p.members;
+  const int groups = kShared ? p.member_groups : p.members;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
   constexpr auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad>;
   once_per_device<kernel>(p.device, [] {

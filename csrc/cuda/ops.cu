@@ -97,10 +97,11 @@ int multiprocessor_count(int device) {
 // The weight-gradient kernel splits rows only when every range keeps at least this many.
 constexpr int64_t kMinRowsPerSplit = 512;
 
-// Member groups of the shared-input forward: 1 (x W0^T computed once) while its 64 x 128 output
-// tiles fill the GPU; at small batches enough groups to occupy every SM, each computing x W0^T for
-// its own members (batch-1 ViT-B, 197 x 768: 24 tiles on 132 SMs -> 5 groups).
-int shared_forward_member_groups(int64_t rows, int64_t cols, int64_t members, int device) {
+// Member groups of the shared-input kernels: 1 while their 64 x 128 output tiles fill the GPU; at
+// small batches enough groups to occupy every SM (batch-1 ViT-B, 197 x 768: 24 tiles on 132 SMs -> 5
+// groups). Forward: each group computes x W0^T for its own members. Backward dx: each group sums its
+// members' dx into an fp32 output with atomics (so not under deterministic algorithms).
+int shared_member_groups(int64_t rows, int64_t cols, int64_t members, int device) {
   const int64_t tiles = ceil_div(static_cast<int>(rows), 64) * static_cast<int64_t>(ceil_div(static_cast<int>(cols), 128));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(members, multiprocessor_count(device) / tiles)));
 }
@@ -131,6 +132,7 @@ FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const a
   p.scaling = static_cast<float>(scaling);
   p.shared = shared;
   p.member_groups = 1;
+  p.out_sum = nullptr;
   p.device = device;
   p.vec_in = vec_ok(in, in_ld);
   p.vec_weight = weight != nullptr && vec_ok(*weight, weight->size(1));
@@ -208,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
     // in = x [*, M, d], shrink = A [N, r, d], expand = B [N, k, r]
     auto p = fused_params<T>(x, d, weight, b, base, lora_A, d, lora_B, r, out, xa, n, m, d, k, r, scaling,
                              shared_input, device);
-    p.member_groups = shared_input ? shared_forward_member_groups(m, k, n, device) : 1;
+    p.member_groups = shared_input ? shared_member_groups(m, k, n, device) : 1;
     launch_fused_lora_gemm<T>(p, /*forward=*/true, current_stream(x));
   });
   return {out, xa};
@@ -237,13 +239,20 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out,
   if (m == 0) return {dx, dyb};
   if (n == 0) return {dx.zero_(), dyb};
   const int device = grad_out.device().index();
+  const int groups = shared_input && !at::globalContext().deterministicAlgorithms()
+                         ? shared_member_groups(m, d, n, device)
+                         : 1;
+  at::Tensor dx_sum = groups > 1 ? at::zeros({m, d}, grad_out.options().dtype(at::kFloat)) : at::Tensor();
   dispatch_dtype(grad_out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // in = dy [N, M, k], shrink = B [N, k, r], expand = A [N, r, d]
     auto p = fused_params<T>(grad_out, k, weight, nullptr, nullptr, lora_B, r, lora_A, d, dx, dyb, n, m, k, d, r,
                              scaling, shared_input, device);
+    p.member_groups = groups;
+    p.out_sum = groups > 1 ? mut_ptr<float>(dx_sum) : nullptr;
     launch_fused_lora_gemm<T>(p, /*forward=*/false, current_stream(grad_out));
   });
+  if (groups > 1) dx.copy_(dx_sum);
   return {dx, dyb};
 }
 

@@ -30,9 +30,11 @@ struct FusedLoraGemmParams {
   int rank;          // r, 1..128
   float scaling;     // s
   bool shared;       // shared-input layout
-  // Forward + shared: grid.y groups of members, each CTA computing in W once for its group's members
-  // (more CTAs when the output tiles alone leave SMs idle); 1 otherwise.
+  // Shared: grid.y groups of members (more CTAs when the output tiles alone leave SMs idle); 1 otherwise.
+  // Forward: each CTA computes in W once for its group's members. Backward dx: each group's partial
+  // sum over its members is atomically added into out_sum.
   int member_groups;
+  float* out_sum;    // backward dx + shared with member_groups > 1: [M, cols] fp32, zeroed by the caller (out unused)
   int device;        // CUDA device index (per-device kernel attributes are set once)
   // Whether each operand may use 16-byte asynchronous copies (leading dim and base pointer aligned).
   bool vec_in, vec_weight, vec_shrink, vec_expand;
