@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import accum_dtype
+from .backends import accum_dtype, in_dtype
 
 __all__ = ["forward", "backward_dx", "backward_lora"]
 
@@ -46,7 +46,7 @@ def forward(
     else:
         xa = torch.bmm(x, lora_A.transpose(1, 2))
     out = torch.baddbmm(start, xa, lora_B.transpose(1, 2), alpha=scaling)
-    return out, xa.to(accum_dtype(x.dtype))
+    return out, in_dtype(xa, accum_dtype(x.dtype))
 
 
 def backward_dx(
@@ -73,7 +73,7 @@ def backward_dx(
     else:
         base = (grad_out.reshape(-1, k) @ weight).view(num_members, rows, -1)
         dx = torch.baddbmm(base, dyb, lora_A, alpha=scaling)
-    return dx, dyb.to(accum_dtype(grad_out.dtype))
+    return dx, in_dtype(dyb, accum_dtype(grad_out.dtype))
 
 
 def backward_lora(
@@ -86,6 +86,6 @@ def backward_lora(
 ) -> tuple[Tensor, Tensor]:
     """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
     dtype = grad_out.dtype
-    dA = torch.matmul(dyb.transpose(1, 2).to(dtype), x) * scaling  # [N, r, M] @ [(N,) M, d]
-    dB = torch.bmm(grad_out.transpose(1, 2), xa.to(dtype)) * scaling
+    dA = torch.matmul(in_dtype(dyb, dtype).transpose(1, 2), x) * scaling  # [N, r, M] @ [(N,) M, d]
+    dB = torch.bmm(grad_out.transpose(1, 2), in_dtype(xa, dtype)) * scaling
     return dA, dB

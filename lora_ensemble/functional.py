@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .backends import resolve_backend
+from .backends import in_dtype, resolve_backend
 from .layout import stacked_output_shape
 from .ops import fused_linear_apply, lora_delta_apply
 
@@ -43,28 +43,34 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
-def _factors_well_formed(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, shared_input: bool) -> bool:
-    if not (isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)) or x.dim() < 2 or lora_A.dim() != 3:
+def _factors_well_formed(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, d: int, shared_input: bool) -> bool:
+    """Whether ``lora_A [N, r, d]`` and ``lora_B [N, k, r]`` fit ``x [..., d]`` (stacked: ``N`` divides
+    its batch), all tensors of a supported dtype on ``x``'s device; False for anything else."""
+    if not (isinstance(x, Tensor) and isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)):
         return False
-    num_members, rank, d = lora_A.shape
-    device = x.device
-    return (num_members >= 1 and rank >= 1 and x.shape[-1] == d and lora_B.shape == (num_members, k, rank)
-            and (shared_input or x.shape[0] % num_members == 0) and x.dtype in _DTYPES
-            and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES and lora_A.device == device
-            and lora_B.device == device)
+    try:
+        num_members, rank, d_a = lora_A.shape
+    except ValueError:  # not 3-D
+        return False
+    x_shape, device = x.shape, x.device
+    return (len(x_shape) >= 2 and x_shape[-1] == d == d_a and num_members >= 1 and rank >= 1
+            and lora_B.shape == (num_members, k, rank) and (shared_input or x_shape[0] % num_members == 0)
+            and x.dtype in _DTYPES and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES
+            and lora_A.device == device and lora_B.device == device)
 
 
 def _well_formed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                  shared_input: bool) -> bool:
     """Whether :func:`validate_inputs` would pass, in a few comparisons and no messages."""
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
-        return False
-    if weight.dim() != 2 or not _factors_well_formed(x, lora_A, lora_B, weight.shape[0], shared_input):
+    if not (isinstance(weight, Tensor) and weight.dim() == 2):
         return False
     k, d = weight.shape
+    if not _factors_well_formed(x, lora_A, lora_B, k, d, shared_input):
+        return False
     dtype, device = x.dtype, x.device
-    return (x.shape[-1] == d and weight.dtype == dtype and weight.device == device
-            and (bias is None or (bias.shape == (k,) and bias.dtype == dtype and bias.device == device)))
+    return (weight.dtype == dtype and weight.device == device
+            and (bias is None or (isinstance(bias, Tensor) and bias.shape == (k,) and bias.dtype == dtype
+                                  and bias.device == device)))
 
 
 def _check_tensors(**named: Tensor | None) -> None:
@@ -153,7 +159,7 @@ def validate_delta_inputs(x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tenso
         raise ValueError(f"x must have at least 2 dims [..., d], got shape {tuple(x.shape)}")
     _check_factor_dims(lora_A, lora_B)
     k, d = lora_B.shape[1], lora_A.shape[2]
-    if (_factors_well_formed(x, lora_A, lora_B, k, shared_input) and base.shape == (*x.shape[:-1], k)
+    if (_factors_well_formed(x, lora_A, lora_B, k, d, shared_input) and base.shape == (*x.shape[:-1], k)
             and base.dtype == x.dtype and base.device == x.device):
         return
     _check_factors(x, lora_A, lora_B, k, d, shared_input, f"lora_A shape {tuple(lora_A.shape)}")
@@ -167,6 +173,8 @@ def _in_autocast_dtype(x: Tensor, *tensors: Tensor | None) -> tuple:
     """Under ``torch.autocast`` on ``x``'s device: ``(x, *tensors)`` with every floating tensor in the
     autocast dtype (activations of an earlier autocast op may already be low precision while the
     parameters are fp32); otherwise unchanged."""
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return (x, *tensors)  # eager, no autocast anywhere: one C call instead of the ~1 µs queries below
     if not (isinstance(x, Tensor) and _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
@@ -175,7 +183,7 @@ def _in_autocast_dtype(x: Tensor, *tensors: Tensor | None) -> tuple:
 
 def _factors_in(dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
     """The LoRA factors in the compute dtype (a pass over the adapters only), contiguous."""
-    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous()
+    return in_dtype(lora_A, dtype).contiguous(), in_dtype(lora_B, dtype).contiguous()
 
 
 def fused_lora_ensemble_linear(
