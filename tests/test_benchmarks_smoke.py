@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import report
+from benchmarks.bench_overhead import MODES as OVERHEAD_MODES
 from benchmarks.cost_model import MODES
 from benchmarks.e2e_models import E2E_PROVIDERS, build_e2e_run, e2e_unavailable_reason, make_e2e_step
 from benchmarks.machine import parse_nvidia_smi_csv
@@ -139,7 +140,17 @@ def test_end_to_end_provider_runs(provider: str) -> None:
 
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
 def test_report_renders_committed_run(path: Path, tmp_path: Path) -> None:
+    """Every committed JSON is a pytest-benchmark run that report.py renders, or a host-cost table of
+    ``python -m benchmarks.bench_overhead --json`` with every provider in every mode."""
     data = json.loads(path.read_text())
+    if "benchmarks" not in data:
+        assert set(data) == {"device", "torch", "results"}, f"{path.name}: neither a benchmark run nor an overhead table"
+        baseline = {"F.linear", "composite", "module[torch]", "functional[torch]"}
+        for mode in OVERHEAD_MODES:
+            times = data["results"][mode]
+            assert baseline <= set(times) == set(data["results"][OVERHEAD_MODES[0]]), (mode, sorted(times))
+            assert all(v > 0 for v in times.values()), times
+        return
     markdown = report.render_markdown(data, path.stem)
     assert data["machine_info"]["torch"] in markdown
     for bench in data["benchmarks"]:
