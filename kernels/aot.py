@@ -185,8 +185,7 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
     """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``,
-    without repeats (a config kept in both row
-    regimes of the weight-gradient kernel is one case)."""
+    without repeats (a config kept in both row regimes of the weight-gradient kernel is one case)."""
     cases: dict[str, AotCase] = {}
     for name in ROLE_NAMES:
         for dtype, precision in VARIANTS:

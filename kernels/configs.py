@@ -197,7 +197,8 @@ def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int,
               capability: int) -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
-    ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision, the rank and row tiles, warps, stages and the config's other tiles."""
+    ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
+    the rank and row tiles, warps, stages and the config's other tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
     return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, config.num_warps,
             config.num_stages, *tiles)

@@ -328,8 +328,8 @@ class LoRAEnsembleOverBase(LoRAEnsembleLayer):
         base = self.base_layer(x)
         if self._dropout_active():
             return self._dropped_delta(x, base, shared)
-        return lora_ensemble_delta(x, base, self.lora_A, self.lora_B, self.scaling, shared_input=shared,
-                                   backend=self.backend)
+        return lora_ensemble_delta(x, base, _parameter(self, "lora_A"), _parameter(self, "lora_B"), self.scaling,
+                                   shared_input=shared, backend=self.backend)
 
     def merged_member(self, member: int) -> nn.Module:
         """Not possible: a member's update cannot be merged into a weight the package cannot read."""

@@ -58,9 +58,9 @@ class _Doubled(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["weight", "bias", "lora_A", "lora_B"])
-def test_parametrized_tensors_and_no_bias_are_read_through_their_attributes(name):
+def test_parametrized_tensors_are_read_through_their_attributes(name):
     """The forward reads registered Parameters straight from ``_parameters`` (a hot path); a tensor
-    that torch.nn.utils.parametrize computes, and a missing bias, still come from the attribute."""
+    that torch.nn.utils.parametrize computes still comes from the attribute."""
     from torch.nn.utils import parametrize
 
     layer = FusedLoRAEnsembleLinear(7, 5, num_members=2, rank=3, alpha=3.0, backend="torch")
@@ -69,10 +69,15 @@ def test_parametrized_tensors_and_no_bias_are_read_through_their_attributes(name
     parametrize.register_parametrization(layer, name, _Doubled())
     ref = lora_ensemble_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
     torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
-    plain = FusedLoRAEnsembleLinear(7, 5, num_members=2, rank=3, bias=False, backend="torch")
-    _randomise(plain)
-    ref = lora_ensemble_reference(x, plain.weight, None, plain.lora_A, plain.lora_B, plain.scaling)
-    torch.testing.assert_close(plain(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_bias_is_read_through_its_attribute():
+    """A missing bias is a plain ``None`` attribute, not a registered Parameter."""
+    layer = FusedLoRAEnsembleLinear(7, 5, num_members=2, rank=3, bias=False, backend="torch")
+    _randomise(layer)
+    x = torch.randn(2 * 3, 7)
+    ref = lora_ensemble_reference(x, layer.weight, None, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_input_module_attribute_and_override():
