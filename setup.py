@@ -94,8 +94,10 @@ def extension_modules() -> tuple[list, dict]:
 
 ext_modules, cmdclass = extension_modules()
 setup(
+    # lora_ensemble/kernels is a link to the top-level kernels/ folder, which has no __init__.py: it is a
+    # namespace subpackage reached only as lora_ensemble.kernels (editable, wheel and source tree alike),
+    # so `import kernels` from the repository root still finds Hugging Face's `kernels` when installed.
     packages=["lora_ensemble", "lora_ensemble.kernels"],
-    package_dir={"lora_ensemble": "lora_ensemble", "lora_ensemble.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

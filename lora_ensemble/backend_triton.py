@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .kernels import launch_fused_lora_gemm, launch_lora_grads
+from .kernels.fused_lora_gemm import launch_fused_lora_gemm
+from .kernels.lora_grads import launch_lora_grads
 
 __all__ = ["forward", "backward_dx", "backward_lora"]
 

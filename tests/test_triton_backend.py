@@ -11,10 +11,12 @@ import os
 
 import pytest
 import torch
-from lora_ensemble.kernels import fused_lora_gemm, launch_fused_lora_gemm, launch_lora_grads, lora_grads
-from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
+from lora_ensemble.kernels import fused_lora_gemm, lora_grads
+from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
+from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
+from lora_ensemble.kernels.lora_grads import launch_lora_grads
 from lora_ensemble.reference import lora_ensemble_reference
 
 from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs
