@@ -122,10 +122,9 @@ def device_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks:
     """
     cuda = device.type == "cuda"
     size, copy_mib = (8192, 1024) if cuda else (1024, 64)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    gemm_s = _best_seconds(lambda: a @ b, device, warmup_s=0.5 if cuda else 0.0, repeats=10 if cuda else 5)
-    del a, b
+    lhs = torch.randn(size, size, device=device).to(dtype)
+    rhs = torch.randn(size, size, device=device).to(dtype)
+    gemm_s = _best_seconds(lambda: lhs @ rhs, device, warmup_s=0.5 if cuda else 0.0, repeats=10 if cuda else 5)
     src = torch.randn(copy_mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     copy_s = _best_seconds(lambda: dst.copy_(src), device, warmup_s=0.1 if cuda else 0.0, repeats=10 if cuda else 5)

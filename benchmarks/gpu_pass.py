@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:
             for step in steps_for(part, args.out or Path("DIR")):
                 env = " ".join(f"{k}={v}" for k, v in step.env.items())
-                print(f"[{part}] {step.name} (<= {step.timeout_s} s): {env + ' ' if env else ''}{' '.join(step.command)}")
+                prefix = env + " " if env else ""
+                print(f"[{part}] {step.name} (<= {step.timeout_s} s): {prefix}{' '.join(step.command)}")
         return 0
     if args.out is None:
         parser.error("--out is required (unless --list)")

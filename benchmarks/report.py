@@ -134,7 +134,7 @@ def _table_rows(data: dict) -> dict[str, dict[str, list[dict]]]:
         mode, shape = _split_group(group)
         rows[mode][shape].setdefault(provider, {"provider": provider, "missing": missing[group, provider]})
     for mode, shapes in rows.items():
-        for shape, by_provider in shapes.items():
+        for by_provider in shapes.values():
             for provider in _expected_providers(data, mode):
                 by_provider.setdefault(provider, {"provider": provider, "missing": {"outcome": "absent",
                                                                                     "reason": "no row in the JSON"}})

@@ -37,7 +37,8 @@ SHAPES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _operand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, offset: int = 0) -> torch.Tensor:
+def _operand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0,
+             offset: int = 0) -> torch.Tensor:
     """A random tensor of ``shape`` starting ``offset`` elements into its own allocation."""
     count = 1
     for size in shape:

@@ -67,7 +67,8 @@ _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
 # the base output added in the epilogue (forward) or nothing (dx).
 _FORWARD_UNIT = {"stride_in_k", "stride_weight_k", "stride_shrink_k", "stride_expand_r", "stride_out_c", "stride_low_r"}
 _DX_UNIT = {"stride_in_k", "stride_weight_c", "stride_shrink_r", "stride_expand_c", "stride_out_c", "stride_low_r"}
-_GRADS_UNIT = {"stride_low_a_r", "stride_in_a_c", "stride_grad_a_c", "stride_low_b_r", "stride_in_b_c", "stride_grad_b_r"}
+_GRADS_UNIT = {"stride_low_a_r", "stride_in_a_c", "stride_grad_a_c",
+               "stride_low_b_r", "stride_in_b_c", "stride_grad_b_r"}
 _GEMM = {"HAS_WEIGHT": True, "HAS_BASE": False}
 _DELTA = {"HAS_WEIGHT": False, "HAS_BIAS": False}
 _ROLES = (

@@ -93,14 +93,16 @@ def _lora_grads_kernel(
     tiles_a = tl.cdiv(COLS_A, BLOCK_C)
     if tile < tiles_a:
         _lora_grad_tile(
-            low_a_ptr + member * stride_low_a_n, in_a_ptr + member * stride_in_a_n, grad_a_ptr + member * stride_grad_a_n,
+            low_a_ptr + member * stride_low_a_n, in_a_ptr + member * stride_in_a_n,
+            grad_a_ptr + member * stride_grad_a_n,
             tile, row_start, row_end, RANK, COLS_A, scaling,
             stride_low_a_m, stride_low_a_r, stride_in_a_m, stride_in_a_c, stride_grad_a_r, stride_grad_a_c,
             ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,
         )
     else:
         _lora_grad_tile(
-            low_b_ptr + member * stride_low_b_n, in_b_ptr + member * stride_in_b_n, grad_b_ptr + member * stride_grad_b_n,
+            low_b_ptr + member * stride_low_b_n, in_b_ptr + member * stride_in_b_n,
+            grad_b_ptr + member * stride_grad_b_n,
             tile - tiles_a, row_start, row_end, RANK, COLS_B, scaling,
             stride_low_b_m, stride_low_b_r, stride_in_b_m, stride_in_b_c, stride_grad_b_r, stride_grad_b_c,
             ATOMIC, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_C,

@@ -4,8 +4,10 @@ Importing the package touches neither CUDA, Triton nor the compiled extension; b
 on first use.
 """
 
-from . import flop_counts  # noqa: F401  (FLOP formulas of the ops for FlopCounterMode)
-from . import metrics
+from . import (
+    flop_counts,  # noqa: F401  (FLOP formulas of the ops for FlopCounterMode)
+    metrics,
+)
 from .backends import available_backends
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble, PerMemberModule
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta

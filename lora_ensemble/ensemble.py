@@ -232,9 +232,9 @@ class LoRAEnsemble(nn.Module):
     swapped for an equivalent :class:`~lora_ensemble.attention.ExplicitMultiheadAttention`, each
     target ``nn.Linear`` / HF ``Conv1D`` for a :class:`~lora_ensemble.FusedLoRAEnsembleLinear` sharing
     its weight and bias (a quantized or parametrized ``nn.Linear``, whose weight the kernels cannot
-    read, for a :class:`~lora_ensemble.LoRAEnsembleOverBase` around it), and each head for a per-member head. All original parameters are frozen;
-    the trainable ones are the LoRA factors and the heads. If wrapping fails (an unknown target, a bad
-    option), ``model`` is left as it was.
+    read, for a :class:`~lora_ensemble.LoRAEnsembleOverBase` around it), and each head for a per-member
+    head. All original parameters are frozen; the trainable ones are the LoRA factors and the heads. If
+    wrapping fails (an unknown target, a bad option), ``model`` is left as it was.
 
     ``LoRAEnsemble(model, N, r)`` with nothing else wraps the attention projections of timm,
     torchvision and HF ViTs, HF DeiT, AST, BERT, RoBERTa, Llama, Mistral, Qwen2, Gemma, Phi-3 and GPT-2

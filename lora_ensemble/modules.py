@@ -79,7 +79,8 @@ def check_lora_options(init: str, alpha: float | None, use_rslora: bool, lora_dr
         raise ValueError("use_rslora=True scales by alpha / sqrt(rank): pass alpha")
     if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
-    if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype) or adapter_dtype not in _READABLE_DTYPES):
+    if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype)
+                                      or adapter_dtype not in _READABLE_DTYPES):
         raise ValueError(f"adapter_dtype must be one of {_READABLE_DTYPES} or None, got {adapter_dtype!r}")
 
 
@@ -352,7 +353,8 @@ def _float_dtype_of(module: nn.Module) -> torch.dtype:
     return compute if compute in _READABLE_DTYPES else torch.float32
 
 
-def wrap_linear(module: nn.Module, num_members: int, rank: int, **options) -> FusedLoRAEnsembleLinear | LoRAEnsembleOverBase:
+def wrap_linear(module: nn.Module, num_members: int, rank: int,
+                **options) -> FusedLoRAEnsembleLinear | LoRAEnsembleOverBase:
     """The LoRA-Ensemble layer for ``module``: :class:`FusedLoRAEnsembleLinear` sharing its weight
     when the kernels can read it (:func:`kernels_can_read`), :class:`LoRAEnsembleOverBase` around
     any other ``nn.Linear`` (quantized or parametrized). ``options``: those of the layers.

@@ -238,7 +238,8 @@ def read_adapter(folder: str | Path, model: nn.Module) -> PeftAdapter:
         k, d = _out_in(modules[name])
         a, b = tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"]
         if a.shape != (rank, d) or b.shape != (k, rank):
-            raise ValueError(f"adapter {folder}: module {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+            raise ValueError(f"adapter {folder}: module {name} has lora_A {tuple(a.shape)} and "
+                             f"lora_B {tuple(b.shape)}; "
                              f"rank {rank} on this model's layer ({d} in, {k} out) needs {(rank, d)} and {(k, rank)}")
         lora[name] = (a, b)
     head_state: dict[str, dict[str, Tensor]] = {}

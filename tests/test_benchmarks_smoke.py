@@ -144,7 +144,8 @@ def test_report_renders_committed_run(path: Path, tmp_path: Path) -> None:
     ``python -m benchmarks.bench_overhead --json`` with every provider in every mode."""
     data = json.loads(path.read_text())
     if "benchmarks" not in data:
-        assert set(data) == {"device", "torch", "results"}, f"{path.name}: neither a benchmark run nor an overhead table"
+        assert set(data) == {"device", "torch", "results"}, (
+            f"{path.name}: neither a benchmark run nor an overhead table")
         baseline = {"F.linear", "composite", "module[torch]", "functional[torch]"}
         for mode in OVERHEAD_MODES:
             times = data["results"][mode]
@@ -183,7 +184,8 @@ def test_gpu_pass_parts_cover_the_checklist(tmp_path: Path) -> None:
     assert any("-m gpu" in c for c in commands["tests"])
     for tool in ("memcheck", "racecheck"):
         for backend in ("cuda", "triton"):
-            assert any(f"--tool {tool}" in c and f"--backend {backend}" in c for c in commands["sanitize"]), (tool, backend)
+            assert any(f"--tool {tool}" in c and f"--backend {backend}" in c
+                       for c in commands["sanitize"]), (tool, backend)
     for part in ("ops-a", "ops-b"):
         assert any(f"--benchmark-json={tmp_path / part}.json" in c and "bench_op.py" in c for c in commands[part])
     assert sum("bench_end_to_end.py" in c for c in commands["e2e"]) == 2

@@ -193,10 +193,12 @@ extern "C" const char* emu_fused(int dtype, int fwd, const void* in, const void*
                                  const void* shrink, const void* expand, void* out, float* low, int n, int m,
                                  int inner, int cols, int r, float s, int shared, int groups, const void* base) {
   emu::reset_error();
-  if (dtype == 0) fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
+  if (dtype == 0)
+    fused<float>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
   else if (dtype == 1)
     fused<__half>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
-  else fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
+  else
+    fused<__nv_bfloat16>(fwd, in, w, bias, shrink, expand, out, low, n, m, inner, cols, r, s, shared, groups, base);
   return emu::error();
 }
 extern "C" const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float* xa, const float* dyb,

@@ -149,11 +149,12 @@ def test_load_a_selection_of_members(tmp_path) -> None:
             loaded = load_members(copy.deepcopy(original), tmp_path, members=members, device="cpu")
             assert loaded.num_members == len(order) and loaded.head.weight.shape[0] == len(order)
             torch.testing.assert_close(loaded(x), expected[order], rtol=0, atol=0)
-            assert_close_named("export of a loaded member", export_member(loaded, 0).eval()(x), expected[order[0]].double(),
-                               torch.float32)
+            assert_close_named("export of a loaded member", export_member(loaded, 0).eval()(x),
+                               expected[order[0]].double(), torch.float32)
     model = copy.deepcopy(original)
     for members, error, message in (([0, 0], ValueError, "each once"), ([4], ValueError, r"\[4\] are outside the 4"),
-                                    (slice(5, None), ValueError, "at least one"), ("0", TypeError, "slice or a sequence"),
+                                    (slice(5, None), ValueError, "at least one"),
+                                    ("0", TypeError, "slice or a sequence"),
                                     ([True], TypeError, "slice or a sequence")):
         with pytest.raises(error, match=message):
             load_members(model, tmp_path, members=members)

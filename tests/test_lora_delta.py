@@ -42,8 +42,9 @@ def _reference(x, base, lora_A, lora_B, s, shared):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-M{c[1]}-d{c[2]}-k{c[3]}-r{c[4]}-{str(c[5])[6:]}"
-                                                      f"{'-shared' if c[6] else ''}{'-3d' if c[7] and len(c[7]) > 1 else ''}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: (f"N{c[0]}-M{c[1]}-d{c[2]}-k{c[3]}-r{c[4]}-{str(c[5])[6:]}"
+                                                       f"{'-shared' if c[6] else ''}"
+                                                       f"{'-3d' if c[7] and len(c[7]) > 1 else ''}"))
 def test_matches_float64_with_gradients(case, backend):
     n, m, d, k, r, dtype, shared, lead = case
     if dtype == torch.float64 and backend != "torch":

@@ -94,7 +94,8 @@ def test_gpt2_conv1d_regex_targets_and_export_member(tmp_path) -> None:
     targets = r".*\.h\.\d+\.(attn\.c_attn|mlp\.c_fc)"  # a regex: peft matches it against the full name
     dirs = make_adapters(base, [peft.LoraConfig(r=3, lora_alpha=a, target_modules=targets) for a in (6, 2)], tmp_path)
     ensemble = load_peft_adapters(copy.deepcopy(base), dirs, backend="torch")
-    assert ensemble.target_names == [f"transformer.h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "mlp.c_fc")]
+    assert ensemble.target_names == [f"transformer.h.{i}.{name}"
+                                     for i in range(2) for name in ("attn.c_attn", "mlp.c_fc")]
     assert all(layer.fan_in_fan_out for layer in ensemble.lora_layers().values())
     inputs = {"input_ids": torch.randint(3, VOCAB, (2, 6))}
     assert_members_are_the_adapters(ensemble, base, dirs, inputs)
@@ -109,7 +110,8 @@ def test_gpt2_conv1d_regex_targets_and_export_member(tmp_path) -> None:
 def test_classifier_modules_to_save_become_per_member_heads(family: str, tmp_path) -> None:
     torch.manual_seed(2)
     base = classifier(family)
-    targets = ["q_proj", "v_proj"] if any(n.endswith(".q_proj") for n, _ in base.named_modules()) else ["query", "value"]
+    has_q_proj = any(n.endswith(".q_proj") for n, _ in base.named_modules())
+    targets = ["q_proj", "v_proj"] if has_q_proj else ["query", "value"]
     # RoBERTa as SEQ_CLS: peft adds modules_to_save ["classifier", "score"] itself.
     options = {"task_type": "SEQ_CLS"} if family == "roberta" else {"modules_to_save": ["classifier"]}
     dirs = make_adapters(base, [peft.LoraConfig(r=2, lora_alpha=a, target_modules=targets, **options)
@@ -188,7 +190,8 @@ def test_bad_adapters_are_errors_naming_folder_and_module(tmp_path) -> None:
          r"adapter_0 targets module model\.layers\.0\.self_attn\.v_proj and adapter .*fewer/adapter_0 does not"),
         ([good, adapter("rank", r=4, target_modules=LLAMA_TARGETS)], r"rank 4 \(module model\.layers\.0\.self_attn"),
         ([adapter("pattern", r=2, target_modules=LLAMA_TARGETS, rank_pattern={"layers.1.self_attn.v_proj": 4})],
-         r"module model\.layers\.1\.self_attn\.v_proj has rank 4 and module model\.layers\.0\.self_attn\.q_proj rank 2"),
+         r"module model\.layers\.1\.self_attn\.v_proj has rank 4 and "
+         r"module model\.layers\.0\.self_attn\.q_proj rank 2"),
         ([adapter("dora", r=2, target_modules=LLAMA_TARGETS, use_dora=True)], r"dora/adapter_0: use_dora=True"),
         ([adapter("embedding", r=2, target_modules=["q_proj", "embed_tokens"])],
          r"target model\.embed_tokens is a Embedding"),

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import triton
+
 from lora_ensemble.kernels import aot
 
 
