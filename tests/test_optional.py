@@ -45,6 +45,9 @@ def break_install(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
 @pytest.mark.parametrize(("module", "package", "distribution", "extra"), [
     ("lora_ensemble.io", "safetensors", "safetensors", "models"),
     ("lora_ensemble.peft_format", "safetensors", "safetensors", "models"),
+    ("lora_ensemble.demo", "tqdm", "tqdm", "models"),
+    ("lora_ensemble.demo", "sklearn", "scikit-learn", "models"),
+    ("lora_ensemble.demo", "matplotlib", "matplotlib", "models"),
 ])
 def test_a_missing_package_says_what_to_install(monkeypatch, module, package, distribution, extra) -> None:
     importlib.import_module(module)  # present and importable with the package
