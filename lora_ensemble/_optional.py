@@ -36,10 +36,9 @@ class MissingDependencyError(ModuleNotFoundError):
     """An optional package is not installed; the message names it and the extra that installs it."""
 
 
-def _missing_optional(error: ModuleNotFoundError) -> str | None:
-    """The top-level module of :data:`OPTIONAL_PACKAGES` whose absence raised ``error``, or None."""
-    top = (error.name or "").partition(".")[0]
-    return top if top in OPTIONAL_PACKAGES else None
+def _missing_top_level(error: ModuleNotFoundError) -> str:
+    """The top-level module whose absence raised ``error`` (``"safetensors"`` for ``safetensors.torch``)."""
+    return (error.name or "").partition(".")[0]
 
 
 def _install_hint(module: str) -> str:
@@ -62,8 +61,8 @@ def optional_dependency(needed_by: str) -> Iterator[None]:
     try:
         yield
     except ModuleNotFoundError as error:
-        missing = _missing_optional(error)
-        if missing is None or isinstance(error, MissingDependencyError):
+        missing = _missing_top_level(error)
+        if missing not in OPTIONAL_PACKAGES or isinstance(error, MissingDependencyError):
             raise
         raise MissingDependencyError(f"{needed_by} needs {OPTIONAL_PACKAGES[missing][0]}, which is not installed: "
                                      f"{_install_hint(missing)}", name=missing) from error
@@ -77,7 +76,7 @@ def import_failure(module: str) -> str | None:
         importlib.import_module(module)
     except ModuleNotFoundError as error:
         top = module.partition(".")[0]
-        if (error.name or "").partition(".")[0] == top:
+        if _missing_top_level(error) == top:
             hint = f": {_install_hint(top)}" if top in OPTIONAL_PACKAGES else ""
             return f"{top} is not installed{hint}"
         return f"importing {module} failed: {type(error).__name__}: {error}"

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import metrics
 from ._optional import optional_dependency
-from .demo import train
+from .demo import HelpFormatter, plain_text, train
 from .ensemble import EnsemblePrediction, LoRAEnsemble
 
 __all__ = ["McqaScores", "World", "main", "make_facts", "make_questions", "parse_args", "run"]
@@ -264,8 +264,6 @@ def run(args: argparse.Namespace) -> list[McqaScores]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``--task mcqa``."""
-    from .demo import HelpFormatter, plain_text
-
     parser = argparse.ArgumentParser(prog="python -m lora_ensemble.demo --task mcqa", description=plain_text(__doc__),
                                      formatter_class=HelpFormatter)
     parser.add_argument("--members", type=int, default=5, help="LoRA-Ensemble members")
