@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_ensemble import LoRAEnsemble
+from lora_ensemble._optional import import_failure, optional_dependency
 
 from .measure import synchronized_timer, time_step
 from .shapes import bench_device, bench_dtype
@@ -75,7 +76,8 @@ def selected_llm_shape(device: torch.device) -> LLMShape:
 
 def llama(shape: LLMShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A randomly initialised Llama (seed 0) in eval mode; end-of-sequence disabled (fixed-length decoding)."""
-    import transformers
+    with optional_dependency("the LLM benchmark"):
+        import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -98,14 +100,11 @@ class LLMRun:
 
 
 def llm_unavailable_reason(provider: str) -> str | None:
-    """Why ``provider`` cannot run here (peft missing), or None."""
+    """Why ``provider`` cannot run here (peft missing, or its import failing: the exception), or None."""
     if provider not in LLM_PROVIDERS:
         return f"unknown provider {provider!r}; choose one of {LLM_PROVIDERS}"
     if provider == "peft_sequential":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            return "peft is not installed"
+        return import_failure("peft")
     return None
 
 
@@ -134,7 +133,8 @@ def build_llm_run(provider: str, shape: LLMShape, device: torch.device, dtype: t
         n = shape.num_members
         return LLMRun(lambda ids: hf_generate(model, ids.repeat(n, 1)),
                       lambda ids: next_token_probs(model, ids.repeat(n, 1)))
-    import peft
+    with optional_dependency("the LLM benchmark's peft_sequential provider"):
+        import peft
 
     config = peft.LoraConfig(r=shape.rank, lora_alpha=2.0 * shape.rank,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

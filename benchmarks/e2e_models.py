@@ -42,14 +42,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import VisionTransformer
 
 from lora_ensemble import LoRAEnsemble
+from lora_ensemble._optional import optional_dependency
 from lora_ensemble.attention import replace_multihead_attention
 
 from .baselines import VmapLoRAEnsembleLinear
 from .providers import FUSED_PROVIDERS, provider_unavailable_reason
 from .shapes import EndToEndShape
+
+with optional_dependency("the end-to-end benchmarks"):
+    from torchvision.models import VisionTransformer
 
 __all__ = ["E2E_PROVIDERS", "E2ERun", "build_e2e_run", "e2e_unavailable_reason", "make_e2e_step", "plain_vit"]
 

@@ -299,10 +299,13 @@ def render_markdown(data: dict, title: str) -> str:
 def render_plot(data: dict, path: Path) -> None:
     """One panel per mode that has ``vmap`` rows: bars of the device-time speedup over ``vmap`` (log
     scale) per provider and shape; a MISSING provider has no bar."""
-    import matplotlib
+    from lora_ensemble._optional import optional_dependency  # here: the tables need neither torch nor matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with optional_dependency("benchmarks.report's plot"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     add_ratios(data["benchmarks"])
     by_mode = {mode: shapes for mode, shapes in _table_rows(data).items()

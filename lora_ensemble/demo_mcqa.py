@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import metrics
-from .demo import train
+from ._optional import optional_dependency
+from .demo import HelpFormatter, plain_text, train
 from .ensemble import EnsemblePrediction, LoRAEnsemble
 
 __all__ = ["McqaScores", "World", "main", "make_facts", "make_questions", "parse_args", "run"]
@@ -109,7 +110,8 @@ def make_questions(world: World, relation: int, count: int, generator: torch.Gen
 
 def tiny_gpt(seed: int) -> nn.Module:
     """A 3-layer GPT-2 (d=64, 4 heads, no dropout) over the demo's tokens."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    with optional_dependency("python -m lora_ensemble.demo --task mcqa"):
+        from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4, bos_token_id=BOS,
@@ -192,11 +194,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def plot_roc(scores: list[McqaScores], path: str) -> None:
     """ROC curves of every score: wrong vs right answers (left), OOD vs ID questions (right)."""
-    import matplotlib
+    with optional_dependency("python -m lora_ensemble.demo --task mcqa"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from sklearn.metrics import roc_curve
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for s in scores:
@@ -259,22 +262,26 @@ def run(args: argparse.Namespace) -> list[McqaScores]:
     return scores
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lora_ensemble.demo --task mcqa",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``--task mcqa``."""
+    parser = argparse.ArgumentParser(prog="python -m lora_ensemble.demo --task mcqa", description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--members", type=int, default=5, help="LoRA-Ensemble members")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = 2 * rank)")
-    parser.add_argument("--pretrain-sequences", type=int, default=2000)
-    parser.add_argument("--pretrain-epochs", type=int, default=4)
-    parser.add_argument("--train-questions", type=int, default=400)
-    parser.add_argument("--test-questions", type=int, default=1000)
-    parser.add_argument("--finetune-epochs", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pretrain-sequences", type=int, default=2000, help="pre-training sequences of 8 facts")
+    parser.add_argument("--pretrain-epochs", type=int, default=4, help="epochs of pre-training on the facts")
+    parser.add_argument("--train-questions", type=int, default=400, help="fine-tuning questions (colour)")
+    parser.add_argument("--test-questions", type=int, default=1000, help="test questions of each kind (ID, OOD)")
+    parser.add_argument("--finetune-epochs", type=int, default=80, help="epochs of each LoRA fine-tune")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of every training (per member)")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LoRA fine-tunes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisations and the batches")
     parser.add_argument("--out", default="mcqa_uncertainty.png", help="where to write the ROC curves (PNG)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

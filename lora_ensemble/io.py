@@ -25,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ._optional import optional_dependency
+
+with optional_dependency("lora_ensemble.io"):
+    from safetensors.torch import load_file, save_file
 
 from .attention import ExplicitMultiheadAttention
 from .ensemble import LoRAEnsemble, _undone_on_error

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ._optional import optional_dependency
 from .modules import is_hf_conv1d, lora_scaling
 from .targets import is_base_layer
+
+with optional_dependency("lora_ensemble.peft_format"):
+    from safetensors.torch import load_file
 
 __all__ = ["CONFIG_FILE", "PREFIX", "WEIGHTS_FILE", "PeftAdapter", "read_adapter"]
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from . import metrics
+from ._optional import optional_dependency
 from .metrics import NonFinite, ReliabilityBins
 
 if TYPE_CHECKING:
@@ -69,11 +70,8 @@ def reliability_diagram(models: Mapping[str, Tensor | ReliabilityBins], targets:
         if all_bins[name].count.sum() == 0:
             raise ValueError(f"models[{name!r}] has no samples in its bins")
     if axes is None:
-        try:
+        with optional_dependency("reliability_diagram"):
             import matplotlib.pyplot as plt
-        except ImportError as error:
-            raise ImportError("reliability_diagram needs matplotlib: pip install matplotlib "
-                              "(or lora_ensemble[models])") from error
         fig, axes = plt.subplots(2, len(all_bins), figsize=(3.4 * len(all_bins), 5.0), sharex="col", sharey="row",
                                  height_ratios=[3, 1], squeeze=False, layout="constrained")
     elif len(axes) != 2 or any(len(row) != len(all_bins) for row in axes):
