@@ -204,6 +204,18 @@ def _undone_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model that already holds LoRA-Ensemble layers or per-member heads: wrapping it again would
+    freeze the first ensemble's factors and heads (``requires_grad_(False)``) and run them inside the new one."""
+    wrapped = [(name or type(model).__name__, type(m).__name__) for name, m in model.named_modules()
+               if isinstance(m, _PER_MEMBER_TYPES)]
+    if wrapped:
+        shown = ", ".join(f"{name} ({kind})" for name, kind in wrapped[:3]) + (" ..." if len(wrapped) > 3 else "")
+        raise ValueError(f"{type(model).__name__} is already wrapped: it holds {len(wrapped)} LoRA-Ensemble layers "
+                         f"or per-member heads ({shown}). Wrap the unwrapped base model (a LoRAEnsemble's model "
+                         "cannot be wrapped again), or pass more target_modules to one LoRAEnsemble")
+
+
 def _positions(mask: Tensor) -> Tensor:
     """HF's position ids of a padded batch: ``cumsum(mask) - 1``, 0 on padding (``[B, T]``)."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -243,7 +255,8 @@ class LoRAEnsemble(nn.Module):
     Args:
         model: the backbone; its forward must take the batch on dim 0 of its tensor inputs.
         num_members: ``N``.
-        rank: LoRA rank ``r``.
+        rank: LoRA rank ``r``, at most ``min(in_features, out_features)`` of every target layer (a
+            ``ValueError`` naming the layer otherwise) unless ``allow_rank_above_size``.
         target_modules: see :func:`~lora_ensemble.targets.resolve_target_modules` (None: the family's
             attention projections).
         alpha: LoRA ``alpha`` (scaling ``alpha / r``); None gives scaling 1, as the paper's code.
@@ -256,7 +269,8 @@ class LoRAEnsemble(nn.Module):
             module head: its last ``nn.Linear`` is replaced); None copies the model's heads into every
             member (then the members' heads start equal).
         init_gain: Xavier gain of ``lora_A`` with ``init="paper"`` (10, as the paper).
-        backend: the fused op's backend.
+        backend: the fused op's backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (another name
+            is a ``ValueError`` here; one this machine cannot run fails at the first call, saying why).
         replicate_at: dotted name of the module at whose input the batch is replicated (None: at
             the model entry). Everything before it runs once, at batch ``B``.
         share_first_input: run the first LoRA layer(s) on member 0's rows with ``shared_input``
@@ -276,6 +290,13 @@ class LoRAEnsemble(nn.Module):
             :meth:`predict`, :meth:`generate`): the same results as all at once, with the activations of
             ``k*B`` rows instead of ``N*B`` at a time. None: all at once. Also settable later as the
             attribute.
+        allow_rank_above_size: accept a ``rank`` above a target's ``min(in_features, out_features)``
+            (what :func:`~lora_ensemble.io.load_peft_adapters` and :func:`~lora_ensemble.io.load_members`
+            pass: peft saves such adapters and loading one must reproduce it).
+
+    Raises:
+        ValueError: ``model`` already holds LoRA-Ensemble layers or per-member heads (a wrapped model, or
+            the model of one: wrapping it again would freeze the first ensemble), or a bad option.
     """
 
     def __init__(
@@ -296,6 +317,7 @@ class LoRAEnsemble(nn.Module):
         lora_dropout: float = 0.0,
         member_chunk_size: int | None = None,
         adapter_dtype: torch.dtype | None = None,
+        allow_rank_above_size: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -305,7 +327,8 @@ class LoRAEnsemble(nn.Module):
         if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
             raise ValueError(f"member_chunk_size must be a positive int or None, got {member_chunk_size!r}")
         init = init if init is not None else ("peft" if has_lm_head(model) else "paper")
-        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype, backend)
+        _check_not_wrapped(model)
         self.num_members, self.rank, self.alpha = num_members, rank, alpha
         self.adapter_dtype = adapter_dtype
         self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
@@ -327,9 +350,13 @@ class LoRAEnsemble(nn.Module):
                 _set_by_name(model, name, self._per_member_head(model.get_submodule(name)))
             self.target_names = resolve_target_modules(model, target_modules)
             for name in self.target_names:
-                layer = wrap_linear(
-                    model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
-                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
+                try:
+                    layer = wrap_linear(
+                        model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend,
+                        init_gain=init_gain, init=init, use_rslora=use_rslora, lora_dropout=lora_dropout,
+                        adapter_dtype=adapter_dtype, allow_rank_above_size=allow_rank_above_size)
+                except ValueError as exc:
+                    raise ValueError(f"target {name}: {exc}") from exc
                 _set_by_name(model, name, layer)
             model.train(model.training)  # the new layers and heads take the model's mode (eval stays eval)
         self.model = model

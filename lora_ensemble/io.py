@@ -44,7 +44,7 @@ _SAMPLES = 64  # entries of W0 recorded per wrapped layer
 _SAMPLE_TOLERANCE = 2.0**-7
 # LoRAEnsemble arguments that load_peft_adapters takes from the adapters.
 _SET_BY_ADAPTERS = frozenset({"num_members", "rank", "target_modules", "alpha", "use_rslora", "head", "num_classes",
-                              "init", "init_gain"})
+                              "init", "init_gain", "allow_rank_above_size"})
 
 
 def _wrap(model: nn.Module, fill: Callable[[LoRAEnsemble], None], **options: Any) -> LoRAEnsemble:
@@ -257,7 +257,8 @@ def load_members(
         alpha=config["alpha"], head=config["head"], num_classes=config["num_classes"],
         init_gain=config["init_gain"], backend=backend, init=config.get("init", "paper"),
         use_rslora=config.get("use_rslora", False), lora_dropout=config.get("lora_dropout", 0.0),
-        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"], **options,
+        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"],
+        allow_rank_above_size=True, **options,
     )
 
 
@@ -375,7 +376,8 @@ def load_peft_adapters(
 
     return _wrap(model, fill, num_members=len(adapters), rank=first.rank,
                  target_modules=lambda name, module: name in targets, alpha=first.lora_alpha,
-                 use_rslora=first.use_rslora, head=first.heads or None, init="peft", **options)
+                 use_rslora=first.use_rslora, head=first.heads or None, init="peft", allow_rank_above_size=True,
+                 **options)
 
 
 def save_peft_adapters(ensemble: LoRAEnsemble, directory: str | Path) -> list[str]:

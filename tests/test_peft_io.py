@@ -220,3 +220,22 @@ def test_save_refuses_converted_multihead_attention(tmp_path) -> None:
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
     with pytest.raises(ValueError, match="ExplicitMultiheadAttention"):
         save_peft_adapters(LoRAEnsemble(vit, 2, 2), tmp_path)
+
+
+def test_adapters_with_a_rank_above_a_layer_size_load_exactly(tmp_path) -> None:
+    """peft saves a rank above min(in_features, out_features) (v_proj is [16, 32] here, r = 20); loading one
+    reproduces it, where a fresh LoRAEnsemble with that rank is refused."""
+    torch.manual_seed(6)
+    base = causal_lm("llama")
+    v_proj = base.get_submodule("model.layers.0.self_attn.v_proj")
+    rank = min(v_proj.in_features, v_proj.out_features) + 4
+    dirs = make_adapters(base, [peft.LoraConfig(r=rank, target_modules=LLAMA_TARGETS)] * 2, tmp_path)
+    with pytest.raises(ValueError, match=rf"target model\.layers\.0\.self_attn\.v_proj: rank {rank} is above"):
+        LoRAEnsemble(copy.deepcopy(base), num_members=2, rank=rank, target_modules=LLAMA_TARGETS)
+    ensemble = load_peft_adapters(copy.deepcopy(base), dirs, backend="torch")
+    assert ensemble.rank == rank
+    assert_members_are_the_adapters(ensemble, base, dirs, {"input_ids": torch.randint(3, VOCAB, (2, 5))})
+    save_members(ensemble, tmp_path / "members")
+    again = load_members(copy.deepcopy(base), tmp_path / "members", backend="torch")
+    for (name, p), q in zip(ensemble.member_parameters().items(), again.member_parameters().values()):
+        assert torch.equal(p, q), name
