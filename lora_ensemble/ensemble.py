@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
 from .attention import replace_multihead_attention
+from .calls import MEMBER_SELECTION, ThreadLocalSlot
 from .generation import GenerationOptions, choose_next_tokens
 from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
@@ -100,38 +100,56 @@ class EnsemblePrediction:
         )
 
 
-class _Replicator:
-    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
-    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+@dataclass
+class _Call:
+    """One call of the wrapped model by the ensemble. It lives in the ensemble's per-thread slot
+    (:class:`~lora_ensemble.calls.ThreadLocalSlot`) while the call runs, never on the modules.
 
-    ``active`` is set while the ensemble calls its model; ``batch`` is then ``B`` (replicate the
-    tensors whose leading dim is ``B``) or None (the inputs are already stacked ``[N*B, ...]``).
+    Attributes:
+        count: the members this call runs (a member chunk's size, or ``N``).
+        batch: ``B`` when the inputs are one batch to replicate member-major (at the entry or at
+            ``replicate_at``), None when they are already stacked ``[count*B, ...]``.
+        share_first_input: whether the first LoRA layer reads member 0's rows (``share_first_input``).
+        shared_source: the input of the first LoRA layer that ran in this call, once one has.
     """
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.batch: int | None = None
+    count: int
+    batch: int | None
+    share_first_input: bool
+    shared_source: Tensor | None = None
 
     def replicate(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """``args`` / ``kwargs`` with every tensor whose leading dim is ``batch`` replicated ``count``
+        times member-major (none when ``batch`` is None)."""
         if self.batch is None:
             return args, kwargs
 
         def rep(v: Any) -> Any:
             if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
-                return replicate_members(v, self.num_members)
+                return replicate_members(v, self.count)
             return v
         return (tuple(rep(a) for a in args),
                 {k: v if k in _NOT_BATCHED else rep(v) for k, v in kwargs.items()})
 
+
+class _Replicator:
+    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
+    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+    Both read the call in progress on this thread from ``calls``."""
+
+    def __init__(self, num_members: int, calls: ThreadLocalSlot) -> None:
+        self.num_members = num_members  # for the direct-call check
+        self.calls = calls
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if not self.active:
+        call = self.calls.get()
+        if call is None:
             raise RuntimeError("replicate_at module called outside LoRAEnsemble.forward")
-        return self.replicate(args, kwargs)
+        return call.replicate(args, kwargs)
 
     def check_direct_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook on the wrapped model: a direct call must bring a stacked batch."""
-        if self.active:
+        if self.calls.get() is not None:
             return
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None:
@@ -146,23 +164,22 @@ class _Replicator:
 
 
 class _FirstInputSharing:
-    """Forward pre-hook on every LoRA layer: the first one to run in a forward, and any later one
-    called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
+    """Forward pre-hook on every LoRA layer: in a call with ``share_first_input``, the first one to run,
+    and any later one called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.source: Tensor | None = None
+    def __init__(self, calls: ThreadLocalSlot) -> None:
+        self.calls = calls
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        if not self.active or kwargs.get("shared_input") is not None:
+        call = self.calls.get()
+        if call is None or not call.share_first_input or kwargs.get("shared_input") is not None:
             return None
         x = args[0]
-        if self.source is None:
-            self.source = x
-        elif x is not self.source:
+        if call.shared_source is None:
+            call.shared_source = x
+        elif x is not call.shared_source:
             return None
-        first_member = x.reshape(self.num_members, x.shape[0] // self.num_members, *x.shape[1:])[0]
+        first_member = x.reshape(call.count, x.shape[0] // call.count, *x.shape[1:])[0]
         return (first_member, *args[1:]), {**kwargs, "shared_input": True}
 
 
@@ -363,8 +380,9 @@ class LoRAEnsemble(nn.Module):
 
         self.replicate_at = replicate_at
         self.share_first_input = share_first_input
-        self._replicator = _Replicator(num_members)
-        self._sharing = _FirstInputSharing(num_members)
+        self._calls = ThreadLocalSlot()  # the _Call in progress on each thread
+        self._replicator = _Replicator(num_members, self._calls)
+        self._sharing = _FirstInputSharing(self._calls)
         self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
@@ -438,32 +456,29 @@ class LoRAEnsemble(nn.Module):
         size = self.member_chunk_size or self.num_members
         return [slice(start, min(start + size, self.num_members)) for start in range(0, self.num_members, size)]
 
-    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any],
-              params: dict[str, nn.Parameter]) -> Any:
+    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         """``self.model`` on the members ``members`` only. ``batch``: ``B`` when the inputs are one batch
         to replicate (at the entry or at ``replicate_at``), None when they are stacked ``[k*B, ...]``.
-        ``params``: :meth:`member_parameters`, sliced to ``members`` when they are not all members."""
+
+        The call's state (a :class:`_Call`, and the member selection of a chunk that the LoRA layers and
+        heads read, :data:`~lora_ensemble.calls.MEMBER_SELECTION`) is kept per thread and put back as it
+        was on return or error: no module or parameter changes, so threads may call one ensemble at once."""
         count = len(range(self.num_members)[members])
-        self._replicator.active, self._replicator.batch = True, batch
-        self._replicator.num_members = self._sharing.num_members = count
-        self._sharing.active = self.share_first_input and batch is not None
+        call = _Call(count, batch, self.share_first_input and batch is not None)
+        outer_call = self._calls.set(call)
+        outer_members = MEMBER_SELECTION.set(members if count < self.num_members else None)
         try:
             if self.replicate_at is None:
-                args, kwargs = self._replicator.replicate(args, kwargs)
-            if count == self.num_members:
-                return self.model(*args, **kwargs)
-            return functional_call(self.model, {name: p[members] for name, p in params.items()}, args, kwargs)
+                args, kwargs = call.replicate(args, kwargs)
+            return self.model(*args, **kwargs)
         finally:
-            self._replicator.active, self._replicator.batch = False, None
-            self._replicator.num_members = self._sharing.num_members = self.num_members
-            self._sharing.active, self._sharing.source = False, None
+            MEMBER_SELECTION.set(outer_members)
+            self._calls.set(outer_call)
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, list[tuple[int, Any]]]:
         """The batch size and every member chunk's (member count, raw model output)."""
         batch = _batch_size(args, kwargs)
-        chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
-        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs, params)) for c in chunks]
+        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs)) for c in self._chunks()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The model's inputs (batch ``B`` on dim 0) -> every member's logits ``[N, B, ...]``
@@ -500,7 +515,12 @@ class LoRAEnsemble(nn.Module):
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the call, the modes put back after. A model already in eval mode (a server's) is
+        left alone: no write, so calls from several threads do not race on the modes."""
         modes = [(m, m.training) for m in self.modules()]
+        if not any(training for _, training in modes):
+            yield
+            return
         self.eval()
         try:
             yield
@@ -625,7 +645,6 @@ class LoRAEnsemble(nn.Module):
     def _decode(self, input_ids: Tensor, mask: Tensor, options: GenerationOptions, ensemble: bool) -> Tensor:
         batch = input_ids.shape[0]
         chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
         keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
         with_positions = self._accepts("position_ids")
         seqs = input_ids if ensemble else replicate_members(input_ids, self.num_members)
@@ -649,7 +668,7 @@ class LoRAEnsemble(nn.Module):
                 if not with_positions:
                     del inputs["position_ids"]
                 out = self._call(members, step_batch, (),
-                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep}, params)
+                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep})
                 if out.past_key_values is None:
                     raise RuntimeError(f"{type(self.model).__name__} returned no past_key_values with use_cache=True")
                 caches[i] = out.past_key_values
@@ -685,8 +704,8 @@ class LoRAEnsemble(nn.Module):
         for module in self.modules():
             if isinstance(module, _PER_MEMBER_TYPES):
                 module.num_members = len(kept)
-        # The member count lives on the ensemble and on its forward pre-hooks.
-        self.num_members = self._replicator.num_members = self._sharing.num_members = len(kept)
+        # The member count lives on the ensemble and on its direct-call check.
+        self.num_members = self._replicator.num_members = len(kept)
         return self
 
     def extra_repr(self) -> str:

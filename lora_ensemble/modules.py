@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backends import BACKENDS
+from .calls import MEMBER_SELECTION
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members
 
@@ -170,14 +171,24 @@ class LoRAEnsembleLayer(nn.Module):
     def _dropout_active(self) -> bool:
         return self.training and self.lora_dropout > 0
 
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """``lora_A``, ``lora_B`` of the members this call runs: all of them, or the slice a
+        :class:`~lora_ensemble.LoRAEnsemble` member chunk selected on this thread (:mod:`lora_ensemble.calls`)."""
+        lora_A, lora_B = _parameter(self, "lora_A"), _parameter(self, "lora_B")
+        members = MEMBER_SELECTION.get()
+        if members is None:
+            return lora_A, lora_B
+        return lora_A[members], lora_B[members]
+
     def _dropped_delta(self, x: Tensor, base: Tensor, shared: bool) -> Tensor:
         """``base + s (dropout(x) A^T) B^T`` per member, in one op: every row of the stacked batch, so
         every member, draws its own dropout mask (with a shared input, ``x`` and ``base`` are stacked
-        first: one copy per member)."""
+        first: one copy per member of this call)."""
+        lora_A, lora_B = self._factors()
         if shared:
-            x, base = replicate_members(x, self.num_members), replicate_members(base, self.num_members)
+            x, base = replicate_members(x, lora_A.shape[0]), replicate_members(base, lora_A.shape[0])
         dropped = F.dropout(x, self.lora_dropout, training=True)
-        return lora_ensemble_delta(dropped, base, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        return lora_ensemble_delta(dropped, base, lora_A, lora_B, self.scaling, backend=self.backend)
 
     def _members_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -304,8 +315,8 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
             weight = weight.t()
         if self._dropout_active():
             return self._dropped_delta(x, F.linear(x, weight, bias), shared)
-        return fused_lora_ensemble_linear(x, weight, bias, _parameter(self, "lora_A"), _parameter(self, "lora_B"),
-                                          self.scaling, shared_input=shared, backend=self.backend)
+        return fused_lora_ensemble_linear(x, weight, bias, *self._factors(), self.scaling, shared_input=shared,
+                                          backend=self.backend)
 
     def merged_member(self, member: int) -> nn.Module:
         """Member ``member`` as a plain layer with ``W0 + scaling * B[n] @ A[n]`` merged in (computed
@@ -372,8 +383,7 @@ class LoRAEnsembleOverBase(LoRAEnsembleLayer):
         base = self.base_layer(x)
         if self._dropout_active():
             return self._dropped_delta(x, base, shared)
-        return lora_ensemble_delta(x, base, _parameter(self, "lora_A"), _parameter(self, "lora_B"), self.scaling,
-                                   shared_input=shared, backend=self.backend)
+        return lora_ensemble_delta(x, base, *self._factors(), self.scaling, shared_input=shared, backend=self.backend)
 
     def merged_member(self, member: int) -> nn.Module:
         """Not possible: a member's update cannot be merged into a weight the package cannot read."""
