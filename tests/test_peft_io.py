@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,61 @@ def test_adapters_with_a_rank_above_a_layer_size_load_exactly(tmp_path) -> None:
     again = load_members(copy.deepcopy(base), tmp_path / "members", backend="torch")
     for (name, p), q in zip(ensemble.member_parameters().items(), again.member_parameters().values()):
         assert torch.equal(p, q), name
+
+
+DAMAGED_ADAPTER_CONFIGS = {
+    "r-str": ({"r": "4"}, r"r must be an int, got '4'"),
+    "r-zero": ({"r": 0}, r"r must be a positive int, got 0"),
+    "lora_alpha-str": ({"lora_alpha": "8"}, r"lora_alpha must be a number, got '8'"),
+    "target_modules-int": ({"target_modules": 5}, r"target_modules must be a string or a list of strings, got 5"),
+    "lora_dropout-str": ({"lora_dropout": "x"}, r"lora_dropout must be a number, got 'x'"),
+    "modules_to_save-str": ({"modules_to_save": "lm_head"},
+                            r"modules_to_save must be a list of strings or null, got 'lm_head'"),
+    "rank_pattern-value": ({"rank_pattern": {"v_proj": "2"}}, r"rank_pattern\.v_proj must be an int, got '2'"),
+    "use_rslora-str": ({"use_rslora": "yes"}, r"use_rslora must be true/false, got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("change", list(DAMAGED_ADAPTER_CONFIGS.values()), ids=list(DAMAGED_ADAPTER_CONFIGS))
+def test_damaged_adapter_config_is_an_error_naming_the_file_and_the_key(tmp_path, change) -> None:
+    update, message = change
+    torch.manual_seed(5)
+    base = causal_lm("llama")
+    folder = make_adapters(base, [peft.LoraConfig(r=2, target_modules=LLAMA_TARGETS)], tmp_path)[0]
+    path = Path(folder) / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **update}))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+        load_peft_adapters(model, [folder])
+    assert_untouched(model, base)
+
+
+@pytest.mark.parametrize("damage", ["not-json", "json-list", "truncated-weights", "random-weights",
+                                    "pickled-object-as-bin"])
+def test_damaged_adapter_files_are_errors_naming_the_file(tmp_path, damage: str) -> None:
+    import os
+    import pickle
+
+    torch.manual_seed(5)
+    base = causal_lm("llama")
+    folder = Path(make_adapters(base, [peft.LoraConfig(r=2, target_modules=LLAMA_TARGETS)], tmp_path)[0])
+    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if damage == "not-json":
+        config.write_text("{'r': 2")
+        path, message = config, "is not valid JSON"
+    elif damage == "json-list":
+        config.write_text("[]")
+        path, message = config, "must hold a JSON object, got a list"
+    elif damage in ("truncated-weights", "random-weights"):
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncated-weights" else os.urandom(400))
+        path, message = weights, "is not a readable safetensors file"
+    else:  # an adapter_model.bin that holds something other than tensors: refused by weights_only, not run
+        weights.unlink()
+        path = folder / "adapter_model.bin"
+        path.write_bytes(pickle.dumps(os.getcwd))
+        message = "is not a readable torch.save file of tensors"
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:? {message}"):
+        load_peft_adapters(model, [str(folder)])
+    assert_untouched(model, base)
