@@ -28,6 +28,13 @@ Where the replication happens:
   default path (exactly so in eval mode; in training mode, stochastic layers before it (dropout)
   draw one mask shared by all members, as with ``replicate_at``).
 
+Calls are re-entrant: a forward, :meth:`LoRAEnsemble.predict` or :meth:`LoRAEnsemble.generate` changes no
+module or parameter. What a call needs while it runs (the batch size its hooks replicate, the first LoRA
+layer's input, a member chunk's selection) is kept per thread (:mod:`lora_ensemble.calls`) and put back
+when it returns or raises, so threads may call one ensemble at once. ``predict`` and ``generate`` put a
+model that is in training mode in eval mode for the call (a module state other threads see); a model
+already in eval mode is left alone.
+
 Calling ``ensemble.model`` (or ``ensemble.model.generate``) directly bypasses the replication: the
 model then expects the stacked batch ``[N*B, ...]``. A batch whose size is not a multiple of ``N``
 is refused with a ``ValueError``; one that happens to be a multiple of ``N`` cannot be told apart

@@ -335,15 +335,20 @@ def load_members(
             dtype; to load members into a base of another dtype (trained in fp32, run in bf16) cast the
             model before loading: every saved tensor is cast to the dtype of the parameter it loads into.
         strict_base: refuse a model that is not the base the members were saved from (its class, HF
-            ``model_type``, a wrapped layer's shape, or its ``W0`` at the recorded positions, compared within
-            bf16 rounding). False: load anyway, with a warning that says what differs. Files written before
-            the record existed load with a warning that nothing could be checked.
+            ``model_type``, a wrapped layer's shape, or any base parameter or buffer: its shape and the
+            fingerprint of its values, exact in the saved dtype, within the lower precision's rounding in
+            another), naming the first differing tensors. False: load anyway, with a warning that says what
+            differs. Files of format 2 are checked on the wrapped layers' ``W0`` only, with a warning; files
+            written before the record existed load with a warning that nothing could be checked.
 
     Returns:
         The ensemble, in ``model``'s train / eval mode (the layers and heads it adds too).
 
     Raises:
-        ValueError: a file format this version cannot read, a target layer the model lacks, saved tensors
+        FileNotFoundError: a missing config or weights file.
+        ValueError: a damaged file (not JSON, a key missing or of the wrong type, weights safetensors cannot
+            read; the message names the file and the key), a file format this version cannot read, a target
+            layer the model lacks, saved tensors
             whose names or shapes do not match the wrapped model, a different base (``strict_base``), or
             ``members`` outside the saved ones or naming one twice.
         TypeError: ``members`` of another type.
@@ -425,6 +430,9 @@ def load_peft_adapters(
     :class:`~lora_ensemble.PerMemberModule`) holding each adapter's copy. GPT-2's ``Conv1D`` layers
     (peft's ``fan_in_fan_out``) are wrapped as such.
 
+    A rank above a target's ``min(in_features, out_features)``, which peft saves and a fresh
+    :class:`LoRAEnsemble` refuses, is loaded as it is (the outputs must be the adapter's).
+
     Alpha: a wrapped layer has one ``scaling`` for all members. The ensemble takes adapter 0's
     ``lora_alpha`` and ``use_rslora`` (so every layer's scaling is adapter 0's ``s0 = alpha / r``, or
     ``alpha / sqrt(r)``); where adapter ``n``'s scaling ``s_n`` at a layer differs from it (another alpha,
@@ -449,7 +457,9 @@ def load_peft_adapters(
     Raises:
         TypeError: ``adapter_dirs`` is not a sequence of folders, or an option the adapters set.
         FileNotFoundError: a folder without ``adapter_config.json`` or weights.
-        ValueError: an adapter this function cannot represent, naming the folder and the module:
+        ValueError: a damaged file (not JSON, a key of the wrong type, unreadable weights; the message names
+            the file and the key), or an adapter this function cannot represent, naming the folder and the
+            module:
             another peft method or LoRA variant (DoRA, ``bias``, PiSSA-style init, ...), a target that is no
             ``nn.Linear`` / ``Conv1D``, ranks that differ between modules or adapters, adapters that target
             different modules or save different heads, weights that do not match the config or the model.
