@@ -12,7 +12,9 @@ therefore share nothing but the parameters, which no call changes.
   when it runs all members), so a call nested in another (an ensemble called inside another's model)
   sees its own.
 
-``torch.compile`` traces the reads and writes of ``threading.local`` attributes and guards on them.
+``torch.compile`` traces the reads and writes of ``threading.local`` attributes and guards on them (a
+default must be set per thread by ``__init__``, not as a class attribute, which dynamo would read
+statically).
 """
 
 from __future__ import annotations
@@ -23,22 +25,14 @@ from typing import Any
 __all__ = ["MEMBER_SELECTION", "ThreadLocalSlot"]
 
 
-class ThreadLocalSlot:
-    """One value per thread, None on a thread until set there. Copies and unpickled copies are fresh,
-    empty slots (the value belongs to a call in progress, never to a saved or copied model)."""
+class ThreadLocalSlot(threading.local):
+    """One value per thread, ``value``: None on a thread until set there (``__init__`` runs once per
+    thread, so the attribute always exists: a read is one attribute lookup, and ``torch.compile`` reads
+    and guards the thread's own value). Copies and unpickled copies are fresh slots (the value belongs to
+    a call in progress, never to a saved or copied model)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
-
-    def get(self) -> Any:
-        """This thread's value, or None."""
-        return getattr(self._local, "value", None)
-
-    def set(self, value: Any) -> Any:
-        """Set this thread's value; returns the previous one (to put back when the call ends)."""
-        previous = getattr(self._local, "value", None)
-        self._local.value = value
-        return previous
+        self.value: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ThreadLocalSlot:
         return type(self)()

@@ -149,14 +149,14 @@ class _Replicator:
         self.calls = calls
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        call = self.calls.get()
+        call = self.calls.value
         if call is None:
             raise RuntimeError("replicate_at module called outside LoRAEnsemble.forward")
         return call.replicate(args, kwargs)
 
     def check_direct_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook on the wrapped model: a direct call must bring a stacked batch."""
-        if self.calls.get() is not None:
+        if self.calls.value is not None:
             return
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None:
@@ -178,7 +178,7 @@ class _FirstInputSharing:
         self.calls = calls
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        call = self.calls.get()
+        call = self.calls.value
         if call is None or not call.share_first_input or kwargs.get("shared_input") is not None:
             return None
         x = args[0]
@@ -472,15 +472,15 @@ class LoRAEnsemble(nn.Module):
         was on return or error: no module or parameter changes, so threads may call one ensemble at once."""
         count = len(range(self.num_members)[members])
         call = _Call(count, batch, self.share_first_input and batch is not None)
-        outer_call = self._calls.set(call)
-        outer_members = MEMBER_SELECTION.set(members if count < self.num_members else None)
+        outer_call, outer_members = self._calls.value, MEMBER_SELECTION.value
+        self._calls.value = call
+        MEMBER_SELECTION.value = members if count < self.num_members else None
         try:
             if self.replicate_at is None:
                 args, kwargs = call.replicate(args, kwargs)
             return self.model(*args, **kwargs)
         finally:
-            MEMBER_SELECTION.set(outer_members)
-            self._calls.set(outer_call)
+            MEMBER_SELECTION.value, self._calls.value = outer_members, outer_call
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, list[tuple[int, Any]]]:
         """The batch size and every member chunk's (member count, raw model output)."""

@@ -190,11 +190,16 @@ class PerMemberModule(nn.Module):
 
 def _selected(param: Tensor | None) -> Tensor | None:
     """``param [N, ...]`` sliced to the members selected on this thread (all of them when none is)."""
-    members = MEMBER_SELECTION.get()
+    members = MEMBER_SELECTION.value
     return param if members is None or param is None else param[members]
 
 
 def _tree_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module``'s module objects that shares its parameters and buffers (no tensor is copied)."""
-    memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
+    """A copy of ``module``'s module objects, each with its own parameter, buffer and child dicts, sharing
+    every tensor, hook and other attribute: what ``functional_call`` may swap parameters on while
+    another thread runs ``module``."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: None if child is None else _tree_copy(child) for name, child in module._modules.items()}
+    return clone

@@ -175,7 +175,7 @@ class LoRAEnsembleLayer(nn.Module):
         """``lora_A``, ``lora_B`` of the members this call runs: all of them, or the slice a
         :class:`~lora_ensemble.LoRAEnsemble` member chunk selected on this thread (:mod:`lora_ensemble.calls`)."""
         lora_A, lora_B = _parameter(self, "lora_A"), _parameter(self, "lora_B")
-        members = MEMBER_SELECTION.get()
+        members = MEMBER_SELECTION.value
         if members is None:
             return lora_A, lora_B
         return lora_A[members], lora_B[members]

@@ -142,6 +142,6 @@ def test_a_call_that_raises_half_way_leaves_nothing_changed(options: dict) -> No
         ensemble(x)
     handle.remove()
     assert _state(ensemble) == before
-    assert MEMBER_SELECTION.get() is None and ensemble._calls.get() is None
+    assert MEMBER_SELECTION.value is None and ensemble._calls.value is None
     with torch.no_grad():
         assert torch.equal(ensemble(x), want)
