@@ -147,3 +147,44 @@ def test_fp16_rank_products_beyond_fp16_range_stay_finite(fills, shared_input):
         assert want.abs().max() < 6e4, f"the test's {name} must be in fp16's range"
         assert torch.isfinite(got).all(), f"{name} has inf/NaN"
         assert _rel_err(got, want) < 1e-2, (name, _rel_err(got, want))
+
+
+def _composite(x, weight, lora_A, lora_B, shared_input):
+    """PyTorch's composite of the op at scaling 0.7: ``[N*M, k]``."""
+    n, m = lora_A.shape[0], x.shape[0] if shared_input else x.shape[0] // lora_A.shape[0]
+    per = x.unsqueeze(0).expand(n, m, -1) if shared_input else x.view(n, m, -1)
+    return (per @ weight.T + 0.7 * (per @ lora_A.mT) @ lora_B.mT).reshape(n * m, -1)
+
+
+def _ours(x, weight, lora_A, lora_B, shared_input):
+    return fused_lora_ensemble_linear(x, weight, None, lora_A, lora_B, 0.7, shared_input=shared_input, backend="torch")
+
+
+def _out_and_grads(fn, tensors, grad_out, dtype, shared_input):
+    """``[out, dx, dA, dB]`` of ``fn`` on ``tensors = (x, W0, A, B)`` in ``dtype``."""
+    leaves = [t.to(dtype).requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    out = fn(*leaves, shared_input)
+    return [out, *torch.autograd.grad(out, [leaves[0], leaves[2], leaves[3]], grad_out.to(dtype))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("shared_input", [False, True], ids=["stacked", "shared"])
+def test_within_twice_pytorch_error_on_random_shapes(dtype, shared_input):
+    """Flash-attention's rule: out, dx, dA and dB against float64 within 2x the error of PyTorch's autograd
+    of the same composite in ``dtype`` (plus one ulp of the largest entry, for results PyTorch gets exact)."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        n, m, d, k, r = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in
+                         ((1, 5), (1, 60), (1, 200), (1, 200), (1, 40)))
+        r = min(r, d, k)
+        tensors = [torch.randn(m if shared_input else n * m, d, generator=gen),
+                   torch.randn(k, d, generator=gen) / d ** 0.5, torch.randn(n, r, d, generator=gen) / d ** 0.5,
+                   torch.randn(n, k, r, generator=gen) / r ** 0.5]
+        grad_out = torch.randn(n * m, k, generator=gen)
+        results = [_out_and_grads(fn, tensors, grad_out, dt, shared_input)
+                   for fn, dt in ((_ours, dtype), (_composite, dtype), (_composite, torch.float64))]
+        for name, got, pytorch, ref in zip(("out", "dx", "dA", "dB"), *results):
+            ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+            err = (got.double() - ref).abs().max().item()
+            bound = 2 * (pytorch.double() - ref).abs().max().item() + ulp
+            assert err <= bound, (name, (n, m, d, k, r), err, bound)
