@@ -28,6 +28,13 @@ Where the replication happens:
   default path (exactly so in eval mode; in training mode, stochastic layers before it (dropout)
   draw one mask shared by all members, as with ``replicate_at``).
 
+Calls are re-entrant: a forward, :meth:`LoRAEnsemble.predict` or :meth:`LoRAEnsemble.generate` changes no
+module or parameter. What a call needs while it runs (the batch size its hooks replicate, the first LoRA
+layer's input, a member chunk's selection) is kept per thread (:mod:`lora_ensemble.calls`) and put back
+when it returns or raises, so threads may call one ensemble at once. ``predict`` and ``generate`` put a
+model that is in training mode in eval mode for the call (a module state other threads see); a model
+already in eval mode is left alone.
+
 Calling ``ensemble.model`` (or ``ensemble.model.generate``) directly bypasses the replication: the
 model then expects the stacked batch ``[N*B, ...]``. A batch whose size is not a multiple of ``N``
 is refused with a ``ValueError``; one that happens to be a multiple of ``N`` cannot be told apart
@@ -45,11 +52,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
 from . import metrics
 from .attention import replace_multihead_attention
+from .calls import MEMBER_SELECTION, ThreadLocalSlot
 from .generation import GenerationOptions, choose_next_tokens
 from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
@@ -100,38 +107,56 @@ class EnsemblePrediction:
         )
 
 
-class _Replicator:
-    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
-    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+@dataclass
+class _Call:
+    """One call of the wrapped model by the ensemble. It lives in the ensemble's per-thread slot
+    (:class:`~lora_ensemble.calls.ThreadLocalSlot`) while the call runs, never on the modules.
 
-    ``active`` is set while the ensemble calls its model; ``batch`` is then ``B`` (replicate the
-    tensors whose leading dim is ``B``) or None (the inputs are already stacked ``[N*B, ...]``).
+    Attributes:
+        count: the members this call runs (a member chunk's size, or ``N``).
+        batch: ``B`` when the inputs are one batch to replicate member-major (at the entry or at
+            ``replicate_at``), None when they are already stacked ``[count*B, ...]``.
+        share_first_input: whether the first LoRA layer reads member 0's rows (``share_first_input``).
+        shared_source: the input of the first LoRA layer that ran in this call, once one has.
     """
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.batch: int | None = None
+    count: int
+    batch: int | None
+    share_first_input: bool
+    shared_source: Tensor | None = None
 
     def replicate(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """``args`` / ``kwargs`` with every tensor whose leading dim is ``batch`` replicated ``count``
+        times member-major (none when ``batch`` is None)."""
         if self.batch is None:
             return args, kwargs
 
         def rep(v: Any) -> Any:
             if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
-                return replicate_members(v, self.num_members)
+                return replicate_members(v, self.count)
             return v
         return (tuple(rep(a) for a in args),
                 {k: v if k in _NOT_BATCHED else rep(v) for k, v in kwargs.items()})
 
+
+class _Replicator:
+    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
+    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+    Both read the call in progress on this thread from ``calls``."""
+
+    def __init__(self, num_members: int, calls: ThreadLocalSlot) -> None:
+        self.num_members = num_members  # for the direct-call check
+        self.calls = calls
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if not self.active:
+        call = self.calls.value
+        if call is None:
             raise RuntimeError("replicate_at module called outside LoRAEnsemble.forward")
-        return self.replicate(args, kwargs)
+        return call.replicate(args, kwargs)
 
     def check_direct_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook on the wrapped model: a direct call must bring a stacked batch."""
-        if self.active:
+        if self.calls.value is not None:
             return
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None:
@@ -146,23 +171,22 @@ class _Replicator:
 
 
 class _FirstInputSharing:
-    """Forward pre-hook on every LoRA layer: the first one to run in a forward, and any later one
-    called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
+    """Forward pre-hook on every LoRA layer: in a call with ``share_first_input``, the first one to run,
+    and any later one called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.source: Tensor | None = None
+    def __init__(self, calls: ThreadLocalSlot) -> None:
+        self.calls = calls
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        if not self.active or kwargs.get("shared_input") is not None:
+        call = self.calls.value
+        if call is None or not call.share_first_input or kwargs.get("shared_input") is not None:
             return None
         x = args[0]
-        if self.source is None:
-            self.source = x
-        elif x is not self.source:
+        if call.shared_source is None:
+            call.shared_source = x
+        elif x is not call.shared_source:
             return None
-        first_member = x.reshape(self.num_members, x.shape[0] // self.num_members, *x.shape[1:])[0]
+        first_member = x.reshape(call.count, x.shape[0] // call.count, *x.shape[1:])[0]
         return (first_member, *args[1:]), {**kwargs, "shared_input": True}
 
 
@@ -204,6 +228,18 @@ def _undone_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model that already holds LoRA-Ensemble layers or per-member heads: wrapping it again would
+    freeze the first ensemble's factors and heads (``requires_grad_(False)``) and run them inside the new one."""
+    wrapped = [(name or type(model).__name__, type(m).__name__) for name, m in model.named_modules()
+               if isinstance(m, _PER_MEMBER_TYPES)]
+    if wrapped:
+        shown = ", ".join(f"{name} ({kind})" for name, kind in wrapped[:3]) + (" ..." if len(wrapped) > 3 else "")
+        raise ValueError(f"{type(model).__name__} is already wrapped: it holds {len(wrapped)} LoRA-Ensemble layers "
+                         f"or per-member heads ({shown}). Wrap the unwrapped base model (a LoRAEnsemble's model "
+                         "cannot be wrapped again), or pass more target_modules to one LoRAEnsemble")
+
+
 def _positions(mask: Tensor) -> Tensor:
     """HF's position ids of a padded batch: ``cumsum(mask) - 1``, 0 on padding (``[B, T]``)."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -243,7 +279,8 @@ class LoRAEnsemble(nn.Module):
     Args:
         model: the backbone; its forward must take the batch on dim 0 of its tensor inputs.
         num_members: ``N``.
-        rank: LoRA rank ``r``.
+        rank: LoRA rank ``r``, at most ``min(in_features, out_features)`` of every target layer (a
+            ``ValueError`` naming the layer otherwise) unless ``allow_rank_above_size``.
         target_modules: see :func:`~lora_ensemble.targets.resolve_target_modules` (None: the family's
             attention projections).
         alpha: LoRA ``alpha`` (scaling ``alpha / r``); None gives scaling 1, as the paper's code.
@@ -256,7 +293,8 @@ class LoRAEnsemble(nn.Module):
             module head: its last ``nn.Linear`` is replaced); None copies the model's heads into every
             member (then the members' heads start equal).
         init_gain: Xavier gain of ``lora_A`` with ``init="paper"`` (10, as the paper).
-        backend: the fused op's backend.
+        backend: the fused op's backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (another name
+            is a ``ValueError`` here; one this machine cannot run fails at the first call, saying why).
         replicate_at: dotted name of the module at whose input the batch is replicated (None: at
             the model entry). Everything before it runs once, at batch ``B``.
         share_first_input: run the first LoRA layer(s) on member 0's rows with ``shared_input``
@@ -276,6 +314,13 @@ class LoRAEnsemble(nn.Module):
             :meth:`predict`, :meth:`generate`): the same results as all at once, with the activations of
             ``k*B`` rows instead of ``N*B`` at a time. None: all at once. Also settable later as the
             attribute.
+        allow_rank_above_size: accept a ``rank`` above a target's ``min(in_features, out_features)``
+            (what :func:`~lora_ensemble.io.load_peft_adapters` and :func:`~lora_ensemble.io.load_members`
+            pass: peft saves such adapters and loading one must reproduce it).
+
+    Raises:
+        ValueError: ``model`` already holds LoRA-Ensemble layers or per-member heads (a wrapped model, or
+            the model of one: wrapping it again would freeze the first ensemble), or a bad option.
     """
 
     def __init__(
@@ -296,6 +341,7 @@ class LoRAEnsemble(nn.Module):
         lora_dropout: float = 0.0,
         member_chunk_size: int | None = None,
         adapter_dtype: torch.dtype | None = None,
+        allow_rank_above_size: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -305,7 +351,8 @@ class LoRAEnsemble(nn.Module):
         if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
             raise ValueError(f"member_chunk_size must be a positive int or None, got {member_chunk_size!r}")
         init = init if init is not None else ("peft" if has_lm_head(model) else "paper")
-        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype, backend)
+        _check_not_wrapped(model)
         self.num_members, self.rank, self.alpha = num_members, rank, alpha
         self.adapter_dtype = adapter_dtype
         self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
@@ -327,17 +374,22 @@ class LoRAEnsemble(nn.Module):
                 _set_by_name(model, name, self._per_member_head(model.get_submodule(name)))
             self.target_names = resolve_target_modules(model, target_modules)
             for name in self.target_names:
-                layer = wrap_linear(
-                    model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
-                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
+                try:
+                    layer = wrap_linear(
+                        model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend,
+                        init_gain=init_gain, init=init, use_rslora=use_rslora, lora_dropout=lora_dropout,
+                        adapter_dtype=adapter_dtype, allow_rank_above_size=allow_rank_above_size)
+                except ValueError as exc:
+                    raise ValueError(f"target {name}: {exc}") from exc
                 _set_by_name(model, name, layer)
             model.train(model.training)  # the new layers and heads take the model's mode (eval stays eval)
         self.model = model
 
         self.replicate_at = replicate_at
         self.share_first_input = share_first_input
-        self._replicator = _Replicator(num_members)
-        self._sharing = _FirstInputSharing(num_members)
+        self._calls = ThreadLocalSlot()  # the _Call in progress on each thread
+        self._replicator = _Replicator(num_members, self._calls)
+        self._sharing = _FirstInputSharing(self._calls)
         self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
@@ -411,32 +463,29 @@ class LoRAEnsemble(nn.Module):
         size = self.member_chunk_size or self.num_members
         return [slice(start, min(start + size, self.num_members)) for start in range(0, self.num_members, size)]
 
-    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any],
-              params: dict[str, nn.Parameter]) -> Any:
+    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         """``self.model`` on the members ``members`` only. ``batch``: ``B`` when the inputs are one batch
         to replicate (at the entry or at ``replicate_at``), None when they are stacked ``[k*B, ...]``.
-        ``params``: :meth:`member_parameters`, sliced to ``members`` when they are not all members."""
+
+        The call's state (a :class:`_Call`, and the member selection of a chunk that the LoRA layers and
+        heads read, :data:`~lora_ensemble.calls.MEMBER_SELECTION`) is kept per thread and put back as it
+        was on return or error: no module or parameter changes, so threads may call one ensemble at once."""
         count = len(range(self.num_members)[members])
-        self._replicator.active, self._replicator.batch = True, batch
-        self._replicator.num_members = self._sharing.num_members = count
-        self._sharing.active = self.share_first_input and batch is not None
+        call = _Call(count, batch, self.share_first_input and batch is not None)
+        outer_call, outer_members = self._calls.value, MEMBER_SELECTION.value
+        self._calls.value = call
+        MEMBER_SELECTION.value = members if count < self.num_members else None
         try:
             if self.replicate_at is None:
-                args, kwargs = self._replicator.replicate(args, kwargs)
-            if count == self.num_members:
-                return self.model(*args, **kwargs)
-            return functional_call(self.model, {name: p[members] for name, p in params.items()}, args, kwargs)
+                args, kwargs = call.replicate(args, kwargs)
+            return self.model(*args, **kwargs)
         finally:
-            self._replicator.active, self._replicator.batch = False, None
-            self._replicator.num_members = self._sharing.num_members = self.num_members
-            self._sharing.active, self._sharing.source = False, None
+            MEMBER_SELECTION.value, self._calls.value = outer_members, outer_call
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, list[tuple[int, Any]]]:
         """The batch size and every member chunk's (member count, raw model output)."""
         batch = _batch_size(args, kwargs)
-        chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
-        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs, params)) for c in chunks]
+        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs)) for c in self._chunks()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The model's inputs (batch ``B`` on dim 0) -> every member's logits ``[N, B, ...]``
@@ -473,7 +522,12 @@ class LoRAEnsemble(nn.Module):
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the call, the modes put back after. A model already in eval mode (a server's) is
+        left alone: no write, so calls from several threads do not race on the modes."""
         modes = [(m, m.training) for m in self.modules()]
+        if not any(training for _, training in modes):
+            yield
+            return
         self.eval()
         try:
             yield
@@ -598,7 +652,6 @@ class LoRAEnsemble(nn.Module):
     def _decode(self, input_ids: Tensor, mask: Tensor, options: GenerationOptions, ensemble: bool) -> Tensor:
         batch = input_ids.shape[0]
         chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
         keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
         with_positions = self._accepts("position_ids")
         seqs = input_ids if ensemble else replicate_members(input_ids, self.num_members)
@@ -622,7 +675,7 @@ class LoRAEnsemble(nn.Module):
                 if not with_positions:
                     del inputs["position_ids"]
                 out = self._call(members, step_batch, (),
-                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep}, params)
+                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep})
                 if out.past_key_values is None:
                     raise RuntimeError(f"{type(self.model).__name__} returned no past_key_values with use_cache=True")
                 caches[i] = out.past_key_values
@@ -658,8 +711,8 @@ class LoRAEnsemble(nn.Module):
         for module in self.modules():
             if isinstance(module, _PER_MEMBER_TYPES):
                 module.num_members = len(kept)
-        # The member count lives on the ensemble and on its forward pre-hooks.
-        self.num_members = self._replicator.num_members = self._sharing.num_members = len(kept)
+        # The member count lives on the ensemble and on its direct-call check.
+        self.num_members = self._replicator.num_members = len(kept)
         return self
 
     def extra_repr(self) -> str:
