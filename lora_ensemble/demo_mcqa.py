@@ -245,11 +245,11 @@ def sequential_runner(name: str, ensemble: LoRAEnsemble, backbone: nn.Module, di
 
 
 def scores_of(name: str, answer_probs: Callable[[Tensor], Tensor], id_q: tuple[Tensor, Tensor],
-              ood_q: tuple[Tensor, Tensor]) -> McqaScores:
-    """Run ``answer_probs`` on the ID and OOD questions."""
+              ood_q: tuple[Tensor, Tensor], device: torch.device) -> McqaScores:
+    """Run ``answer_probs`` on the ID and OOD questions on ``device``."""
     def prediction(ids: Tensor) -> EnsemblePrediction:
-        with torch.no_grad():
-            return EnsemblePrediction.from_logits(answer_probs(ids).log())  # softmax(log p) = p
+        with torch.no_grad():  # softmax(log p) = p; the scores on the CPU
+            return EnsemblePrediction.from_logits(answer_probs(ids.to(device)).cpu().log())
 
     return McqaScores(name, prediction(id_q[0]), prediction(ood_q[0]), id_q[1])
 
@@ -401,6 +401,10 @@ def run(args: argparse.Namespace) -> McqaResult:
               args.batch_size, member_loss, f"fine-tune {name}", args.seed + 2)
         ensembles.append(ensemble.eval())
 
+    device = torch.device(args.device)  # trained on the CPU (seeded, reproducible), measured on `device`
+    backbone.to(device)
+    for ensemble in ensembles:
+        ensemble.to(device)
     runners = [fused_runner("single LoRA", ensembles[0]),
                fused_runner(f"LoRA-Ensemble ({args.members}), fused", ensembles[1])]
     try:
@@ -409,14 +413,13 @@ def run(args: argparse.Namespace) -> McqaResult:
                                              backbone, directory))
     except ImportError:
         print("peft is not installed: no row for the adapters run one after another")
-    scores = [scores_of(r.name, r.answer_probs, id_q, ood_q) for r in runners]
+    scores = [scores_of(r.name, r.answer_probs, id_q, ood_q, device) for r in runners]
     if len(scores) == 3:
         difference = (scores[2].id.member_probs - scores[1].id.member_probs).abs().max().item()
         print(f"peft adapters in turn vs the fused ensemble: max |difference| of member probabilities {difference:.1e}")
 
     quality = quality_rows(scores)
-    device = next(backbone.parameters()).device
-    timed = id_q[0][:args.timing_questions]
+    timed = id_q[0][:args.timing_questions].to(device)
     cost_table = cost_rows(runners, timed, args.decode_tokens, device)
     tables = (f"Quality on the {len(id_q[0])} ID questions (ECE with 15 bins; AUROC: wrong answers above right "
               f"ones, and OOD questions above ID ones; 0.5 = chance):\n\n{format_quality(quality)}\n\n"
@@ -444,6 +447,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LoRA fine-tunes")
     parser.add_argument("--timing-questions", type=int, default=20, help="questions timed one at a time")
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy tokens decoded per timed question")
+    parser.add_argument("--device", default="cpu", help="where the fine-tuned models are scored and timed "
+                        "(training runs on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="mcqa_uncertainty.png", help="where to write the ROC curves (PNG)")
     return parser.parse_args(argv)
