@@ -1,7 +1,6 @@
 """What a call costs: wall time and peak memory, on the CPU or a CUDA device.
 
-:func:`latency` is the shortest wall time of a call over a few runs (CUDA synchronised before and after:
-on a shared machine the minimum is the least disturbed run). :func:`peak_memory`
+:func:`clock` reads the wall clock once a device's queued work is done. :func:`peak_memory`
 is the memory a call needs: on CUDA ``torch.cuda.max_memory_allocated`` over the call (everything
 allocated on the device, the model's weights included); on the CPU the bytes of the parameters and
 buffers of the modules named plus the peak of the tensor bytes alive during the call, tracked op by op
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TensorBytes", "clock", "latency", "module_bytes", "peak_memory"]
+__all__ = ["TensorBytes", "clock", "module_bytes", "peak_memory"]
 
 
 def clock(device: torch.device) -> float:
@@ -30,18 +29,6 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def latency(call: Callable[[], Any], repeats: int = 20, warmup: int = 3, device: torch.device | None = None) -> float:
-    """The fewest seconds ``call()`` took in ``repeats`` runs after ``warmup`` runs (CUDA: synchronised)."""
-    device = device if device is not None else torch.device("cpu")
-    times = []
-    for i in range(warmup + repeats):
-        start = clock(device)
-        call()
-        if i >= warmup:
-            times.append(clock(device) - start)
-    return min(times)
 
 
 def module_bytes(modules: Iterable[nn.Module]) -> int:

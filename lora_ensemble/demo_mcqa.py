@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import tempfile
 from collections.abc import Callable
@@ -293,30 +294,34 @@ def format_quality(rows: list[dict[str, Any]]) -> str:
 
 def cost_rows(runners: list[Runner], questions: Tensor, new_tokens: int, device: torch.device,
               repeats: int = 5) -> list[dict[str, Any]]:
-    """Per runner, one question at a time (batch 1) over ``questions [Q, T]``, the best of ``repeats`` runs:
+    """Per runner, one question at a time (batch 1) over ``questions [Q, T]``, the best of ``repeats`` runs
+    (the runners interleaved):
     seconds per question (the answer letters' distribution of every member), seconds per decoded token of
     every member (``new_tokens`` greedy steps after each question's prefill, the steps alone), peak bytes
     while answering a question (:func:`lora_ensemble.cost.peak_memory`), and each as a ratio to the first
     runner (the single model)."""
-    rows = [_cost_of(runner, questions, new_tokens, device, repeats) for runner in runners]
+    for runner in runners:  # warm-up
+        runner.answer_probs(questions[:1])
+        runner.decode(questions[:1], new_tokens)
+    question_s = {runner.name: math.inf for runner in runners}
+    token_s = dict(question_s)
+    for _ in range(repeats):  # the runners interleaved, so that a busy spell of the machine hits them all
+        for runner in runners:
+            start = cost.clock(device)
+            for question in questions:
+                runner.answer_probs(question[None])
+            question_s[runner.name] = min(question_s[runner.name], (cost.clock(device) - start) / len(questions))
+            steps = sum(runner.decode(question[None], new_tokens) for question in questions)
+            token_s[runner.name] = min(token_s[runner.name], steps / (len(questions) * new_tokens))
+    rows = [{"model": runner.name, "seconds_per_question": question_s[runner.name],
+             "seconds_per_token": token_s[runner.name],
+             "peak_bytes": cost.peak_memory(functools.partial(runner.answer_probs, questions[:1]), runner.modules,
+                                            device)}
+            for runner in runners]
     for row in rows:
         row["question_ratio"] = row["seconds_per_question"] / rows[0]["seconds_per_question"]
         row["token_ratio"] = row["seconds_per_token"] / rows[0]["seconds_per_token"]
     return rows
-
-
-def _cost_of(runner: Runner, questions: Tensor, new_tokens: int, device: torch.device, repeats: int) -> dict[str, Any]:
-    def answer_all() -> None:
-        for question in questions:
-            runner.answer_probs(question[None])
-
-    per_question = cost.latency(answer_all, repeats=repeats, warmup=1, device=device) / len(questions)
-    runner.decode(questions[:1], new_tokens)  # warm-up
-    per_token = min(sum(runner.decode(question[None], new_tokens) for question in questions)
-                    for _ in range(repeats)) / (len(questions) * new_tokens)
-    memory = cost.peak_memory(lambda: runner.answer_probs(questions[:1]), runner.modules, device)
-    return {"model": runner.name, "seconds_per_question": per_question, "seconds_per_token": per_token,
-            "peak_bytes": memory}
 
 
 def format_cost(rows: list[dict[str, Any]], device: torch.device) -> str:

@@ -11,8 +11,10 @@ every other layer runs unchanged on the stacked batch, and the classification he
 per-member (:class:`~lora_ensemble.heads.EnsembleHead` for an ``nn.Linear``,
 :class:`~lora_ensemble.heads.PerMemberModule` for a head of several layers). The output is
 ``[N, B, ...]``. A language model's ``lm_head`` stays one shared frozen layer; :meth:`LoRAEnsemble.generate`
-decodes all members in one stacked batch with one KV cache, :meth:`LoRAEnsemble.predict` with
-``answer_token_ids`` scores multiple-choice answers at each sequence's last token.
+is HF ``generate`` of every member (or of the ensemble) in one stacked batch with one KV cache,
+:meth:`LoRAEnsemble.predict` with ``answer_token_ids`` scores multiple-choice answers at each sequence's
+last token, :meth:`LoRAEnsemble.sequence_uncertainty` scores generated text with every member (the
+decoding code is :mod:`lora_ensemble.generation`).
 
 Where the replication happens:
 
@@ -425,11 +427,12 @@ class LoRAEnsemble(nn.Module):
         """The HF output of the stacked pass, with ``logits`` as ``[N, B, ...]``.
 
         ``loss`` (when ``labels`` are given) is HF's loss over the stacked batch, which with the labels
-        replicated is the mean over members of each member's loss. ``past_key_values``,
-        ``hidden_states`` and the other fields are HF's for the stacked batch ``[N*B, ...]``
-        (member-major); to continue decoding from that cache pass ``ens.model`` stacked inputs, or use
-        :meth:`generate`. With ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are
-        returned (the other fields exist per chunk, not for the whole ensemble).
+        replicated is the mean over members of each member's loss. The KV cache (``cache``; before
+        transformers 5.2x ``past_key_values``), ``hidden_states`` and the other fields are HF's for the
+        stacked batch ``[N*B, ...]`` (member-major); to continue decoding from that cache pass ``ens.model``
+        stacked inputs (:func:`lora_ensemble.generation.decode_one_token`), or use :meth:`generate`. With
+        ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are returned (the other fields
+        exist per chunk, not for the whole ensemble).
 
         Raises:
             TypeError: the model does not return an HF ``ModelOutput`` with ``logits``.

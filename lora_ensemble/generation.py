@@ -80,6 +80,7 @@ __all__ = [
     "DecodeState",
     "SequenceUncertainty",
     "answer_logits",
+    "cache_of",
     "check_tokens",
     "decode_n_tokens",
     "decode_one_token",
@@ -149,7 +150,7 @@ def _cache_name(parameters: frozenset[str]) -> str:
     return next((name for name in _CACHE_NAMES if name in parameters), "past_key_values")
 
 
-def _cache_of(output: Any) -> Any:
+def cache_of(output: Any) -> Any:
     """The KV cache an HF output carries (under the name this transformers version uses)."""
     keys = output.keys()
     return next((output[name] for name in _CACHE_NAMES if name in keys), None)
@@ -307,7 +308,7 @@ def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, parameters: f
     if "logits_to_keep" in parameters:
         inputs["logits_to_keep"] = 1
     output = model(**inputs)
-    new_cache = _cache_of(output)
+    new_cache = cache_of(output)
     if new_cache is None:
         raise RuntimeError(f"{type(model).__name__} returned no KV cache with use_cache=True")
     return DecodeState(output.logits[:, -1], mask, new_cache, parameters)
