@@ -4,8 +4,8 @@ Runs the multiple-choice demo (:mod:`lora_ensemble.demo_mcqa`; its defaults, see
 the models are trained on the CPU and scored and timed on ``--device``) and writes its two tables
 (quality; cost of a question and of a decoded token, peak memory, ratios to the single model) for the
 single LoRA, the fused LoRA-Ensemble and the same members as peft adapters run one after another, with
-the device, the software stack and the date. The CPU table is committed as
-``benchmarks/results/cpu-mcqa.md``; a GPU pass writes ``<gpu>-mcqa.md`` next to it.
+the device, the software stack and the date, and the demo's ROC curves next to it (``.png``). The CPU
+table is committed as ``benchmarks/results/cpu-mcqa.md``; ``--device cuda`` writes ``cuda-mcqa.md``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(1)
     demo_args = demo_mcqa.parse_args(demo_argv)
     device = torch.device(demo_args.device)
-    result = demo_mcqa.run(demo_args)
     out = Path(args.out or Path(__file__).parent / "results" / f"{device.type}-mcqa.md")
+    demo_args.out = str(out.with_suffix(".png"))  # the demo's ROC curves next to the table
+    result = demo_mcqa.run(demo_args)
     where = "CUDA" if device.type == "cuda" else "CPU"
     command = " ".join(["python -m benchmarks.bench_mcqa", *(argv if argv is not None else sys.argv[1:])])
     out.write_text(

@@ -19,7 +19,10 @@ top-label confidence over ``n_bins`` equal-width bins ``(i/n, (i+1)/n]``, ``sum_
 paper used 10). Ensemble uncertainty from ``member_probs [N, B, C]``: per-class variance across
 members (1/N, the paper's Eq. 4), predictive entropy ``H[mean_n p_n]``, expected entropy
 ``mean_n H[p_n]``, mutual information (predictive minus expected, clamped at 0), and disagreement
-(the fraction of member pairs whose top classes differ). Entropies are in nats.
+(the fraction of member pairs whose top classes differ). Entropies are in nats. For generated text,
+:func:`token_uncertainty` gives LM-Polygraph's five measures of a next-token distribution from member
+log-probabilities (entropy of the mean, expected entropy, mutual information, reverse mutual
+information, expected pairwise KL).
 
 **Selective prediction and OOD** from any per-sample uncertainty score (higher = less certain:
 predictive entropy, mutual information, ``1 - confidence``): risk-coverage curve and AURC, AUROC of

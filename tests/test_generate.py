@@ -121,14 +121,21 @@ def test_members_hf_options_logits_processor_stopping_criteria_streamer() -> Non
         def end(self) -> None:
             self.puts.append(torch.tensor([-1]))
 
+    prompts_seen = set()
+
+    def allowed(prompt: int, sequence: torch.Tensor) -> list[int]:  # prompt 1 may not use tokens below 32
+        prompts_seen.add(prompt)
+        return list(range(32, VOCAB)) if prompt == 1 else list(range(VOCAB))
+
     def hf(**extra) -> dict:
-        return {"max_new_tokens": 8, "do_sample": False,
+        return {"max_new_tokens": 8, "do_sample": False, "prefix_allowed_tokens_fn": allowed,
                 "logits_processor": LogitsProcessorList([NoBadWordsLogitsProcessor([[5], [6, 7]], eos_token_id=1)]),
                 "stopping_criteria": StoppingCriteriaList([MaxLengthCriteria(4 + 5)]), **extra}
 
     streamer = Collect()
     out = ensemble.generate(ids, mask, **hf(streamer=streamer))
-    assert out.shape == (2, 2, 9) and not (out[:, :, 4:] == 5).any()
+    assert out.shape == (2, 2, 9) and not (out[:, :, 4:] == 5).any() and (out[:, 1, 4:] >= 32).all()
+    assert prompts_seen == {0, 1}  # the prompt's index in B, not the stacked row's
     assert_member_sequences(out, members_alone(reference, 2, ids, mask, **hf()))
     assert torch.equal(streamer.puts[0], replicate_members(ids, 2))  # the stacked prompts, then each step's tokens
     assert len(streamer.puts) == 1 + 5 + 1 and streamer.puts[1].shape == (4,)
