@@ -11,8 +11,10 @@ every other layer runs unchanged on the stacked batch, and the classification he
 per-member (:class:`~lora_ensemble.heads.EnsembleHead` for an ``nn.Linear``,
 :class:`~lora_ensemble.heads.PerMemberModule` for a head of several layers). The output is
 ``[N, B, ...]``. A language model's ``lm_head`` stays one shared frozen layer; :meth:`LoRAEnsemble.generate`
-decodes all members in one stacked batch with one KV cache, :meth:`LoRAEnsemble.predict` with
-``answer_token_ids`` scores multiple-choice answers at each sequence's last token.
+is HF ``generate`` of every member (or of the ensemble) in one stacked batch with one KV cache,
+:meth:`LoRAEnsemble.predict` with ``answer_token_ids`` scores multiple-choice answers at each sequence's
+last token, :meth:`LoRAEnsemble.sequence_uncertainty` scores generated text with every member (the
+decoding code is :mod:`lora_ensemble.generation`).
 
 Where the replication happens:
 
@@ -44,8 +46,7 @@ from a stacked batch and runs sample ``n*B + b`` through member ``n``. Call the 
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import metrics
+from . import generation, metrics
 from .attention import replace_multihead_attention
 from .calls import MEMBER_SELECTION, ThreadLocalSlot
-from .generation import GenerationOptions, choose_next_tokens
 from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
 from .modules import LoRAEnsembleLayer, check_lora_options, wrap_linear
@@ -118,12 +118,17 @@ class _Call:
             ``replicate_at``), None when they are already stacked ``[count*B, ...]``.
         share_first_input: whether the first LoRA layer reads member 0's rows (``share_first_input``).
         shared_source: the input of the first LoRA layer that ran in this call, once one has.
+        replicate_each_entry: :meth:`LoRAEnsemble.external_calls` with ``replicate=True``: each call of
+            the wrapped model sets ``batch`` from its own inputs and is replicated.
+        transform_output: :meth:`LoRAEnsemble.external_calls`' function of the wrapped model's output.
     """
 
     count: int
     batch: int | None
     share_first_input: bool
     shared_source: Tensor | None = None
+    replicate_each_entry: bool = False
+    transform_output: Callable[[Any], Any] | None = None
 
     def replicate(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """``args`` / ``kwargs`` with every tensor whose leading dim is ``batch`` replicated ``count``
@@ -238,27 +243,6 @@ def _check_not_wrapped(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} is already wrapped: it holds {len(wrapped)} LoRA-Ensemble layers "
                          f"or per-member heads ({shown}). Wrap the unwrapped base model (a LoRAEnsemble's model "
                          "cannot be wrapped again), or pass more target_modules to one LoRAEnsemble")
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """HF's position ids of a padded batch: ``cumsum(mask) - 1``, 0 on padding (``[B, T]``)."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _check_tokens(input_ids: Any, attention_mask: Any) -> Tensor:
-    """Validate ``input_ids [B, T]`` and ``attention_mask``; returns the mask (ones when None)."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or 0 in input_ids.shape:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an integer tensor [B, T] with B, T >= 1, got {shape}")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
-    if not ((attention_mask == 0) | (attention_mask == 1)).all() or not attention_mask.bool().any(-1).all():
-        raise ValueError("attention_mask must hold 0/1 with at least one 1 (attended token) per row")
-    return attention_mask
 
 
 class LoRAEnsemble(nn.Module):
@@ -405,6 +389,9 @@ class LoRAEnsemble(nn.Module):
     def _install_hooks(self) -> None:
         self._hook_handles.append(self.model.register_forward_pre_hook(self._replicator.check_direct_call,
                                                                        with_kwargs=True))
+        self._hook_handles.append(self.model.register_forward_pre_hook(self._external_entry, with_kwargs=True,
+                                                                       prepend=True))
+        self._hook_handles.append(self.model.register_forward_hook(self._external_exit, with_kwargs=True))
         if self.replicate_at is not None:
             trunk = self.model.get_submodule(self.replicate_at)
             self._hook_handles.append(trunk.register_forward_pre_hook(self._replicator, with_kwargs=True))
@@ -497,11 +484,12 @@ class LoRAEnsemble(nn.Module):
         """The HF output of the stacked pass, with ``logits`` as ``[N, B, ...]``.
 
         ``loss`` (when ``labels`` are given) is HF's loss over the stacked batch, which with the labels
-        replicated is the mean over members of each member's loss. ``past_key_values``,
-        ``hidden_states`` and the other fields are HF's for the stacked batch ``[N*B, ...]``
-        (member-major); to continue decoding from that cache pass ``ens.model`` stacked inputs, or use
-        :meth:`generate`. With ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are
-        returned (the other fields exist per chunk, not for the whole ensemble).
+        replicated is the mean over members of each member's loss. The KV cache (``cache``; before
+        transformers 5.2x ``past_key_values``), ``hidden_states`` and the other fields are HF's for the
+        stacked batch ``[N*B, ...]`` (member-major); to continue decoding from that cache pass ``ens.model``
+        stacked inputs (:func:`lora_ensemble.generation.decode_one_token`), or use :meth:`generate`. With
+        ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are returned (the other fields
+        exist per chunk, not for the whole ensemble).
 
         Raises:
             TypeError: the model does not return an HF ``ModelOutput`` with ``logits``.
@@ -535,8 +523,50 @@ class LoRAEnsemble(nn.Module):
             for m, mode in modes:
                 m.training = mode
 
-    def _accepts(self, name: str) -> bool:
-        return name in inspect.signature(self.model.forward).parameters
+    @contextmanager
+    def external_calls(self, replicate: bool, transform_output: Callable[[Any], Any] | None = None) -> Iterator[None]:
+        """Within this context ``self.model`` is called by a loop outside the ensemble (HF ``generate``,
+        the decode steps of :mod:`lora_ensemble.generation`), one call at a time, on this thread.
+
+        ``replicate=False``: every call brings the member-stacked batch ``[N*R, ...]`` (rows
+        ``n*R:(n+1)*R`` are member ``n``'s). ``replicate=True``: every call brings ``R`` rows (the batch
+        of its ``input_ids``, else ``inputs_embeds``, else its first tensor), replicated member-major at
+        the model's entry, or at ``replicate_at``, as :meth:`forward` does; ``transform_output`` then
+        receives the model's output for the ``N*R`` rows and returns what the caller gets. Every member
+        runs in each call (``member_chunk_size`` does not apply).
+
+        Like :meth:`forward`, the context keeps its state in this thread's call slot and the hooks
+        installed at wrapping read it there: nothing on the modules changes, so other threads may call
+        the ensemble meanwhile.
+        """
+        call = _Call(self.num_members, None, False, replicate_each_entry=replicate,
+                     transform_output=transform_output)
+        outer_call, outer_members = self._calls.value, MEMBER_SELECTION.value
+        self._calls.value, MEMBER_SELECTION.value = call, None
+        try:
+            yield
+        finally:
+            MEMBER_SELECTION.value, self._calls.value = outer_members, outer_call
+
+    def _external_entry(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Pre-hook on the wrapped model: in :meth:`external_calls` with ``replicate=True``, each call's
+        batch is replicated member-major (at the entry, or later at ``replicate_at``), and a call with
+        ``share_first_input`` starts its sharing anew."""
+        call = self._calls.value
+        if call is None or not call.replicate_each_entry:
+            return None
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(k), Tensor)), None)
+        call.batch = first.shape[0] if first is not None else _batch_size(args, kwargs)
+        call.share_first_input, call.shared_source = self.share_first_input, None
+        return call.replicate(args, kwargs) if self.replicate_at is None else (args, kwargs)
+
+    def _external_exit(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """Forward hook on the wrapped model: in :meth:`external_calls` with ``transform_output``, what
+        the caller gets for the model's output."""
+        call = self._calls.value
+        if call is None or call.transform_output is None:
+            return None
+        return call.transform_output(output)
 
     @torch.no_grad()
     def predict(self, *args: Any, answer_token_ids: Sequence[int] | Tensor | None = None,
@@ -550,9 +580,9 @@ class LoRAEnsemble(nn.Module):
         ``predict(input_ids [B, T], attention_mask=mask, answer_token_ids=[id_A, id_B, ...])`` takes each
         member's next-token logits at each sequence's last attended position (left or right padding),
         keeps the answer tokens' logits ``[N, B, A]`` and softmaxes over them: the prediction is over
-        the answers, renormalised. Position ids follow the mask (as HF ``generate`` computes them)
-        unless given; only the needed positions reach ``lm_head`` (``logits_to_keep``) when the model
-        takes that argument.
+        the answers, renormalised (:func:`lora_ensemble.generation.answer_logits`). Position ids follow
+        the mask (as HF ``generate`` computes them) unless given; only the needed positions reach
+        ``lm_head`` (``logits_to_keep``) when the model takes that argument.
 
         Raises:
             ValueError: malformed ``input_ids`` / ``attention_mask``, an empty ``answer_token_ids`` or
@@ -561,135 +591,58 @@ class LoRAEnsemble(nn.Module):
         with self._eval_mode():
             if answer_token_ids is None:
                 return EnsemblePrediction.from_logits(self(*args, **kwargs))
-            return EnsemblePrediction.from_logits(self._answer_logits(args, kwargs, answer_token_ids))
-
-    def _answer_logits(self, args: tuple, kwargs: dict[str, Any], answer_token_ids: Sequence[int] | Tensor) -> Tensor:
-        if len(args) > 1 or (args and "input_ids" in kwargs):
-            raise TypeError("predict with answer_token_ids takes input_ids (positional or keyword) and every "
-                            "other model input by keyword")
-        input_ids = args[0] if args else kwargs.pop("input_ids", None)
-        mask = _check_tokens(input_ids, kwargs.get("attention_mask"))
-        answers = torch.as_tensor(answer_token_ids, device=input_ids.device).long().reshape(-1)
-        if answers.numel() == 0:
-            raise ValueError("answer_token_ids must name at least one token")
-        length = input_ids.shape[1]
-        last = length - 1 - mask.flip(-1).argmax(-1)  # each row's last attended position
-        if self._accepts("position_ids") and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = _positions(mask)
-        if self._accepts("logits_to_keep"):
-            if "logits_to_keep" in kwargs:
-                raise ValueError("predict with answer_token_ids chooses logits_to_keep itself; do not pass it")
-            kept = torch.unique(last)
-            kwargs["logits_to_keep"] = kept
-            last = torch.searchsorted(kept, last)
-        logits = self(input_ids, **kwargs)  # [N, B, T or kept, V]
-        vocab = logits.shape[-1]
-        if answers.min() < 0 or answers.max() >= vocab:
-            raise ValueError(f"answer_token_ids must be in [0, {vocab}) (the vocabulary), got {answers.tolist()}")
-        index = last.view(1, -1, 1, 1).expand(logits.shape[0], -1, 1, vocab)
-        return logits.gather(2, index).squeeze(2)[..., answers]
+            if len(args) > 1 or (args and "input_ids" in kwargs):
+                raise TypeError("predict with answer_token_ids takes input_ids (positional or keyword) and every "
+                                "other model input by keyword")
+            input_ids = args[0] if args else kwargs.pop("input_ids", None)
+            return EnsemblePrediction.from_logits(generation.answer_logits(self, input_ids, answer_token_ids, kwargs))
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        ensemble: bool = False,
-        **unsupported: Any,
-    ) -> Tensor:
-        """Decode every member of a causal LM in one stacked batch with one KV cache (in eval mode,
-        restored afterwards; no gradients).
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, ensemble: bool | str = False,
+                 **generate_options: Any) -> Any:
+        """HF ``generate`` of every member, or of the ensemble, in one stacked batch with one KV cache (in
+        eval mode, restored afterwards; no gradients). See :mod:`lora_ensemble.generation`.
 
-        ``ensemble=False``: every member decodes its own continuation, ``[N, B, T + new]``; member
-        ``n``'s rows equal HF ``generate`` of member ``n`` alone (greedy). ``ensemble=True``: one
-        continuation per sequence from the mean of the member probabilities, ``[B, T + new]`` (see
-        :mod:`lora_ensemble.generation` for the rules). ``new`` is ``max_new_tokens``, or fewer when
-        every sequence has ended: a sequence stops at an end-of-sequence token and is padded with
-        ``pad_token_id`` after it. With ``member_chunk_size`` the members run ``k`` at a time at every
-        step (each chunk keeps its own cache), with the same results.
+        ``ensemble=False``: each member decodes its own continuations: HF ``generate`` of the wrapped model
+        on the member-stacked prompts, reshaped member-first: ``[N, B*k, T + new]`` (``k`` =
+        ``num_return_sequences``), member ``n``'s rows being what HF ``generate`` gives member ``n`` alone
+        (greedy, sampling, beam search, ``num_return_sequences``, processors, stopping criteria, ...).
+        With ``return_dict_in_generate=True``: HF's output class, every per-row field ``[N, rows per
+        member, ...]`` (the cache stays stacked). Logits processors, stopping criteria and streamers see
+        the stacked rows ``[N*B*k, ...]``; ``prefix_allowed_tokens_fn`` gets the prompt's index in ``B``.
 
-        Args:
-            input_ids: ``[B, T]`` prompts, left-padded when their lengths differ.
-            attention_mask: ``[B, T]`` (1 = token, 0 = padding), None for no padding.
-            max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id: as in HF
-                ``generate``; each unset one comes from ``self.model.generation_config``, else HF's
-                default (20 tokens, greedy, ``top_k=50`` when sampling).
-            generator: the ``torch.Generator`` sampling draws from (None: the global one, as HF).
-            ensemble: decode the ensemble's mean distribution instead of each member.
+        ``ensemble="mean_probs"`` (or True) / ``"mean_logprobs"``: one decoding of the ensemble,
+        ``[B*k, T + new]`` (HF's shapes for one model), HF generate of a model whose next-token logits are
+        the ensemble's log-probabilities under that rule; every HF option acts on them, and
+        ``output_scores`` / ``output_logits`` give the ensemble's scores.
+
+        ``generate_options`` are HF ``generate``'s (``max_new_tokens``, ``do_sample``, ``num_beams``,
+        ``num_return_sequences``, ``eos_token_id``, ``logits_processor``, ``stopping_criteria``,
+        ``streamer``, ``return_dict_in_generate``, ``output_scores``, ...), unset ones from
+        ``self.model.generation_config`` as HF does. Sampling draws from the global generator (seed it with
+        ``torch.manual_seed``).
 
         Raises:
-            TypeError: an HF ``generate`` option this decoder does not implement (beam search,
-                repetition penalty, ...), or a model that cannot generate.
-            ValueError: malformed or right-padded ``input_ids`` / ``attention_mask``, an option out of range.
+            TypeError: a model that cannot generate; ``generator`` (HF samples from the global generator);
+                with ensemble decoding, assisted decoding or a cache of the caller's (named in the message).
+            ValueError: malformed or right-padded ``input_ids`` / ``attention_mask``, an unknown rule, or
+                ``member_chunk_size`` below ``N`` (decoding runs all members in one batch).
         """
-        if unsupported:
-            raise TypeError(f"LoRAEnsemble.generate does not support {sorted(unsupported)}; it takes max_new_tokens, "
-                            "do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, generator, ensemble")
-        can_generate = getattr(self.model, "can_generate", None)
-        if not (callable(can_generate) and can_generate()):
-            raise TypeError(f"generate needs a causal language model (HF can_generate()), got "
-                            f"{type(self.model).__name__}")
-        mask = _check_tokens(input_ids, attention_mask)
-        if not mask[:, -1].all():
-            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
-            raise ValueError(f"generate needs left padding; rows {rows} end in padding (attention_mask[:, -1] == 0)")
-        options = GenerationOptions.from_call(
-            getattr(self.model, "generation_config", None), generator, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id)
+        rule = None if ensemble is False else ("mean_probs" if ensemble is True else ensemble)
         with self._eval_mode():
-            return self._decode(input_ids, mask, options, ensemble)
+            return generation.generate(self, input_ids, attention_mask, rule, **generate_options)
 
-    def _decode(self, input_ids: Tensor, mask: Tensor, options: GenerationOptions, ensemble: bool) -> Tensor:
-        batch = input_ids.shape[0]
-        chunks = self._chunks()
-        keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
-        with_positions = self._accepts("position_ids")
-        seqs = input_ids if ensemble else replicate_members(input_ids, self.num_members)
-        eos = torch.tensor(options.eos_token_ids, dtype=torch.long, device=input_ids.device)
-        unfinished = torch.ones(seqs.shape[0], dtype=torch.bool, device=input_ids.device)
-        caches: list[Any] = [None] * len(chunks)
-        for step in range(options.max_new_tokens):
-            positions = _positions(mask)
-            logits = []
-            for i, members in enumerate(chunks):
-                count = len(range(self.num_members)[members])
-                if step == 0 or ensemble:  # one batch for every member: the prompt, or the ensemble's token
-                    inputs = {"input_ids": input_ids if step == 0 else seqs[:, -1:], "attention_mask": mask,
-                              "position_ids": positions if step == 0 else positions[:, -1:]}
-                    step_batch: int | None = batch
-                else:  # each member's own last token: stacked rows of this chunk
-                    inputs = {"input_ids": seqs[members.start * batch:members.stop * batch, -1:],
-                              "attention_mask": replicate_members(mask, count),
-                              "position_ids": replicate_members(positions[:, -1:], count)}
-                    step_batch = None
-                if not with_positions:
-                    del inputs["position_ids"]
-                out = self._call(members, step_batch, (),
-                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep})
-                if out.past_key_values is None:
-                    raise RuntimeError(f"{type(self.model).__name__} returned no past_key_values with use_cache=True")
-                caches[i] = out.past_key_values
-                logits.append(out.logits[:, -1].float().reshape(count, batch, -1))
-            tokens = choose_next_tokens(torch.cat(logits), options, ensemble)
-            if eos.numel():
-                tokens = torch.where(unfinished, tokens, options.pad_token_id)
-            seqs = torch.cat([seqs, tokens[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            if eos.numel():
-                unfinished &= ~torch.isin(tokens, eos)
-                if not unfinished.any():
-                    break
-        return seqs if ensemble else seqs.view(self.num_members, batch, -1)
+    @torch.no_grad()
+    def sequence_uncertainty(self, sequences: Tensor, attention_mask: Tensor | None = None, *, prompt_length: int,
+                             eos_token_id: int | Sequence[int] | None = None) -> generation.SequenceUncertainty:
+        """Every member's view of generated ``sequences`` (from :meth:`generate`, per member or of the
+        ensemble), in eval mode without gradients: per generated token and per sequence the entropy of
+        the mean, expected entropy, mutual information, reverse mutual information and expected pairwise
+        KL (LM-Polygraph's definitions), and each member's sequence log-probability. See
+        :func:`lora_ensemble.generation.sequence_uncertainty` for the arguments."""
+        with self._eval_mode():
+            return generation.sequence_uncertainty(self, sequences, attention_mask, prompt_length=prompt_length,
+                                                   eos_token_id=eos_token_id)
 
     def select_members_(self, members: slice) -> LoRAEnsemble:
         """Keep only ``members``, in place: every parameter of :meth:`member_parameters` (each wrapped

@@ -23,7 +23,10 @@ fp32, 708.4 in float64); Brier ``mean sum_c (p_c - onehot_c)^2``; ECE of the top
 paper used 10). Ensemble uncertainty from ``member_probs [N, B, C]``: per-class variance across
 members (1/N, the paper's Eq. 4), predictive entropy ``H[mean_n p_n]``, expected entropy
 ``mean_n H[p_n]``, mutual information (predictive minus expected, clamped at 0), and disagreement
-(the fraction of member pairs whose top classes differ). Entropies are in nats.
+(the fraction of member pairs whose top classes differ). Entropies are in nats. For generated text,
+:func:`token_uncertainty` gives LM-Polygraph's five measures of a next-token distribution from member
+log-probabilities (entropy of the mean, expected entropy, mutual information, reverse mutual
+information, expected pairwise KL).
 
 **Selective prediction and OOD** from any per-sample uncertainty score (higher = less certain:
 predictive entropy, mutual information, ``1 - confidence``): risk-coverage curve and AURC, AUROC of
@@ -40,6 +43,7 @@ Scalars are returned as 0-dim float64 tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +73,7 @@ __all__ = [
     "ood_auroc",
     "reliability_bins",
     "risk_coverage",
+    "token_uncertainty",
 ]
 
 NonFinite = Literal["raise", "skip"]
@@ -349,6 +354,45 @@ def mutual_information(member_probs: Tensor) -> Tensor:
     """``H[mean_n p_n] - mean_n H[p_n]``, clamped at 0: ``[N, B, C] -> [B]`` (epistemic uncertainty)."""
     _check_member_probs(member_probs)
     return (entropy(member_probs.mean(dim=0)) - expected_entropy(member_probs)).clamp_min(0)
+
+
+def token_uncertainty(member_log_probs: Tensor) -> dict[str, Tensor]:
+    """LM-Polygraph's ensemble measures of one next-token distribution per position, from the members'
+    log-probabilities ``[N, ..., V] -> [...]`` each (nats, in ``member_log_probs``' dtype).
+
+    With ``p_n`` the members' distributions and ``p = mean_n p_n`` (Malinin & Gales, "Uncertainty
+    estimation in autoregressive structured prediction", ICLR 2021; the token-level ``pe`` measures of
+    LM-Polygraph, ``lm_polygraph/utils/ensemble_utils/ensemble_greedy.py``):
+
+    * ``entropy_of_mean``: ``H[p]`` (total uncertainty; LM-Polygraph's ``total_uncertainty``),
+    * ``expected_entropy``: ``mean_n H[p_n]`` (data uncertainty; ``data_uncertainty``),
+    * ``mutual_information``: ``H[p] - mean_n H[p_n]`` (knowledge uncertainty; ``mutual_information``),
+    * ``expected_pairwise_kl``: ``mean_{n,m} KL(p_n || p_m) = -sum_v p(v) mean_n log p_n(v) - mean_n H[p_n]``
+      (``epkl``),
+    * ``reverse_mutual_information``: ``mean_n KL(p || p_n) = -sum_v p(v) mean_n log p_n(v) - H[p]``
+      (``rmi``),
+
+    so ``expected_pairwise_kl = mutual_information + reverse_mutual_information``. Nothing is clamped: a
+    value below 0 is rounding. A token that some member gives probability 0 (``-inf``) while the mean
+    does not makes the two KL measures ``+inf``, as the divergences are.
+    """
+    _check_floating("member_log_probs", member_log_probs)
+    if member_log_probs.dim() < 2:
+        raise ValueError(f"member_log_probs must be [N, ..., V], got shape {tuple(member_log_probs.shape)}")
+    members = member_log_probs.shape[0]
+    log_mean = member_log_probs.logsumexp(dim=0) - math.log(members)
+    mean = log_mean.exp()
+    entropy_of_mean = -torch.where(mean > 0, mean * log_mean, 0).sum(dim=-1)
+    member_probs = member_log_probs.exp()
+    expected = -torch.where(member_probs > 0, member_probs * member_log_probs, 0).sum(dim=-1).mean(dim=0)
+    cross_entropy = -torch.where(mean > 0, mean * member_log_probs.mean(dim=0), 0).sum(dim=-1)
+    return {
+        "entropy_of_mean": entropy_of_mean,
+        "expected_entropy": expected,
+        "mutual_information": entropy_of_mean - expected,
+        "reverse_mutual_information": cross_entropy - entropy_of_mean,
+        "expected_pairwise_kl": cross_entropy - expected,
+    }
 
 
 def member_variance(member_probs: Tensor) -> Tensor:
