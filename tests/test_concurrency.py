@@ -102,16 +102,20 @@ def test_threads_predicting_and_training_steps_see_their_own_calls() -> None:
     assert all(torch.equal(g, w) for got in gradients for g, w in zip(got, want_grads))
 
 
-def test_threads_generating_with_member_chunks_get_the_sequential_tokens() -> None:
+@pytest.mark.parametrize("ensemble_rule", [False, "mean_probs"])
+def test_threads_generating_get_the_sequential_tokens(ensemble_rule: bool | str) -> None:
+    """Per-member generation and ensemble decoding (whose calls replicate the batch at the entry and combine
+    the members' logits on the way out, through the thread's call state) in two threads at once."""
     from .hf_tiny import VOCAB, causal_lm
 
     torch.manual_seed(2)
-    ensemble = _distinct_members(LoRAEnsemble(causal_lm("llama"), num_members=4, rank=2, member_chunk_size=2))
+    ensemble = _distinct_members(LoRAEnsemble(causal_lm("llama"), num_members=4, rank=2, share_first_input=True))
+    ensemble.model.generation_config.eos_token_id = None  # decode every token
     before = _state(ensemble)
     prompts = [torch.randint(3, VOCAB, (1, 4)), torch.randint(3, VOCAB, (2, 3))]
 
     def generate(ids: Tensor) -> Tensor:
-        return ensemble.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+        return ensemble.generate(ids, max_new_tokens=3, do_sample=False, ensemble=ensemble_rule)
 
     want = [generate(ids) for ids in prompts]
     for i, outs in enumerate(_concurrent(generate, prompts)):
