@@ -222,16 +222,17 @@ def lora_delta_reference_backward(
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``max_i |actual_i - expected_i| / (RMS(expected) + |expected_i|)``, compared in float64 on the
-    CPU: each element's error relative to its own size, floored by the tensor's RMS where it is near
-    zero (cancellation). Rounding to a dtype of unit roundoff ``u`` gives at most ``u``, whatever the
-    tensor's shape or the spread of its values. NaN when ``actual`` is not finite where ``expected``
-    is; 0 for empty tensors."""
+    """``max_i |actual_i - expected_i| / (RMS(expected) + |expected_i|)``, compared in float64 on
+    ``expected``'s device: each element's error relative to its own size, floored by the tensor's RMS
+    where it is near zero (cancellation). Rounding to a dtype of unit roundoff ``u`` gives at most
+    ``u``, whatever the tensor's shape or the spread of its values. NaN when ``actual`` is not finite
+    where ``expected`` is; 0 for empty tensors."""
     if actual.shape != expected.shape:
         raise ValueError(f"relative_error: shapes differ, {tuple(actual.shape)} vs {tuple(expected.shape)}")
     if expected.numel() == 0:
         return 0.0
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    e = expected.detach().to(torch.float64)
+    a = actual.detach().to(e.device, torch.float64)
     if not torch.isfinite(a[torch.isfinite(e)]).all():
         return float("nan")
     scale = e.pow(2).mean().sqrt().clamp_min(1e-30)

@@ -15,6 +15,7 @@ import torch
 
 from lora_ensemble import available_backends, backend_torch, info
 from lora_ensemble.info import INTERPRETER_BF16, CheckCase, check, format_check, main
+from lora_ensemble.reference import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (CheckCase("tiny", "linear", 2, 3, 8, 12, 2), CheckCase("tiny delta", "delta", 2, 3, 8, 12, 2))
@@ -89,3 +90,18 @@ def test_a_crashing_backend_is_an_error_row_and_the_check_goes_on(monkeypatch: p
     assert len(rows) == 2 * 2 * len(TINY)
     assert all(row.status == "ERROR" and "illegal memory access" in row.note for row in rows), rows
     assert format_check(rows).splitlines()[-1] == f"0 PASS, 0 FAIL, {len(rows)} ERROR, 0 SKIP"
+
+
+def test_relative_error_is_the_rounding_of_each_element_whatever_its_size() -> None:
+    want = torch.randn(1000, dtype=torch.float64) * torch.logspace(-3, 3, 1000, dtype=torch.float64)
+    assert relative_error(want.float(), want) <= 2**-24
+    assert relative_error(want.bfloat16(), want) <= 2**-8
+    assert 5e-4 < relative_error(want * (1 + 1e-3), want) <= 1e-3  # 1e-3 at the elements far above the RMS
+    tiny = want.clone()
+    tiny[0] = 0.0  # an exact zero is measured against the RMS, not against itself
+    assert relative_error(tiny + 1e-12, tiny) < 1e-12
+    broken = want.clone()
+    broken[7] = float("nan")
+    assert relative_error(broken, want) != relative_error(broken, want)  # NaN
+    with pytest.raises(ValueError, match="shapes differ"):
+        relative_error(want[:3], want[:4])
