@@ -16,7 +16,8 @@ On the GPU machine, from a fresh checkout (offline; the extension is built first
    compute capability), beside the Triton kernel tests, which do not need it: every kernel role x
    dtype x precision x backward once, ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` (one config per key).
 3. ``python -m lora_ensemble.info --check``: every backend against float64 in fp32 / fp16 / bf16,
-   stacked and shared, odd shapes, one row per member, and the delta op (its kernels' first run).
+   stacked and shared, odd shapes, one row per member, and the delta op (its kernels' first run); in
+   four processes at once (torch and cuda; Triton per dtype).
 4. every CUDA kernel test (``tests/test_cuda_backend.py -m gpu``, opcheck left to CI's meta run).
 5. compute-sanitizer memcheck of the CUDA kernels on edge shapes (:mod:`benchmarks.sanitize_workload`).
 6. the headline rows (:mod:`benchmarks.headline`, Triton autotuned): ViT-B/32 N=16 r=8 at batch 1
@@ -42,6 +43,7 @@ CPU stand-in (the same script on tiny inputs, the test selections collected but 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -106,8 +108,18 @@ def _pytest(*args: str) -> tuple[str, ...]:
     return (PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", *args)
 
 
+def _workers(count: int) -> tuple[str, ...]:
+    """pytest-xdist's ``-n count`` where it is installed (the GPU machines have it): the Triton tests
+    spend their time compiling, one core per process."""
+    return ("-n", str(count)) if importlib.util.find_spec("xdist") is not None else ()
+
+
 def _collect(command: tuple[str, ...]) -> tuple[str, ...]:
-    """A pytest command's CPU stand-in: collect the same selection (the tests exist, they import)."""
+    """A pytest command's CPU stand-in: collect the same selection (the tests exist, they import),
+    in one process."""
+    if "-n" in command:
+        at = command.index("-n")
+        command = command[:at] + command[at + 2:]
     return (*command, "--collect-only")
 
 
@@ -141,12 +153,25 @@ def _env_stage(logs: Path) -> Stage:
     )
 
 
+def _info_checks(logs: Path) -> Stage:
+    """``info --check`` in four processes at once: torch and cuda, and Triton per dtype (its kernels'
+    compilation, one core each, is most of the check's time); each writes ``info_check*.json``."""
+    check = (PYTHON, "-m", "lora_ensemble.info", "--check", "--json")
+    triton_only = "compiles the Triton kernels for the GPU (the CPU suite runs them in the interpreter)"
+    return (
+        Step("info_check", (*check, str(logs / "info_check.json"), "--backend", "torch", "--backend", "cuda"), 45,
+             smoke=(*check, str(logs / "info_check.json"), "--backend", "torch", "--device", "cpu")),
+        *(Step(f"info_check_triton_{dtype}", (*check, str(logs / f"info_check_triton_{dtype}.json"), "--backend",
+                                              "triton", "--dtype", dtype), 45, gpu_only=triton_only)
+          for dtype in ("float32", "float16", "bfloat16")),
+    )
+
+
 def _first(logs: Path, arch: str) -> list[Stage]:
-    triton_tests = _pytest("tests/test_triton_backend.py", "-k", " or ".join(TRITON_TESTS), "--durations=10",
-                           f"--junitxml={logs / 'triton_tests.xml'}")
+    triton_tests = _pytest("tests/test_triton_backend.py", *_workers(4), "-k", " or ".join(TRITON_TESTS),
+                           "--durations=10", f"--junitxml={logs / 'triton_tests.xml'}")
     cuda_tests = _pytest("tests/test_cuda_backend.py", "-m", "gpu", "-k", "not opcheck", "--durations=10",
                          f"--junitxml={logs / 'cuda_tests.xml'}")
-    check = (PYTHON, "-m", "lora_ensemble.info", "--check", "--json", str(logs / "info_check.json"))
     headline = (PYTHON, "-m", "benchmarks.headline", "--out", str(logs))
     return [
         _env_stage(logs),
@@ -154,11 +179,11 @@ def _first(logs: Path, arch: str) -> list[Stage]:
          Step("triton_tests", triton_tests, 150, env={"LORA_ENSEMBLE_TRITON_AUTOTUNE": "0"},
               gpu_only="compiles the Triton kernels for the GPU (the CPU suite runs them in the interpreter)",
               smoke=_collect(triton_tests))),
-        (Step("info_check", check, 55, smoke=(*check, "--backend", "torch", "--device", "cpu")),),
+        _info_checks(logs),
         (Step("cuda_tests", cuda_tests, 55, gpu_only=NO_GPU_STEP, smoke=_collect(cuda_tests), needs_extension=True),),
         (Step("memcheck_cuda", _sanitizer("memcheck", "--backend", "cuda"), 80, env=SANITIZE_ENV,
               gpu_only="compute-sanitizer checks GPU memory accesses", smoke=SANITIZE_SMOKE, needs_extension=True),),
-        (Step("headline", headline, 120, env={"TRITON_PRINT_AUTOTUNING": "1"}, gpu_only=NO_GPU_STEP,
+        (Step("headline", headline, 130, env={"TRITON_PRINT_AUTOTUNING": "1"}, gpu_only=NO_GPU_STEP,
               smoke=(*headline, "--smoke")),),
     ]
 
@@ -406,14 +431,16 @@ def _check_summary(check: dict | None) -> str:
 
 def write_results(part: str, out: Path, logs: Path, results: list[StepResult], meta: dict) -> str:
     """``summary-<part>.json``, ``<part>.md`` and ``logs-<part>.tar.gz`` in ``out``; returns the markdown."""
-    check, headline = _read_json(logs / "info_check.json"), _read_json(logs / "headline.json")
+    checks = [found for path in sorted(logs.glob("info_check*.json")) if (found := _read_json(path))]
+    check = {"check": [row for found in checks for row in found["check"]]} if checks else None
+    headline = _read_json(logs / "headline.json")
     summary = {**meta, "steps": [asdict(r) for r in results],
                "info_check": check["check"] if check else None, "headline": headline}
     (out / f"summary-{part}.json").write_text(json.dumps(summary, indent=1))
     sections = [f"# GPU pass, part {part}: {meta['device']}, {meta['date']}",
                 f"{meta['seconds']:.0f} s of {meta['budget_s']} s; torch {meta['torch']}, triton {meta['triton']}"
                 + ("; smoke run on a CPU" if meta["smoke"] else ""), "", _steps_table(results)]
-    if check is not None or any(r.name == "info_check" for r in results):
+    if check is not None or any(r.name.startswith("info_check") for r in results):
         sections += ["", "## info --check", "", _check_summary(check)]
     if headline is not None:
         from .headline import HeadlineRow, format_table

@@ -45,7 +45,9 @@ def test_first_and_second_cover_the_checklist(tmp_path: Path) -> None:
     build_stage = next(stage for stage in stages_for("first", tmp_path) if any(s.name == "build" for s in stage))
     assert "triton_tests" in {s.name for s in build_stage}, "the Triton tests run beside the build"
     assert first["triton_tests"].env == {"LORA_ENSEMBLE_TRITON_AUTOTUNE": "0"}
-    assert "lora_ensemble.info --check" in commands["info_check"]
+    assert "lora_ensemble.info --check" in commands["info_check"] and "--backend cuda" in commands["info_check"]
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert f"--backend triton --dtype {dtype}" in commands[f"info_check_triton_{dtype}"]
     assert "tests/test_cuda_backend.py -m gpu" in commands["cuda_tests"]
     assert "--tool memcheck" in commands["memcheck_cuda"] and "--backend cuda" in commands["memcheck_cuda"]
     assert "benchmarks.headline" in commands["headline"]
