@@ -28,13 +28,13 @@ On the GPU machine, from a fresh checkout (offline; the extension is built first
 ``second``: racecheck of the CUDA kernels (bf16), the compile and CUDA-graph tests, Triton memcheck
 (bf16, one config per key: no benchmarking under the sanitizer) and the GPU robustness tests.
 
-Every step has a budget: it is stopped with SIGINT at its budget (pytest still writes its XML; the
-headline rewrites its JSON after every row), then killed 10 s later. Raw logs go to ``--logs``
-(default: a folder under the system's temp dir, emptied first); ``--out`` receives three files per
-part, so the results of both parts come back from a machine that returns at most 8 files:
-``summary-<part>.json`` (each step's command, exit status, time and budget; the check's and the
-headline's rows), ``<part>.md`` (the same as tables) and ``logs-<part>.tar.gz`` (every log, JUnit XML
-and JSON). The table is printed last. The exit status is 0 when every required step passed.
+Every step has a budget: its process group is stopped with SIGINT at its budget (pytest still writes
+its XML; the headline rewrites its JSON after every row), then killed 10 s later. Raw logs go to a
+new folder ``<part>-<date>-*`` under ``--logs`` (default: under the system's temp dir); ``--out``
+receives three files per part, so the results of both parts come back from a machine that returns at
+most 8 files: ``summary-<part>.json`` (each step's command, exit status, time and budget; the check's
+and the headline's rows), ``<part>.md`` (the same as tables) and ``logs-<part>.tar.gz`` (every log,
+JUnit XML and JSON). The table is printed last. The exit status is 0 when every required step passed.
 
 ``--smoke`` runs the same parts on a CPU: each GPU-only step is skipped with its reason, or runs its
 CPU stand-in (the same script on tiny inputs, the test selections collected but not run).
@@ -43,6 +43,7 @@ CPU stand-in (the same script on tiny inputs, the test selections collected but 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -311,6 +312,11 @@ def extension_problem() -> str | None:
     return (done.stdout.strip() or done.stderr.strip().splitlines()[-1:] or ["import failed"])[0][:300]
 
 
+# Popen's arguments for a child in a process group of its own (not a session of its own: it ends
+# with the command that started it). preexec_fn only before Python 3.11 (it is not thread-safe).
+_NEW_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 class _Running:
     """A started step: its process, log file and clock."""
 
@@ -321,14 +327,18 @@ class _Running:
         self.log = open(logs / f"{step.name}.log", "w")  # noqa: SIM115  (closed in finish)
         self.log.write("$ " + shlex.join([*(f"{k}={v}" for k, v in step.env.items()), *command]) + "\n")
         self.log.flush()
-        try:
+        try:  # its own process group: the sanitizer's and pytest-xdist's children are stopped with it
             self.process: subprocess.Popen | None = subprocess.Popen(
-                command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, **_NEW_PROCESS_GROUP,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **step.env})
         except OSError as exc:  # e.g. nvidia-smi or the sanitizer not installed
             self.process = None
             self.result.rc, self.result.note = 127, f"{type(exc).__name__}: {exc}"
             self.log.write(self.result.note + "\n")
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
 
     def finish(self) -> StepResult:
         if self.process is not None:
@@ -337,11 +347,11 @@ class _Running:
                 self.result.rc = self.process.wait(timeout=max(left, 0.1))
             except subprocess.TimeoutExpired:
                 self.result.timed_out = True
-                self.process.send_signal(signal.SIGINT)  # pytest still writes its XML
+                self._signal_group(signal.SIGINT)  # pytest still writes its XML
                 try:
                     self.result.rc = self.process.wait(timeout=KILL_GRACE_S)
                 except subprocess.TimeoutExpired:
-                    self.process.kill()
+                    self._signal_group(signal.SIGKILL)
                     self.result.rc = self.process.wait()
                 self.result.note = f"stopped at its budget of {self.budget_s:.0f} s"
         self.log.close()
@@ -473,12 +483,12 @@ def device_arch() -> str:
     return f"{major}.{minor}"
 
 
-def run_part(part: str, out: Path, logs: Path, smoke: bool = False) -> bool:
+def run_part(part: str, out: Path, logs_root: Path, smoke: bool = False) -> bool:
     """Run every stage of ``part`` within its budget, write the results into ``out`` and the logs
-    into ``logs`` (emptied first); True when every required step passed."""
+    into a new folder under ``logs_root``; True when every required step passed."""
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir(parents=True)
+    logs_root.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix=f"{part}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=logs_root))
     stages = stages_for(part, logs, "none (smoke)" if smoke else device_arch())
     budget = part_deadline_s(part, stages)
     print(f"gpu pass, part {part}{' (smoke, CPU)' if smoke else ''}: {budget} s at most; logs in {logs}", flush=True)
@@ -511,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=FAST_PARTS + LONG_PARTS + ("long",),
                         help="default: first (with --list: every part)")
     parser.add_argument("--out", type=Path, help="folder for the results: 3 files per part (created)")
-    parser.add_argument("--logs", type=Path, help="folder for the raw logs (default: under the temp dir)")
+    parser.add_argument("--logs", type=Path, help="a new folder per part is made here for the raw logs "
+                        "(default: under the temp dir)")
     parser.add_argument("--smoke", action="store_true", help="on a CPU: GPU-only steps skipped or run small")
     parser.add_argument("--list", action="store_true", help="print the steps, budgets and commands, and exit")
     args = parser.parse_args(argv)
@@ -527,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu pass: no CUDA device here (--smoke runs the same steps on a CPU)", file=sys.stderr)
         return 2
     logs_root = args.logs or Path(tempfile.gettempdir()) / "lora_ensemble_gpu_pass"
-    ok = [run_part(part, args.out, logs_root / part, args.smoke) for part in parts]
+    ok = [run_part(part, args.out, logs_root, args.smoke) for part in parts]
     return 0 if all(ok) else 1
 
 
