@@ -18,7 +18,8 @@ member). Providers (:mod:`benchmarks.providers`, on the same inputs): ``triton``
 ``device_us``   device time per call, L2 flushed before each call (CUDA events,
                 :func:`benchmarks.measure.device_time`)
 ``graph_us``    the same for replays of the step captured in a CUDA graph (or why capture failed)
-``x_linear``    device time (the graph's where captured) over ``limit``'s, same shape and mode
+``x_linear``    device time over ``limit``'s, same shape and mode (graph over graph where both were
+                captured, else events over events)
 ``error``       the largest :func:`lora_ensemble.reference.relative_error` of the output (and of
                 ``dx``, ``dA``, ``dB`` in ``fwd_bwd``) against float64
 ==============  ======================================================================================
@@ -147,10 +148,13 @@ def _reference(inputs, mode: str) -> tuple[dict[str, torch.Tensor], torch.Tensor
 
 
 def _add_ratios(rows: list[HeadlineRow]) -> None:
+    """``x_linear`` of each measured row: graph time over limit's where both were captured, else
+    event time over event time."""
     limit = next((r for r in rows if r.provider == "limit" and r.device_s), None)
     for row in rows:
         if limit is not None and row.device_s:
-            row.x_linear = (row.graph_s or row.device_s) / (limit.graph_s or limit.device_s)
+            both_graphed = row.graph_s and limit.graph_s
+            row.x_linear = row.graph_s / limit.graph_s if both_graphed else row.device_s / limit.device_s
 
 
 def measure_rows(rows: list[tuple[OpShape, tuple[str, ...]]], device: torch.device, dtype: torch.dtype,
