@@ -94,6 +94,19 @@ def test_steps_past_the_parts_deadline_do_not_run(tmp_path: Path) -> None:
     assert result.rc is None and not result.ok and "out of time" in result.note
 
 
+def test_steps_that_need_the_extension_wait_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without usable CUDA kernels the build runs and the CUDA steps are reported as not run; with
+    them the build is skipped as needless."""
+    quick = (sys.executable, "-c", "print(1)")
+    stages = [(Step("build", quick, 5, unless_built=True),), (Step("cuda_tests", quick, 5, needs_extension=True),)]
+    monkeypatch.setattr(gpu_pass, "extension_problem", lambda: "no kernels for this GPU")
+    build, cuda = run_stages(stages, tmp_path, smoke=False, deadline=time.monotonic() + 60)
+    assert build.rc == 0 and cuda.rc is None and not cuda.ok and "no kernels for this GPU" in cuda.note
+    monkeypatch.setattr(gpu_pass, "extension_problem", lambda: None)
+    build, cuda = run_stages(stages, tmp_path, smoke=False, deadline=time.monotonic() + 60)
+    assert build.rc is None and build.ok and "extension is built" in build.note and cuda.rc == 0
+
+
 def test_list_prints_every_part_with_its_budget(capsys: pytest.CaptureFixture) -> None:
     assert gpu_pass.main(["--list"]) == 0
     text = capsys.readouterr().out
