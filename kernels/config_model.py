@@ -1,6 +1,6 @@
 # A cost model of one launch of a GEMM-shaped Triton kernel under one config, used to rank the
 # autotune candidates of a key so that only the best few are compiled and timed (the way LyCORIS
-# ranks its tile plans), and by lora_ensemble/backend_costs.py to estimate whole backends.
+# ranks its tile plans), and by lora_ensemble/auto_costs.py to estimate whole backends.
 #
 # A launch is programs that each own a [tile_rows, BN] output tile (BN: the config's column tile) and
 # reduce over `inner` in steps of BK. Per program and step the model counts the dot FLOPs and the

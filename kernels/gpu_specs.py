@@ -1,4 +1,4 @@
-# What the cost models (kernels/config_model.py, lora_ensemble/backend_costs.py) need to know about a
+# What the cost models (kernels/config_model.py, lora_ensemble/auto_costs.py) need to know about a
 # GPU: SM count and clock, the dense throughput of one SM per clock for each kind of dot (16-bit
 # tensor cores, TF32 tensor cores, fp32 CUDA cores), DRAM and L2 bandwidth, and the per-SM limits
 # that bound occupancy (shared memory, registers, threads). Everything but the per-clock rates and
