@@ -14,20 +14,28 @@ member-major, like :class:`lora_ensemble.FusedLoRAEnsembleLinear`).
   :func:`to_paper_layout` and :func:`from_paper_layout` convert member-major rows to and from it.
 * :class:`LoopLoRAEnsembleLinear`: a Python loop over members, one ``F.linear`` plus the low-rank
   update per member (an Explicit-Ensemble-style loop).
+* :class:`GroupedMMLoRAEnsembleLinear`: what PyTorch now ships for many adapters over one base, as
+  prime-rl's multi-LoRA layer uses it: the base ``F.linear`` over all rows, then PyTorch's grouped
+  GEMM (:func:`grouped_mm`) for the shrink ``x A^T`` and again for the expand, each member's rows
+  delimited by offsets.
 
-Both compute ``y[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T``; the paper's module has no scaling
+All compute ``y[n] = x[n] W0^T + b + s (x[n] A[n]^T) B[n]^T``; the paper's module has no scaling
 factor (``s = 1``).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["LoopLoRAEnsembleLinear", "PaperLoRALinear", "PaperVmapLoRAEnsembleLinear", "VmapLoRAEnsembleLinear",
-           "from_paper_layout", "to_paper_layout"]
+__all__ = ["GroupedMMLoRAEnsembleLinear", "LoopLoRAEnsembleLinear", "PaperLoRALinear", "PaperVmapLoRAEnsembleLinear",
+           "VmapLoRAEnsembleLinear", "GROUPED_MM_MISSING", "from_paper_layout", "grouped_mm", "grouped_mm_problem",
+           "to_paper_layout"]
 
 
 class PaperLoRALinear(nn.Module):
@@ -160,3 +168,72 @@ class LoopLoRAEnsembleLinear(nn.Module):
             base = F.linear(x_n, self.weight, self.bias)
             outs.append(base + self.scaling * F.linear(F.linear(x_n, a), b))
         return torch.cat(outs)
+
+
+def _find_grouped_mm() -> tuple[str, Callable[..., Tensor] | None]:
+    if hasattr(F, "grouped_mm"):
+        return "torch.nn.functional.grouped_mm", F.grouped_mm
+    return "torch._grouped_mm", getattr(torch, "_grouped_mm", None)
+
+
+# PyTorch's grouped GEMM: ``grouped_mm(a [R, K], b [G, K, C], offs=[G] int32) -> [R, C]``, the rows
+# ``offs[g-1]:offs[g]`` of ``a`` times ``b[g]``. None when this torch has neither function.
+GROUPED_MM_NAME, grouped_mm = _find_grouped_mm()
+GROUPED_MM_MISSING = f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
+
+
+@functools.cache
+def grouped_mm_problem(device: torch.device, dtype: torch.dtype, d: int, k: int, rank: int) -> str | None:
+    """Why :class:`GroupedMMLoRAEnsembleLinear` cannot run layers of ``d`` in, ``k`` out, rank ``rank``
+    in ``dtype`` on ``device``, or None. Found by running it (forward and backward) on two members of
+    one row each: the grouped GEMM's limits (dtypes, GPU architectures, 16-byte aligned strides) vary
+    with the torch version and the device, and torch's own message says which one was hit."""
+    if grouped_mm is None:
+        return GROUPED_MM_MISSING
+    x = torch.zeros(2, d, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(k, d, device=device, dtype=dtype)
+    lora_A = torch.zeros(2, rank, d, device=device, dtype=dtype, requires_grad=True)
+    lora_B = torch.zeros(2, k, rank, device=device, dtype=dtype, requires_grad=True)
+    try:
+        out = GroupedMMLoRAEnsembleLinear(weight, None, lora_A, lora_B)(x)
+        torch.autograd.grad(out, (x, lora_A, lora_B), torch.zeros_like(out))
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (f"{GROUPED_MM_NAME} cannot run d={d}, k={k}, r={rank} in {str(dtype).removeprefix('torch.')} on "
+                f"{device}: {type(exc).__name__}: {first_line}")
+    return None
+
+
+class GroupedMMLoRAEnsembleLinear(nn.Module):
+    """``F.linear(x, W0, b) + s * grouped_mm(grouped_mm(x, A^T), B^T)`` with member offsets, the
+    formulation of prime-rl's multi-LoRA linear layer on PyTorch's grouped GEMM.
+
+    The tensors are used as given (not copied): ``weight [k, d]``, ``bias [k]`` or None,
+    ``lora_A [N, r, d]``, ``lora_B [N, k, r]``. The rank-``r`` intermediate stays in the input dtype.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 scaling: float = 1.0) -> None:
+        super().__init__()
+        if grouped_mm is None:
+            raise RuntimeError(GROUPED_MM_MISSING)
+        self.weight, self.bias, self.lora_A, self.lora_B = weight, bias, lora_A, lora_B
+        self.scaling = scaling
+        self._offsets: dict[int, Tensor] = {}  # rows per member -> member end offsets, made once
+
+    def member_offsets(self, rows_per_member: int) -> Tensor:
+        """``[N]`` int32 on the layer's device: the end row of each member in the stacked rows."""
+        offsets = self._offsets.get(rows_per_member)
+        if offsets is None:
+            num_members = self.lora_A.shape[0]
+            offsets = torch.arange(1, num_members + 1, dtype=torch.int32, device=self.lora_A.device) * rows_per_member
+            self._offsets[rows_per_member] = offsets
+        return offsets
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [N*B, ..., d]`` member-major -> ``[N*B, ..., k]``."""
+        rows = x.reshape(-1, x.shape[-1])
+        offsets = self.member_offsets(rows.shape[0] // self.lora_A.shape[0])
+        xa = grouped_mm(rows, self.lora_A.transpose(1, 2), offs=offsets)  # [N*M, r]
+        delta = grouped_mm(xa, self.lora_B.transpose(1, 2), offs=offsets)  # [N*M, k]
+        return torch.add(F.linear(x, self.weight, self.bias), delta.view(*x.shape[:-1], -1), alpha=self.scaling)

@@ -3,8 +3,8 @@
 Providers (same prompts, same LoRA factors):
 
 ==================  =====================================================================
-``ensemble``        ``LoRAEnsemble(llama, N, r)``: ``generate`` (every member's continuation, one
-                    stacked batch with one KV cache) and ``predict`` over the answer tokens
+``ensemble``        ``LoRAEnsemble(llama, N, r)``: ``generate`` (HF generate of every member on the
+                    stacked batch, one KV cache) and ``predict`` over the answer tokens
 ``limit``           the plain model on the ``N*B`` prompts (HF ``generate`` / one forward): what
                     one model at ``N`` times the batch costs, the floor of any ensemble
 ``peft_sequential`` one peft model with ``N`` adapters, run one adapter after another on the ``B``
@@ -127,7 +127,7 @@ def build_llm_run(provider: str, shape: LLMShape, device: torch.device, dtype: t
         return hf_model(ids, logits_to_keep=1).logits[:, -1, answers].float().softmax(-1)
 
     if provider == "ensemble":
-        return LLMRun(lambda ids: ensemble.generate(ids, max_new_tokens=new, eos_token_id=[]),
+        return LLMRun(lambda ids: ensemble.generate(ids, max_new_tokens=new, min_new_tokens=new),
                       lambda ids: ensemble.predict(ids, answer_token_ids=answers).mean_probs)
     if provider == "limit":
         n = shape.num_members

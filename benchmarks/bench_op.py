@@ -43,7 +43,7 @@ def test_op(benchmark, shape: OpShape, mode: str, provider: str) -> None:
     device, dtype = bench_device(), bench_dtype()
     benchmark.group = f"{mode} | {shape}"  # before any skip: the report lists a skipped row as MISSING
     benchmark.extra_info.update(provider=provider, mode=mode, shape=str(shape), dtype=str(dtype).removeprefix("torch."))
-    reason = provider_unavailable_reason(provider, device)
+    reason = provider_unavailable_reason(provider, device, dtype, shape)
     if reason is not None:
         pytest.skip(reason)
     torch.manual_seed(0)

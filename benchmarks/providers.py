@@ -5,6 +5,9 @@ provider            what runs
 ==================  ======================================================================
 ``triton``/``cuda`` ``fused_lora_ensemble_linear(..., backend=name)`` (CUDA only)
 ``bmm``             the ``torch`` backend: one GEMM for the base, batched GEMMs for the delta
+``grouped_mm``      the base ``F.linear``, then PyTorch's grouped GEMM for the shrink and the
+                    expand with member offsets (prime-rl's multi-LoRA layer; :mod:`.baselines`);
+                    skipped with torch's reason where it cannot run (its dtypes, GPUs, alignment)
 ``compiled``        ``torch.compile`` of that same bmm formulation (static shapes, donated
                     buffers off)
 ``vmap``            the paper's vmap ensemble, ``W0`` copied N times (:mod:`.baselines`), on the
@@ -41,25 +44,36 @@ from lora_ensemble import backend_torch, fused_lora_ensemble_linear
 from lora_ensemble.backends import unavailable_reason as backend_unavailable_reason
 
 from .baselines import (
+    GROUPED_MM_MISSING,
+    GroupedMMLoRAEnsembleLinear,
     LoopLoRAEnsembleLinear,
     PaperVmapLoRAEnsembleLinear,
     VmapLoRAEnsembleLinear,
     from_paper_layout,
+    grouped_mm,
+    grouped_mm_problem,
     to_paper_layout,
 )
+from .shapes import OpShape
 
 __all__ = ["FUSED_PROVIDERS", "OP_PROVIDERS", "OpRun", "build_op_run", "forward_extra_bytes", "make_step",
            "provider_unavailable_reason"]
 
 FUSED_PROVIDERS: tuple[str, ...] = ("triton", "cuda")
 OP_PROVIDERS: tuple[str, ...] = FUSED_PROVIDERS + (
-    "bmm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "limit")
+    "bmm", "grouped_mm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "limit")
 
 
-def provider_unavailable_reason(provider: str, device: torch.device) -> str | None:
-    """Why ``provider`` is not benchmarked on ``device``, or None when it is."""
+def provider_unavailable_reason(provider: str, device: torch.device, dtype: torch.dtype | None = None,
+                                shape: OpShape | None = None) -> str | None:
+    """Why ``provider`` is not benchmarked on ``device``, or None when it is. ``grouped_mm`` is tried
+    on ``dtype`` and the sizes of ``shape`` when both are given (else only its presence is checked)."""
     if provider not in OP_PROVIDERS:
         return f"unknown provider {provider!r}; choose one of {OP_PROVIDERS}"
+    if provider == "grouped_mm":
+        if dtype is None or shape is None:
+            return GROUPED_MM_MISSING if grouped_mm is None else None
+        return grouped_mm_problem(device, dtype, shape.d, shape.k, shape.rank)
     if provider in FUSED_PROVIDERS:
         if device.type != "cuda":
             why = "Triton would run its interpreter" if provider == "triton" else "its kernels need a GPU"
@@ -91,7 +105,7 @@ def forward_extra_bytes(provider: str, num_members: int, rows: int, rank: int, d
     ``triton``, ``cuda``: ``xa`` written in fp32 (``4 N M r``). ``bmm``: ``xa`` cast to fp32 after
     the batched GEMM, in 16-bit dtypes one more kernel that reads ``2 N M r`` and writes ``4 N M r``
     (in fp32 the cast is a no-op). ``compiled``: nothing (inductor drops the unused cast). The others
-    never form ``xa`` in fp32."""
+    (``grouped_mm`` included: its ``xa`` stays in the input dtype) never form ``xa`` in fp32."""
     elements = num_members * rows * rank
     if provider in FUSED_PROVIDERS:
         return 4 * elements
@@ -115,8 +129,11 @@ def build_op_run(provider: str, x: Tensor, weight: Tensor, bias: Tensor | None, 
     ``lora_A [N, r, d]``, ``lora_B [N, k, r]``. ``vmap`` providers need ``scaling == 1`` (the paper's
     module has no scaling) and differentiate their own stacked copies of the LoRA factors.
     ``vmap_paper`` gets a copy of ``x`` in its layout, ``seq_len`` tokens per sequence (None: the
-    ``M`` rows of a member are one sequence)."""
+    ``M`` rows of a member are one sequence). Raises RuntimeError with the reason when the provider
+    cannot run these inputs here."""
     reason = provider_unavailable_reason(provider, x.device)
+    if reason is None and provider == "grouped_mm":
+        reason = grouped_mm_problem(x.device, x.dtype, x.shape[-1], weight.shape[0], lora_A.shape[1])
     if reason is not None:
         raise RuntimeError(reason)
     if provider in FUSED_PROVIDERS or provider == "bmm":
@@ -145,6 +162,9 @@ def build_op_run(provider: str, x: Tensor, weight: Tensor, bias: Tensor | None, 
     if provider == "sequential":
         loop = LoopLoRAEnsembleLinear(weight, bias, lora_A, lora_B, scaling)
         return OpRun(lambda: loop(x), [x, lora_A, lora_B])
+    if provider == "grouped_mm":
+        grouped = GroupedMMLoRAEnsembleLinear(weight, bias, lora_A, lora_B, scaling)
+        return OpRun(lambda: grouped(x), [x, lora_A, lora_B])
     return OpRun(lambda: F.linear(x, weight, bias), [x])  # limit
 
 

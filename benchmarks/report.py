@@ -27,8 +27,8 @@ from pathlib import Path
 __all__ = ["MERGE_FIELDS", "PROVIDER_ORDER", "add_ratios", "main", "merge_runs", "render_markdown", "render_plot"]
 
 PROVIDER_ORDER: tuple[str, ...] = (
-    "triton", "cuda", "graphed", "bmm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "explicit",
-    "limit")
+    "triton", "cuda", "graphed", "bmm", "grouped_mm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential",
+    "explicit", "limit")
 OP_MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 E2E_MODES: tuple[str, ...] = ("e2e_infer", "e2e_train")
 MODE_TITLES: dict[str, str] = {

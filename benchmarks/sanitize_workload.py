@@ -8,10 +8,13 @@ its end is seen instead of landing in a neighbour inside a cached segment::
 
 Shapes: ragged tile edges everywhere (N=3, M=37, d=72, k=100, r=8), d and k not multiples of 8 with
 rank 33 (the element-wise fallback and the rank tile of 64), an input at an odd storage offset (not
-16-byte aligned), one member with one row at rank 1, rank 128 (the largest tile), and a long member
-(M=1100 rows: the weight-gradient kernels' row split), in both layouts and all three dtypes. Every
-output and gradient must be finite; a kernel fault or a sanitizer report fails the run. On the CPU
-(``--device cpu``, the Triton interpreter) the same workload is a quick smoke test.
+16-byte aligned), one member with one row at rank 1, rank 128 (the largest tile), a long member
+(M=1100 rows: the weight-gradient kernels' row split), decode (16 members of one row each) and 8
+members of 3 rows (row tiles that span members straddle their boundaries), in both layouts and all
+three dtypes; then the delta op (the weightless kernels, over a given base output) on
+:data:`DELTA_SHAPES`. Every output and gradient must be finite; a kernel fault or a sanitizer report
+fails the run. On the CPU (``--device cpu``, the Triton interpreter) the same workload is a quick
+smoke test.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import sys
 
 import torch
 
-from lora_ensemble import fused_lora_ensemble_linear
+from lora_ensemble import fused_lora_ensemble_linear, lora_ensemble_delta
 
-__all__ = ["SHAPES", "main", "run_workload"]
+__all__ = ["DELTA_SHAPES", "SHAPES", "main", "run_workload"]
 
 # (label, N, rows per member, d, k, rank, storage offset of x in elements)
 SHAPES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
@@ -33,7 +36,10 @@ SHAPES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
     ("one-row", 1, 1, 8, 8, 1, 0),
     ("rank128", 2, 65, 64, 129, 128, 0),
     ("long-member", 2, 1100, 64, 96, 16, 0),
+    ("decode", 16, 1, 40, 24, 16, 0),
+    ("straddle", 8, 3, 40, 24, 8, 0),
 )
+DELTA_SHAPES = tuple(shape for shape in SHAPES if shape[0] in ("ragged", "unaligned-rank33", "decode"))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -48,25 +54,31 @@ def _operand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float
 
 
 def run_workload(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> int:
-    """Forward + backward of ``backend`` over :data:`SHAPES`, both layouts, ``dtypes``; returns how many
-    calls ran. Raises AssertionError naming the case when an output or gradient is not finite."""
+    """Forward + backward of ``backend`` over :data:`SHAPES` and, for the delta op, :data:`DELTA_SHAPES`,
+    both layouts, ``dtypes``; returns how many calls ran. Raises AssertionError naming the case when
+    an output or gradient is not finite."""
     calls = 0
     for dtype in dtypes:
-        for label, n, m, d, k, r, offset in SHAPES:
-            for shared in (False, True):
-                rows = m if shared else n * m
-                x = _operand(rows, d, device=device, dtype=dtype, offset=offset).requires_grad_()
-                weight = _operand(k, d, device=device, dtype=dtype, scale=d**-0.5)
-                bias = _operand(k, device=device, dtype=dtype)
-                lora_a = _operand(n, r, d, device=device, dtype=dtype, scale=d**-0.5).requires_grad_()
-                lora_b = _operand(n, k, r, device=device, dtype=dtype, scale=r**-0.5).requires_grad_()
-                out = fused_lora_ensemble_linear(x, weight, bias, lora_a, lora_b, 0.5, shared_input=shared,
-                                                 backend=backend)
-                grads = torch.autograd.grad(out, (x, lora_a, lora_b), torch.randn_like(out))
-                case = f"{backend} {label} {'shared' if shared else 'stacked'} {dtype}"
-                for name, value in zip(("out", "dx", "dA", "dB"), (out, *grads)):
-                    assert torch.isfinite(value).all(), f"{case}: {name} is not finite"
-                calls += 1
+        for op, shapes in (("linear", SHAPES), ("delta", DELTA_SHAPES)):
+            for label, n, m, d, k, r, offset in shapes:
+                for shared in (False, True):
+                    rows = m if shared else n * m
+                    x = _operand(rows, d, device=device, dtype=dtype, offset=offset).requires_grad_()
+                    lora_a = _operand(n, r, d, device=device, dtype=dtype, scale=d**-0.5).requires_grad_()
+                    lora_b = _operand(n, k, r, device=device, dtype=dtype, scale=r**-0.5).requires_grad_()
+                    if op == "linear":
+                        weight = _operand(k, d, device=device, dtype=dtype, scale=d**-0.5)
+                        bias = _operand(k, device=device, dtype=dtype)
+                        out = fused_lora_ensemble_linear(x, weight, bias, lora_a, lora_b, 0.5, shared_input=shared,
+                                                         backend=backend)
+                    else:
+                        base = _operand(rows, k, device=device, dtype=dtype)
+                        out = lora_ensemble_delta(x, base, lora_a, lora_b, 0.5, shared_input=shared, backend=backend)
+                    grads = torch.autograd.grad(out, (x, lora_a, lora_b), torch.randn_like(out))
+                    case = f"{backend} {op} {label} {'shared' if shared else 'stacked'} {dtype}"
+                    for name, value in zip(("out", "dx", "dA", "dB"), (out, *grads)):
+                        assert torch.isfinite(value).all(), f"{case}: {name} is not finite"
+                    calls += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return calls

@@ -18,8 +18,10 @@ import torch
 __all__ = [
     "BENCH_DTYPES",
     "CPU_E2E",
+    "CPU_HEADLINE",
     "CPU_OP_SHAPES",
     "GPU_E2E",
+    "GPU_HEADLINE",
     "GPU_OP_SHAPES",
     "EndToEndShape",
     "OpShape",
@@ -94,33 +96,65 @@ def _dedupe(shapes: list[OpShape]) -> list[OpShape]:
     return unique
 
 
-def _op_shapes(vit_d: int, infer_rows: int, train_rows: int, llm: OpShape, members: tuple[int, ...],
+def _op_shapes(vit_d: int, infer_rows: int, train_rows: int, llm: list[OpShape], members: tuple[int, ...],
                ranks: tuple[int, ...]) -> list[OpShape]:
     """ViT-B/32 q/k/v/out_proj at inference and training batch (sequences of :data:`VIT_TOKENS`),
-    an N sweep at the inference rows, a rank sweep at the training rows, and one LLM projection."""
+    an N sweep at the inference rows, a rank sweep at the training rows, and LLM projections."""
     infer = OpShape("vit_infer", 16, infer_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
     train = OpShape("vit_train", 16, train_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
     return _dedupe(
         [infer, train]
         + [_sweep(infer, "members", num_members=n) for n in members]
         + [_sweep(train, "rank", rank=r) for r in ranks]
-        + [llm]
+        + llm
     )
 
 
+def _llm_shapes(width: int, prompt_rows: int, prefill_rows: int) -> list[OpShape]:
+    """A Llama-class q_proj (``width`` in and out, rank 16): 4 members over a long prompt, and 16
+    members at decode (1 and 16 rows per member: one token of one or of 16 sequences) and prefill."""
+    return [OpShape("llm", 4, prompt_rows, width, width, 16),
+            OpShape("llm_decode", 16, 1, width, width, 16),
+            OpShape("llm_decode_b16", 16, 16, width, width, 16),
+            OpShape("llm_prefill", 16, prefill_rows, width, width, 16)]
+
+
 # ViT-B/32 at 224 px: 7*7 patches + class token = 50 tokens per image; batch 1 -> 50 rows per member,
-# training batch 32 -> 1600 rows per member; d = k = 768.
+# training batch 32 -> 1600 rows per member; d = k = 768. Llama-7B-class q_proj: 4096 x 4096; prefill
+# of a 512-token prompt -> 512 rows per member.
 GPU_OP_SHAPES: list[OpShape] = _op_shapes(
     vit_d=768, infer_rows=50, train_rows=1600,
-    llm=OpShape("llm", 4, 1024, 4096, 4096, 16),
+    llm=_llm_shapes(width=4096, prompt_rows=1024, prefill_rows=512),
     members=(1, 4, 16, 64), ranks=(4, 8, 16, 32, 64),
 )
 # The same families, scaled so the whole CPU suite runs in minutes on 2 cores.
 CPU_OP_SHAPES: list[OpShape] = _op_shapes(
     vit_d=192, infer_rows=50, train_rows=200,
-    llm=OpShape("llm", 4, 64, 1024, 1024, 16),
+    llm=_llm_shapes(width=1024, prompt_rows=64, prefill_rows=32),
     members=(1, 4, 16, 64), ranks=(4, 16, 64),
 )
+
+
+def _shape(shapes: list[OpShape], label: str) -> OpShape:
+    return next(s for s in shapes if s.label == label)
+
+
+def _headline(shapes: list[OpShape]) -> list[tuple[OpShape, tuple[str, ...]]]:
+    return [(_shape(shapes, "llm_decode"), ("fwd",)), (_shape(shapes, "vit_infer"), ("fwd", "fwd_bwd")),
+            (_shape(shapes, "vit_train"), ("fwd", "fwd_bwd")), (_shape(shapes, "llm_prefill"), ("fwd",))]
+
+
+# The rows that decide the design (the first GPU pass measures them, most decisive first): LLM decode
+# (W0 read once per member or once for all), ViT-B/32 at batch 1 and 32 for inference and training,
+# LLM prefill (compute-bound). Each is (shape, modes).
+GPU_HEADLINE: list[tuple[OpShape, tuple[str, ...]]] = _headline(GPU_OP_SHAPES)
+# The same rows with tiny sizes for the CPU smoke run (sizes 16-byte aligned, so grouped_mm runs).
+CPU_HEADLINE: list[tuple[OpShape, tuple[str, ...]]] = [
+    (OpShape("llm_decode", 4, 1, 64, 64, 8), ("fwd",)),
+    (OpShape("vit_infer", 4, 5, 32, 32, 8, seq_len=5), ("fwd", "fwd_bwd")),
+    (OpShape("vit_train", 4, 20, 32, 32, 8, seq_len=5), ("fwd", "fwd_bwd")),
+    (OpShape("llm_prefill", 4, 16, 64, 64, 8), ("fwd",)),
+]
 
 # torchvision vit_b_32 with random weights; 16 members, rank 8 (the paper's CIFAR-100 set-up).
 GPU_E2E = EndToEndShape("vit_b_32", num_members=16, rank=8, image_size=224, patch_size=32, num_layers=12,

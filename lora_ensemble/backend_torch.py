@@ -1,12 +1,18 @@
 """The ``torch`` backend: composite PyTorch ops, runs on any device.
 
 One GEMM over all ``N*M`` rows for the base (``W0`` read once), batched GEMMs for the low-rank
-delta, and the delta added in the epilogue of the second batched GEMM (``baddbmm``). Low-precision
-inputs use PyTorch's GEMMs, which accumulate in fp32; the rank-``r`` intermediate ``xa`` is kept in
-the accumulation dtype (fp32; fp64 for fp64 inputs). This is also the ``bmm`` baseline of the
-benchmarks: what a careful PyTorch user writes.
+delta, and the delta added in the epilogue of the second batched GEMM (``baddbmm``). The base GEMM
+runs in the inputs' dtype (PyTorch's GEMMs accumulate 16-bit inputs in fp32). The rank-``r``
+products ``xa = x A^T`` and ``dyb = dy B`` and everything computed from them (the delta and its
+sum with the base, ``dx``'s low-rank term, ``dA``, ``dB``) are fp32 for 16-bit inputs (fp64 for
+fp64), as in the fused kernels: a 16-bit ``xa`` would overflow to inf above 65504 (fp16) where the
+output itself is in range. For 16-bit inputs this costs a cast of the activations to fp32 for those
+products. ``dB = s dy^T xa`` is computed as ``(xa^T dy)^T``: the order in which CPU BLAS reduces the
+long ``M`` dim as accurately as PyTorch's own autograd (``dy^T @ xa`` reduces it ~10x less
+accurately on long inputs). This is also the ``bmm`` baseline of the benchmarks.
 
-Every function follows the backend contract of :mod:`lora_ensemble.backends`.
+Every function follows the backend contract of :mod:`lora_ensemble.backends`; every op is
+differentiable, which is what :mod:`lora_ensemble.ops` builds second derivatives from.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ from torch import Tensor
 
 from .backends import accum_dtype, in_dtype
 
-__all__ = ["forward", "backward_dx", "backward_lora"]
+__all__ = ["forward", "backward_dx", "backward_lora", "shrink"]
+
+
+def shrink(x: Tensor, lora_A: Tensor) -> Tensor:
+    """``xa = x @ A^T``: ``x [N, M, d]`` (or ``[M, d]`` shared) and ``lora_A [N, r, d]`` ->
+    ``[N, M, r]`` in the accum dtype (computed from accum-dtype operands)."""
+    acc = accum_dtype(x.dtype)
+    return torch.matmul(in_dtype(x, acc), in_dtype(lora_A, acc).transpose(1, 2))
 
 
 def forward(
@@ -32,6 +45,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` in the accum dtype."""
     num_members = lora_A.shape[0]
+    acc = accum_dtype(x.dtype)
     if weight is not None:
         start = F.linear(x, weight, bias)  # one GEMM over every row (once only when shared)
         if base is not None:
@@ -41,12 +55,10 @@ def forward(
         if bias is not None:
             start = start + bias
     if shared_input:
-        xa = torch.matmul(x, lora_A.transpose(1, 2))  # [M, d] @ [N, d, r] -> [N, M, r]
         start = start.unsqueeze(0).expand(num_members, *start.shape)
-    else:
-        xa = torch.bmm(x, lora_A.transpose(1, 2))
-    out = torch.baddbmm(start, xa, lora_B.transpose(1, 2), alpha=scaling)
-    return out, in_dtype(xa, accum_dtype(x.dtype))
+    xa = shrink(x, lora_A)
+    out = torch.baddbmm(in_dtype(start, acc), xa, in_dtype(lora_B, acc).transpose(1, 2), alpha=scaling)
+    return in_dtype(out, x.dtype), xa
 
 
 def backward_dx(
@@ -61,19 +73,21 @@ def backward_dx(
     ``dyb = grad_out @ B [N, M, r]`` in the accum dtype."""
     num_members, rows, k = grad_out.shape
     d = lora_A.shape[2]
-    dyb = torch.bmm(grad_out, lora_B)
+    acc = accum_dtype(grad_out.dtype)
+    dyb = torch.bmm(in_dtype(grad_out, acc), in_dtype(lora_B, acc))
+    lora_A = in_dtype(lora_A, acc)
     if shared_input:
         flat = dyb.transpose(0, 1).reshape(rows, -1)
         if weight is None:
             dx = (flat @ lora_A.reshape(-1, d)) * scaling
-        else:
-            dx = (grad_out.sum(0) @ weight).addmm(flat, lora_A.reshape(-1, d), alpha=scaling)  # sum_n dy[n] @ W0
+        else:  # sum_n dy[n] @ W0, then the low-rank term added in the accum dtype
+            dx = in_dtype(grad_out.sum(0) @ weight, acc).addmm(flat, lora_A.reshape(-1, d), alpha=scaling)
     elif weight is None:
         dx = torch.bmm(dyb, lora_A) * scaling
     else:
         base = (grad_out.reshape(-1, k) @ weight).view(num_members, rows, -1)
-        dx = torch.baddbmm(base, dyb, lora_A, alpha=scaling)
-    return dx, in_dtype(dyb, accum_dtype(grad_out.dtype))
+        dx = torch.baddbmm(in_dtype(base, acc), dyb, lora_A, alpha=scaling)
+    return in_dtype(dx, grad_out.dtype), dyb
 
 
 def backward_lora(
@@ -85,7 +99,7 @@ def backward_lora(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
-    dtype = grad_out.dtype
-    dA = torch.matmul(in_dtype(dyb, dtype).transpose(1, 2), x) * scaling  # [N, r, M] @ [(N,) M, d]
-    dB = torch.bmm(grad_out.transpose(1, 2), in_dtype(xa, dtype)) * scaling
-    return dA, dB
+    dtype, acc = grad_out.dtype, accum_dtype(grad_out.dtype)
+    dA = torch.matmul(dyb.transpose(1, 2), in_dtype(x, acc)) * scaling  # [N, r, M] @ [(N,) M, d]
+    dB_t = torch.bmm(in_dtype(xa, acc).transpose(1, 2), in_dtype(grad_out, acc)) * scaling  # [N, r, k]
+    return in_dtype(dA, dtype), in_dtype(dB_t.transpose(1, 2), dtype).contiguous()

@@ -18,8 +18,16 @@ ensembles", at toy scale, on the CPU, with nothing downloaded:
    pre-training, a question type never fine-tuned on) with
    ``predict(ids, answer_token_ids=[A, B, C, D])``: the distribution over the four letters, its
    entropy (total uncertainty) and, for the ensemble, the mutual information (epistemic).
-4. Print accuracy and the AUROC (scikit-learn's) with which each score ranks wrong answers above
-   right ones (ID) and OOD questions above ID ones, and plot the ROC curves to ``--out``.
+4. The same ensemble members also run as peft adapters of one model, one after another with
+   ``set_adapter`` (what BAG's ``DeepEnsembleLoraWrapper`` and peft users do; written with
+   ``save_peft_adapters``): the same predictions, another cost.
+5. Print the table the field publishes for the single LoRA, the fused ensemble and the adapters in
+   turn: accuracy, ECE (15 bins), NLL, Brier and the AUROC with which entropy and mutual information
+   rank wrong answers above right ones (ID) and OOD questions above ID ones; then the cost of a
+   question (the answer letters' distribution) and of a decoded token (greedy steps of every member,
+   :mod:`lora_ensemble.generation`'s prefill / decode step), one question at a time, the peak memory
+   (:mod:`lora_ensemble.cost`: on the CPU the weights plus the peak of the tensors alive during a
+   question), and their ratio to the single model. Plot the ROC curves to ``--out``.
 
 The defaults take about 1.5 CPU-minutes (one thread; ``main`` sets ``torch.set_num_threads(1)``,
 which is faster than two threads on a shared two-core machine). Everything is seeded (``--seed``).
@@ -29,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import metrics
-from ._optional import optional_dependency
+from . import cost, metrics
+from ._optional import import_failure, optional_dependency
 from .demo import HelpFormatter, plain_text, train
 from .ensemble import EnsemblePrediction, LoRAEnsemble
+from .generation import decode_one_token, prefill
+from .io import save_peft_adapters
+from .layout import replicate_members
 
-__all__ = ["McqaScores", "World", "main", "make_facts", "make_questions", "parse_args", "run"]
+__all__ = ["McqaResult", "McqaScores", "Runner", "World", "main", "make_facts", "make_questions", "parse_args", "run"]
 
 # Token ids: entities 0..ENTITIES-1, then each relation's values, then the rest.
 ENTITIES, VALUES = 60, 4
@@ -165,30 +179,161 @@ class McqaScores:
         return self.id.mean_probs.argmax(-1) != self.id_answers
 
 
-def score_rows(scores: list[McqaScores]) -> list[dict[str, Any]]:
-    """One row per (model, uncertainty score): ID accuracy, the AUROC of wrong vs right (ID) and of
-    OOD vs ID (:func:`lora_ensemble.metrics.error_auroc`, :func:`~lora_ensemble.metrics.ood_auroc`),
-    and the score's mean on each side."""
+@dataclass
+class Runner:
+    """One way to run a fine-tuned model on questions ``ids [B, T]`` (the cost table's rows).
+
+    Attributes:
+        name: the row's name.
+        answer_probs: ``ids -> [N, B, 4]`` every member's distribution over the answer letters.
+        decode: ``(ids, count) -> seconds``: the prompts' prefill, then ``count`` greedy decoding steps of
+            every member (:mod:`lora_ensemble.generation`'s steps); returns the seconds of the steps alone.
+        modules: what the runner holds in memory (weights and adapters).
+    """
+
+    name: str
+    answer_probs: Callable[[Tensor], Tensor]
+    decode: Callable[[Tensor, int], float]
+    modules: list[nn.Module]
+
+
+def fused_runner(name: str, ensemble: LoRAEnsemble) -> Runner:
+    """The LoRA-Ensemble's members in one stacked batch (``predict``; the decode steps on ``ens.model``)."""
+    @torch.no_grad()
+    def decode(ids: Tensor, count: int) -> float:
+        with ensemble.external_calls(replicate=False):
+            state = prefill(ensemble.model, replicate_members(ids, ensemble.num_members))
+            start = cost.clock(ids.device)
+            for _ in range(count):
+                state = decode_one_token(ensemble.model, state, state.logits.argmax(-1))
+            return cost.clock(ids.device) - start
+
+    return Runner(name, lambda ids: ensemble.predict(ids, answer_token_ids=LETTERS).member_probs, decode, [ensemble])
+
+
+def sequential_runner(name: str, ensemble: LoRAEnsemble, backbone: nn.Module, directory: str) -> Runner:
+    """The same members as peft adapters of one model, run one after another with ``set_adapter`` (what
+    BAG's ``DeepEnsembleLoraWrapper`` and peft users do): written with ``save_peft_adapters``, loaded
+    with ``PeftModel.from_pretrained`` / ``load_adapter``."""
+    from peft import PeftModel
+
+    folders = save_peft_adapters(ensemble, directory)
+    model = PeftModel.from_pretrained(copy.deepcopy(backbone), folders[0], adapter_name="member_0")
+    for member, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"member_{member}")
+    model.eval()
+    names = [f"member_{member}" for member in range(len(folders))]
+
+    @torch.no_grad()
+    def answer_probs(ids: Tensor) -> Tensor:
+        probs = []
+        for adapter in names:
+            model.set_adapter(adapter)
+            probs.append(model(input_ids=ids, logits_to_keep=1).logits[:, -1, LETTERS].float().softmax(-1))
+        return torch.stack(probs)
+
+    @torch.no_grad()
+    def decode(ids: Tensor, count: int) -> float:
+        seconds = 0.0
+        for adapter in names:
+            model.set_adapter(adapter)
+            state = prefill(model, ids)
+            start = cost.clock(ids.device)
+            for _ in range(count):
+                state = decode_one_token(model, state, state.logits.argmax(-1))
+            seconds += cost.clock(ids.device) - start
+        return seconds
+
+    return Runner(name, answer_probs, decode, [model])
+
+
+def scores_of(name: str, answer_probs: Callable[[Tensor], Tensor], id_q: tuple[Tensor, Tensor],
+              ood_q: tuple[Tensor, Tensor], device: torch.device) -> McqaScores:
+    """Run ``answer_probs`` on the ID and OOD questions on ``device``."""
+    def prediction(ids: Tensor) -> EnsemblePrediction:
+        with torch.no_grad():  # softmax(log p) = p; the scores on the CPU
+            return EnsemblePrediction.from_logits(answer_probs(ids.to(device)).cpu().log())
+
+    return McqaScores(name, prediction(id_q[0]), prediction(ood_q[0]), id_q[1])
+
+
+def quality_rows(scores: list[McqaScores]) -> list[dict[str, Any]]:
+    """One row per model on the ID questions: accuracy, ECE (15 bins), NLL, Brier of the mean prediction;
+    the AUROC with which entropy and mutual information rank wrong answers above right ones
+    (:func:`lora_ensemble.metrics.error_auroc`) and OOD questions above ID ones
+    (:func:`~lora_ensemble.metrics.ood_auroc`); nan where a score does not exist (MI of one model)."""
     rows = []
     for s in scores:
-        wrong = s.wrong()
-        both_kinds = bool(wrong.any()) and bool((~wrong).any())  # an AUROC needs both sides (else nan)
-        for measure, (in_dist, out_dist) in s.measures().items():
-            rows.append({"model": s.name, "score": measure, "accuracy": 1 - wrong.float().mean().item(),
-                         "wrong_vs_right": float(metrics.error_auroc(in_dist, ~wrong)) if both_kinds else math.nan,
-                         "ood_vs_id": float(metrics.ood_auroc(in_dist, out_dist)) if len(out_dist) else math.nan,
-                         "mean_id": in_dist.mean().item(), "mean_ood": out_dist.mean().item()})
+        probs, answers, wrong = s.id.mean_probs, s.id_answers, s.wrong()
+        both_kinds = bool(wrong.any()) and bool((~wrong).any())  # an AUROC needs both sides
+        row = {"model": s.name, "accuracy": float(metrics.accuracy(probs, answers)),
+               "ece": float(metrics.expected_calibration_error(probs, answers)),
+               "nll": float(metrics.negative_log_likelihood(probs, answers)),
+               "brier": float(metrics.brier_score(probs, answers))}
+        for label, measure in (("entropy", "entropy"), ("mi", "mutual information")):
+            in_dist, out_dist = s.measures().get(measure, (None, None))
+            row[f"error_{label}"] = (float(metrics.error_auroc(in_dist, ~wrong))
+                                     if in_dist is not None and both_kinds else math.nan)
+            row[f"ood_{label}"] = float(metrics.ood_auroc(in_dist, out_dist)) if in_dist is not None else math.nan
+        rows.append(row)
     return rows
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The rows as a plain-text table."""
-    header = (f"{'model':<22} {'score':<19} {'ID accuracy':>11} {'AUROC wrong/right':>18} {'AUROC OOD/ID':>13} "
-              f"{'mean ID':>8} {'mean OOD':>9}")
-    lines = [header, "-" * len(header)]
+def _number(value: float, digits: int = 4) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_quality(rows: list[dict[str, Any]]) -> str:
+    """The quality rows as a Markdown table."""
+    lines = ["| model | accuracy | ECE-15 | NLL | Brier | AUROC error (entropy) | AUROC error (MI) "
+             "| AUROC OOD (entropy) | AUROC OOD (MI) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"{r['model']:<22} {r['score']:<19} {r['accuracy']:>11.4f} {r['wrong_vs_right']:>18.4f} "
-                     f"{r['ood_vs_id']:>13.4f} {r['mean_id']:>8.4f} {r['mean_ood']:>9.4f}")
+        values = [r[k] for k in ("accuracy", "ece", "nll", "brier", "error_entropy", "error_mi", "ood_entropy",
+                                 "ood_mi")]
+        lines.append(f"| {r['model']} | " + " | ".join(_number(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def cost_rows(runners: list[Runner], questions: Tensor, new_tokens: int, device: torch.device,
+              repeats: int = 5) -> list[dict[str, Any]]:
+    """Per runner, one question at a time (batch 1) over ``questions [Q, T]``, the best of ``repeats`` runs
+    (the runners interleaved):
+    seconds per question (the answer letters' distribution of every member), seconds per decoded token of
+    every member (``new_tokens`` greedy steps after each question's prefill, the steps alone), peak bytes
+    while answering a question (:func:`lora_ensemble.cost.peak_memory`), and each as a ratio to the first
+    runner (the single model)."""
+    for runner in runners:  # warm-up
+        runner.answer_probs(questions[:1])
+        runner.decode(questions[:1], new_tokens)
+    question_s = {runner.name: math.inf for runner in runners}
+    token_s = dict(question_s)
+    for _ in range(repeats):  # the runners interleaved, so that a busy spell of the machine hits them all
+        for runner in runners:
+            start = cost.clock(device)
+            for question in questions:
+                runner.answer_probs(question[None])
+            question_s[runner.name] = min(question_s[runner.name], (cost.clock(device) - start) / len(questions))
+            steps = sum(runner.decode(question[None], new_tokens) for question in questions)
+            token_s[runner.name] = min(token_s[runner.name], steps / (len(questions) * new_tokens))
+    rows = [{"model": runner.name, "seconds_per_question": question_s[runner.name],
+             "seconds_per_token": token_s[runner.name],
+             "peak_bytes": cost.peak_memory(functools.partial(runner.answer_probs, questions[:1]), runner.modules,
+                                            device)}
+            for runner in runners]
+    for row in rows:
+        row["question_ratio"] = row["seconds_per_question"] / rows[0]["seconds_per_question"]
+        row["token_ratio"] = row["seconds_per_token"] / rows[0]["seconds_per_token"]
+    return rows
+
+
+def format_cost(rows: list[dict[str, Any]], device: torch.device) -> str:
+    """The cost rows as a Markdown table, labelled with the device kind."""
+    where = "CUDA" if device.type == "cuda" else "CPU"
+    lines = [f"| model ({where}, batch 1) | ms / question | ms / decoded token | peak memory (MiB) "
+             "| × single, question | × single, token |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {1e3 * r['seconds_per_question']:.2f} | {1e3 * r['seconds_per_token']:.2f} "
+                     f"| {r['peak_bytes'] / 2**20:.2f} | {r['question_ratio']:.2f} | {r['token_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -224,8 +369,19 @@ def plot_roc(scores: list[McqaScores], path: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> list[McqaScores]:
-    """Pre-train, fine-tune the single LoRA and the ensemble, print the table, write the plot."""
+@dataclass
+class McqaResult:
+    """What :func:`run` measured: every model's scores, the quality and cost rows, the printed tables."""
+
+    scores: list[McqaScores]
+    quality: list[dict[str, Any]]
+    cost: list[dict[str, Any]]
+    tables: str
+
+
+def run(args: argparse.Namespace) -> McqaResult:
+    """Pre-train, fine-tune the single LoRA and the ensemble, compare the ensemble fused and as peft
+    adapters run in turn, print the quality and cost tables, write the plot."""
     generator = torch.Generator().manual_seed(args.seed)
     world = World.draw(generator)
     corpus = make_facts(world, args.pretrain_sequences, 8, generator)
@@ -243,7 +399,7 @@ def run(args: argparse.Namespace) -> list[McqaScores]:
     train(backbone, (corpus, corpus), args.pretrain_epochs, 3e-3, args.batch_size, lm_loss, "pre-train (facts)",
           args.seed)
 
-    scores = []
+    ensembles = []
     for name, members in (("single LoRA", 1), (f"LoRA-Ensemble ({args.members})", args.members)):
         torch.manual_seed(args.seed + 1)
         ensemble = LoRAEnsemble(copy.deepcopy(backbone), num_members=members, rank=args.rank, alpha=2.0 * args.rank,
@@ -251,15 +407,37 @@ def run(args: argparse.Namespace) -> list[McqaScores]:
         order = torch.stack([torch.randperm(len(questions), generator=generator) for _ in range(members)], dim=1)
         train(MemberBatches(ensemble), (questions[order], answers[order]), args.finetune_epochs, args.lr,
               args.batch_size, member_loss, f"fine-tune {name}", args.seed + 2)
-        scores.append(McqaScores(name, ensemble.predict(id_q[0], answer_token_ids=LETTERS),
-                                 ensemble.predict(ood_q[0], answer_token_ids=LETTERS), id_q[1]))
+        ensembles.append(ensemble.eval())
 
-    print("\nAUROC: how well each score ranks wrong answers above right ones (colour questions) and size questions "
-          "above colour ones (0.5 = chance)")
-    print(format_rows(score_rows(scores)))
-    plot_roc(scores, args.out)
+    device = torch.device(args.device)  # trained on the CPU (seeded, reproducible), measured on `device`
+    backbone.to(device)
+    for ensemble in ensembles:
+        ensemble.to(device)
+    runners = [fused_runner("single LoRA", ensembles[0]),
+               fused_runner(f"LoRA-Ensemble ({args.members}), fused", ensembles[1])]
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            runners.append(sequential_runner(f"LoRA-Ensemble ({args.members}), peft adapters in turn", ensembles[1],
+                                             backbone, directory))
+    except ImportError as error:  # peft missing, or broken: say which
+        print(f"no row for the adapters run one after another: {import_failure('peft') or error}")
+    scores = [scores_of(r.name, r.answer_probs, id_q, ood_q, device) for r in runners]
+    if len(scores) == 3:
+        difference = (scores[2].id.member_probs - scores[1].id.member_probs).abs().max().item()
+        print(f"peft adapters in turn vs the fused ensemble: max |difference| of member probabilities {difference:.1e}")
+
+    quality = quality_rows(scores)
+    timed = id_q[0][:args.timing_questions].to(device)
+    cost_table = cost_rows(runners, timed, args.decode_tokens, device)
+    tables = (f"Quality on the {len(id_q[0])} ID questions (ECE with 15 bins; AUROC: wrong answers above right "
+              f"ones, and OOD questions above ID ones; 0.5 = chance):\n\n{format_quality(quality)}\n\n"
+              f"Cost, {len(timed)} questions one at a time, {args.decode_tokens} decoded tokens each "
+              f"({'CUDA' if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} thread(s)):\n\n"
+              f"{format_cost(cost_table, device)}")
+    print("\n" + tables)
+    plot_roc(scores[:2], args.out)
     print(f"ROC curves written to {args.out}")
-    return scores
+    return McqaResult(scores, quality, cost_table, tables)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-epochs", type=int, default=80, help="epochs of each LoRA fine-tune")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of every training (per member)")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LoRA fine-tunes")
+    parser.add_argument("--timing-questions", type=int, default=20, help="questions timed one at a time")
+    parser.add_argument("--decode-tokens", type=int, default=8, help="greedy tokens decoded per timed question")
+    parser.add_argument("--device", default="cpu", help="where the fine-tuned models are scored and timed "
+                        "(training runs on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisations and the batches")
     parser.add_argument("--out", default="mcqa_uncertainty.png", help="where to write the ROC curves (PNG)")
     return parser

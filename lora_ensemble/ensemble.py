@@ -11,8 +11,10 @@ every other layer runs unchanged on the stacked batch, and the classification he
 per-member (:class:`~lora_ensemble.heads.EnsembleHead` for an ``nn.Linear``,
 :class:`~lora_ensemble.heads.PerMemberModule` for a head of several layers). The output is
 ``[N, B, ...]``. A language model's ``lm_head`` stays one shared frozen layer; :meth:`LoRAEnsemble.generate`
-decodes all members in one stacked batch with one KV cache, :meth:`LoRAEnsemble.predict` with
-``answer_token_ids`` scores multiple-choice answers at each sequence's last token.
+is HF ``generate`` of every member (or of the ensemble) in one stacked batch with one KV cache,
+:meth:`LoRAEnsemble.predict` with ``answer_token_ids`` scores multiple-choice answers at each sequence's
+last token, :meth:`LoRAEnsemble.sequence_uncertainty` scores generated text with every member (the
+decoding code is :mod:`lora_ensemble.generation`).
 
 Where the replication happens:
 
@@ -28,6 +30,13 @@ Where the replication happens:
   default path (exactly so in eval mode; in training mode, stochastic layers before it (dropout)
   draw one mask shared by all members, as with ``replicate_at``).
 
+Calls are re-entrant: a forward, :meth:`LoRAEnsemble.predict` or :meth:`LoRAEnsemble.generate` changes no
+module or parameter. What a call needs while it runs (the batch size its hooks replicate, the first LoRA
+layer's input, a member chunk's selection) is kept per thread (:mod:`lora_ensemble.calls`) and put back
+when it returns or raises, so threads may call one ensemble at once. ``predict`` and ``generate`` put a
+model that is in training mode in eval mode for the call (a module state other threads see); a model
+already in eval mode is left alone.
+
 Calling ``ensemble.model`` (or ``ensemble.model.generate``) directly bypasses the replication: the
 model then expects the stacked batch ``[N*B, ...]``. A batch whose size is not a multiple of ``N``
 is refused with a ``ValueError``; one that happens to be a multiple of ``N`` cannot be told apart
@@ -37,20 +46,18 @@ from a stacked batch and runs sample ``n*B + b`` through member ``n``. Call the 
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
-from . import metrics
+from . import generation, metrics
 from .attention import replace_multihead_attention
-from .generation import GenerationOptions, choose_next_tokens
+from .calls import MEMBER_SELECTION, ThreadLocalSlot
 from .heads import EnsembleHead, PerMemberModule
 from .layout import replicate_members
 from .modules import LoRAEnsembleLayer, check_lora_options, wrap_linear
@@ -100,38 +107,61 @@ class EnsemblePrediction:
         )
 
 
-class _Replicator:
-    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
-    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+@dataclass
+class _Call:
+    """One call of the wrapped model by the ensemble. It lives in the ensemble's per-thread slot
+    (:class:`~lora_ensemble.calls.ThreadLocalSlot`) while the call runs, never on the modules.
 
-    ``active`` is set while the ensemble calls its model; ``batch`` is then ``B`` (replicate the
-    tensors whose leading dim is ``B``) or None (the inputs are already stacked ``[N*B, ...]``).
+    Attributes:
+        count: the members this call runs (a member chunk's size, or ``N``).
+        batch: ``B`` when the inputs are one batch to replicate member-major (at the entry or at
+            ``replicate_at``), None when they are already stacked ``[count*B, ...]``.
+        share_first_input: whether the first LoRA layer reads member 0's rows (``share_first_input``).
+        shared_source: the input of the first LoRA layer that ran in this call, once one has.
+        replicate_each_entry: :meth:`LoRAEnsemble.external_calls` with ``replicate=True``: each call of
+            the wrapped model sets ``batch`` from its own inputs and is replicated.
+        transform_output: :meth:`LoRAEnsemble.external_calls`' function of the wrapped model's output.
     """
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.batch: int | None = None
+    count: int
+    batch: int | None
+    share_first_input: bool
+    shared_source: Tensor | None = None
+    replicate_each_entry: bool = False
+    transform_output: Callable[[Any], Any] | None = None
 
     def replicate(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """``args`` / ``kwargs`` with every tensor whose leading dim is ``batch`` replicated ``count``
+        times member-major (none when ``batch`` is None)."""
         if self.batch is None:
             return args, kwargs
 
         def rep(v: Any) -> Any:
             if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
-                return replicate_members(v, self.num_members)
+                return replicate_members(v, self.count)
             return v
         return (tuple(rep(a) for a in args),
                 {k: v if k in _NOT_BATCHED else rep(v) for k, v in kwargs.items()})
 
+
+class _Replicator:
+    """Forward pre-hook that replicates a module's batch-leading tensor inputs member-major, and the
+    check on the wrapped model's entry that it is called through the ensemble or on a stacked batch.
+    Both read the call in progress on this thread from ``calls``."""
+
+    def __init__(self, num_members: int, calls: ThreadLocalSlot) -> None:
+        self.num_members = num_members  # for the direct-call check
+        self.calls = calls
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if not self.active:
+        call = self.calls.value
+        if call is None:
             raise RuntimeError("replicate_at module called outside LoRAEnsemble.forward")
-        return self.replicate(args, kwargs)
+        return call.replicate(args, kwargs)
 
     def check_direct_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook on the wrapped model: a direct call must bring a stacked batch."""
-        if self.active:
+        if self.calls.value is not None:
             return
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None:
@@ -146,23 +176,22 @@ class _Replicator:
 
 
 class _FirstInputSharing:
-    """Forward pre-hook on every LoRA layer: the first one to run in a forward, and any later one
-    called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
+    """Forward pre-hook on every LoRA layer: in a call with ``share_first_input``, the first one to run,
+    and any later one called on the very same tensor, reads member 0's rows with ``shared_input=True``."""
 
-    def __init__(self, num_members: int) -> None:
-        self.num_members = num_members
-        self.active = False
-        self.source: Tensor | None = None
+    def __init__(self, calls: ThreadLocalSlot) -> None:
+        self.calls = calls
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        if not self.active or kwargs.get("shared_input") is not None:
+        call = self.calls.value
+        if call is None or not call.share_first_input or kwargs.get("shared_input") is not None:
             return None
         x = args[0]
-        if self.source is None:
-            self.source = x
-        elif x is not self.source:
+        if call.shared_source is None:
+            call.shared_source = x
+        elif x is not call.shared_source:
             return None
-        first_member = x.reshape(self.num_members, x.shape[0] // self.num_members, *x.shape[1:])[0]
+        first_member = x.reshape(call.count, x.shape[0] // call.count, *x.shape[1:])[0]
         return (first_member, *args[1:]), {**kwargs, "shared_input": True}
 
 
@@ -204,25 +233,16 @@ def _undone_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _positions(mask: Tensor) -> Tensor:
-    """HF's position ids of a padded batch: ``cumsum(mask) - 1``, 0 on padding (``[B, T]``)."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _check_tokens(input_ids: Any, attention_mask: Any) -> Tensor:
-    """Validate ``input_ids [B, T]`` and ``attention_mask``; returns the mask (ones when None)."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or 0 in input_ids.shape:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an integer tensor [B, T] with B, T >= 1, got {shape}")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
-    if not ((attention_mask == 0) | (attention_mask == 1)).all() or not attention_mask.bool().any(-1).all():
-        raise ValueError("attention_mask must hold 0/1 with at least one 1 (attended token) per row")
-    return attention_mask
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model that already holds LoRA-Ensemble layers or per-member heads: wrapping it again would
+    freeze the first ensemble's factors and heads (``requires_grad_(False)``) and run them inside the new one."""
+    wrapped = [(name or type(model).__name__, type(m).__name__) for name, m in model.named_modules()
+               if isinstance(m, _PER_MEMBER_TYPES)]
+    if wrapped:
+        shown = ", ".join(f"{name} ({kind})" for name, kind in wrapped[:3]) + (" ..." if len(wrapped) > 3 else "")
+        raise ValueError(f"{type(model).__name__} is already wrapped: it holds {len(wrapped)} LoRA-Ensemble layers "
+                         f"or per-member heads ({shown}). Wrap the unwrapped base model (a LoRAEnsemble's model "
+                         "cannot be wrapped again), or pass more target_modules to one LoRAEnsemble")
 
 
 class LoRAEnsemble(nn.Module):
@@ -243,7 +263,8 @@ class LoRAEnsemble(nn.Module):
     Args:
         model: the backbone; its forward must take the batch on dim 0 of its tensor inputs.
         num_members: ``N``.
-        rank: LoRA rank ``r``.
+        rank: LoRA rank ``r``, at most ``min(in_features, out_features)`` of every target layer (a
+            ``ValueError`` naming the layer otherwise) unless ``allow_rank_above_size``.
         target_modules: see :func:`~lora_ensemble.targets.resolve_target_modules` (None: the family's
             attention projections).
         alpha: LoRA ``alpha`` (scaling ``alpha / r``); None gives scaling 1, as the paper's code.
@@ -256,7 +277,8 @@ class LoRAEnsemble(nn.Module):
             module head: its last ``nn.Linear`` is replaced); None copies the model's heads into every
             member (then the members' heads start equal).
         init_gain: Xavier gain of ``lora_A`` with ``init="paper"`` (10, as the paper).
-        backend: the fused op's backend.
+        backend: the fused op's backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (another name
+            is a ``ValueError`` here; one this machine cannot run fails at the first call, saying why).
         replicate_at: dotted name of the module at whose input the batch is replicated (None: at
             the model entry). Everything before it runs once, at batch ``B``.
         share_first_input: run the first LoRA layer(s) on member 0's rows with ``shared_input``
@@ -276,6 +298,13 @@ class LoRAEnsemble(nn.Module):
             :meth:`predict`, :meth:`generate`): the same results as all at once, with the activations of
             ``k*B`` rows instead of ``N*B`` at a time. None: all at once. Also settable later as the
             attribute.
+        allow_rank_above_size: accept a ``rank`` above a target's ``min(in_features, out_features)``
+            (what :func:`~lora_ensemble.io.load_peft_adapters` and :func:`~lora_ensemble.io.load_members`
+            pass: peft saves such adapters and loading one must reproduce it).
+
+    Raises:
+        ValueError: ``model`` already holds LoRA-Ensemble layers or per-member heads (a wrapped model, or
+            the model of one: wrapping it again would freeze the first ensemble), or a bad option.
     """
 
     def __init__(
@@ -296,6 +325,7 @@ class LoRAEnsemble(nn.Module):
         lora_dropout: float = 0.0,
         member_chunk_size: int | None = None,
         adapter_dtype: torch.dtype | None = None,
+        allow_rank_above_size: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -305,7 +335,8 @@ class LoRAEnsemble(nn.Module):
         if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
             raise ValueError(f"member_chunk_size must be a positive int or None, got {member_chunk_size!r}")
         init = init if init is not None else ("peft" if has_lm_head(model) else "paper")
-        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype, backend)
+        _check_not_wrapped(model)
         self.num_members, self.rank, self.alpha = num_members, rank, alpha
         self.adapter_dtype = adapter_dtype
         self.init, self.init_gain, self.use_rslora, self.lora_dropout = init, init_gain, use_rslora, lora_dropout
@@ -327,17 +358,22 @@ class LoRAEnsemble(nn.Module):
                 _set_by_name(model, name, self._per_member_head(model.get_submodule(name)))
             self.target_names = resolve_target_modules(model, target_modules)
             for name in self.target_names:
-                layer = wrap_linear(
-                    model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend, init_gain=init_gain,
-                    init=init, use_rslora=use_rslora, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
+                try:
+                    layer = wrap_linear(
+                        model.get_submodule(name), num_members, rank, alpha=alpha, backend=backend,
+                        init_gain=init_gain, init=init, use_rslora=use_rslora, lora_dropout=lora_dropout,
+                        adapter_dtype=adapter_dtype, allow_rank_above_size=allow_rank_above_size)
+                except ValueError as exc:
+                    raise ValueError(f"target {name}: {exc}") from exc
                 _set_by_name(model, name, layer)
             model.train(model.training)  # the new layers and heads take the model's mode (eval stays eval)
         self.model = model
 
         self.replicate_at = replicate_at
         self.share_first_input = share_first_input
-        self._replicator = _Replicator(num_members)
-        self._sharing = _FirstInputSharing(num_members)
+        self._calls = ThreadLocalSlot()  # the _Call in progress on each thread
+        self._replicator = _Replicator(num_members, self._calls)
+        self._sharing = _FirstInputSharing(self._calls)
         self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
@@ -353,6 +389,9 @@ class LoRAEnsemble(nn.Module):
     def _install_hooks(self) -> None:
         self._hook_handles.append(self.model.register_forward_pre_hook(self._replicator.check_direct_call,
                                                                        with_kwargs=True))
+        self._hook_handles.append(self.model.register_forward_pre_hook(self._external_entry, with_kwargs=True,
+                                                                       prepend=True))
+        self._hook_handles.append(self.model.register_forward_hook(self._external_exit, with_kwargs=True))
         if self.replicate_at is not None:
             trunk = self.model.get_submodule(self.replicate_at)
             self._hook_handles.append(trunk.register_forward_pre_hook(self._replicator, with_kwargs=True))
@@ -411,32 +450,29 @@ class LoRAEnsemble(nn.Module):
         size = self.member_chunk_size or self.num_members
         return [slice(start, min(start + size, self.num_members)) for start in range(0, self.num_members, size)]
 
-    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any],
-              params: dict[str, nn.Parameter]) -> Any:
+    def _call(self, members: slice, batch: int | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         """``self.model`` on the members ``members`` only. ``batch``: ``B`` when the inputs are one batch
         to replicate (at the entry or at ``replicate_at``), None when they are stacked ``[k*B, ...]``.
-        ``params``: :meth:`member_parameters`, sliced to ``members`` when they are not all members."""
+
+        The call's state (a :class:`_Call`, and the member selection of a chunk that the LoRA layers and
+        heads read, :data:`~lora_ensemble.calls.MEMBER_SELECTION`) is kept per thread and put back as it
+        was on return or error: no module or parameter changes, so threads may call one ensemble at once."""
         count = len(range(self.num_members)[members])
-        self._replicator.active, self._replicator.batch = True, batch
-        self._replicator.num_members = self._sharing.num_members = count
-        self._sharing.active = self.share_first_input and batch is not None
+        call = _Call(count, batch, self.share_first_input and batch is not None)
+        outer_call, outer_members = self._calls.value, MEMBER_SELECTION.value
+        self._calls.value = call
+        MEMBER_SELECTION.value = members if count < self.num_members else None
         try:
             if self.replicate_at is None:
-                args, kwargs = self._replicator.replicate(args, kwargs)
-            if count == self.num_members:
-                return self.model(*args, **kwargs)
-            return functional_call(self.model, {name: p[members] for name, p in params.items()}, args, kwargs)
+                args, kwargs = call.replicate(args, kwargs)
+            return self.model(*args, **kwargs)
         finally:
-            self._replicator.active, self._replicator.batch = False, None
-            self._replicator.num_members = self._sharing.num_members = self.num_members
-            self._sharing.active, self._sharing.source = False, None
+            MEMBER_SELECTION.value, self._calls.value = outer_members, outer_call
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, list[tuple[int, Any]]]:
         """The batch size and every member chunk's (member count, raw model output)."""
         batch = _batch_size(args, kwargs)
-        chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
-        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs, params)) for c in chunks]
+        return batch, [(len(range(self.num_members)[c]), self._call(c, batch, args, kwargs)) for c in self._chunks()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The model's inputs (batch ``B`` on dim 0) -> every member's logits ``[N, B, ...]``
@@ -448,11 +484,12 @@ class LoRAEnsemble(nn.Module):
         """The HF output of the stacked pass, with ``logits`` as ``[N, B, ...]``.
 
         ``loss`` (when ``labels`` are given) is HF's loss over the stacked batch, which with the labels
-        replicated is the mean over members of each member's loss. ``past_key_values``,
-        ``hidden_states`` and the other fields are HF's for the stacked batch ``[N*B, ...]``
-        (member-major); to continue decoding from that cache pass ``ens.model`` stacked inputs, or use
-        :meth:`generate`. With ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are
-        returned (the other fields exist per chunk, not for the whole ensemble).
+        replicated is the mean over members of each member's loss. The KV cache (``cache``; before
+        transformers 5.2x ``past_key_values``), ``hidden_states`` and the other fields are HF's for the
+        stacked batch ``[N*B, ...]`` (member-major); to continue decoding from that cache pass ``ens.model``
+        stacked inputs (:func:`lora_ensemble.generation.decode_one_token`), or use :meth:`generate`. With
+        ``member_chunk_size`` set below ``N`` only ``loss`` and ``logits`` are returned (the other fields
+        exist per chunk, not for the whole ensemble).
 
         Raises:
             TypeError: the model does not return an HF ``ModelOutput`` with ``logits``.
@@ -473,7 +510,12 @@ class LoRAEnsemble(nn.Module):
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the call, the modes put back after. A model already in eval mode (a server's) is
+        left alone: no write, so calls from several threads do not race on the modes."""
         modes = [(m, m.training) for m in self.modules()]
+        if not any(training for _, training in modes):
+            yield
+            return
         self.eval()
         try:
             yield
@@ -481,8 +523,50 @@ class LoRAEnsemble(nn.Module):
             for m, mode in modes:
                 m.training = mode
 
-    def _accepts(self, name: str) -> bool:
-        return name in inspect.signature(self.model.forward).parameters
+    @contextmanager
+    def external_calls(self, replicate: bool, transform_output: Callable[[Any], Any] | None = None) -> Iterator[None]:
+        """Within this context ``self.model`` is called by a loop outside the ensemble (HF ``generate``,
+        the decode steps of :mod:`lora_ensemble.generation`), one call at a time, on this thread.
+
+        ``replicate=False``: every call brings the member-stacked batch ``[N*R, ...]`` (rows
+        ``n*R:(n+1)*R`` are member ``n``'s). ``replicate=True``: every call brings ``R`` rows (the batch
+        of its ``input_ids``, else ``inputs_embeds``, else its first tensor), replicated member-major at
+        the model's entry, or at ``replicate_at``, as :meth:`forward` does; ``transform_output`` then
+        receives the model's output for the ``N*R`` rows and returns what the caller gets. Every member
+        runs in each call (``member_chunk_size`` does not apply).
+
+        Like :meth:`forward`, the context keeps its state in this thread's call slot and the hooks
+        installed at wrapping read it there: nothing on the modules changes, so other threads may call
+        the ensemble meanwhile.
+        """
+        call = _Call(self.num_members, None, False, replicate_each_entry=replicate,
+                     transform_output=transform_output)
+        outer_call, outer_members = self._calls.value, MEMBER_SELECTION.value
+        self._calls.value, MEMBER_SELECTION.value = call, None
+        try:
+            yield
+        finally:
+            MEMBER_SELECTION.value, self._calls.value = outer_members, outer_call
+
+    def _external_entry(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Pre-hook on the wrapped model: in :meth:`external_calls` with ``replicate=True``, each call's
+        batch is replicated member-major (at the entry, or later at ``replicate_at``), and a call with
+        ``share_first_input`` starts its sharing anew."""
+        call = self._calls.value
+        if call is None or not call.replicate_each_entry:
+            return None
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(k), Tensor)), None)
+        call.batch = first.shape[0] if first is not None else _batch_size(args, kwargs)
+        call.share_first_input, call.shared_source = self.share_first_input, None
+        return call.replicate(args, kwargs) if self.replicate_at is None else (args, kwargs)
+
+    def _external_exit(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """Forward hook on the wrapped model: in :meth:`external_calls` with ``transform_output``, what
+        the caller gets for the model's output."""
+        call = self._calls.value
+        if call is None or call.transform_output is None:
+            return None
+        return call.transform_output(output)
 
     @torch.no_grad()
     def predict(self, *args: Any, answer_token_ids: Sequence[int] | Tensor | None = None,
@@ -496,9 +580,9 @@ class LoRAEnsemble(nn.Module):
         ``predict(input_ids [B, T], attention_mask=mask, answer_token_ids=[id_A, id_B, ...])`` takes each
         member's next-token logits at each sequence's last attended position (left or right padding),
         keeps the answer tokens' logits ``[N, B, A]`` and softmaxes over them: the prediction is over
-        the answers, renormalised. Position ids follow the mask (as HF ``generate`` computes them)
-        unless given; only the needed positions reach ``lm_head`` (``logits_to_keep``) when the model
-        takes that argument.
+        the answers, renormalised (:func:`lora_ensemble.generation.answer_logits`). Position ids follow
+        the mask (as HF ``generate`` computes them) unless given; only the needed positions reach
+        ``lm_head`` (``logits_to_keep``) when the model takes that argument.
 
         Raises:
             ValueError: malformed ``input_ids`` / ``attention_mask``, an empty ``answer_token_ids`` or
@@ -507,136 +591,58 @@ class LoRAEnsemble(nn.Module):
         with self._eval_mode():
             if answer_token_ids is None:
                 return EnsemblePrediction.from_logits(self(*args, **kwargs))
-            return EnsemblePrediction.from_logits(self._answer_logits(args, kwargs, answer_token_ids))
-
-    def _answer_logits(self, args: tuple, kwargs: dict[str, Any], answer_token_ids: Sequence[int] | Tensor) -> Tensor:
-        if len(args) > 1 or (args and "input_ids" in kwargs):
-            raise TypeError("predict with answer_token_ids takes input_ids (positional or keyword) and every "
-                            "other model input by keyword")
-        input_ids = args[0] if args else kwargs.pop("input_ids", None)
-        mask = _check_tokens(input_ids, kwargs.get("attention_mask"))
-        answers = torch.as_tensor(answer_token_ids, device=input_ids.device).long().reshape(-1)
-        if answers.numel() == 0:
-            raise ValueError("answer_token_ids must name at least one token")
-        length = input_ids.shape[1]
-        last = length - 1 - mask.flip(-1).argmax(-1)  # each row's last attended position
-        if self._accepts("position_ids") and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = _positions(mask)
-        if self._accepts("logits_to_keep"):
-            if "logits_to_keep" in kwargs:
-                raise ValueError("predict with answer_token_ids chooses logits_to_keep itself; do not pass it")
-            kept = torch.unique(last)
-            kwargs["logits_to_keep"] = kept
-            last = torch.searchsorted(kept, last)
-        logits = self(input_ids, **kwargs)  # [N, B, T or kept, V]
-        vocab = logits.shape[-1]
-        if answers.min() < 0 or answers.max() >= vocab:
-            raise ValueError(f"answer_token_ids must be in [0, {vocab}) (the vocabulary), got {answers.tolist()}")
-        index = last.view(1, -1, 1, 1).expand(logits.shape[0], -1, 1, vocab)
-        return logits.gather(2, index).squeeze(2)[..., answers]
+            if len(args) > 1 or (args and "input_ids" in kwargs):
+                raise TypeError("predict with answer_token_ids takes input_ids (positional or keyword) and every "
+                                "other model input by keyword")
+            input_ids = args[0] if args else kwargs.pop("input_ids", None)
+            return EnsemblePrediction.from_logits(generation.answer_logits(self, input_ids, answer_token_ids, kwargs))
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        ensemble: bool = False,
-        **unsupported: Any,
-    ) -> Tensor:
-        """Decode every member of a causal LM in one stacked batch with one KV cache (in eval mode,
-        restored afterwards; no gradients).
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, ensemble: bool | str = False,
+                 **generate_options: Any) -> Any:
+        """HF ``generate`` of every member, or of the ensemble, in one stacked batch with one KV cache (in
+        eval mode, restored afterwards; no gradients). See :mod:`lora_ensemble.generation`.
 
-        ``ensemble=False``: every member decodes its own continuation, ``[N, B, T + new]``; member
-        ``n``'s rows equal HF ``generate`` of member ``n`` alone (greedy). ``ensemble=True``: one
-        continuation per sequence from the mean of the member probabilities, ``[B, T + new]`` (see
-        :mod:`lora_ensemble.generation` for the rules). ``new`` is ``max_new_tokens``, or fewer when
-        every sequence has ended: a sequence stops at an end-of-sequence token and is padded with
-        ``pad_token_id`` after it. With ``member_chunk_size`` the members run ``k`` at a time at every
-        step (each chunk keeps its own cache), with the same results.
+        ``ensemble=False``: each member decodes its own continuations: HF ``generate`` of the wrapped model
+        on the member-stacked prompts, reshaped member-first: ``[N, B*k, T + new]`` (``k`` =
+        ``num_return_sequences``), member ``n``'s rows being what HF ``generate`` gives member ``n`` alone
+        (greedy, sampling, beam search, ``num_return_sequences``, processors, stopping criteria, ...).
+        With ``return_dict_in_generate=True``: HF's output class, every per-row field ``[N, rows per
+        member, ...]`` (the cache stays stacked). Logits processors, stopping criteria and streamers see
+        the stacked rows ``[N*B*k, ...]``; ``prefix_allowed_tokens_fn`` gets the prompt's index in ``B``.
 
-        Args:
-            input_ids: ``[B, T]`` prompts, left-padded when their lengths differ.
-            attention_mask: ``[B, T]`` (1 = token, 0 = padding), None for no padding.
-            max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id: as in HF
-                ``generate``; each unset one comes from ``self.model.generation_config``, else HF's
-                default (20 tokens, greedy, ``top_k=50`` when sampling).
-            generator: the ``torch.Generator`` sampling draws from (None: the global one, as HF).
-            ensemble: decode the ensemble's mean distribution instead of each member.
+        ``ensemble="mean_probs"`` (or True) / ``"mean_logprobs"``: one decoding of the ensemble,
+        ``[B*k, T + new]`` (HF's shapes for one model), HF generate of a model whose next-token logits are
+        the ensemble's log-probabilities under that rule; every HF option acts on them, and
+        ``output_scores`` / ``output_logits`` give the ensemble's scores.
+
+        ``generate_options`` are HF ``generate``'s (``max_new_tokens``, ``do_sample``, ``num_beams``,
+        ``num_return_sequences``, ``eos_token_id``, ``logits_processor``, ``stopping_criteria``,
+        ``streamer``, ``return_dict_in_generate``, ``output_scores``, ...), unset ones from
+        ``self.model.generation_config`` as HF does. Sampling draws from the global generator (seed it with
+        ``torch.manual_seed``).
 
         Raises:
-            TypeError: an HF ``generate`` option this decoder does not implement (beam search,
-                repetition penalty, ...), or a model that cannot generate.
-            ValueError: malformed or right-padded ``input_ids`` / ``attention_mask``, an option out of range.
+            TypeError: a model that cannot generate; ``generator`` (HF samples from the global generator);
+                with ensemble decoding, assisted decoding or a cache of the caller's (named in the message).
+            ValueError: malformed or right-padded ``input_ids`` / ``attention_mask``, an unknown rule, or
+                ``member_chunk_size`` below ``N`` (decoding runs all members in one batch).
         """
-        if unsupported:
-            raise TypeError(f"LoRAEnsemble.generate does not support {sorted(unsupported)}; it takes max_new_tokens, "
-                            "do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, generator, ensemble")
-        can_generate = getattr(self.model, "can_generate", None)
-        if not (callable(can_generate) and can_generate()):
-            raise TypeError(f"generate needs a causal language model (HF can_generate()), got "
-                            f"{type(self.model).__name__}")
-        mask = _check_tokens(input_ids, attention_mask)
-        if not mask[:, -1].all():
-            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
-            raise ValueError(f"generate needs left padding; rows {rows} end in padding (attention_mask[:, -1] == 0)")
-        options = GenerationOptions.from_call(
-            getattr(self.model, "generation_config", None), generator, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id)
+        rule = None if ensemble is False else ("mean_probs" if ensemble is True else ensemble)
         with self._eval_mode():
-            return self._decode(input_ids, mask, options, ensemble)
+            return generation.generate(self, input_ids, attention_mask, rule, **generate_options)
 
-    def _decode(self, input_ids: Tensor, mask: Tensor, options: GenerationOptions, ensemble: bool) -> Tensor:
-        batch = input_ids.shape[0]
-        chunks = self._chunks()
-        params = self.member_parameters() if len(chunks) > 1 else {}
-        keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
-        with_positions = self._accepts("position_ids")
-        seqs = input_ids if ensemble else replicate_members(input_ids, self.num_members)
-        eos = torch.tensor(options.eos_token_ids, dtype=torch.long, device=input_ids.device)
-        unfinished = torch.ones(seqs.shape[0], dtype=torch.bool, device=input_ids.device)
-        caches: list[Any] = [None] * len(chunks)
-        for step in range(options.max_new_tokens):
-            positions = _positions(mask)
-            logits = []
-            for i, members in enumerate(chunks):
-                count = len(range(self.num_members)[members])
-                if step == 0 or ensemble:  # one batch for every member: the prompt, or the ensemble's token
-                    inputs = {"input_ids": input_ids if step == 0 else seqs[:, -1:], "attention_mask": mask,
-                              "position_ids": positions if step == 0 else positions[:, -1:]}
-                    step_batch: int | None = batch
-                else:  # each member's own last token: stacked rows of this chunk
-                    inputs = {"input_ids": seqs[members.start * batch:members.stop * batch, -1:],
-                              "attention_mask": replicate_members(mask, count),
-                              "position_ids": replicate_members(positions[:, -1:], count)}
-                    step_batch = None
-                if not with_positions:
-                    del inputs["position_ids"]
-                out = self._call(members, step_batch, (),
-                                 {**inputs, "past_key_values": caches[i], "use_cache": True, **keep}, params)
-                if out.past_key_values is None:
-                    raise RuntimeError(f"{type(self.model).__name__} returned no past_key_values with use_cache=True")
-                caches[i] = out.past_key_values
-                logits.append(out.logits[:, -1].float().reshape(count, batch, -1))
-            tokens = choose_next_tokens(torch.cat(logits), options, ensemble)
-            if eos.numel():
-                tokens = torch.where(unfinished, tokens, options.pad_token_id)
-            seqs = torch.cat([seqs, tokens[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            if eos.numel():
-                unfinished &= ~torch.isin(tokens, eos)
-                if not unfinished.any():
-                    break
-        return seqs if ensemble else seqs.view(self.num_members, batch, -1)
+    @torch.no_grad()
+    def sequence_uncertainty(self, sequences: Tensor, attention_mask: Tensor | None = None, *, prompt_length: int,
+                             eos_token_id: int | Sequence[int] | None = None) -> generation.SequenceUncertainty:
+        """Every member's view of generated ``sequences`` (from :meth:`generate`, per member or of the
+        ensemble), in eval mode without gradients: per generated token and per sequence the entropy of
+        the mean, expected entropy, mutual information, reverse mutual information and expected pairwise
+        KL (LM-Polygraph's definitions), and each member's sequence log-probability. See
+        :func:`lora_ensemble.generation.sequence_uncertainty` for the arguments."""
+        with self._eval_mode():
+            return generation.sequence_uncertainty(self, sequences, attention_mask, prompt_length=prompt_length,
+                                                   eos_token_id=eos_token_id)
 
     def select_members_(self, members: slice) -> LoRAEnsemble:
         """Keep only ``members``, in place: every parameter of :meth:`member_parameters` (each wrapped
@@ -658,8 +664,8 @@ class LoRAEnsemble(nn.Module):
         for module in self.modules():
             if isinstance(module, _PER_MEMBER_TYPES):
                 module.num_members = len(kept)
-        # The member count lives on the ensemble and on its forward pre-hooks.
-        self.num_members = self._replicator.num_members = self._sharing.num_members = len(kept)
+        # The member count lives on the ensemble and on its direct-call check.
+        self.num_members = self._replicator.num_members = len(kept)
         return self
 
     def extra_repr(self) -> str:

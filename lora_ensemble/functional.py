@@ -14,6 +14,8 @@ gradients come back through that cast and reach the parameters in the adapter dt
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -55,7 +57,7 @@ def _factors_well_formed(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, d: i
     except ValueError:  # not 3-D
         return False
     x_shape, device = x.shape, x.device
-    return (len(x_shape) >= 2 and x_shape[-1] == d == d_a and num_members >= 1 and rank >= 1
+    return (len(x_shape) >= 2 and x_shape[-1] == d == d_a and d >= 1 and num_members >= 1 and rank >= 1
             and lora_B.shape == (num_members, k, rank) and (shared_input or x_shape[0] % num_members == 0)
             and x.dtype in _DTYPES and lora_A.dtype in _DTYPES and lora_B.dtype in _DTYPES
             and lora_A.device == device and lora_B.device == device)
@@ -100,12 +102,27 @@ def _check_factors(x: Tensor, lora_A: Tensor, lora_B: Tensor, k: int, d: int, sh
         raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [N, r, d] with d={d} ({reference})")
     if num_members < 1 or rank < 1:
         raise ValueError(f"lora_A shape {tuple(lora_A.shape)} needs N >= 1 members and rank r >= 1")
+    if d < 1:
+        raise ValueError(f"in_features d must be >= 1, got d=0 (x shape {tuple(x.shape)}, {reference})")
     if tuple(lora_B.shape) != (num_members, k, rank):
         raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [N, k, r] = {(num_members, k, rank)} "
                          f"(lora_A shape {tuple(lora_A.shape)}, {reference})")
     if not shared_input and x.shape[0] % num_members != 0:
         raise ValueError(f"x's leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not divisible by "
                          f"num_members N={num_members}; stacked inputs are [N*Bsz, ..., d], member-major")
+
+
+def _check_scaling(scaling: float) -> float:
+    """``scaling`` as a finite Python float (a NaN or Inf scaling would not reach every backend's output alike:
+    MKL's ``baddbmm`` drops a NaN ``alpha`` above small sizes)."""
+    if type(scaling) is float and scaling - scaling == 0.0:  # a finite float, the common case: no call
+        return scaling
+    if not isinstance(scaling, (numbers.Real, Tensor)) or (isinstance(scaling, Tensor) and scaling.numel() != 1):
+        raise TypeError(f"scaling must be a real number, got {scaling!r}")
+    value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"scaling must be finite, got {value} (alpha / rank of a LoRA layer)")
+    return value
 
 
 def _check_dtypes_and_devices(compute: dict[str, Tensor], factors: dict[str, Tensor]) -> None:
@@ -209,7 +226,7 @@ def fused_lora_ensemble_linear(
         bias: ``[k]`` or None.
         lora_A: ``[N, r, d]``, in the compute dtype or its own (cast to the compute dtype here).
         lora_B: ``[N, k, r]``, likewise.
-        scaling: ``s`` (``alpha / r`` in LoRA terms).
+        scaling: ``s`` (``alpha / r`` in LoRA terms), finite.
         shared_input: every member sees the same ``x``; ``x @ W0^T`` is computed once.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
@@ -225,6 +242,7 @@ def fused_lora_ensemble_linear(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    scaling = _check_scaling(scaling)
     x, weight, bias, lora_A, lora_B = _in_autocast_dtype(x, weight, bias, lora_A, lora_B)
     validate_inputs(x, weight, bias, lora_A, lora_B, shared_input)
     name = _resolve(backend, x.device, x.dtype)
@@ -240,7 +258,7 @@ def fused_lora_ensemble_linear(
         bias.contiguous() if bias is not None else None,
         lora_A,
         lora_B,
-        float(scaling),
+        scaling,
         bool(shared_input),
         name,
     )
@@ -278,6 +296,7 @@ def lora_ensemble_delta(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    scaling = _check_scaling(scaling)
     x, base, lora_A, lora_B = _in_autocast_dtype(x, base, lora_A, lora_B)
     validate_delta_inputs(x, base, lora_A, lora_B, shared_input)
     name = _resolve(backend, x.device, x.dtype)
@@ -289,6 +308,6 @@ def lora_ensemble_delta(
         rows, base_rows = x.reshape(num_members, -1, d), base.reshape(num_members, -1, k)
     if name == "auto":
         name = auto_backend(rows, None, None, lora_A, lora_B, scaling, shared_input, base=base_rows)
-    out = lora_delta_apply(rows.contiguous(), base_rows.contiguous(), lora_A, lora_B, float(scaling),
+    out = lora_delta_apply(rows.contiguous(), base_rows.contiguous(), lora_A, lora_B, scaling,
                            bool(shared_input), name)
     return out.reshape(stacked_output_shape(x.shape, num_members, shared_input, k))

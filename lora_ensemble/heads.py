@@ -3,7 +3,9 @@
 what peft calls ``modules_to_save``).
 
 Both take member-major input ``[N*B, ...]`` (rows ``n*B:(n+1)*B`` are member ``n``) and keep every
-parameter stacked along a leading member dim ``[N, ...]``, so slicing members is slicing dim 0.
+parameter stacked along a leading member dim ``[N, ...]``, so slicing members is slicing dim 0: a
+:class:`~lora_ensemble.LoRAEnsemble` member chunk runs the slice it selected on this thread
+(:mod:`lora_ensemble.calls`). A forward changes no module state: threads may call one head at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .calls import MEMBER_SELECTION
 
 __all__ = ["EnsembleHead", "PerMemberModule"]
 
@@ -64,15 +68,16 @@ class EnsembleHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N*B, ..., H]`` -> ``[N*B, ..., C]``."""
-        num_members = self.weight.shape[0]  # not self.num_members: a member chunk passes a slice
+        weight, bias = _selected(self.weight), _selected(self.bias)
+        num_members = weight.shape[0]  # not self.num_members: a member chunk runs a slice
         if x.shape[0] % num_members != 0:
             raise ValueError(f"EnsembleHead: leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not "
                              f"divisible by num_members={num_members}")
         rows = x.reshape(num_members, -1, self.in_features)
-        if self.bias is None:
-            out = torch.bmm(rows, self.weight.transpose(1, 2))
+        if bias is None:
+            out = torch.bmm(rows, weight.transpose(1, 2))
         else:
-            out = torch.baddbmm(self.bias.unsqueeze(1), rows, self.weight.transpose(1, 2))
+            out = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def stacked_parameters(self) -> dict[str, nn.Parameter]:
@@ -103,8 +108,10 @@ class PerMemberModule(nn.Module):
 
     The copies share the structure of ``self.module`` and each of its parameters is stored stacked,
     ``[N, *shape]`` under its own name (``classifier.module.dense.weight [N, H, H]``); member ``n``
-    runs ``self.module`` with every parameter's slice ``[n]`` (``torch.func.functional_call``), one
-    call per member (heads are small; the backbone is the stacked part). Buffers are shared by all
+    runs a copy of ``self.module``'s module tree (sharing its tensors, made per call so that no call
+    swaps the parameters of a module another thread runs) with every parameter's slice ``[n]``
+    (``torch.func.functional_call``), one call per member (heads are small; the backbone is the stacked
+    part). Buffers are shared by all
     members. In training mode stochastic layers (dropout) draw independently per member.
 
     Input: the module's first positional argument ``[N*B, ...]`` member-major (further arguments
@@ -154,12 +161,15 @@ class PerMemberModule(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``x [N*B, ...]`` -> the members' outputs ``[N*B, ...]``."""
-        stacked = self.stacked_parameters()
-        num_members = next(iter(stacked.values())).shape[0]  # a member chunk passes a slice
+        stacked = {name: _selected(p) for name, p in self.stacked_parameters().items()}
+        num_members = next(iter(stacked.values())).shape[0]  # a member chunk runs a slice
         if x.shape[0] % num_members != 0:
             raise ValueError(f"PerMemberModule: leading dim {x.shape[0]} (x shape {tuple(x.shape)}) is not "
                              f"divisible by num_members={num_members}")
-        outs = [functional_call(self.module, {name: p[n] for name, p in stacked.items()}, (rows, *args), kwargs)
+        # functional_call swaps parameters in place for the call: on a private copy of the module tree
+        # (torch.compile traces the swap away and needs no copy).
+        module = self.module if torch.compiler.is_compiling() else _tree_copy(self.module)
+        outs = [functional_call(module, {name: p[n] for name, p in stacked.items()}, (rows, *args), kwargs)
                 for n, rows in enumerate(x.chunk(num_members))]
         return torch.cat(outs)
 
@@ -176,3 +186,20 @@ class PerMemberModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}"
+
+
+def _selected(param: Tensor | None) -> Tensor | None:
+    """``param [N, ...]`` sliced to the members selected on this thread (all of them when none is)."""
+    members = MEMBER_SELECTION.value
+    return param if members is None or param is None else param[members]
+
+
+def _tree_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s module objects, each with its own parameter, buffer and child dicts, sharing
+    every tensor, hook and other attribute: what ``functional_call`` may swap parameters on while
+    another thread runs ``module``."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: None if child is None else _tree_copy(child) for name, child in module._modules.items()}
+    return clone

@@ -6,9 +6,10 @@ from and to peft LoRA adapters.
 parameters ``[N, ...]``), in one safetensors file keyed by the parameter's name inside the model
 (``blocks.0.attn.qkv.lora_A``, ``head.weight``), next to a small JSON config: members, rank, alpha, LoRA
 options, target layer names, head names, replication options, and a record of the base the members were
-trained on (its class, HF ``model_type`` and ``_name_or_path``, each wrapped layer's ``[k, d]`` and 64 entries
-of its ``W0`` at fixed positions). The frozen backbone is not saved: :func:`load_members` re-attaches the
-members to a fresh copy of it and refuses a different one.
+trained on (its class, HF ``model_type`` and ``_name_or_path``, each wrapped layer's ``[k, d]``, and a
+fingerprint of every other parameter and buffer of the wrapped model, the base's: shape, dtype, float64
+norm and 8 entries at fixed positions). The frozen backbone is not saved: :func:`load_members` re-attaches
+the members to a fresh copy of it and refuses a different one.
 
 :func:`load_peft_adapters` makes member ``n`` of a new ensemble peft adapter ``n`` (a ``save_pretrained``
 folder), and :func:`save_peft_adapters` writes one such folder per member; see
@@ -30,10 +31,11 @@ from torch import Tensor, nn
 from ._optional import optional_dependency
 
 with optional_dependency("lora_ensemble.io"):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
 from .attention import ExplicitMultiheadAttention
 from .ensemble import LoRAEnsemble, _undone_on_error
+from .files import check_field, read_json_object, read_safetensors
 from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_adapter
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_member", "load_members", "load_peft_adapters", "save_members",
@@ -41,14 +43,20 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_member", "load_members", "load
 
 CONFIG_NAME = "lora_ensemble.json"
 WEIGHTS_NAME = "members.safetensors"
-_FORMAT_VERSION = 2  # 2: the base record and adapter_dtype; 1 (read too): neither
-_SAMPLES = 64  # entries of W0 recorded per wrapped layer
-# Two W0 samples are one base when every entry agrees within this fraction of itself plus of the
-# sample's RMS: a base cast to bf16 / fp16 passes, a different model's weights do not.
+# 3: the base record fingerprints every base tensor; 2 (read too): the base record holds 64 entries of each
+# wrapped layer's W0 only, and adapter_dtype; 1 (read too): neither.
+_FORMAT_VERSION = 3
+_SAMPLES = 64  # entries of W0 recorded per wrapped layer (format 2)
+_TENSOR_SAMPLES = 8  # entries recorded per base tensor (format 3)
+# Two W0 samples of format 2 are one base when every entry agrees within this fraction of itself plus of
+# the sample's RMS: a base cast to bf16 / fp16 passes, a different model's weights do not.
 _SAMPLE_TOLERANCE = 2.0**-7
+# Base tensors recorded in one dtype and compared in the same dtype must agree to this relative
+# tolerance (the same values: only the float64 norm's summation order may differ).
+_SAME_DTYPE_TOLERANCE = 1e-9
 # LoRAEnsemble arguments that load_peft_adapters takes from the adapters.
 _SET_BY_ADAPTERS = frozenset({"num_members", "rank", "target_modules", "alpha", "use_rslora", "head", "num_classes",
-                              "init", "init_gain"})
+                              "init", "init_gain", "allow_rank_above_size"})
 
 
 def _wrap(model: nn.Module, fill: Callable[[LoRAEnsemble], None], **options: Any) -> LoRAEnsemble:
@@ -80,19 +88,42 @@ def _weight_sample(layer: nn.Module, k: int, d: int) -> list[float] | None:
     return weight.detach()[flat // d, flat % d].double().tolist()
 
 
+def _tensor_fingerprint(tensor: Tensor) -> dict[str, Any]:
+    """``shape``, ``dtype`` and, for a plain tensor with values, its float64 ``norm`` and
+    ``_TENSOR_SAMPLES`` entries at fixed positions spread evenly over it (``sample``, as float64). A
+    tensor subclass (a quantized weight: packed, or computed) or a meta tensor gets shape and dtype only."""
+    record: dict[str, Any] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if type(tensor) not in (Tensor, nn.Parameter) or tensor.is_meta or tensor.numel() == 0:
+        return record
+    flat = tensor.detach().reshape(-1)
+    count = min(_TENSOR_SAMPLES, flat.numel())
+    positions = torch.tensor([i * (flat.numel() - 1) // max(count - 1, 1) for i in range(count)], device=flat.device)
+    values = flat if flat.is_floating_point() else flat.double()
+    record["norm"] = float(torch.linalg.vector_norm(values, dtype=torch.float64))
+    record["sample"] = flat[positions].double().tolist()
+    return record
+
+
+def _base_tensors(ensemble: LoRAEnsemble) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``ensemble.model`` that the members do not own (the base's), by name."""
+    members = {id(p) for p in ensemble.member_parameters().values()}
+    named = [*ensemble.model.named_parameters(), *ensemble.model.named_buffers()]
+    return {name: t for name, t in named if id(t) not in members}
+
+
 def _base_record(ensemble: LoRAEnsemble) -> dict[str, Any]:
     """What identifies the base of ``ensemble``: class, HF ``model_type`` / ``_name_or_path`` (None when
-    not an HF model) and, per wrapped layer, ``[k, d]`` and a sample of ``W0``."""
+    not an HF model), per wrapped layer ``[k, d]``, and a fingerprint of every base tensor
+    (:func:`_tensor_fingerprint`)."""
     model = ensemble.model
     config = getattr(model, "config", None)
-    layers = {}
-    for name, layer in ensemble.lora_layers().items():
-        k, d = layer.lora_B.shape[1], layer.lora_A.shape[2]
-        layers[name] = {"shape": [k, d], "sample": _weight_sample(layer, k, d)}
+    layers = {name: {"shape": [layer.lora_B.shape[1], layer.lora_A.shape[2]]}
+              for name, layer in ensemble.lora_layers().items()}
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "model_type": getattr(config, "model_type", None),
             "name_or_path": getattr(config, "_name_or_path", None) or None,
-            "layers": layers}
+            "layers": layers,
+            "tensors": {name: _tensor_fingerprint(t) for name, t in _base_tensors(ensemble).items()}}
 
 
 def _same_sample(saved: list[float], current: list[float]) -> bool:
@@ -101,8 +132,41 @@ def _same_sample(saved: list[float], current: list[float]) -> bool:
     return a.shape == b.shape and bool(((a - b).abs() <= _SAMPLE_TOLERANCE * (a.abs() + rms)).all())
 
 
-def _base_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """How the base ``current`` differs from the ``saved`` record (empty when it does not)."""
+def _rounding(saved_dtype: str, current_dtype: str) -> float:
+    """The relative tolerance of a base tensor recorded in ``saved_dtype`` and compared in ``current_dtype``:
+    the rounding of the lower precision of the two (a base cast to bf16 is the same base), or
+    :data:`_SAME_DTYPE_TOLERANCE` when the dtypes agree (the values must too)."""
+    if saved_dtype == current_dtype:
+        return _SAME_DTYPE_TOLERANCE
+    dtypes = [getattr(torch, name, None) for name in (saved_dtype, current_dtype)]
+    eps = [torch.finfo(d).eps for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max(eps, default=0.0)
+
+
+def _tensor_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How one base tensor's fingerprint differs from the saved one, or None."""
+    if saved["shape"] != current["shape"]:
+        return f"shape {saved['shape']} (saved) vs {current['shape']}"
+    if "norm" not in saved or "norm" not in current:
+        return None  # a quantized or meta tensor: its shape is all there is to compare
+    tol = _rounding(saved["dtype"], current["dtype"])
+    a, b = torch.tensor(saved["sample"], dtype=torch.float64), torch.tensor(current["sample"], dtype=torch.float64)
+    if not bool(((a - b).abs() <= tol * (a.abs() + a.square().mean().sqrt())).all()):
+        worst = int((a - b).abs().argmax())
+        return f"entry {worst} of its sample {a[worst].item():.6g} (saved) vs {b[worst].item():.6g}"
+    if abs(saved["norm"] - current["norm"]) > tol * saved["norm"]:
+        return f"norm {saved['norm']:.8g} (saved) vs {current['norm']:.8g}"
+    return None
+
+
+def _listed(items: list[str], total: int, what: str) -> str:
+    return f"{what} of {len(items)} of {total}: {'; '.join(items[:4])}" + (" ..." if len(items) > 4 else "")
+
+
+def _base_differences(saved: dict[str, Any], ensemble: LoRAEnsemble) -> list[str]:
+    """How the base of ``ensemble`` differs from the ``saved`` record (empty when it does not), the first
+    differing tensors named."""
+    current = _base_record(ensemble)
     found = [f"{key} {saved[key]!r} (saved) vs {current[key]!r}" for key in ("class", "model_type")
              if saved[key] != current[key]]
     shapes, weights = [], []
@@ -110,13 +174,27 @@ def _base_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         now = current["layers"][name]
         if layer["shape"] != now["shape"]:
             shapes.append(f"{name} {layer['shape']} (saved) vs {now['shape']}")
-        elif None not in (layer["sample"], now["sample"]) and not _same_sample(layer["sample"], now["sample"]):
-            weights.append(name)
+        elif "tensors" not in saved and layer.get("sample") is not None:  # format 2: the wrapped W0 only
+            sample = _weight_sample(ensemble.model.get_submodule(name), *now["shape"])
+            if sample is not None and not _same_sample(layer["sample"], sample):
+                weights.append(name)
     if shapes:
-        found.append(f"wrapped layer shapes [k, d]: {'; '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else ""))
+        found.append(_listed(shapes, len(saved["layers"]), "the shapes [k, d] of wrapped layers"))
     if weights:
-        found.append(f"the weights W0 of {len(weights)} of {len(saved['layers'])} wrapped layers (fingerprint): "
-                     f"{', '.join(weights[:4])}" + (" ..." if len(weights) > 4 else ""))
+        found.append(_listed(weights, len(saved["layers"]), "the weights W0 (fingerprint) of wrapped layers"))
+    if "tensors" in saved:
+        tensors = current["tensors"]
+        missing = [name for name in saved["tensors"] if name not in tensors]
+        extra = [name for name in tensors if name not in saved["tensors"]]
+        differing = [f"{name}: {why}" for name, record in saved["tensors"].items() if name in tensors
+                     for why in [_tensor_difference(record, tensors[name])] if why is not None]
+        total = len(saved["tensors"])
+        if differing:
+            found.append(_listed(differing, total, "the values (fingerprint) of base tensors"))
+        if missing:
+            found.append(_listed(missing, total, "base tensors the model lacks"))
+        if extra:
+            found.append(_listed(extra, len(tensors), "base tensors the saved base lacked"))
     return found
 
 
@@ -125,7 +203,10 @@ def _check_base(saved: dict[str, Any] | None, ensemble: LoRAEnsemble, directory:
         warnings.warn(f"{directory / CONFIG_NAME} records nothing about the base the members were trained on "
                       "(written before format_version 2): the model cannot be checked", stacklevel=5)
         return
-    found = _base_differences(saved, _base_record(ensemble))
+    if "tensors" not in saved:
+        warnings.warn(f"{directory / CONFIG_NAME} records only the wrapped layers' W0 of the base (format_version "
+                      "2): the base's other tensors cannot be checked", stacklevel=5)
+    found = _base_differences(saved, ensemble)
     if not found:
         return
     message = (f"the model is not the base the members in {directory} were trained on"
@@ -185,6 +266,53 @@ def _member_indices(members: Sequence[int] | slice | None, count: int) -> list[i
     return chosen
 
 
+def _read_members_config(path: Path) -> dict[str, Any]:
+    """``lora_ensemble.json`` of :func:`save_members`, every key :func:`load_members` reads checked: a
+    ``ValueError`` naming the file and the key at fault (or ``FileNotFoundError``)."""
+    config = read_json_object(path)
+    if config.get("format_version") not in (1, 2, _FORMAT_VERSION):
+        raise ValueError(f"{path}: format_version {config.get('format_version')!r} is not 1, 2 or {_FORMAT_VERSION}")
+    for key in ("num_members", "rank"):
+        if check_field(path, config, key, (int,)) < 1:
+            raise ValueError(f"{path}: {key} must be a positive int, got {config[key]!r}")
+    check_field(path, config, "alpha", (float, type(None)))
+    check_field(path, config, "init_gain", (float,))
+    check_field(path, config, "target_modules", (list,), items=str)
+    check_field(path, config, "head", (list,), items=str)
+    check_field(path, config, "num_classes", (int, type(None)))
+    check_field(path, config, "replicate_at", (str, type(None)))
+    check_field(path, config, "share_first_input", (bool,))
+    for key, kinds in (("init", (str,)), ("use_rslora", (bool,)), ("lora_dropout", (float,)),
+                       ("adapter_dtype", (str, type(None))), ("base", (dict, type(None)))):
+        check_field(path, config, key, kinds, required=False)
+    if isinstance(config.get("adapter_dtype"), str) and not isinstance(getattr(torch, config["adapter_dtype"], None),
+                                                                       torch.dtype):
+        raise ValueError(f"{path}: adapter_dtype {config['adapter_dtype']!r} names no torch dtype")
+    if config.get("base") is not None:
+        _check_base_record(path, config["base"], config["target_modules"])
+    return config
+
+
+def _check_base_record(path: Path, base: dict[str, Any], target_modules: list[str]) -> None:
+    """The ``base`` record of ``lora_ensemble.json`` has the keys and types :func:`_base_differences` reads."""
+    for key, kinds in (("class", (str,)), ("model_type", (str, type(None))), ("name_or_path", (str, type(None))),
+                       ("layers", (dict,))):
+        check_field(path, base, key, kinds, where="base.")
+    check_field(path, base, "tensors", (dict,), required=False, where="base.")
+    if set(base["layers"]) != set(target_modules):
+        odd = sorted(set(base["layers"]) ^ set(target_modules))
+        raise ValueError(f"{path}: base.layers and target_modules name different layers ({odd[:4]}): the file was "
+                         "edited or damaged")
+    for name, layer in base["layers"].items():
+        if not (isinstance(layer, dict) and isinstance(layer.get("shape"), list)):
+            raise ValueError(f"{path}: base.layers.{name} must be an object with a shape, got {layer!r}")
+    for name, tensor in base.get("tensors", {}).items():
+        if not (isinstance(tensor, dict) and isinstance(tensor.get("shape"), list)
+                and isinstance(tensor.get("dtype"), str) and ("norm" in tensor) == ("sample" in tensor)):
+            raise ValueError(f"{path}: base.tensors.{name} must be an object with shape, dtype and optionally norm "
+                             f"and sample, got {tensor!r}")
+
+
 def load_members(
     model: nn.Module,
     directory: str | Path,
@@ -211,26 +339,28 @@ def load_members(
             dtype; to load members into a base of another dtype (trained in fp32, run in bf16) cast the
             model before loading: every saved tensor is cast to the dtype of the parameter it loads into.
         strict_base: refuse a model that is not the base the members were saved from (its class, HF
-            ``model_type``, a wrapped layer's shape, or its ``W0`` at the recorded positions, compared within
-            bf16 rounding). False: load anyway, with a warning that says what differs. Files written before
-            the record existed load with a warning that nothing could be checked.
+            ``model_type``, a wrapped layer's shape, or any base parameter or buffer: its shape and the
+            fingerprint of its values, exact in the saved dtype, within the lower precision's rounding in
+            another), naming the first differing tensors. False: load anyway, with a warning that says what
+            differs. Files of format 2 are checked on the wrapped layers' ``W0`` only, with a warning; files
+            written before the record existed load with a warning that nothing could be checked.
 
     Returns:
         The ensemble, in ``model``'s train / eval mode (the layers and heads it adds too).
 
     Raises:
-        ValueError: a file format this version cannot read, a target layer the model lacks, saved tensors
+        FileNotFoundError: a missing config or weights file.
+        ValueError: a damaged file (not JSON, a key missing or of the wrong type, weights safetensors cannot
+            read; the message names the file and the key), a file format this version cannot read, a target
+            layer the model lacks, saved tensors
             whose names or shapes do not match the wrapped model, a different base (``strict_base``), or
             ``members`` outside the saved ones or naming one twice.
         TypeError: ``members`` of another type.
     """
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("format_version") not in (1, _FORMAT_VERSION):
-        raise ValueError(f"{directory / CONFIG_NAME}: format_version {config.get('format_version')!r} "
-                         f"is not 1 or {_FORMAT_VERSION}")
+    config = _read_members_config(directory / CONFIG_NAME)
     chosen = _member_indices(members, config["num_members"])
-    saved = load_file(str(directory / WEIGHTS_NAME))
+    saved = read_safetensors(directory / WEIGHTS_NAME)
     targets = set(config["target_modules"])
     adapter_dtype = dtype if dtype is not None else config.get("adapter_dtype")
     options = {} if adapter_dtype is None else {"adapter_dtype": getattr(torch, adapter_dtype)
@@ -261,7 +391,8 @@ def load_members(
         alpha=config["alpha"], head=config["head"], num_classes=config["num_classes"],
         init_gain=config["init_gain"], backend=backend, init=config.get("init", "paper"),
         use_rslora=config.get("use_rslora", False), lora_dropout=config.get("lora_dropout", 0.0),
-        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"], **options,
+        replicate_at=config["replicate_at"], share_first_input=config["share_first_input"],
+        allow_rank_above_size=True, **options,
     )
 
 
@@ -303,6 +434,9 @@ def load_peft_adapters(
     :class:`~lora_ensemble.PerMemberModule`) holding each adapter's copy. GPT-2's ``Conv1D`` layers
     (peft's ``fan_in_fan_out``) are wrapped as such.
 
+    A rank above a target's ``min(in_features, out_features)``, which peft saves and a fresh
+    :class:`LoRAEnsemble` refuses, is loaded as it is (the outputs must be the adapter's).
+
     Alpha: a wrapped layer has one ``scaling`` for all members. The ensemble takes adapter 0's
     ``lora_alpha`` and ``use_rslora`` (so every layer's scaling is adapter 0's ``s0 = alpha / r``, or
     ``alpha / sqrt(r)``); where adapter ``n``'s scaling ``s_n`` at a layer differs from it (another alpha,
@@ -327,7 +461,9 @@ def load_peft_adapters(
     Raises:
         TypeError: ``adapter_dirs`` is not a sequence of folders, or an option the adapters set.
         FileNotFoundError: a folder without ``adapter_config.json`` or weights.
-        ValueError: an adapter this function cannot represent, naming the folder and the module:
+        ValueError: a damaged file (not JSON, a key of the wrong type, unreadable weights; the message names
+            the file and the key), or an adapter this function cannot represent, naming the folder and the
+            module:
             another peft method or LoRA variant (DoRA, ``bias``, PiSSA-style init, ...), a target that is no
             ``nn.Linear`` / ``Conv1D``, ranks that differ between modules or adapters, adapters that target
             different modules or save different heads, weights that do not match the config or the model.
@@ -379,7 +515,8 @@ def load_peft_adapters(
 
     return _wrap(model, fill, num_members=len(adapters), rank=first.rank,
                  target_modules=lambda name, module: name in targets, alpha=first.lora_alpha,
-                 use_rslora=first.use_rslora, head=first.heads or None, init="peft", **options)
+                 use_rslora=first.use_rslora, head=first.heads or None, init="peft", allow_rank_above_size=True,
+                 **options)
 
 
 def save_peft_adapters(ensemble: LoRAEnsemble, directory: str | Path) -> list[str]:

@@ -3,8 +3,9 @@
 Whole-tensor functions. :class:`lora_ensemble.evaluation.EnsembleMetrics` accumulates the same metrics
 over batches and processes; :func:`lora_ensemble.plotting.reliability_diagram` draws them.
 
-**Inputs.** The calibration metrics take probabilities ``probs [B, C]`` (values in ``[0, 1]``; logits
-are refused) and class indices ``targets [B]``. :func:`ensemble_probs` turns member logits
+**Inputs.** The calibration metrics take probabilities ``probs [B, C]`` (values in ``[0, 1]``, each
+row summing to 1 within ``max(C * eps, 1e-4)`` for the dtype's ``eps``: logits and unnormalised scores
+such as sigmoid outputs are refused) and class indices ``targets [B]``. :func:`ensemble_probs` turns member logits
 ``[N, B, C]`` into the ensemble's probabilities under one of two conventions:
 
 * ``"mean_probs"`` (this package's default, and torch-uncertainty's): the mean of the member
@@ -13,13 +14,19 @@ are refused) and class indices ``targets [B]``. :func:`ensemble_probs` turns mem
   (prs-eth/LoRA-Ensemble, ``train_evaluate.py``) computes its accuracy and ECE this way, with 10 bins,
   while its NLL and Brier score use the mean of the member probabilities.
 
-**Metrics.** Accuracy; NLL ``mean -log p[target]``; Brier ``mean sum_c (p_c - onehot_c)^2``; ECE of the
-top-label confidence over ``n_bins`` equal-width bins ``(i/n, (i+1)/n]``, ``sum_bins (count / B)
-|accuracy - confidence|`` (default 15 bins, as torchmetrics' ``MulticlassCalibrationError``; the
+**Metrics.** Accuracy; NLL ``mean -log p[target]``, each probability floored at the smallest normal
+number of the dtype it is given in (``torch.finfo(dtype).tiny``: a zero probability costs 87.3 nats in
+fp32, 708.4 in float64); Brier ``mean sum_c (p_c - onehot_c)^2``; ECE of the top-label confidence over
+``n_bins`` equal-width bins ``(i/n, (i+1)/n]`` (each edge the value of the probabilities' dtype nearest
+``i/n``, so a confidence of exactly ``i/n``, e.g. the mean of ``N`` one-hot members, is in bin ``i - 1``),
+``sum_bins (count / B) |accuracy - confidence|`` (default 15 bins, as torchmetrics' ``MulticlassCalibrationError``; the
 paper used 10). Ensemble uncertainty from ``member_probs [N, B, C]``: per-class variance across
 members (1/N, the paper's Eq. 4), predictive entropy ``H[mean_n p_n]``, expected entropy
 ``mean_n H[p_n]``, mutual information (predictive minus expected, clamped at 0), and disagreement
-(the fraction of member pairs whose top classes differ). Entropies are in nats.
+(the fraction of member pairs whose top classes differ). Entropies are in nats. For generated text,
+:func:`token_uncertainty` gives LM-Polygraph's five measures of a next-token distribution from member
+log-probabilities (entropy of the mean, expected entropy, mutual information, reverse mutual
+information, expected pairwise KL).
 
 **Selective prediction and OOD** from any per-sample uncertainty score (higher = less certain:
 predictive entropy, mutual information, ``1 - confidence``): risk-coverage curve and AURC, AUROC of
@@ -36,6 +43,7 @@ Scalars are returned as 0-dim float64 tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +73,7 @@ __all__ = [
     "ood_auroc",
     "reliability_bins",
     "risk_coverage",
+    "token_uncertainty",
 ]
 
 NonFinite = Literal["raise", "skip"]
@@ -135,6 +144,29 @@ def _select_finite(ok: Tensor, nonfinite: NonFinite, name: str, what: str) -> Te
     return ok
 
 
+def _check_member_probs(member_probs: Tensor) -> None:
+    """``member_probs`` is a floating ``[N, B, C]`` tensor (a ``[B, C]`` one has lost its member dim)."""
+    _check_floating("member_probs", member_probs)
+    if member_probs.dim() != 3:
+        raise ValueError(f"member_probs must be [N, B, C] (members, samples, classes), got shape "
+                         f"{tuple(member_probs.shape)}; for one prediction [B, C] use entropy(probs)")
+
+
+def _check_rows_sum_to_one(probs: Tensor, dtype: torch.dtype) -> None:
+    """Every row of ``probs [B, C]`` (finite, float64, given in ``dtype``) sums to 1 within
+    ``max(C * eps, 1e-4)``: ``C`` roundings in ``dtype``, and no tighter than 1e-4 so that probabilities
+    computed in a lower precision and cast up pass."""
+    classes = probs.shape[1]
+    tol = max(classes * torch.finfo(dtype).eps, 1e-4)
+    off = (probs.sum(dim=1) - 1).abs()
+    worst = int(off.argmax())
+    if off[worst] > tol:
+        raise ValueError(f"probs rows must sum to 1 (within {tol:.2g} for {dtype} over C={classes} classes); "
+                         f"{int((off > tol).sum())} of {probs.shape[0]} rows do not, e.g. row {worst} sums to "
+                         f"{float(probs[worst].sum()):.6g}. For logits or unnormalised scores (sigmoid outputs) use "
+                         "ensemble_probs(logits) or scores.softmax(-1)")
+
+
 def _prepare(probs: Tensor, targets: Tensor, nonfinite: NonFinite) -> tuple[Tensor, Tensor]:
     """Validate ``probs [B, C]`` and ``targets [B]``, apply the NaN/Inf rule; float64 probs, int64 targets."""
     _check_floating("probs", probs)
@@ -151,7 +183,9 @@ def _prepare(probs: Tensor, targets: Tensor, nonfinite: NonFinite) -> tuple[Tens
     if low < 0 or high > 1 + 1e-6:
         raise ValueError(f"probs must be probabilities in [0, 1], got values from {low:.4g} to {high:.4g}; "
                          "for logits use ensemble_probs(logits) or logits.softmax(-1)")
-    return probs.double(), targets.long()
+    dtype, probs = probs.dtype, probs.double()
+    _check_rows_sum_to_one(probs, dtype)
+    return probs, targets.long()
 
 
 # --- per-sample terms, shared with the streaming metrics --------------------------------------------
@@ -163,10 +197,11 @@ def _confidence_and_correct(probs: Tensor, targets: Tensor) -> tuple[Tensor, Ten
     return confidence, predicted == targets
 
 
-def _nll_terms(probs: Tensor, targets: Tensor) -> Tensor:
-    """``-log p[target]`` per sample ``[B]``, probabilities floored at the dtype's tiniest normal."""
+def _nll_terms(probs: Tensor, targets: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``-log p[target]`` per sample ``[B]``, probabilities floored at the smallest normal of ``dtype``, the
+    dtype the probabilities were given in (``probs`` may be a float64 copy; None: ``probs.dtype``)."""
     p = probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return -p.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return -p.clamp_min(torch.finfo(dtype or probs.dtype).tiny).log()
 
 
 def _brier_terms(probs: Tensor, targets: Tensor) -> Tensor:
@@ -175,11 +210,19 @@ def _brier_terms(probs: Tensor, targets: Tensor) -> Tensor:
     return (probs - onehot).pow(2).sum(dim=1)
 
 
-def _bin_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor:
-    """``[3, n_bins]`` float64: sample count, confidence sum and correct count in each bin ``(i/n, (i+1)/n]``."""
+def _bin_edges(n_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Tensor:
+    """``[n_bins + 1]`` edges ``i / n_bins``, each the ``dtype`` value nearest ``i/n`` (the division of two
+    exact integers, rounded once as the mean of ``N`` one-hot members is; ``torch.linspace``'s values are
+    not the nearest for some ``i`` and ``n``)."""
+    return torch.arange(n_bins + 1, dtype=dtype, device=device) / n_bins
+
+
+def _bin_sums(confidence: Tensor, correct: Tensor, n_bins: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``[3, n_bins]`` float64: sample count, confidence sum and correct count in each bin ``(i/n, (i+1)/n]``,
+    for confidences given in ``dtype`` (compared with edges in that dtype)."""
+    edges = _bin_edges(n_bins, dtype, confidence.device)
+    index = torch.bucketize(confidence.to(dtype), edges[1:-1])  # x in (edges[i], edges[i+1]] -> i
     confidence = confidence.double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device)
-    index = torch.bucketize(confidence, edges[1:-1])  # x in (edges[i], edges[i+1]] -> i
     sums = torch.zeros(3, n_bins, dtype=torch.float64, device=confidence.device)
     sums[0].index_add_(0, index, torch.ones_like(confidence))
     sums[1].index_add_(0, index, confidence)
@@ -201,7 +244,7 @@ class ReliabilityBins:
     """Per-bin statistics of the top-label confidence (``n_bins`` equal-width bins ``(i/n, (i+1)/n]``).
 
     Attributes:
-        edges: ``[n_bins + 1]`` bin edges ``0, 1/n, ..., 1``.
+        edges: ``[n_bins + 1]`` bin edges ``0, 1/n, ..., 1`` (float64, each the double nearest ``i/n``).
         confidence: ``[n_bins]`` mean confidence in each bin (0 where empty).
         accuracy: ``[n_bins]`` accuracy in each bin (0 where empty).
         count: ``[n_bins]`` samples in each bin.
@@ -216,7 +259,7 @@ class ReliabilityBins:
     def from_sums(cls, sums: Tensor) -> ReliabilityBins:
         """From ``[3, n_bins]`` sums: count, confidence sum, correct count (see :func:`reliability_bins`)."""
         count, conf_sum, correct_sum = sums.double()
-        edges = torch.linspace(0, 1, sums.shape[1] + 1, dtype=torch.float64, device=sums.device)
+        edges = _bin_edges(sums.shape[1], device=sums.device)
         denom = count.clamp_min(1)
         return cls(edges=edges, confidence=conf_sum / denom, accuracy=correct_sum / denom, count=count)
 
@@ -240,8 +283,10 @@ def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15, *,
         nonfinite: ``"raise"`` on samples with NaN or Inf, or ``"skip"`` them.
     """
     _check_n_bins(n_bins)
+    _check_floating("probs", probs)
+    dtype = probs.dtype
     probs, targets = _prepare(probs, targets, nonfinite)
-    return ReliabilityBins.from_sums(_bin_sums(*_confidence_and_correct(probs, targets), n_bins))
+    return ReliabilityBins.from_sums(_bin_sums(*_confidence_and_correct(probs, targets), n_bins, dtype))
 
 
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15, *,
@@ -254,10 +299,14 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15,
 
 
 def negative_log_likelihood(probs: Tensor, targets: Tensor, *, nonfinite: NonFinite = "raise") -> Tensor:
-    """Mean ``-log p[target]`` of ``probs [B, C]`` (probabilities floored at the dtype's tiniest
-    normal, so never inf; the paper's code takes the plain log)."""
+    """Mean ``-log p[target]`` of ``probs [B, C]``, each probability floored at the smallest normal
+    number of ``probs``' dtype (``torch.finfo(probs.dtype).tiny``), so never inf: a zero probability
+    costs 87.3 nats in fp32 and bf16, 708.4 in float64, 9.7 in fp16. The paper's code takes the plain
+    log."""
+    _check_floating("probs", probs)
+    dtype = probs.dtype
     probs, targets = _prepare(probs, targets, nonfinite)
-    return _nll_terms(probs, targets).mean()
+    return _nll_terms(probs, targets, dtype).mean()
 
 
 def brier_score(probs: Tensor, targets: Tensor, *, nonfinite: NonFinite = "raise") -> Tensor:
@@ -297,16 +346,58 @@ def entropy(probs: Tensor) -> Tensor:
 
 def expected_entropy(member_probs: Tensor) -> Tensor:
     """Mean of the members' entropies: ``[N, B, C] -> [B]`` (aleatoric uncertainty)."""
+    _check_member_probs(member_probs)
     return entropy(member_probs).mean(dim=0)
 
 
 def mutual_information(member_probs: Tensor) -> Tensor:
     """``H[mean_n p_n] - mean_n H[p_n]``, clamped at 0: ``[N, B, C] -> [B]`` (epistemic uncertainty)."""
+    _check_member_probs(member_probs)
     return (entropy(member_probs.mean(dim=0)) - expected_entropy(member_probs)).clamp_min(0)
+
+
+def token_uncertainty(member_log_probs: Tensor) -> dict[str, Tensor]:
+    """LM-Polygraph's ensemble measures of one next-token distribution per position, from the members'
+    log-probabilities ``[N, ..., V] -> [...]`` each (nats, in ``member_log_probs``' dtype).
+
+    With ``p_n`` the members' distributions and ``p = mean_n p_n`` (Malinin & Gales, "Uncertainty
+    estimation in autoregressive structured prediction", ICLR 2021; the token-level ``pe`` measures of
+    LM-Polygraph, ``lm_polygraph/utils/ensemble_utils/ensemble_greedy.py``):
+
+    * ``entropy_of_mean``: ``H[p]`` (total uncertainty; LM-Polygraph's ``total_uncertainty``),
+    * ``expected_entropy``: ``mean_n H[p_n]`` (data uncertainty; ``data_uncertainty``),
+    * ``mutual_information``: ``H[p] - mean_n H[p_n]`` (knowledge uncertainty; ``mutual_information``),
+    * ``expected_pairwise_kl``: ``mean_{n,m} KL(p_n || p_m) = -sum_v p(v) mean_n log p_n(v) - mean_n H[p_n]``
+      (``epkl``),
+    * ``reverse_mutual_information``: ``mean_n KL(p || p_n) = -sum_v p(v) mean_n log p_n(v) - H[p]``
+      (``rmi``),
+
+    so ``expected_pairwise_kl = mutual_information + reverse_mutual_information``. Nothing is clamped: a
+    value below 0 is rounding. A token that some member gives probability 0 (``-inf``) while the mean
+    does not makes the two KL measures ``+inf``, as the divergences are.
+    """
+    _check_floating("member_log_probs", member_log_probs)
+    if member_log_probs.dim() < 2:
+        raise ValueError(f"member_log_probs must be [N, ..., V], got shape {tuple(member_log_probs.shape)}")
+    members = member_log_probs.shape[0]
+    log_mean = member_log_probs.logsumexp(dim=0) - math.log(members)
+    mean = log_mean.exp()
+    entropy_of_mean = -torch.where(mean > 0, mean * log_mean, 0).sum(dim=-1)
+    member_probs = member_log_probs.exp()
+    expected = -torch.where(member_probs > 0, member_probs * member_log_probs, 0).sum(dim=-1).mean(dim=0)
+    cross_entropy = -torch.where(mean > 0, mean * member_log_probs.mean(dim=0), 0).sum(dim=-1)
+    return {
+        "entropy_of_mean": entropy_of_mean,
+        "expected_entropy": expected,
+        "mutual_information": entropy_of_mean - expected,
+        "reverse_mutual_information": cross_entropy - entropy_of_mean,
+        "expected_pairwise_kl": cross_entropy - expected,
+    }
 
 
 def member_variance(member_probs: Tensor) -> Tensor:
     """Per-class variance of the member probabilities, ``1/N sum_n (p_n - mean)^2``: ``[N, B, C] -> [B, C]``."""
+    _check_member_probs(member_probs)
     return member_probs.var(dim=0, correction=0)
 
 
@@ -317,9 +408,7 @@ def disagreement(member_probs: Tensor) -> Tensor:
     paper's pairwise disagreement and torch-uncertainty's ``Disagreement``, per sample. Needs ``N >= 2``;
     member logits give the same result. A sample with NaN or Inf in any member gets NaN.
     """
-    _check_floating("member_probs", member_probs)
-    if member_probs.dim() != 3:
-        raise ValueError(f"member_probs must be [N, B, C], got shape {tuple(member_probs.shape)}")
+    _check_member_probs(member_probs)
     members = member_probs.shape[0]
     if members < 2:
         raise ValueError(f"disagreement needs at least 2 members, got member_probs of shape "

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .backends import BACKENDS
+from .calls import MEMBER_SELECTION
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members
 
@@ -30,7 +32,9 @@ __all__ = [
     "FusedLoRAEnsembleLinear",
     "LoRAEnsembleLayer",
     "LoRAEnsembleOverBase",
+    "check_backend_name",
     "check_lora_options",
+    "check_rank",
     "is_hf_conv1d",
     "kernels_can_read",
     "lora_scaling",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 INITS = ("paper", "peft")
+BACKEND_NAMES = ("auto", *BACKENDS)
 # Dtypes of a base weight the fused kernels (torch backend: float64 too) read directly.
 _READABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -69,12 +74,36 @@ def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> fl
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
+def check_backend_name(backend: str) -> None:
+    """Raise ``TypeError`` / ``ValueError`` unless ``backend`` is ``"auto"`` or a backend's name. Whether a
+    named backend can run (``"cuda"`` on a machine without a GPU) is checked at the first call, which
+    raises a ``RuntimeError`` that says why."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKEND_NAMES}, got {type(backend).__name__}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def check_rank(rank: int, in_features: int, out_features: int) -> None:
+    """Raise ``ValueError`` for a rank above ``min(in_features, out_features)``: ``B A`` cannot have a
+    higher rank than that, so the extra rows of ``A`` and columns of ``B`` only cost compute."""
+    if rank > min(in_features, out_features):
+        raise ValueError(f"rank {rank} is above min(in_features, out_features) = min({in_features}, {out_features}) "
+                         f"= {min(in_features, out_features)}: a rank-{rank} update of a [{out_features}, "
+                         f"{in_features}] weight has rank at most {min(in_features, out_features)}; choose "
+                         f"rank <= {min(in_features, out_features)}")
+
+
 def check_lora_options(init: str, alpha: float | None, use_rslora: bool, lora_dropout: float,
-                       adapter_dtype: torch.dtype | None = None) -> None:
-    """Raise ``ValueError`` for an unknown ``init``, rsLoRA without ``alpha``, a dropout outside [0, 1),
-    or an ``adapter_dtype`` that is not a floating dtype."""
+                       adapter_dtype: torch.dtype | None = None, backend: str = "auto") -> None:
+    """Raise ``ValueError`` for an unknown ``init``, a non-finite ``alpha``, rsLoRA without ``alpha``, a
+    dropout outside [0, 1), an ``adapter_dtype`` that is not a floating dtype, or an unknown ``backend``
+    name (:func:`check_backend_name`)."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
     if use_rslora and alpha is None:
         raise ValueError("use_rslora=True scales by alpha / sqrt(rank): pass alpha")
     if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
@@ -82,6 +111,7 @@ def check_lora_options(init: str, alpha: float | None, use_rslora: bool, lora_dr
     if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype)
                                       or adapter_dtype not in _READABLE_DTYPES):
         raise ValueError(f"adapter_dtype must be one of {_READABLE_DTYPES} or None, got {adapter_dtype!r}")
+    check_backend_name(backend)
 
 
 def _parameter(module: nn.Module, name: str) -> Tensor | None:
@@ -100,13 +130,16 @@ class LoRAEnsembleLayer(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_members: int, rank: int, alpha: float | None,
                  backend: str, init: str, init_gain: float, use_rslora: bool, lora_dropout: float,
-                 shared_input: bool, device: torch.device | str | None, adapter_dtype: torch.dtype | None) -> None:
+                 shared_input: bool, device: torch.device | str | None, adapter_dtype: torch.dtype | None,
+                 allow_rank_above_size: bool = False) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("num_members", num_members), ("rank", rank)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype)
+        if not allow_rank_above_size:
+            check_rank(rank, in_features, out_features)
+        check_lora_options(init, alpha, use_rslora, lora_dropout, adapter_dtype, backend)
         self.in_features, self.out_features = in_features, out_features
         self.num_members, self.rank = num_members, rank
         self.alpha, self.use_rslora = alpha, use_rslora
@@ -138,14 +171,24 @@ class LoRAEnsembleLayer(nn.Module):
     def _dropout_active(self) -> bool:
         return self.training and self.lora_dropout > 0
 
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """``lora_A``, ``lora_B`` of the members this call runs: all of them, or the slice a
+        :class:`~lora_ensemble.LoRAEnsemble` member chunk selected on this thread (:mod:`lora_ensemble.calls`)."""
+        lora_A, lora_B = _parameter(self, "lora_A"), _parameter(self, "lora_B")
+        members = MEMBER_SELECTION.value
+        if members is None:
+            return lora_A, lora_B
+        return lora_A[members], lora_B[members]
+
     def _dropped_delta(self, x: Tensor, base: Tensor, shared: bool) -> Tensor:
         """``base + s (dropout(x) A^T) B^T`` per member, in one op: every row of the stacked batch, so
         every member, draws its own dropout mask (with a shared input, ``x`` and ``base`` are stacked
-        first: one copy per member)."""
+        first: one copy per member of this call)."""
+        lora_A, lora_B = self._factors()
         if shared:
-            x, base = replicate_members(x, self.num_members), replicate_members(base, self.num_members)
+            x, base = replicate_members(x, lora_A.shape[0]), replicate_members(base, lora_A.shape[0])
         dropped = F.dropout(x, self.lora_dropout, training=True)
-        return lora_ensemble_delta(dropped, base, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        return lora_ensemble_delta(dropped, base, lora_A, lora_B, self.scaling, backend=self.backend)
 
     def _members_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -180,7 +223,13 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
             dropped input in one op (:func:`lora_ensemble_delta`): two launches instead of one. In eval
             mode, or with ``lora_dropout=0``, the one fused op runs.
         shared_input: default layout of ``forward``'s input.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; another name is a ``ValueError`` here.
+            A named backend this machine cannot run (``"cuda"`` without a GPU) is accepted here and raises a
+            ``RuntimeError`` saying why at the first call.
+
+    ``rank`` must be at most ``min(in_features, out_features)`` (a ``ValueError`` otherwise: the update
+    ``B A`` cannot have a higher rank) unless ``allow_rank_above_size=True``, which the loaders pass: peft
+    saves such adapters, and loading one must give its outputs. ``alpha`` must be finite.
     """
 
     def __init__(
@@ -201,9 +250,10 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
         lora_dropout: float = 0.0,
         fan_in_fan_out: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        allow_rank_above_size: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, num_members, rank, alpha, backend, init, init_gain, use_rslora,
-                         lora_dropout, shared_input, device, adapter_dtype or dtype)
+                         lora_dropout, shared_input, device, adapter_dtype or dtype, allow_rank_above_size)
         factory = {"device": device, "dtype": dtype}
         self.fan_in_fan_out = fan_in_fan_out
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
@@ -233,11 +283,12 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
         use_rslora: bool = False,
         lora_dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
+        allow_rank_above_size: bool = False,
     ) -> FusedLoRAEnsembleLinear:
         """Wrap an existing ``nn.Linear`` or HF ``Conv1D`` (then ``fan_in_fan_out=True``): its
         ``weight`` and ``bias`` Parameters are shared, not copied, and frozen
         (``requires_grad_(False)``); the LoRA factors are freshly initialised, in ``adapter_dtype``
-        (default: the weight's dtype)."""
+        (default: the weight's dtype). ``rank`` and ``backend`` are checked as in the constructor."""
         conv1d = is_hf_conv1d(linear)
         if not isinstance(linear, nn.Linear) and not conv1d:
             raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
@@ -246,7 +297,8 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
         layer = cls(in_features, out_features, num_members, rank, alpha=alpha,
                     bias=linear.bias is not None, backend=backend, device="meta", dtype=w.dtype,
                     init_gain=init_gain, shared_input=shared_input, init=init, use_rslora=use_rslora,
-                    lora_dropout=lora_dropout, fan_in_fan_out=conv1d, adapter_dtype=adapter_dtype)
+                    lora_dropout=lora_dropout, fan_in_fan_out=conv1d, adapter_dtype=adapter_dtype,
+                    allow_rank_above_size=allow_rank_above_size)
         layer.weight = w.requires_grad_(False)
         layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         factors = {"device": w.device, "dtype": adapter_dtype or w.dtype}
@@ -263,8 +315,8 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
             weight = weight.t()
         if self._dropout_active():
             return self._dropped_delta(x, F.linear(x, weight, bias), shared)
-        return fused_lora_ensemble_linear(x, weight, bias, _parameter(self, "lora_A"), _parameter(self, "lora_B"),
-                                          self.scaling, shared_input=shared, backend=self.backend)
+        return fused_lora_ensemble_linear(x, weight, bias, *self._factors(), self.scaling, shared_input=shared,
+                                          backend=self.backend)
 
     def merged_member(self, member: int) -> nn.Module:
         """Member ``member`` as a plain layer with ``W0 + scaling * B[n] @ A[n]`` merged in (computed
@@ -305,13 +357,14 @@ class LoRAEnsembleOverBase(LoRAEnsembleLayer):
         base_layer: the wrapped layer, frozen (``in_features``, ``out_features`` attributes; output in
             the input's dtype: bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao-quantized
             ``nn.Linear``, parametrized ``nn.Linear``).
-        lora_A, lora_B, scaling, lora_dropout, shared_input, backend: as in :class:`FusedLoRAEnsembleLinear`.
+        lora_A, lora_B, scaling, lora_dropout, shared_input, backend: as in :class:`FusedLoRAEnsembleLinear`
+            (``rank``, ``alpha``, ``backend`` and ``allow_rank_above_size`` are checked as there).
     """
 
     def __init__(self, base_layer: nn.Module, num_members: int, rank: int, alpha: float | None = None,
                  backend: str = "auto", init_gain: float = 10.0, shared_input: bool = False, init: str = "paper",
                  use_rslora: bool = False, lora_dropout: float = 0.0,
-                 adapter_dtype: torch.dtype | None = None) -> None:
+                 adapter_dtype: torch.dtype | None = None, allow_rank_above_size: bool = False) -> None:
         in_features, out_features = getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):
             raise TypeError(f"base_layer {type(base_layer).__name__} needs int in_features and out_features "
@@ -319,7 +372,8 @@ class LoRAEnsembleOverBase(LoRAEnsembleLayer):
         weight = getattr(base_layer, "weight", None)
         device = weight.device if isinstance(weight, Tensor) else None
         super().__init__(in_features, out_features, num_members, rank, alpha, backend, init, init_gain, use_rslora,
-                         lora_dropout, shared_input, device, adapter_dtype or _float_dtype_of(base_layer))
+                         lora_dropout, shared_input, device, adapter_dtype or _float_dtype_of(base_layer),
+                         allow_rank_above_size)
         self.base_layer = base_layer.requires_grad_(False)
         self.reset_lora_parameters()
 
@@ -329,8 +383,7 @@ class LoRAEnsembleOverBase(LoRAEnsembleLayer):
         base = self.base_layer(x)
         if self._dropout_active():
             return self._dropped_delta(x, base, shared)
-        return lora_ensemble_delta(x, base, _parameter(self, "lora_A"), _parameter(self, "lora_B"), self.scaling,
-                                   shared_input=shared, backend=self.backend)
+        return lora_ensemble_delta(x, base, *self._factors(), self.scaling, shared_input=shared, backend=self.backend)
 
     def merged_member(self, member: int) -> nn.Module:
         """Not possible: a member's update cannot be merged into a weight the package cannot read."""

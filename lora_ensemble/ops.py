@@ -21,6 +21,13 @@ Autograd (``s`` = scaling; ``W0``, ``b`` get gradients only when they require gr
     dA[n] = s * (dy[n] @ B[n])^T @ x[n]
     dB[n] = s * dy[n]^T @ (x[n] @ A[n]^T)              (x A^T is saved by the forward)
     dW0   = sum_n dy[n]^T @ x[n]                       db = sum over all rows of dy
+
+Second derivatives: a backward run with ``create_graph=True`` (grad mode on inside it) computes these
+formulas with differentiable PyTorch ops, the ``torch`` backend's, whatever the backend, with
+``x A^T`` recomputed with its graph, so autograd differentiates them again (Hessian-vector products,
+gradient penalties, curvature approximations), eagerly through the Functions and the custom ops. Under
+``torch.compile`` double backward is refused by PyTorch's AOTAutograd ("does not currently support
+double backward").
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import backend_torch
 from .backends import accum_dtype, get_backend, in_dtype
 
 __all__ = [
@@ -47,18 +55,30 @@ __all__ = [
 def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                    scaling: float, shared_input: bool, backend: str, need_dx: bool,
                    need_lora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dA, dB)``; a gradient not asked for is an empty tensor."""
+    """``(dx, dA, dB)``; a gradient not asked for is an empty tensor (a distinct one each: a custom op's
+    outputs may not alias)."""
     impl = get_backend(backend)
-    empty = grad_out.new_empty(0)
     if need_dx:
         dx, dyb = impl.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
     else:
-        dx, dyb = empty, in_dtype(torch.bmm(grad_out, lora_B), accum_dtype(grad_out.dtype))
+        acc = accum_dtype(grad_out.dtype)
+        dx, dyb = grad_out.new_empty(0), torch.bmm(in_dtype(grad_out, acc), in_dtype(lora_B, acc))
     if need_lora:
         dA, dB = impl.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
     else:
-        dA, dB = empty, empty.clone()
+        dA, dB = grad_out.new_empty(0), grad_out.new_empty(0)
     return dx, dA, dB
+
+
+def _differentiable_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                             _xa: Tensor, scaling: float, shared_input: bool, _backend: str, need_dx: bool,
+                             need_lora: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_backward_impl` built from differentiable PyTorch ops, whatever the backend: what a backward
+    under ``create_graph=True`` runs, so that autograd can differentiate it again (Hessian-vector
+    products, gradient penalties). ``xa = x A^T`` is recomputed with its graph (the saved one has none:
+    without it the second-order terms through ``xa``, ``d(dB)/dx`` and ``d(dB)/dA``, would be lost)."""
+    return _backward_impl(grad_out, x, weight, lora_A, lora_B, backend_torch.shrink(x, lora_A), scaling,
+                          shared_input, "torch", need_dx, need_lora)
 
 
 BackwardRunner = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -71,6 +91,8 @@ def _lora_backward(ctx: Any, grad_out: Tensor, run_backward: BackwardRunner) -> 
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     grad_out = grad_out.contiguous()  # the grad of .sum() is a stride-0 expand
     dx = dA = dB = dW = db = None
+    if torch.is_grad_enabled():  # backward(create_graph=True): a graph of the backward, for higher derivatives
+        run_backward = _differentiable_backward
     if need_x or need_A or need_B:
         dx, dA, dB = run_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.shared_input,
                                   ctx.backend, need_x, need_A or need_B)
@@ -191,6 +213,8 @@ def _delta_backward(ctx: Any, grad_out: Tensor, run_backward: BackwardRunner) ->
     need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
     grad_out = grad_out.contiguous()
     dx = dA = dB = None
+    if torch.is_grad_enabled():  # backward(create_graph=True), as in _lora_backward
+        run_backward = _differentiable_backward
     if need_x or need_A or need_B:
         dx, dA, dB = run_backward(grad_out, x, None, lora_A, lora_B, xa, ctx.scaling, ctx.shared_input, ctx.backend,
                                   need_x, need_A or need_B)

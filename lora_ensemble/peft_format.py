@@ -20,7 +20,6 @@ an adapter needs only safetensors; the tests check them against peft's.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._optional import optional_dependency
+from .files import check_field, read_json_object, read_pickled_tensors, read_safetensors
 from .modules import is_hf_conv1d, lora_scaling
 from .targets import is_base_layer
-
-with optional_dependency("lora_ensemble.peft_format"):
-    from safetensors.torch import load_file
 
 __all__ = ["CONFIG_FILE", "PREFIX", "WEIGHTS_FILE", "PeftAdapter", "read_adapter"]
 
@@ -142,11 +138,41 @@ def _heads(config: dict[str, Any], modules: dict[str, nn.Module]) -> list[str]:
     return heads
 
 
+# The types of the adapter_config.json keys read here: (kinds, list item type).
+_KEY_TYPES: dict[str, tuple[tuple[type, ...], type | None]] = {
+    "r": ((int,), None),
+    "lora_alpha": ((float,), None),
+    "target_modules": ((str, list), str),
+    "exclude_modules": ((str, list, type(None)), str),
+    "modules_to_save": ((list, type(None)), str),
+    "rank_pattern": ((dict, type(None)), None),
+    "alpha_pattern": ((dict, type(None)), None),
+    "use_rslora": ((bool,), None),
+    "lora_dropout": ((float,), None),
+    "layers_to_transform": ((int, list, type(None)), int),
+    "layers_pattern": ((str, list, type(None)), str),
+    "init_lora_weights": ((bool, str), None),
+    "bias": ((str,), None),
+}
+
+
+def _check_types(path: Path, config: dict[str, Any]) -> None:
+    """Each key read here has peft's type (a ``ValueError`` naming the file and the key otherwise)."""
+    for key, (kinds, items) in _KEY_TYPES.items():
+        check_field(path, config, key, kinds, required=False, items=items)
+    if config["r"] < 1:
+        raise ValueError(f"{path}: r must be a positive int, got {config['r']!r}")
+    for key, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (float,))):
+        for pattern in (config.get(key) or {}):
+            check_field(path, config[key], pattern, kinds, where=f"{key}.")
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"adapter folder {folder}: no {CONFIG_FILE} (expected peft's save_pretrained output)")
-    config = {"r": 8, "lora_alpha": 8, **json.loads(path.read_text())}  # LoraConfig's defaults, as peft fills them
+    config = {"r": 8, "lora_alpha": 8, **read_json_object(path)}  # LoraConfig's defaults, as peft fills them
+    _check_types(path, config)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"adapter {folder}: peft_type {config.get('peft_type')!r}, only LORA adapters can be loaded")
     for key, value in config.items():
@@ -172,9 +198,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     if (folder / WEIGHTS_FILE).is_file():
-        return load_file(str(folder / WEIGHTS_FILE))
+        return read_safetensors(folder / WEIGHTS_FILE)
     if (folder / _PICKLED_WEIGHTS_FILE).is_file():
-        return torch.load(folder / _PICKLED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        return read_pickled_tensors(folder / _PICKLED_WEIGHTS_FILE)
     raise FileNotFoundError(f"adapter folder {folder}: neither {WEIGHTS_FILE} nor {_PICKLED_WEIGHTS_FILE}")
 
 

@@ -9,6 +9,10 @@ member ``n`` owns ``A[n] [r, d]`` and ``B[n] [k, r]``. For the rows ``x[n] [M, d
     dB[n] = s * dy[n]^T @ (x[n] @ A[n]^T)
     dW0   = sum_n dy[n]^T @ x[n]            db = sum over all rows of dy
 
+The delta op (``lora_ensemble_delta``: the members' update over the output ``base`` of a base layer
+the kernels cannot read) is the same with ``W0 = 0`` and no bias, plus ``base``; ``d base = dy``
+(summed over members for a shared input).
+
 Everything here is computed in ``compute_dtype`` (float64 by default) and written out plainly,
 one member at a time, so that it can be read against the formulas above.
 """
@@ -23,10 +27,14 @@ from torch import Tensor
 from .layout import stacked_output_shape
 
 __all__ = [
+    "DeltaReferenceGrads",
     "ReferenceGrads",
+    "lora_delta_reference",
+    "lora_delta_reference_backward",
     "lora_ensemble_reference",
     "lora_ensemble_reference_backward",
     "member_rows",
+    "relative_error",
 ]
 
 
@@ -142,3 +150,90 @@ def lora_ensemble_reference_backward(
         lora_A=torch.stack(dA),
         lora_B=torch.stack(dB),
     )
+
+
+def _zero_weight(x: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """``W0 = 0 [k, d]``: the delta op is the fused op without a base product."""
+    return torch.zeros(lora_B.shape[1], x.shape[-1], dtype=compute_dtype, device=x.device)
+
+
+def lora_delta_reference(
+    x: Tensor,
+    base: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float = 1.0,
+    shared_input: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Forward of the delta op, ``base + s (x A^T) B^T`` for every member, in ``compute_dtype``.
+
+    Args:
+        x: ``[N*Bsz, ..., d]`` stacked, or ``[Bsz, ..., d]`` with ``shared_input``.
+        base: the base layer's output, ``x``'s shape with ``k`` as the last dim.
+        lora_A, lora_B, scaling, shared_input, compute_dtype: as in :func:`lora_ensemble_reference`.
+
+    Returns:
+        ``[N*Bsz, ..., k]`` in ``compute_dtype`` (a shared ``base`` added to every member's rows).
+    """
+    num_members = lora_A.shape[0]
+    delta = lora_ensemble_reference(x, _zero_weight(x, lora_B, compute_dtype), None, lora_A, lora_B, scaling,
+                                    shared_input, compute_dtype)
+    return delta + member_rows(base.to(compute_dtype), num_members, shared_input).reshape(delta.shape)
+
+
+@dataclass
+class DeltaReferenceGrads:
+    """Gradients of the delta op, each in ``compute_dtype`` and in its input's shape."""
+
+    x: Tensor
+    base: Tensor
+    lora_A: Tensor
+    lora_B: Tensor
+
+
+def lora_delta_reference_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float = 1.0,
+    shared_input: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> DeltaReferenceGrads:
+    """Backward of the delta op: :func:`lora_ensemble_reference_backward` with ``W0 = 0``, and
+    ``d base = dy`` (summed over members when shared).
+
+    Args:
+        grad_out: ``[N*Bsz, ..., k]``, the gradient of the output.
+        x, lora_A, lora_B, scaling, shared_input, compute_dtype: as in :func:`lora_delta_reference`.
+
+    Returns:
+        :class:`DeltaReferenceGrads`: ``x`` and ``base`` in their inputs' shapes (``base`` is ``x``'s
+        shape with ``k`` last), ``lora_A [N, r, d]``, ``lora_B [N, k, r]``.
+    """
+    num_members, k = lora_A.shape[0], lora_B.shape[1]
+    grads = lora_ensemble_reference_backward(grad_out, x, _zero_weight(x, lora_B, compute_dtype), lora_A, lora_B,
+                                             scaling, shared_input, compute_dtype)
+    dys = grad_out.to(compute_dtype).reshape(num_members, -1, k)
+    dbase = dys.sum(0) if shared_input else dys
+    return DeltaReferenceGrads(x=grads.x, base=dbase.reshape(*x.shape[:-1], k), lora_A=grads.lora_A,
+                               lora_B=grads.lora_B)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``max_i |actual_i - expected_i| / (RMS(expected) + |expected_i|)``, compared in float64 on
+    ``expected``'s device: each element's error relative to its own size, floored by the tensor's RMS
+    where it is near zero (cancellation). Rounding to a dtype of unit roundoff ``u`` gives at most
+    ``u``, whatever the tensor's shape or the spread of its values. NaN when ``actual`` is not finite
+    where ``expected`` is; 0 for empty tensors."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"relative_error: shapes differ, {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    if expected.numel() == 0:
+        return 0.0
+    e = expected.detach().to(torch.float64)
+    a = actual.detach().to(e.device, torch.float64)
+    if not torch.isfinite(a[torch.isfinite(e)]).all():
+        return float("nan")
+    scale = e.pow(2).mean().sqrt().clamp_min(1e-30)
+    return float(((a - e).abs() / (scale + e.abs())).max().item())

@@ -172,6 +172,12 @@ class TuningStore:
                           "this process only", RuntimeWarning, stacklevel=4)
             self.path = None
 
+    def summary(self) -> str:
+        """How many results the table holds, e.g. ``"3 auto choices, 5 Triton winners"``."""
+        table = self._table()
+        winners = sum(len(keys) for keys in table["triton_configs"].values() if isinstance(keys, dict))
+        return f"{len(table['auto'])} auto choices, {winners} Triton winners"
+
     def triton_config(self, kernel: str, key: str) -> dict[str, Any] | None:
         """The stored winner of ``kernel`` for autotune ``key``: ``{"kwargs", "num_warps",
         "num_stages", ...}``, or None."""

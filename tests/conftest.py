@@ -1,17 +1,81 @@
-"""Test set-up: Triton runs under its CPU interpreter when no GPU is present.
+"""Test set-up: Triton runs under its CPU interpreter when no GPU is present, and every tensor the
+library allocates uninitialised starts as NaN.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at conftest import.
 On a machine with a GPU the kernels run for real (set TRITON_INTERPRET=1 yourself to force the
 interpreter there).
+
+Poisoned allocations (as flash-linear-attention's tests poison memory): inside every test, the
+modules of ``lora_ensemble`` (its kernels' launchers included) see a ``torch`` whose ``empty``,
+``empty_like`` and ``empty_strided`` return floating tensors filled with NaN. An output element
+that a kernel forgets to store then stays NaN and fails the comparison with the reference, where
+fresh memory would often have held zeros or a stale correct value by chance. ``torch`` itself,
+the tests' own tensors and allocations made in C++ (the CUDA extension's ``at::empty``) are left
+alone; the CUDA kernels' host-emulation tests surround their buffers with NaN themselves.
 """
 
+import functools
 import os
+import sys
+import types
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The allocators whose memory is left uninitialised; ``Tensor.new_empty`` is not patched (it is a
+# method of every tensor, so it cannot be changed for one module): the library uses it for fake
+# (meta) outputs and empty placeholders only.
+POISONED_FACTORIES = ("empty", "empty_like", "empty_strided")
+
+
+def poisoned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` filled with NaN when it is floating point (integer and bool tensors as they are)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        with torch.no_grad():
+            tensor.fill_(float("nan"))
+    return tensor
+
+
+def _poisoning(factory):
+    @functools.wraps(factory)
+    def allocate(*args, **kwargs):
+        return poisoned(factory(*args, **kwargs))
+    return allocate
+
+
+@functools.cache
+def poisoned_torch() -> types.ModuleType:
+    """A stand-in for the ``torch`` module: the same attributes (lazily loaded submodules too), except
+    that :data:`POISONED_FACTORIES` return NaN-filled floating tensors."""
+    view = types.ModuleType(torch.__name__, torch.__doc__)
+    view.__dict__.update(torch.__dict__)
+    view.__getattr__ = functools.partial(getattr, torch)  # torch's lazily imported submodules
+    for name in POISONED_FACTORIES:
+        setattr(view, name, _poisoning(getattr(torch, name)))
+    return view
+
+
+def _library_modules() -> list[types.ModuleType]:
+    """Every loaded module of the package whose global ``torch`` is the torch module. The Triton
+    backend is imported first (when it can be), so that its launchers are patched from the first
+    test on."""
+    try:
+        import lora_ensemble.backend_triton  # noqa: F401
+    except ImportError:
+        pass
+    return [module for name, module in list(sys.modules.items())
+            if (name == "lora_ensemble" or name.startswith("lora_ensemble.")) and module is not None
+            and getattr(module, "torch", None) is torch]
+
+
+@pytest.fixture(autouse=True)
+def _poison_library_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    view = poisoned_torch()
+    for module in _library_modules():
+        monkeypatch.setattr(module, "torch", view)
 
 
 @pytest.fixture(autouse=True)

@@ -140,12 +140,13 @@ def test_a_failing_candidate_is_left_out_and_named(fresh_auto):
 
 
 @pytest.mark.parametrize("how", ["pin", "deterministic", "no measuring"])
-def test_pinned_or_unmeasured_decisions_come_from_the_model(fresh_auto, monkeypatch, how):
+def test_pinned_or_unmeasured_decisions_come_from_the_model(fresh_auto, monkeypatch, request, how):
     tuning_store.tuning_store(CPU).record_auto_choice(shape().key(), "torch", {"torch": 1.0})
     if how == "pin":
         monkeypatch.setenv(ab.PIN_VARIABLE, "0")
     elif how == "deterministic":
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        torch.use_deterministic_algorithms(True)
+        request.addfinalizer(lambda: torch.use_deterministic_algorithms(False))
     else:
         monkeypatch.setenv(ab.MEASURE_VARIABLE, "0")
         tuning_store._store.cache_clear()
@@ -202,3 +203,17 @@ def test_compiled_auto_is_folded_to_a_modelled_constant(two_candidates):
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
     compiled = [d for d in ab.auto_decisions() if "while torch.compile traces" in d.why()]
     assert len(compiled) == 1 and compiled[0].source == "model"
+
+
+def test_info_lists_this_process_choices_the_tuning_file_and_the_model_per_gpu(fresh_auto, monkeypatch):
+    from lora_ensemble import info
+
+    monkeypatch.setattr(info, "gpu_spec", lambda device: H100_SXM)
+    monkeypatch.setattr(info, "tuning_store", lambda device: tuning_store.tuning_store(CPU))
+    ab.decide(CPU, shape(), ("a", "b"), lambda: {"a": slow, "b": fast})  # not recorded: decide alone
+    ab._record(CPU, ab.decide(CPU, shape(rows=8), ("a", "b"), lambda: {"a": slow, "b": fast}))
+    lines = info._per_shape_lines([torch.device("cuda", 0)])
+    text = "\n".join(lines)
+    assert shape(rows=8).key() in text and "measured here" in text
+    assert "cuda:0 tuning file:" in text and "2 auto choices, 0 Triton winners" in text
+    assert format_estimates(H100_SXM) in text

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import report
+from benchmarks.baselines import GROUPED_MM_MISSING, grouped_mm
 from benchmarks.bench_overhead import MODES as OVERHEAD_MODES
 from benchmarks.cost_model import MODES
 from benchmarks.e2e_models import E2E_PROVIDERS, build_e2e_run, e2e_unavailable_reason, make_e2e_step
@@ -31,14 +32,17 @@ from benchmarks.providers import (
     make_step,
     provider_unavailable_reason,
 )
-from benchmarks.shapes import EndToEndShape
+from benchmarks.shapes import EndToEndShape, OpShape
 from lora_ensemble import available_backends
 from lora_ensemble.reference import lora_ensemble_reference, lora_ensemble_reference_backward
 
 from .utils import assert_close_named, make_inputs
 
 CPU = torch.device("cpu")
-OP_ON_CPU = [p for p in OP_PROVIDERS if provider_unavailable_reason(p, CPU) is None]
+# N=3, 6 rows per member (vmap_paper: 2 sequences of 3 tokens), d=17, k=11, r=2: odd sizes, which
+# grouped_mm refuses (its strides must be 16-byte multiples); it has a test of its own below.
+SMOKE_SHAPE = OpShape("smoke", 3, 6, 17, 11, 2, seq_len=3)
+OP_ON_CPU = [p for p in OP_PROVIDERS if provider_unavailable_reason(p, CPU, torch.float32, SMOKE_SHAPE) is None]
 E2E_ON_CPU = [p for p in E2E_PROVIDERS if e2e_unavailable_reason(p, CPU) is None]
 TINY_VIT = EndToEndShape("tiny", num_members=3, rank=2, image_size=32, patch_size=16, num_layers=1, num_heads=2,
                          hidden_dim=16, mlp_dim=24, num_classes=5, infer_batch=1, train_batch=2)
@@ -47,9 +51,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 @pytest.mark.parametrize("provider", OP_ON_CPU)
 def test_op_provider_matches_reference(provider: str) -> None:
-    # N=3, 6 rows per member (vmap_paper: 2 sequences of 3 tokens), d=17, k=11, r=2
-    inp = make_inputs(3, 6, 17, 11, 2, lead=(6,), scaling=1.0)
-    run = build_op_run(provider, inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, seq_len=3)
+    shape = SMOKE_SHAPE
+    inp = make_inputs(shape.num_members, shape.rows, shape.d, shape.k, shape.rank, lead=(shape.rows,), scaling=1.0)
+    run = build_op_run(provider, inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                       seq_len=shape.seq_len)
     lora_B = torch.zeros_like(inp.lora_B) if provider == "limit" else inp.lora_B  # limit is the op without LoRA
     out = run.forward()
     assert_close_named("out", run.to_member_major(out),
@@ -62,6 +67,38 @@ def test_op_provider_matches_reference(provider: str) -> None:
         assert_close_named(f"d{name}", grad, getattr(ref, name), torch.float32)
     for mode in MODES:
         make_step(run, mode)()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_mm_matches_reference_where_torch_runs_it(dtype: torch.dtype) -> None:
+    """PyTorch's grouped GEMM baseline (base F.linear, grouped shrink and expand with member offsets)
+    computes the op and its gradients, on sizes whose strides are 16-byte multiples; 3-D rows."""
+    n, m, d, k, r = 3, 8, 16, 24, 8
+    reason = provider_unavailable_reason("grouped_mm", CPU, dtype, OpShape("aligned", n, m, d, k, r))
+    if reason is not None:
+        pytest.skip(reason)
+    inp = make_inputs(n, m, d, k, r, dtype=dtype, lead=(2, 4), scaling=0.5)
+    run = build_op_run("grouped_mm", inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    out = run.forward()
+    assert out.dtype == dtype
+    assert_close_named("out", out, lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, 0.5),
+                       dtype)
+    grad_out = torch.randn_like(out)
+    ref = lora_ensemble_reference_backward(grad_out, inp.x, inp.weight, inp.lora_A, inp.lora_B, 0.5)
+    for name, grad in zip(("x", "lora_A", "lora_B"), torch.autograd.grad(out, run.trainable, grad_out)):
+        assert_close_named(f"d{name}", grad, getattr(ref, name), dtype)
+    for mode in MODES:
+        make_step(run, mode)()
+
+
+def test_grouped_mm_refuses_unaligned_sizes_with_torchs_reason() -> None:
+    if grouped_mm is None:
+        pytest.skip(GROUPED_MM_MISSING)
+    reason = provider_unavailable_reason("grouped_mm", CPU, torch.float32, SMOKE_SHAPE)
+    assert reason is not None and "d=17, k=11, r=2" in reason and "float32" in reason, reason
+    inp = make_inputs(3, 6, 17, 11, 2, scaling=1.0)
+    with pytest.raises(RuntimeError, match="cannot run d=17, k=11, r=2"):
+        build_op_run("grouped_mm", inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, 1.0)
 
 
 def test_training_step_peak_memory_counts_the_inputs() -> None:
@@ -108,7 +145,7 @@ def test_forward_extra_bytes_name_the_xa_writes() -> None:
     assert forward_extra_bytes("bmm", n, m, r, torch.bfloat16) == 6 * n * m * r
     assert forward_extra_bytes("bmm", n, m, r, torch.float32) == 0
     assert all(forward_extra_bytes(p, n, m, r, torch.bfloat16) == 0
-               for p in ("compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "limit"))
+               for p in ("grouped_mm", "compiled", "vmap", "vmap_paper", "vmap_shared_w0", "sequential", "limit"))
 
 
 def test_nvidia_smi_rows_are_parsed_by_field() -> None:
@@ -164,33 +201,12 @@ def test_report_renders_committed_run(path: Path, tmp_path: Path) -> None:
 def test_sanitize_workload_runs_every_case_on_cpu() -> None:
     """The compute-sanitizer workload of the GPU pass: every edge shape, both layouts, forward and
     backward, all finite (torch backend in every dtype, the Triton interpreter in fp32)."""
-    from benchmarks.sanitize_workload import SHAPES, run_workload
+    from benchmarks.sanitize_workload import DELTA_SHAPES, SHAPES, run_workload
 
-    assert run_workload("torch", CPU, [torch.float32, torch.bfloat16]) == 2 * 2 * len(SHAPES)
+    calls = 2 * (len(SHAPES) + len(DELTA_SHAPES))  # both layouts
+    assert run_workload("torch", CPU, [torch.float32, torch.bfloat16]) == 2 * calls
     if "triton" in available_backends(CPU):
-        assert run_workload("triton", CPU, [torch.float32]) == 2 * len(SHAPES)
-
-
-def test_gpu_pass_parts_cover_the_checklist(tmp_path: Path) -> None:
-    """Every part of the GPU pass fits its 10-minute command limit on paper, and together they run
-    the GPU tests, memcheck and racecheck of both fused backends, the op benchmarks in two parts with
-    their own JSON, and the end-to-end benchmarks with a repeated group."""
-    from benchmarks.gpu_pass import GPU_PARTS, PART_BUDGET_S, main, steps_for
-
-    commands = {}
-    for part in GPU_PARTS:
-        steps = steps_for(part, tmp_path)
-        assert PART_BUDGET_S < 600
-        commands[part] = [" ".join(step.command) for step in steps]
-    assert any("-m gpu" in c for c in commands["tests"])
-    for tool in ("memcheck", "racecheck"):
-        for backend in ("cuda", "triton"):
-            assert any(f"--tool {tool}" in c and f"--backend {backend}" in c
-                       for c in commands["sanitize"]), (tool, backend)
-    for part in ("ops-a", "ops-b"):
-        assert any(f"--benchmark-json={tmp_path / part}.json" in c and "bench_op.py" in c for c in commands[part])
-    assert sum("bench_end_to_end.py" in c for c in commands["e2e"]) == 2
-    assert main(["--list"]) == 0
+        assert run_workload("triton", CPU, [torch.float32]) == calls
 
 
 def test_llm_providers_compute_the_same_members() -> None:

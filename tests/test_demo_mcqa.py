@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -31,12 +33,38 @@ def test_mcqa_demo_smoke(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.undo()
     args = demo_mcqa.parse_args(["--members", "2", "--pretrain-sequences", "64", "--pretrain-epochs", "1",
                                  "--train-questions", "32", "--finetune-epochs", "1", "--test-questions", "40",
-                                 "--out", str(out)])
-    scores = demo_mcqa.run(args)
-    assert [s.id.member_probs.shape for s in scores] == [(1, 40, 4), (2, 40, 4)]
-    rows = demo_mcqa.score_rows(scores)
-    assert [r["score"] for r in rows] == ["entropy", "entropy", "mutual information"]
-    assert all(math.isfinite(r["ood_vs_id"]) for r in rows)
+                                 "--timing-questions", "2", "--decode-tokens", "2", "--out", str(out)])
+    result = demo_mcqa.run(args)
+    assert [s.id.member_probs.shape for s in result.scores] == [(1, 40, 4), (2, 40, 4), (2, 40, 4)]
+    # the members as peft adapters run in turn predict what the fused ensemble predicts
+    torch.testing.assert_close(result.scores[2].id.member_probs, result.scores[1].id.member_probs)
+    assert [r["model"] for r in result.quality] == ["single LoRA", "LoRA-Ensemble (2), fused",
+                                                    "LoRA-Ensemble (2), peft adapters in turn"]
+    assert math.isnan(result.quality[0]["error_mi"]) and all(math.isfinite(r["ood_entropy"]) for r in result.quality)
+    assert result.cost[0]["question_ratio"] == 1.0 and all(r["peak_bytes"] > 0 for r in result.cost)
     printed = capsys.readouterr().out
-    assert "AUROC" in printed and "mutual information" in printed
+    assert "| model | accuracy | ECE-15 |" in printed and "| model (CPU, batch 1) |" in printed
+    assert result.tables in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _table(text: str, header: str) -> str:
+    """The Markdown table that starts with the line ``header`` in ``text``."""
+    lines = text[text.index(header):].splitlines()
+    return "\n".join(lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))])
+
+
+def test_readme_mcqa_table_is_what_the_demo_prints(capsys) -> None:
+    """README's MCQA quality table is the demo's output at its defaults (seed 0, one thread): regenerate
+    it with ``python -m lora_ensemble.demo --task mcqa`` when the code changes what it prints. (The cost
+    table beside it is a measurement: ``benchmarks/results/cpu-mcqa.md``, not compared.)"""
+    threads = torch.get_num_threads()
+    try:
+        demo.main(["--task", "mcqa", "--timing-questions", "1", "--decode-tokens", "1",
+                   "--out", os.devnull])  # the cost table is not compared: time it as little as possible
+    finally:
+        torch.set_num_threads(threads)
+    header = "| model | accuracy | ECE-15 |"
+    printed = _table(capsys.readouterr().out, header)
+    readme = _table((Path(__file__).resolve().parents[1] / "README.md").read_text(), header)
+    assert readme == printed, f"README's MCQA table differs from what the demo prints now:\n{printed}"

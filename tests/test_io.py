@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -100,10 +101,15 @@ def test_load_refuses_another_base_of_the_same_shapes(tmp_path) -> None:
     record = json.loads((tmp_path / CONFIG_NAME).read_text())["base"]
     assert record["class"] == "timm.models.vision_transformer.VisionTransformer"
     assert record["layers"]["blocks.0.attn.qkv"]["shape"] == [96, 32]
-    assert len(record["layers"]["blocks.0.attn.qkv"]["sample"]) == 64
+    qkv = record["tensors"]["blocks.0.attn.qkv.weight"]
+    assert qkv["shape"] == [96, 32] and qkv["dtype"] == "float32" and len(qkv["sample"]) == 8
+    assert qkv["norm"] == pytest.approx(original.blocks[0].attn.qkv.weight.double().norm().item(), rel=1e-12)
+    assert set(record["tensors"]) == {name for name, _ in [*original.named_parameters(), *original.named_buffers()]
+                                      if not name.startswith("head.")}
 
     retrained = FAMILIES["timm"][0]()  # same class and shapes, other weights (a random vit_tiny vs a pretrained one)
-    with pytest.raises(ValueError, match=r"the weights W0 of 4 of 4 wrapped layers \(fingerprint\): blocks\.0\.attn"):
+    with pytest.raises(ValueError, match=r"the values \(fingerprint\) of base tensors of \d+ of \d+: "
+                                         r"cls_token: entry \d+ of its sample"):
         load_members(retrained, tmp_path)
     assert_unwrapped(retrained)
 
@@ -194,3 +200,117 @@ def test_load_members_onto_a_gpu(tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x.cuda()).cpu(), ensemble(x)[[1]], atol=1e-4, rtol=1e-4)
+
+
+def _changed(original: nn.Module, names: list[str], change=torch.Tensor.normal_) -> nn.Module:
+    """A copy of ``original`` with ``change`` applied in place to the tensors ``names`` (default: redrawn)."""
+    other = copy.deepcopy(original)
+    with torch.no_grad():
+        for name in names:
+            change(other.get_parameter(name))
+    return other
+
+
+BASE_CHANGES = {  # what differs -> (the tensors changed, how)
+    "mlp-and-attention-biases": (["blocks.0.attn.qkv.bias", "blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"],
+                                 torch.Tensor.normal_),
+    "bitfit-biases-by-1e-3": (["blocks.0.attn.qkv.bias", "blocks.1.mlp.fc1.bias"], lambda t: t.add_(1e-3)),
+    "norms": (["blocks.1.norm1.weight", "norm.bias"], torch.Tensor.normal_),
+    "embeddings": (["pos_embed", "patch_embed.proj.weight"], torch.Tensor.normal_),
+}
+
+
+@pytest.mark.parametrize("change", list(BASE_CHANGES.values()), ids=list(BASE_CHANGES))
+def test_load_refuses_a_base_whose_other_tensors_differ(tmp_path, change) -> None:
+    """The wrapped layers' W0 agree, the tensors named (in model order) differ: refused, those named."""
+    names, how = change
+    original, ensemble = timm_members(tmp_path)
+    other = _changed(original, names, how)
+    listed = ": .*; ".join(re.escape(name) for name in names)
+    with pytest.raises(ValueError, match=rf"the values \(fingerprint\) of base tensors of {len(names)} of \d+: "
+                                         rf"{listed}: .*Pass strict_base=False"):
+        load_members(other, tmp_path)
+    assert_unwrapped(other)
+    with pytest.warns(UserWarning, match=rf"{re.escape(names[0])}.*loading anyway"):
+        loaded = load_members(other, tmp_path, strict_base=False)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.lora_B, ensemble.model.blocks[0].attn.qkv.lora_B)
+
+
+def test_load_refuses_a_base_with_other_buffers_or_tensors(tmp_path) -> None:
+    original, _ = timm_members(tmp_path)
+    other = copy.deepcopy(original)
+    other.register_buffer("extra", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"base tensors the saved base lacked of 1 of \d+: extra"):
+        load_members(other, tmp_path)
+    assert_unwrapped(other)
+
+
+def test_format_2_files_check_the_wrapped_weights_with_a_warning(tmp_path) -> None:
+    """Files of format 2 recorded 64 entries of each wrapped W0 only: still checked, with a warning that the
+    rest of the base cannot be."""
+    from lora_ensemble.io import _weight_sample
+
+    original, _ = timm_members(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["base"]["tensors"]
+    for name, layer in config["base"]["layers"].items():
+        layer["sample"] = _weight_sample(original.get_submodule(name), *layer["shape"])
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.warns(UserWarning, match="records only the wrapped layers' W0"):
+        assert load_members(copy.deepcopy(original), tmp_path).num_members == 4
+    with pytest.raises(ValueError, match=r"the weights W0 \(fingerprint\) of wrapped layers of 1 of 4: blocks\.1"):
+        with pytest.warns(UserWarning, match="records only"):
+            load_members(_changed(original, ["blocks.1.attn.qkv.weight"]), tmp_path)
+
+
+def _edit_config(tmp_path, edit) -> None:
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    edited = edit(config)
+    text = edited if isinstance(edited, str) else json.dumps(config if edited is None else edited)
+    (tmp_path / CONFIG_NAME).write_text(text)
+
+
+DAMAGED_CONFIGS = {
+    "num_members-missing": (lambda c: c.pop("num_members") and None, r"num_members is missing"),
+    "rank-missing": (lambda c: c.pop("rank") and None, r"rank is missing"),
+    "target_modules-missing": (lambda c: c.pop("target_modules") and None, r"target_modules is missing"),
+    "base.class-missing": (lambda c: c["base"].pop("class") and None, r"base\.class is missing"),
+    "target_modules-shortened": (lambda c: c.update(target_modules=c["target_modules"][1:]),
+                                 r"base\.layers and target_modules name different layers \(\['blocks\.0\.attn\.qkv"),
+    "base.layers-extra": (lambda c: c["base"]["layers"].update({"blocks.9.attn.qkv": {"shape": [1, 1]}}),
+                          r"base\.layers and target_modules name different layers \(\['blocks\.9\.attn\.qkv"),
+    "json-list": (lambda c: [c], r"must hold a JSON object, got a list"),
+    "not-json": (lambda c: "{num_members: 3", r"is not valid JSON"),
+    "num_members-str": (lambda c: c.update(num_members="3"), r"num_members must be an int, got '3'"),
+    "num_members-zero": (lambda c: c.update(num_members=0), r"num_members must be a positive int, got 0"),
+    "head-str": (lambda c: c.update(head="head"), r"head must be a list of strings, got 'head'"),
+    "adapter_dtype-unknown": (lambda c: c.update(adapter_dtype="float99"), r"adapter_dtype 'float99' names no"),
+    "base.tensors-entry": (lambda c: c["base"]["tensors"].update(pos_embed=[1]), r"base\.tensors\.pos_embed must"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_CONFIGS.values()), ids=list(DAMAGED_CONFIGS))
+def test_damaged_config_is_an_error_naming_the_file_and_the_key(tmp_path, damage) -> None:
+    edit, message = damage
+    original, _ = timm_members(tmp_path)
+    _edit_config(tmp_path, edit)
+    model = copy.deepcopy(original)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / CONFIG_NAME))}.*{message}"):
+        load_members(model, tmp_path)
+    assert_unwrapped(model)
+
+
+@pytest.mark.parametrize("content", ["truncated", "random", "pickle", "empty"])
+def test_damaged_weights_are_an_error_naming_the_file(tmp_path, content: str) -> None:
+    import os
+    import pickle
+
+    original, _ = timm_members(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "random": os.urandom(500),
+                      "pickle": pickle.dumps({"a": 1}), "empty": b""}[content])
+    model = copy.deepcopy(original)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a readable safetensors file"):
+        load_members(model, tmp_path)
+    assert_unwrapped(model)

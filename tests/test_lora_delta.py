@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lora_ensemble import available_backends, lora_ensemble_delta
+from lora_ensemble.reference import lora_delta_reference, lora_delta_reference_backward
 
 from .utils import TOLERANCES, assert_close_named
 
@@ -33,14 +34,6 @@ def _inputs(n, m, d, k, r, dtype, shared, lead):
     return x, base, lora_A, lora_B
 
 
-def _reference(x, base, lora_A, lora_B, s, shared):
-    n, d, k = lora_A.shape[0], lora_A.shape[2], lora_B.shape[1]
-    x64, base64 = x.detach().double(), base.detach().double()
-    rows = x64.reshape(-1, d).expand(n, -1, d) if shared else x64.reshape(n, -1, d)
-    base_rows = base64.reshape(-1, k).expand(n, -1, k) if shared else base64.reshape(n, -1, k)
-    return base_rows + s * rows @ lora_A.detach().double().transpose(1, 2) @ lora_B.detach().double().transpose(1, 2)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: (f"N{c[0]}-M{c[1]}-d{c[2]}-k{c[3]}-r{c[4]}-{str(c[5])[6:]}"
                                                        f"{'-shared' if c[6] else ''}"
@@ -52,27 +45,17 @@ def test_matches_float64_with_gradients(case, backend):
     s = 0.7
     x, base, lora_A, lora_B = _inputs(*case)
     out = lora_ensemble_delta(x, base, lora_A, lora_B, s, shared_input=shared, backend=backend)
-    want = _reference(x, base, lora_A, lora_B, s, shared)
-    assert out.shape == (n * (x.shape[0]), *x.shape[1:-1], k) if shared else out.shape == (*x.shape[:-1], k)
-    assert_close_named("out", out.reshape(n, -1, k), want, dtype)
+    want = lora_delta_reference(x, base, lora_A, lora_B, s, shared)
+    rows = n * x.shape[0] if shared else x.shape[0]
+    assert out.shape == want.shape == (rows, *x.shape[1:-1], k)
+    assert_close_named("out", out, want, dtype)
 
     dy = torch.randn_like(out)
     grads = torch.autograd.grad(out, (x, base, lora_A, lora_B), dy)
-    dy64 = dy.double().reshape(n, -1, k)
-    A64, B64 = lora_A.detach().double(), lora_B.detach().double()
-    rows = x.detach().double().reshape(-1, d)
-    rows = rows.expand(n, -1, d) if shared else rows.reshape(n, -1, d)
-    dyb = dy64 @ B64
-    want_dx = s * dyb @ A64
-    want_grads = {
-        "dx": (want_dx.sum(0) if shared else want_dx).reshape(x.shape),
-        "dbase": (dy64.sum(0) if shared else dy64).reshape(base.shape),
-        "dA": s * dyb.transpose(1, 2) @ rows,
-        "dB": s * dy64.transpose(1, 2) @ (rows @ A64.transpose(1, 2)),
-    }
-    for (name, want_grad), got in zip(want_grads.items(), grads):
+    want_grads = lora_delta_reference_backward(dy, x, lora_A, lora_B, s, shared)
+    for name, got in zip(("x", "base", "lora_A", "lora_B"), grads):
         assert got.dtype == dtype
-        assert_close_named(name, got, want_grad, dtype)
+        assert_close_named(f"d{name}", got, getattr(want_grads, name), dtype)
 
 
 def test_adapters_in_their_own_dtype_are_cast_to_the_compute_dtype():
@@ -81,8 +64,8 @@ def test_adapters_in_their_own_dtype_are_cast_to_the_compute_dtype():
     assert low.dtype == torch.bfloat16
     grad_A = torch.autograd.grad(low.float().sum(), lora_A)[0]
     assert grad_A.dtype == torch.float32
-    want = _reference(x.bfloat16(), base.bfloat16(), lora_A.bfloat16(), lora_B.bfloat16(), 0.5, False)
-    assert_close_named("out", low.reshape(2, -1, 10), want, torch.bfloat16, TOLERANCES[torch.bfloat16])
+    want = lora_delta_reference(x.bfloat16(), base.bfloat16(), lora_A.bfloat16(), lora_B.bfloat16(), 0.5, False)
+    assert_close_named("out", low, want, torch.bfloat16, TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.parametrize(("override", "exc", "words"), [

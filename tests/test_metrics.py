@@ -364,3 +364,71 @@ def test_bad_input_names_the_argument() -> None:
         metrics.error_auroc(torch.rand(4, dtype=torch.float64), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"logits must be \[B, C\] or \[N, B, C\], got shape \(4,\)"):
         metrics.fit_temperature(torch.randn(4), TARGETS)
+
+
+# --- conventions at the edges (issue 23) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [metrics.mutual_information, metrics.expected_entropy, metrics.member_variance,
+                                metrics.disagreement])
+def test_per_member_functions_refuse_a_missing_member_dim(fn) -> None:
+    mean_probs = torch.softmax(torch.randn(8, 4), -1)  # [B, C]: the member dim forgotten
+    with pytest.raises(ValueError, match=r"member_probs must be \[N, B, C\].*got shape \(8, 4\)"):
+        fn(mean_probs)
+
+
+@pytest.mark.parametrize("fn", [metrics.accuracy, metrics.negative_log_likelihood, metrics.brier_score,
+                                metrics.expected_calibration_error, metrics.reliability_bins])
+def test_calibration_metrics_refuse_rows_that_do_not_sum_to_one(fn) -> None:
+    scores = torch.sigmoid(torch.randn(64, 4))  # in [0, 1], rows sum to 1.1 .. 2.8
+    targets = torch.randint(0, 4, (64,))
+    with pytest.raises(ValueError, match=r"probs rows must sum to 1 .*float32 over C=4.*softmax"):
+        fn(scores, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_rounded_probabilities_of_every_dtype_are_accepted(dtype: torch.dtype, classes: int) -> None:
+    """The tolerance covers a softmax computed in (or cast to) the dtype, and fp32 probabilities cast up."""
+    logits = torch.randn(3, 64, classes) * 3
+    targets = torch.randint(0, classes, (64,))
+    for probs in (logits.to(dtype).softmax(-1).mean(0), logits.softmax(-1).mean(0).to(dtype),
+                  logits.float().softmax(-1).mean(0).double()):
+        assert torch.isfinite(metrics.expected_calibration_error(probs, targets))
+        assert torch.isfinite(metrics.negative_log_likelihood(probs, targets))
+
+
+@pytest.mark.parametrize(("dtype", "nats"), [(torch.float32, 87.3365), (torch.bfloat16, 87.3365),
+                                             (torch.float16, 9.7041), (torch.float64, 708.3964)])
+def test_nll_floors_a_zero_probability_at_the_given_dtypes_smallest_normal(dtype: torch.dtype, nats: float) -> None:
+    probs = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    assert metrics.negative_log_likelihood(probs, torch.tensor([1])).item() == pytest.approx(nats, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_confidence_of_exactly_k_over_n_is_in_the_bin_below_its_edge(dtype: torch.dtype) -> None:
+    """Bins are (i/n, (i+1)/n]: a confidence of exactly k/n (k >= 1) is in bin k - 1, for every k and every
+    n up to 100, whether it is the division k / n or the mean of n one-hot members (k of them voting for the
+    top class). torch.linspace's edges put some of them in bin k (n = 20, 25, ...)."""
+    for n in range(1, 101):
+        k = torch.arange(1, n + 1)
+        by_division = (k.to(dtype) / n)
+        votes = (torch.arange(n)[None, :] < k[:, None]).to(dtype)  # [k, n]: the first k of n members vote
+        by_mean = votes.mean(dim=1)
+        for conf in (by_division, by_mean):
+            half = conf[(conf > 0.5)]  # two classes: the top-label confidence must be >= 1/2
+            kk = k[conf > 0.5]
+            probs = torch.stack([half, 1 - half], dim=1)
+            bins = metrics.reliability_bins(probs, torch.zeros(len(half), dtype=torch.long), n_bins=n)
+            want = torch.zeros(n, dtype=torch.float64)
+            want.index_add_(0, kk - 1, torch.ones(len(kk), dtype=torch.float64))
+            assert torch.equal(bins.count, want), (n, bins.count.nonzero().flatten().tolist(), (kk - 1).tolist())
+
+
+def test_bin_edges_are_the_doubles_nearest_k_over_n() -> None:
+    from fractions import Fraction
+
+    for n in range(1, 101):
+        edges = metrics.reliability_bins(PROBS, TARGETS, n_bins=n).edges
+        for k in range(n + 1):
+            assert Fraction(edges[k].item()) == Fraction(k / n)  # Python's k / n is the correctly rounded double

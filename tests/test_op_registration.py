@@ -31,7 +31,7 @@ def test_opcheck_backward_op():
     x = inp.x.reshape(2, -1, 8)
     xa = torch.bmm(x, inp.lora_A.transpose(1, 2))
     grad_out = torch.randn(2, 4, 6)
-    for need_dx, need_lora in ((True, True), (False, True), (True, False)):
+    for need_dx, need_lora in ((True, True), (False, True), (True, False), (False, False)):
         torch.library.opcheck(torch.ops.lora_ensemble.fused_linear_backward.default,
                               (grad_out, x, inp.weight, inp.lora_A, inp.lora_B, xa, 0.5, False, "torch",
                                need_dx, need_lora))

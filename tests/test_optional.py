@@ -44,7 +44,7 @@ def break_install(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
 
 @pytest.mark.parametrize(("module", "package", "distribution", "extra"), [
     ("lora_ensemble.io", "safetensors", "safetensors", "models"),
-    ("lora_ensemble.peft_format", "safetensors", "safetensors", "models"),
+    ("lora_ensemble.files", "safetensors", "safetensors", "models"),
     ("lora_ensemble.demo", "tqdm", "tqdm", "models"),
     ("lora_ensemble.demo", "sklearn", "scikit-learn", "models"),
     ("lora_ensemble.demo", "matplotlib", "matplotlib", "models"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,80 @@ def test_save_refuses_converted_multihead_attention(tmp_path) -> None:
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
     with pytest.raises(ValueError, match="ExplicitMultiheadAttention"):
         save_peft_adapters(LoRAEnsemble(vit, 2, 2), tmp_path)
+
+
+def test_adapters_with_a_rank_above_a_layer_size_load_exactly(tmp_path) -> None:
+    """peft saves a rank above min(in_features, out_features) (v_proj is [16, 32] here, r = 20); loading one
+    reproduces it, where a fresh LoRAEnsemble with that rank is refused."""
+    torch.manual_seed(6)
+    base = causal_lm("llama")
+    v_proj = base.get_submodule("model.layers.0.self_attn.v_proj")
+    rank = min(v_proj.in_features, v_proj.out_features) + 4
+    dirs = make_adapters(base, [peft.LoraConfig(r=rank, target_modules=LLAMA_TARGETS)] * 2, tmp_path)
+    with pytest.raises(ValueError, match=rf"target model\.layers\.0\.self_attn\.v_proj: rank {rank} is above"):
+        LoRAEnsemble(copy.deepcopy(base), num_members=2, rank=rank, target_modules=LLAMA_TARGETS)
+    ensemble = load_peft_adapters(copy.deepcopy(base), dirs, backend="torch")
+    assert ensemble.rank == rank
+    assert_members_are_the_adapters(ensemble, base, dirs, {"input_ids": torch.randint(3, VOCAB, (2, 5))})
+    save_members(ensemble, tmp_path / "members")
+    again = load_members(copy.deepcopy(base), tmp_path / "members", backend="torch")
+    for (name, p), q in zip(ensemble.member_parameters().items(), again.member_parameters().values()):
+        assert torch.equal(p, q), name
+
+
+DAMAGED_ADAPTER_CONFIGS = {
+    "r-str": ({"r": "4"}, r"r must be an int, got '4'"),
+    "r-zero": ({"r": 0}, r"r must be a positive int, got 0"),
+    "lora_alpha-str": ({"lora_alpha": "8"}, r"lora_alpha must be a number, got '8'"),
+    "target_modules-int": ({"target_modules": 5}, r"target_modules must be a string or a list of strings, got 5"),
+    "lora_dropout-str": ({"lora_dropout": "x"}, r"lora_dropout must be a number, got 'x'"),
+    "modules_to_save-str": ({"modules_to_save": "lm_head"},
+                            r"modules_to_save must be a list of strings or null, got 'lm_head'"),
+    "rank_pattern-value": ({"rank_pattern": {"v_proj": "2"}}, r"rank_pattern\.v_proj must be an int, got '2'"),
+    "use_rslora-str": ({"use_rslora": "yes"}, r"use_rslora must be true/false, got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("change", list(DAMAGED_ADAPTER_CONFIGS.values()), ids=list(DAMAGED_ADAPTER_CONFIGS))
+def test_damaged_adapter_config_is_an_error_naming_the_file_and_the_key(tmp_path, change) -> None:
+    update, message = change
+    torch.manual_seed(5)
+    base = causal_lm("llama")
+    folder = make_adapters(base, [peft.LoraConfig(r=2, target_modules=LLAMA_TARGETS)], tmp_path)[0]
+    path = Path(folder) / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **update}))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+        load_peft_adapters(model, [folder])
+    assert_untouched(model, base)
+
+
+@pytest.mark.parametrize("damage", ["not-json", "json-list", "truncated-weights", "random-weights",
+                                    "pickled-object-as-bin"])
+def test_damaged_adapter_files_are_errors_naming_the_file(tmp_path, damage: str) -> None:
+    import os
+    import pickle
+
+    torch.manual_seed(5)
+    base = causal_lm("llama")
+    folder = Path(make_adapters(base, [peft.LoraConfig(r=2, target_modules=LLAMA_TARGETS)], tmp_path)[0])
+    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if damage == "not-json":
+        config.write_text("{'r': 2")
+        path, message = config, "is not valid JSON"
+    elif damage == "json-list":
+        config.write_text("[]")
+        path, message = config, "must hold a JSON object, got a list"
+    elif damage in ("truncated-weights", "random-weights"):
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncated-weights" else os.urandom(400))
+        path, message = weights, "is not a readable safetensors file"
+    else:  # an adapter_model.bin that holds something other than tensors: refused by weights_only, not run
+        weights.unlink()
+        path = folder / "adapter_model.bin"
+        path.write_bytes(pickle.dumps(os.getcwd))
+        message = "is not a readable torch.save file of tensors"
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:? {message}"):
+        load_peft_adapters(model, [str(folder)])
+    assert_untouched(model, base)
