@@ -41,9 +41,9 @@ __all__ = ["HEADLINE_SHAPES", "HOST_SECONDS", "BackendEstimate", "ShapeClass", "
 # and the extension op's checks and cudaLaunchKernel, ~4 µs per launch (a guess); one launch forward,
 # three forward + backward. The composite's CPU kernels stand in for its launches.
 HOST_SECONDS: dict[str, dict[str, float]] = {
-    "torch": {"fwd": 34e-6, "fwd_bwd": 182e-6},
-    "triton": {"fwd": (79 + 15) * 1e-6, "fwd_bwd": (313 + 3 * 15) * 1e-6},
-    "cuda": {"fwd": (28 + 4) * 1e-6, "fwd_bwd": (152 + 3 * 4) * 1e-6},
+    "torch": {"fwd": 42e-6, "fwd_bwd": 195e-6},
+    "triton": {"fwd": (81 + 15) * 1e-6, "fwd_bwd": (314 + 3 * 15) * 1e-6},
+    "cuda": {"fwd": (31 + 4) * 1e-6, "fwd_bwd": (153 + 3 * 4) * 1e-6},
 }
 _CUBLAS_EFFICIENCY = 0.9
 _TRITON_EFFICIENCY = 0.8
