@@ -41,6 +41,7 @@ __all__ = [
     "Backend",
     "FUSED_DTYPES",
     "accum_dtype",
+    "auto_candidates",
     "available_backends",
     "get_backend",
     "in_dtype",
@@ -56,7 +57,8 @@ _MODULES = {
 }
 # The dtypes the fused (triton, cuda) backends take; float64 runs on the torch backend only.
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-# For CUDA tensors, ``auto`` takes the first available of these.
+# For CUDA tensors, ``auto`` chooses per shape among the available ones of these (lora_ensemble.auto_backend);
+# without a shape it names the first.
 _AUTO_CUDA_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
 
 
@@ -134,8 +136,24 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+def auto_candidates(device: torch.device | str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends ``auto`` chooses among for tensors on ``device`` in ``dtype``: on CUDA in a fused
+    dtype every available one of ``triton``, ``cuda`` and ``torch`` (the composite is always one);
+    anywhere else ``torch`` alone."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or dtype not in FUSED_DTYPES:
+        return ("torch",)
+    return tuple(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, dev) is None)
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                    defer_auto: bool = False) -> str:
     """Turn ``auto`` into a concrete backend for ``device`` and ``dtype``; check an explicit one is usable.
+
+    ``auto`` gives its only candidate (:func:`auto_candidates`) where it has one. Where it has several
+    the choice depends on the call's shape (:func:`lora_ensemble.auto_backend.auto_backend`): then
+    ``defer_auto=True`` returns ``"auto"`` itself, and ``defer_auto=False`` the first candidate (the
+    fused backend ``auto`` prefers where the fused kernels win).
 
     Raises:
         ValueError: unknown backend name.
@@ -144,9 +162,8 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
     """
     dev = torch.device(device)
     if name == "auto":
-        if dev.type != "cuda" or dtype not in FUSED_DTYPES:
-            return "torch"
-        return next(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, dev) is None)
+        candidates = auto_candidates(dev, dtype)
+        return "auto" if defer_auto and len(candidates) > 1 else candidates[0]
     if name not in _MODULES:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name != "torch" and dtype not in FUSED_DTYPES:

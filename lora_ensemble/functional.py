@@ -20,6 +20,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from .auto_backend import auto_backend
 from .backends import in_dtype, resolve_backend
 from .layout import stacked_output_shape
 from .ops import fused_linear_apply, lora_delta_apply
@@ -35,7 +36,8 @@ _resolve_cached = functools.lru_cache(maxsize=256)(resolve_backend)
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     # Constant for given arguments: torch.compile folds it instead of tracing imports; cached in eager.
-    return _resolve_cached(backend, device, dtype)
+    # "auto" where the choice depends on the shape (CUDA tensors): auto_backend decides per call.
+    return _resolve_cached(backend, device, dtype, True)
 
 
 @torch.compiler.assume_constant_result
@@ -248,6 +250,8 @@ def fused_lora_ensemble_linear(
     num_members = lora_A.shape[0]
     k, d = weight.shape
     rows = x.reshape(-1, d) if shared_input else x.reshape(num_members, -1, d)
+    if name == "auto":
+        name = auto_backend(rows, weight, bias, lora_A, lora_B, scaling, shared_input)
     out = fused_linear_apply(
         rows.contiguous(),
         weight.contiguous() if name == "cuda" else weight,  # torch and triton read any strides (Conv1D's W0^T)
@@ -302,6 +306,8 @@ def lora_ensemble_delta(
         rows, base_rows = x.reshape(-1, d), base.reshape(-1, k)
     else:
         rows, base_rows = x.reshape(num_members, -1, d), base.reshape(num_members, -1, k)
+    if name == "auto":
+        name = auto_backend(rows, None, None, lora_A, lora_B, scaling, shared_input, base=base_rows)
     out = lora_delta_apply(rows.contiguous(), base_rows.contiguous(), lora_A, lora_B, scaling,
                            bool(shared_input), name)
     return out.reshape(stacked_output_shape(x.shape, num_members, shared_input, k))

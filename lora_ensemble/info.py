@@ -41,8 +41,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backends import _AUTO_CUDA_ORDER, BACKENDS, FUSED_DTYPES, resolve_backend, unavailable_reason
+from .auto_backend import MEASURE_VARIABLE, format_auto_decisions
+from .auto_costs import format_estimates
+from .backends import _AUTO_CUDA_ORDER, BACKENDS, FUSED_DTYPES, auto_candidates, unavailable_reason
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
+from .kernels.gpu_specs import gpu_spec
 from .reference import (
     lora_delta_reference,
     lora_delta_reference_backward,
@@ -50,6 +53,7 @@ from .reference import (
     lora_ensemble_reference_backward,
     relative_error,
 )
+from .tuning_store import CACHE_DIR_VARIABLE, tuning_store
 
 __all__ = ["AUTOTUNE_SWITCH", "CHECK_CASES", "AutoChoice", "CheckCase", "CheckRow", "auto_choice", "check",
            "error_bound", "format_check", "main", "report"]
@@ -125,19 +129,32 @@ class AutoChoice:
 
 
 def auto_choice(device: torch.device, dtype: torch.dtype) -> AutoChoice:
-    """The backend ``auto`` resolves to on ``device`` for ``dtype`` (:func:`lora_ensemble.backends.resolve_backend`)
-    and the rule that chose it. The choice depends on the device and the dtype only; a per-shape
-    choice would be reported here too."""
-    backend = resolve_backend("auto", device, dtype)
+    """What ``auto`` runs on ``device`` for ``dtype``: one backend, or ``"per shape"`` where it chooses
+    per shape class among several (:mod:`lora_ensemble.auto_backend`), and the rule."""
+    candidates = auto_candidates(device, dtype)
+    backend = candidates[0] if len(candidates) == 1 else "per shape"
     if device.type != "cuda":
         why = "tensors off the GPU run the composite torch backend"
     elif dtype not in FUSED_DTYPES:
         why = f"the fused backends take {', '.join(DTYPE_NAMES[d] for d in FUSED_DTYPES)} only"
     else:
-        earlier = _AUTO_CUDA_ORDER[:_AUTO_CUDA_ORDER.index(backend)]
-        why = f"the first of {', '.join(_AUTO_CUDA_ORDER)} that runs here" + "".join(
-            f"; not {name}: {unavailable_reason(name, device)}" for name in earlier)
+        why = (f"the fastest of {', '.join(candidates)} per shape class: measured once on this machine, else "
+               "modelled" if len(candidates) > 1 else "the only backend that runs here")
+        why += "".join(f"; not {name}: {unavailable_reason(name, device)}" for name in _AUTO_CUDA_ORDER
+                       if name not in candidates)
     return AutoChoice(str(device), DTYPE_NAMES.get(dtype, str(dtype)), backend, why)
+
+
+def _per_shape_lines(devices: list[torch.device]) -> list[str]:
+    """The per-shape choices of this process, the tuning file of each GPU, and the cost model's view of
+    the headline shapes on each GPU."""
+    lines = ["per-shape choices of this process:", *(f"  {line}" for line in format_auto_decisions())]
+    for device in devices:
+        store = tuning_store(device)
+        lines.append(f"{device} tuning file: {store.path or 'none (LORA_ENSEMBLE_CACHE_DIR is empty)'} "
+                     f"({store.summary()})")
+        lines += format_estimates(gpu_spec(device)).splitlines()
+    return lines
 
 
 def report() -> str:
@@ -169,8 +186,8 @@ def report() -> str:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             choice = auto_choice(device, dtype)
             lines.append(f"  {choice.device:<7} {choice.dtype:<9} {choice.backend:<7} {choice.why}")
-    lines.append("  per-shape choice: none yet (auto depends on the device and the dtype only)")
-    switches = ("TRITON_INTERPRET", AUTOTUNE_SWITCH)
+    lines += [f"  {line}" for line in _per_shape_lines(devices)]
+    switches = ("TRITON_INTERPRET", AUTOTUNE_SWITCH, CACHE_DIR_VARIABLE, MEASURE_VARIABLE)
     lines += ["", "switches: " + "  ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in switches)]
     return "\n".join(lines)
 
