@@ -389,8 +389,9 @@ class LoRAEnsemble(nn.Module):
     def _install_hooks(self) -> None:
         self._hook_handles.append(self.model.register_forward_pre_hook(self._replicator.check_direct_call,
                                                                        with_kwargs=True))
-        self._hook_handles.append(self.model.register_forward_pre_hook(self._external_entry, with_kwargs=True,
-                                                                       prepend=True))
+        # Appended, not prepended: torch 2.11's dynamo guards pre-hooks by their position in the dict and
+        # misplaces a prepended one.
+        self._hook_handles.append(self.model.register_forward_pre_hook(self._external_entry, with_kwargs=True))
         self._hook_handles.append(self.model.register_forward_hook(self._external_exit, with_kwargs=True))
         if self.replicate_at is not None:
             trunk = self.model.get_submodule(self.replicate_at)
