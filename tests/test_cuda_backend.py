@@ -190,7 +190,7 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # misaligned by that many elements (element loads instead of cp.async).
 EMULATION_CASES = [
     (FP16, 16, 1, 40, 72, 8, False, True, 0, 132),  # decode: one 16-row tile holds the single rows of 16 members
-    (BF16, 16, 1, 264, 40, 16, False, True, 0, 132),  # decode, split-K: 2 ranges of d, added by the last CTA
+    (BF16, 16, 1, 264, 136, 16, False, True, 0, 132),  # decode, split-K: 2 ranges of d, 2 column tiles
     (FP32, 16, 1, 36, 24, 16, False, True, 0, 132),  # decode on the SIMT path
     (BF16, 8, 2, 48, 40, 16, False, True, 0, 132),  # 8 members x 2 rows: one tile
     (FP16, 64, 1, 24, 40, 1, False, True, 0, 132),  # N = 64, rank 1: four tiles of 16 members

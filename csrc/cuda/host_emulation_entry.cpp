@@ -4,6 +4,8 @@
 // workspace in host vectors, partial sums poisoned with NaN); the launch policies of
 // launch_policy.cuh for the test that ties them to the Triton ones; traffic counters and the CTA
 // order. Not part of the extension (setup.py compiles csrc/*.cpp and csrc/cuda/*.cu only).
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -27,6 +29,10 @@ void dispatch(int dtype, F&& f) {
     f(__nv_bfloat16{});
   }
 }
+
+// Guard zone around each split-K workspace buffer (elements), and the arrival counters' sentinel.
+constexpr int64_t kGuard = 4096;
+constexpr int kSentinel = -12345;
 
 // The plan's numbers for the tests, in this order.
 void write_plan(const FusedPlan& plan, long long* out) {
@@ -60,17 +66,29 @@ const char* emu_fused(int dtype, int forward, const void* in, const void* weight
     using T = decltype(tag);
     const FusedSizes sizes{n, m, inner, cols, r};
     const FusedPlan plan = plan_fused_lora_gemm<T>(sizes, forward, shared, multiprocessors);
+    // The workspace with guard zones: NaN (partial sums: also what an unwritten partial reads as) and a
+    // sentinel count around the zeroed arrival counters; checked after the launch.
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::vector<float> partial_base(plan.partial_base_floats, nan), partial_low(plan.partial_low_floats, nan);
-    std::vector<int> arrivals(plan.arrival_counters, 0);
+    std::vector<float> partial_base(plan.partial_base_floats + 2 * kGuard, nan);
+    std::vector<float> partial_low(plan.partial_low_floats + 2 * kGuard, nan);
+    std::vector<int> arrivals(plan.arrival_counters + 2 * kGuard, kSentinel);
+    std::fill(arrivals.begin() + kGuard, arrivals.end() - kGuard, 0);
     const long long d = forward ? inner : cols;  // W0 [k, d]
     // forward: A [N, r, d] (ld d), B [N, k, r] (ld r); dx: B [N, k, r] (ld r), A [N, r, d] (ld d)
     const Operand in_op{in, inner}, weight_op{weight, d}, shrink_op{shrink, forward ? d : r}, expand_op{expand, forward ? r : d};
-    const FusedWorkspace workspace{partial_base.data(), partial_low.data(), arrivals.data()};
+    const FusedWorkspace workspace{partial_base.data() + kGuard, partial_low.data() + kGuard, arrivals.data() + kGuard};
     const auto p = make_fused_params<T>(in_op, weight_op, shrink_op, expand_op, bias, base, out, low, sizes, plan,
                                         workspace, scaling, shared, 0);
     launch_fused_lora_gemm<T>(p, forward, nullptr);
-    for (int arrived : arrivals) EMU_CHECK(arrived == plan.k_splits, "every split of every tile arrived once");
+    for (int64_t i = 0; i < plan.arrival_counters; ++i) {
+      EMU_CHECK(arrivals[kGuard + i] == plan.k_splits, "every split of every tile arrived once");
+    }
+    for (int64_t i = 0; i < kGuard; ++i) {
+      EMU_CHECK(std::isnan(partial_base[i]) && std::isnan(partial_base[partial_base.size() - 1 - i]) &&
+                    std::isnan(partial_low[i]) && std::isnan(partial_low[partial_low.size() - 1 - i]) &&
+                    arrivals[i] == kSentinel && arrivals[arrivals.size() - 1 - i] == kSentinel,
+                "split-K workspace written past its ends");
+    }
   });
   return emu::error();
 }

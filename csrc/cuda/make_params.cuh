@@ -64,7 +64,7 @@ FusedPlan plan_fused_lora_gemm(const FusedSizes& s, bool forward, bool shared, i
   plan.k_per_split = fused_k_per_split(s.inner, plan.k_splits, plan.block_k);
   if (plan.k_splits > 1) {
     plan.partial_base_floats = plan.member_groups * plan.k_splits * (shared ? s.rows : in_rows) * s.cols;
-    plan.partial_low_floats = plan.k_splits * s.members * s.rows * s.rank;
+    plan.partial_low_floats = plan.k_splits * plan.col_tiles * s.members * s.rows * s.rank;  // per column tile
     plan.arrival_counters = plan.member_groups * tiles;
   }
   return plan;

@@ -43,7 +43,7 @@ struct FusedLoraGemmParams {
   // split-K (k_splits > 1): fp32 partial sums of each range, added up in range order by the CTA of
   // the output tile that arrives last (so the result does not depend on the arrival order)
   float* partial_base;  // [member_groups][k_splits][base rows][cols]: in W0 (stacked: N*M rows; shared: M)
-  float* partial_low;   // [k_splits][N][M][r]: in shrink
+  float* partial_low;   // [k_splits][col_tiles][N][M][r]: in shrink (each column tile's CTAs their own copy)
   int* arrivals;        // [member_groups][row_tiles][col_tiles], zero before the launch
   int device;        // CUDA device index (per-device kernel attributes are set once)
   // Whether each operand may use 16-byte asynchronous copies (leading dim and base pointer aligned).
