@@ -85,13 +85,25 @@ class Emulation:
         dll.emu_fused_plan.argtypes = [i32, i32, i64, i64, i64, i64, i64, i32, i32, ptr]
         dll.emu_fused.argtypes = [i32, i32] + [ptr] * 7 + [i64] * 5 + [f32, i32, ptr, i32]
         dll.emu_fused.restype = ctypes.c_char_p
-        dll.emu_grad_row_splits.argtypes = [i64] * 5 + [i32, i32]
+        dll.emu_grad_plan_splits.argtypes = [i64] * 5 + [i32, i32]
         dll.emu_lora_grads.argtypes = [i32] + [ptr] * 6 + [i64] * 5 + [f32, i32, i32, i32]
         dll.emu_lora_grads.restype = ctypes.c_char_p
         dll.emu_watch.argtypes = [i32, ptr, i64]
         dll.emu_watched_bytes.argtypes = [i32]
         dll.emu_watched_bytes.restype = i64
         dll.emu_cta_order.argtypes = [i32, ctypes.c_uint]
+        # launch_policy.cuh, for tests/test_launch_policies.py
+        for name, argtypes, restype in (("emu_block_rank", [i64], i32),
+                                        ("emu_row_tile_members", [i64, i64, i64], i64),
+                                        ("emu_stacked_block_rows", [i64, i64, i32], i32),
+                                        ("emu_stacked_tile_rows", [i32, i64, i64, i32], i64),
+                                        ("emu_shared_block_rows", [i64, i64, i32], i32),
+                                        ("emu_shared_member_groups", [i64, i64, i32], i32),
+                                        ("emu_fused_k_splits", [i64, i64, i32, i32], i32),
+                                        ("emu_grad_row_splits", [i64, i64, i32, i32], i32),
+                                        ("emu_grad_rows_per_split", [i64, i32, i32], i64)):
+            getattr(dll, name).argtypes = argtypes
+            getattr(dll, name).restype = restype
         self.dll = dll
 
     def plan(self, dtype: torch.dtype, forward: bool, members: int, rows: int, inner: int, cols: int, rank: int,
@@ -111,7 +123,7 @@ class Emulation:
 
     def grad_row_splits(self, members: int, rows: int, d: int, k: int, rank: int, multiprocessors: int = H100_SMS,
                         deterministic: bool = False) -> int:
-        return self.dll.emu_grad_row_splits(members, rows, d, k, rank, multiprocessors, int(deterministic))
+        return self.dll.emu_grad_plan_splits(members, rows, d, k, rank, multiprocessors, int(deterministic))
 
     def lora_grads(self, dtype: torch.dtype, x: int, dy: int, xa: int, dyb: int, grad_A: int, grad_B: int,
                    members: int, rows: int, d: int, k: int, rank: int, scaling: float, shared: bool,

@@ -194,7 +194,10 @@ EMULATION_CASES = [
     (FP32, 16, 1, 36, 24, 16, False, True, 0, 132),  # decode on the SIMT path
     (BF16, 8, 2, 48, 40, 16, False, True, 0, 132),  # 8 members x 2 rows: one tile
     (FP16, 64, 1, 24, 40, 1, False, True, 0, 132),  # N = 64, rank 1: four tiles of 16 members
-    (FP16, 3, 37, 72, 100, 8, False, True, 0, 132),  # 16-row tiles straddling member boundaries (37 rows)
+    (FP16, 8, 13, 72, 100, 8, False, True, 0, 132),  # 16-row tiles straddling member boundaries (13 rows)
+    (BF16, 16, 16, 40, 72, 16, False, True, 0, 132),  # 16 rows per member: 64-row tiles of 4 members
+    (FP16, 4, 50, 40, 72, 8, False, False, 0, 132),  # 50 rows per member: 64-row tiles of up to 3 members
+    (FP32, 4, 50, 40, 72, 8, False, True, 0, 132),  # the same on the SIMT path
     (FP16, 2, 70, 40, 136, 8, False, True, 0, 132),  # 64-row tiles, one straddling row 70; two column tiles
     (BF16, 2, 70, 40, 136, 8, False, True, 0, 132),  # the same in bf16
     (FP16, 2, 65, 64, 129, 128, False, True, 0, 132),  # rank 128 on 64-row tiles, straddling; the expand over sLow
@@ -210,6 +213,7 @@ EMULATION_CASES = [
     (BF16, 16, 20, 264, 40, 8, True, True, 0, 132),  # shared batch-1-like: x W0^T once for 16 members, split-K
     (FP16, 3, 70, 24, 40, 8, True, True, 0, 132),  # shared on 64-row tiles: one member per pass, x W0^T kept
     (FP16, 3, 37, 264, 100, 8, False, True, 0, 1),  # one SM: no split-K
+    (BF16, 3, 37, 264, 100, 8, False, True, 0, 132),  # 64-row tiles with split-K
 ]
 
 
@@ -226,13 +230,16 @@ def test_kernels_under_host_emulation(emulation, case):
 
 def test_planner_tiles_the_stacked_rows_as_one_matrix(emulation):
     """The row tiles of launch_policy.cuh: at decode one 16-row tile holds every member's row (W0
-    read once); 8 x 2 rows likewise; 64-row tiles once every member has 64 rows; whole members per tile
-    where a 16-row window would hold more members than the kernel has shrink slices for."""
+    read once); 8 x 2 rows likewise; 64-row tiles of 4 members at 16 rows per member (W0 read 4
+    times, not 16); whole members per tile where a 16-row tile would hold more members than the
+    kernel has shrink slices for."""
     plan = emulation.plan(BF16, True, 16, 1, 4096, 4096, 16, False)
     assert (plan.block_rows, plan.tile_members, plan.tile_rows, plan.row_tiles) == (16, 16, 16, 1)
     assert plan.col_tiles == 32 and plan.k_splits == 5 and plan.k_per_split == 832  # 160 CTAs on 132 SMs
     plan = emulation.plan(BF16, True, 8, 2, 4096, 4096, 16, False)
     assert (plan.tile_rows, plan.row_tiles) == (16, 1)
+    plan = emulation.plan(BF16, True, 16, 16, 4096, 4096, 16, False)
+    assert (plan.block_rows, plan.tile_members, plan.tile_rows, plan.row_tiles) == (64, 4, 64, 4)
     plan = emulation.plan(BF16, False, 16, 512, 4096, 4096, 16, False)
     assert (plan.block_rows, plan.tile_rows, plan.row_tiles, plan.k_splits) == (64, 64, 128, 1)
     plan = emulation.plan(BF16, True, 16, 1, 4096, 4096, 128, False)
@@ -241,7 +248,14 @@ def test_planner_tiles_the_stacked_rows_as_one_matrix(emulation):
     assert (plan.block_rows, plan.member_groups, plan.tile_members, plan.row_tiles, plan.k_splits) == (16, 1, 16, 4, 6)
 
 
-@pytest.mark.parametrize("case", [EMULATION_CASES[1], EMULATION_CASES[18]], ids=_case_id)
+SPLIT_K_CASES = [
+    (BF16, 16, 1, 264, 136, 16, False, True, 0, 132),  # stacked decode: 2 ranges x 2 column tiles
+    (BF16, 16, 20, 264, 40, 8, True, True, 0, 132),  # shared input: 2 ranges x 2 row tiles
+    (FP32, 3, 37, 264, 100, 8, False, True, 0, 132),  # SIMT, 64-row tiles
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_K_CASES, ids=_case_id)
 def test_split_k_result_does_not_depend_on_the_arrival_order(emulation, case):
     """Split-K: whichever CTA of a tile arrives last adds the ranges' partial sums, always in range
     order, so the outputs are bitwise the same for any CTA order (grid order, reversed, shuffled)."""

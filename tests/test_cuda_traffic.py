@@ -49,7 +49,9 @@ TRAFFIC_CASES = [
     (BF16, 16, 1, 512, 256, 16, False, 132, 1),  # decode, split-K in 4 ranges of d: W0 still once
     (FP16, 8, 2, 64, 256, 8, False, 132, 1),  # 8 members x 2 rows: W0 once
     (FP32, 16, 1, 64, 256, 16, False, 132, 1),  # decode on the SIMT path
-    (FP16, 3, 50, 64, 256, 8, False, 132, 10),  # 150 rows in 16-row tiles crossing member boundaries
+    (BF16, 16, 16, 64, 256, 16, False, 132, 4),  # 16 rows per member: 64-row tiles of 4 members, W0 4 times
+    (FP16, 8, 13, 64, 256, 8, False, 132, 7),  # 104 rows in 16-row tiles crossing member boundaries
+    (FP16, 3, 50, 64, 256, 8, False, 132, 3),  # 150 rows in 64-row tiles of up to 3 members
     (FP16, 2, 70, 64, 256, 8, False, 132, 3),  # 140 rows in 64-row tiles, one straddling row 70
     (BF16, 16, 20, 64, 256, 8, True, 132, 2),  # shared input: W0 once per row tile for all 16 members
     (BF16, 16, 1, 64, 256, 128, False, 132, 4),  # rank 128 at decode: tiles of 4 whole members, W0 4 times

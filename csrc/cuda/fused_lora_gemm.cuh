@@ -791,7 +791,7 @@ void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t s
               " member groups x ", p.k_splits, " splits, over the grid limit");
   TORCH_CHECK(p.tile_rows >= 1 && p.tile_rows <= kBM, "lora_ensemble: row tile of ", p.tile_rows, " rows for a ", kBM,
               "-row kernel");
-  TORCH_CHECK(kShared || stacked_members_per_tile(p.tile_rows, p.rows, p.members) <= Tile::kMembers,
+  TORCH_CHECK(kShared || row_tile_members(p.rows, p.tile_rows, p.members) <= Tile::kMembers,
               "lora_ensemble: a ", p.tile_rows, "-row tile of ", p.rows, " rows per member holds more than ",
               Tile::kMembers, " members");
   TORCH_CHECK(p.k_splits == 1 || (p.partial_base != nullptr && p.partial_low != nullptr && p.arrivals != nullptr),
@@ -808,7 +808,7 @@ void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t s
 
 template <class T, bool kForward, bool kShared, int kBM>
 void launch_fused_lora_gemm_rank(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
-  switch (rank_tile(p.rank)) {
+  switch (block_rank(p.rank)) {
     case 16: launch_fused_lora_gemm_tile<T, kForward, kShared, 16, kBM>(p, stream); break;
     case 32: launch_fused_lora_gemm_tile<T, kForward, kShared, 32, kBM>(p, stream); break;
     case 64: launch_fused_lora_gemm_tile<T, kForward, kShared, 64, kBM>(p, stream); break;

@@ -9,9 +9,10 @@
 //   shrink  [R, BK] / [BK, R]   per member of the pass: A[n] / B[n] (R = rank padded to 16..128)
 // "Members of the pass" (kMembers at most): stacked, the members whose rows the row tile holds;
 // shared input, the members whose x A[n]^T (dy[n] B[n]) the CTA accumulates in one pass. kMembers
-// and BK are the largest that fit: the wanted member count (16 at BM = 16, the decode case; 2 stacked
-// and 1 shared at BM = 64) halved until the pipeline fits kPipeBudget and the epilogue the CTA limit,
-// with BK = 32 (fp32: 16), else with BK = 16 (fp32: 8).
+// and BK are the largest that fit: the wanted member count (16 at BM = 16, the decode case; stacked
+// at BM = 64, 4 up to rank tile 32 (16 rows per member) and 2 above; shared at BM = 64, 1) halved
+// until the pipeline fits kPipeBudget and the epilogue the CTA limit, with BK = 32 (fp32: 16), else
+// with BK = 16 (fp32: 8).
 //
 // Epilogue regions (byte offsets), after the K loop:
 //   tensor cores: [ A: sLow fp32 [kLowMembers][BM][R], then the expand tiles of kExpandChunk members |
@@ -68,10 +69,10 @@ struct FusedTile {
   }
   // Low-rank work items of the tensor-core K loop: (16-row sub-tile, member) pairs x R/16 rank tiles,
   // one fp32 16 x 16 accumulator each, spread over the 8 warps. Stacked: a 16-row tile holds rows of
-  // up to kMembers members; a 64-row tile (only used when every member has >= 64 rows) holds two at
-  // most, so at most one of its four sub-tiles holds two. Shared input: every sub-tile with every member.
+  // up to kMembers members; a 64-row tile holds kMembers at most (launch_policy.cuh), each member
+  // boundary inside it adding a pair. Shared input: every sub-tile with every member.
   static constexpr int max_pairs(int members) {
-    return kShared ? kSubTiles * members : (kBM == 16 ? members : kSubTiles + 1);
+    return kShared ? kSubTiles * members : (kBM == 16 ? members : kSubTiles + members - 1);
   }
   static constexpr int low_members(int members) { return kShared ? members : 1; }
   static constexpr int kLdLow = kRankPad + 4;  // fp32
@@ -104,7 +105,7 @@ struct FusedTile {
     return kStages * stage_bytes(members, bk) <= kPipeBudget &&
            live_bytes(members) + (kTensorCore ? one_chunk : kExpandTileBytes) <= kLimit;
   }
-  static constexpr int kWantedMembers = kBM == 16 ? 16 : (kShared ? 1 : 2);
+  static constexpr int kWantedMembers = kBM == 16 ? 16 : kShared ? 1 : kRankPad <= 32 ? 4 : 2;
   static constexpr int fitting_members(int bk) {
     int members = kWantedMembers;
     while (members > 1 && !fits(members, bk)) members /= 2;

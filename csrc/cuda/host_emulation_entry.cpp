@@ -93,8 +93,8 @@ const char* emu_fused(int dtype, int forward, const void* in, const void* weight
   return emu::error();
 }
 
-// Row splits of the weight gradients (grad_row_splits), for a GPU of `multiprocessors` SMs.
-int emu_grad_row_splits(long long n, long long m, long long d, long long k, long long r, int multiprocessors,
+// Row splits of the weight gradients' plan, for a GPU of `multiprocessors` SMs.
+int emu_grad_plan_splits(long long n, long long m, long long d, long long k, long long r, int multiprocessors,
                         int deterministic) {
   return plan_lora_grads({n, m, d, k, r}, multiprocessors, deterministic).row_splits;
 }
@@ -123,20 +123,30 @@ long long emu_watched_bytes(int slot) { return emu::watched_bytes(slot); }
 void emu_cta_order(int order, unsigned seed) { emu::set_cta_order(order, seed); }
 
 // The launch policies (launch_policy.cuh), for the test that compares them with the Triton ones.
-int emu_rank_tile(long long rank) { return rank_tile(rank); }
-int emu_fused_block_rows(long long rows_per_member) { return fused_block_rows(rows_per_member); }
+int emu_block_rank(long long rank) { return block_rank(rank); }
+long long emu_row_tile_members(long long rows_per_member, long long block_m, long long members) {
+  return row_tile_members(rows_per_member, block_m, members);
+}
+int emu_stacked_block_rows(long long rows_per_member, long long members, int large_tile_members) {
+  return stacked_block_rows(rows_per_member, members, large_tile_members);
+}
 long long emu_stacked_tile_rows(int block_rows, long long rows_per_member, long long members, int tile_members) {
   return stacked_tile_rows(block_rows, rows_per_member, members, tile_members);
 }
-int emu_shared_member_groups(long long tiles, long long chunks, int multiprocessors) {
-  return shared_member_groups(tiles, chunks, multiprocessors);
+int emu_shared_block_rows(long long rows, long long cols, int multiprocessors) {
+  return shared_block_rows(rows, cols, multiprocessors);
+}
+int emu_shared_member_groups(long long tiles, long long passes, int multiprocessors) {
+  return shared_member_groups(tiles, passes, multiprocessors);
 }
 int emu_fused_k_splits(long long programs, long long inner, int block_k, int multiprocessors) {
   return fused_k_splits(programs, inner, block_k, multiprocessors);
 }
-int emu_grad_row_splits_policy(long long rows, long long programs, int multiprocessors, int deterministic) {
-  return grad_row_splits(rows, programs, multiprocessors, deterministic);
+int emu_grad_row_splits(long long rows, long long programs_per_split, int multiprocessors, int deterministic) {
+  return grad_row_splits(rows, programs_per_split, multiprocessors, deterministic);
 }
-long long emu_grad_rows_per_split(long long rows, int splits) { return grad_rows_per_split(rows, splits); }
+long long emu_grad_rows_per_split(long long rows, int splits, int quantum) {
+  return grad_rows_per_split(rows, splits, quantum);
+}
 
 }  // extern "C"

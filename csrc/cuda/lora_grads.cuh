@@ -32,7 +32,7 @@ namespace lora_ensemble {
 template <class T, int kRankPad>
 struct LoraGradTile {
   static constexpr int kBJ = kGradBlockCols, kBKM = 32, kThreads = 256, kStages = 3;
-  static_assert(kRowSplitQuantum % kBKM == 0, "a row range of the split is whole K steps");
+  static_assert(kGradRowQuantum % kBKM == 0, "a row range of the split is whole K steps");
   static constexpr int kLdIn = kBJ + 16 / (int)sizeof(T);
   static constexpr int kLdLow = kRankPad + 4;  // fp32
   static constexpr int kLdSplit = kRankPad + 16 / (int)sizeof(T);

@@ -49,8 +49,12 @@ struct FusedPlan {
 template <class T>
 FusedPlan plan_fused_lora_gemm(const FusedSizes& s, bool forward, bool shared, int multiprocessors) {
   FusedPlan plan{};
-  plan.block_rows = fused_block_rows(s.rows);
-  const FusedTileShape shape = fused_tile_shape<T>(forward, shared, rank_tile(s.rank), plan.block_rows);
+  const int rank_pad = block_rank(s.rank);
+  plan.block_rows =
+      shared ? shared_block_rows(s.rows, s.cols, multiprocessors)
+             : stacked_block_rows(s.rows, s.members,
+                                  fused_tile_shape<T>(forward, false, rank_pad, kLargeBlockRows).tile_members);
+  const FusedTileShape shape = fused_tile_shape<T>(forward, shared, rank_pad, plan.block_rows);
   plan.block_k = shape.block_k;
   plan.tile_members = shape.tile_members;
   const int64_t in_rows = shared ? s.rows : s.members * s.rows;
@@ -58,8 +62,8 @@ FusedPlan plan_fused_lora_gemm(const FusedSizes& s, bool forward, bool shared, i
   plan.row_tiles = policy_ceil_div(in_rows, plan.tile_rows);
   plan.col_tiles = policy_ceil_div(s.cols, shape.block_cols);
   const int64_t tiles = plan.row_tiles * plan.col_tiles;
-  const int64_t chunks = shared ? policy_ceil_div(s.members, shape.tile_members) : 1;
-  plan.member_groups = shared && forward ? shared_member_groups(tiles, chunks, multiprocessors) : 1;
+  const int64_t passes = shared ? policy_ceil_div(s.members, shape.tile_members) : 1;
+  plan.member_groups = shared && forward ? shared_member_groups(tiles, passes, multiprocessors) : 1;
   plan.k_splits = fused_k_splits(tiles * plan.member_groups, s.inner, plan.block_k, multiprocessors);
   plan.k_per_split = fused_k_per_split(s.inner, plan.k_splits, plan.block_k);
   if (plan.k_splits > 1) {
