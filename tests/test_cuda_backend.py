@@ -235,7 +235,7 @@ def test_planner_tiles_the_stacked_rows_as_one_matrix(emulation):
     kernel has shrink slices for."""
     plan = emulation.plan(BF16, True, 16, 1, 4096, 4096, 16, False)
     assert (plan.block_rows, plan.tile_members, plan.tile_rows, plan.row_tiles) == (16, 16, 16, 1)
-    assert plan.col_tiles == 32 and plan.k_splits == 5 and plan.k_per_split == 832  # 160 CTAs on 132 SMs
+    assert plan.col_tiles == 32 and plan.k_splits == 4 and plan.k_per_split == 1024  # 128 CTAs on 132 SMs
     plan = emulation.plan(BF16, True, 8, 2, 4096, 4096, 16, False)
     assert (plan.tile_rows, plan.row_tiles) == (16, 1)
     plan = emulation.plan(BF16, True, 16, 16, 4096, 4096, 16, False)
@@ -245,7 +245,7 @@ def test_planner_tiles_the_stacked_rows_as_one_matrix(emulation):
     plan = emulation.plan(BF16, True, 16, 1, 4096, 4096, 128, False)
     assert (plan.tile_members, plan.tile_rows, plan.row_tiles) == (4, 4, 4)
     plan = emulation.plan(BF16, True, 16, 50, 768, 768, 8, True)  # ViT-B/32 batch 1, first layer
-    assert (plan.block_rows, plan.member_groups, plan.tile_members, plan.row_tiles, plan.k_splits) == (16, 1, 16, 4, 6)
+    assert (plan.block_rows, plan.member_groups, plan.tile_members, plan.row_tiles, plan.k_splits) == (16, 1, 16, 4, 5)
 
 
 SPLIT_K_CASES = [

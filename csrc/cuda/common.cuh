@@ -108,7 +108,10 @@ __device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
 // r < ROWS, c < COLS, zero where row0 + r >= rows or col0 + c >= cols. With vec: cols % (16 / sizeof(T)) == 0
 // and col0 is a multiple of 16 / sizeof(T), so every 16-byte chunk is either wholly inside or wholly outside;
 // g_stride and smem_stride keep 16-byte alignment. The threads share the count * ROWS * COLS elements.
-template <class T, int ROWS, int COLS, int THREADS>
+// MAX_COUNT > 0 (count <= MAX_COUNT): the 16-byte copies' loop is unrolled, as the K loops need (a runtime
+// trip count there costs ptxas dozens of registers); 0: a plain loop, as the epilogue's large expand
+// tiles need (their unrolled copies cost as many).
+template <class T, int ROWS, int COLS, int THREADS, int MAX_COUNT = 1>
 __device__ __forceinline__ void load_tiles(T* smem, int smem_stride, int ld_smem, const T* g, int64_t g_stride,
                                            int64_t ld, int rows, int cols, int row0, int col0, int count, bool vec) {
   constexpr int kVec = 16 / sizeof(T);
@@ -117,13 +120,22 @@ __device__ __forceinline__ void load_tiles(T* smem, int smem_stride, int ld_smem
     constexpr int kChunksPerRow = COLS / kVec;
     constexpr int kChunks = ROWS * kChunksPerRow;
     const int total = count * kChunks;
-    for (int chunk = static_cast<int>(threadIdx.x); chunk < total; chunk += THREADS) {
+    auto copy = [&](int chunk) {
       const int i = chunk / kChunks, within = chunk % kChunks;
       const int r = within / kChunksPerRow;
       const int c = (within % kChunksPerRow) * kVec;
       const bool inside = row0 + r < rows && col0 + c < cols;
       const T* src = inside ? g + i * g_stride + (row0 + r) * ld + (col0 + c) : g;
       cp_async_16(smem + i * smem_stride + r * ld_smem + c, src, inside);
+    };
+    if constexpr (MAX_COUNT > 0) {
+#pragma unroll
+      for (int u = 0; u < ceil_div(MAX_COUNT * kChunks, THREADS); ++u) {
+        const int chunk = static_cast<int>(threadIdx.x) + u * THREADS;
+        if (chunk < total) copy(chunk);
+      }
+    } else {
+      for (int chunk = static_cast<int>(threadIdx.x); chunk < total; chunk += THREADS) copy(chunk);
     }
   } else {
     constexpr int kElems = ROWS * COLS;

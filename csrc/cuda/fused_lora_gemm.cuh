@@ -317,7 +317,8 @@ struct WmmaMath {
     for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j)
-        wmma::load_matrix_sync(acc.f[i][j], s_c + (warp_m * kWarpRows + i * 16) * Tile::kLdC + warp_n * kWarpCols + j * 16,
+        wmma::load_matrix_sync(acc.f[i][j],
+                               s_c + (warp_m * kWarpRows + i * 16) * Tile::kLdC + warp_n * kWarpCols + j * 16,
                                Tile::kLdC, wmma::mem_row_major);
   }
 };
@@ -332,7 +333,8 @@ struct SimtMath {
   static constexpr int kLowThreadsPerRow = Tile::kThreads / kBM;
   static constexpr int kLowPerThread = kRankPad / kLowThreadsPerRow;
   static constexpr int kLowSlots = kShared ? Tile::kMembers : 1;
-  static_assert(Tile::kBN == 16 * kColsPerThread && Tile::kThreads == 256, "thread layout assumes BN = 128, 256 threads");
+  static_assert(Tile::kBN == 16 * kColsPerThread && Tile::kThreads == 256,
+                "thread layout assumes BN = 128, 256 threads");
 
   struct Acc {
     float v[kRowsPerThread][kColsPerThread];
@@ -363,7 +365,9 @@ struct SimtMath {
   }
 
   // Element (k index kk, n index nn) of a B-side tile (W, shrink or expand) with leading dimension ld.
-  __device__ static float b_at(const float* s, int ld, int kk, int nn) { return kForward ? s[nn * ld + kk] : s[kk * ld + nn]; }
+  __device__ static float b_at(const float* s, int ld, int kk, int nn) {
+    return kForward ? s[nn * ld + kk] : s[kk * ld + nn];
+  }
 
   __device__ void mma_base(Acc& acc, const float* s_in, int in_stride, int in_tiles, const float* s_w) const {
 #pragma unroll 4
@@ -428,7 +432,9 @@ struct SimtMath {
       for (int kk = 0; kk < kRankPad; ++kk) {
         const float a = low_row_ptr[kk];
 #pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = fmaf(a, b_at(s_expand, Tile::kLdExpand, kk, col + 16 * j), acc.v[i][j]);
+        for (int j = 0; j < kColsPerThread; ++j) {
+          acc.v[i][j] = fmaf(a, b_at(s_expand, Tile::kLdExpand, kk, col + 16 * j), acc.v[i][j]);
+        }
       }
     }
   }
@@ -470,6 +476,7 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, const FusedTileW
   using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
   constexpr int BM = kBM, BN = Tile::kBN, BK = Tile::kBK, R = kRankPad, TH = Tile::kThreads;
   constexpr int kInStride = Tile::kInBytes / Tile::kElem, kShrinkStride = Tile::kShrinkBytes / Tile::kElem;
+  constexpr int kMaxInTiles = Tile::kInPerMember ? Tile::kMembers : 1;
   // in: stacked rows [N * M, inner]; shared forward x [M, inner]; shared dx dy[n] [M, inner] per member.
   const int64_t in_member_stride = static_cast<int64_t>(p.rows) * p.inner;
   const T* in = p.in + (Tile::kInPerMember ? w.first_member * in_member_stride : 0);
@@ -483,22 +490,24 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, const FusedTileW
 
   auto issue = [&](int kt) {
     const int s = kt % Tile::kStages, k0 = w.k_begin + kt * BK;
-    load_tiles<T, BM, BK, TH>(s_in(s), kInStride, Tile::kLdIn, in, in_member_stride, p.inner, w.row_end, w.k_end,
-                              w.row0, k0, in_tiles, p.vec_in);
+    load_tiles<T, BM, BK, TH, kMaxInTiles>(s_in(s), kInStride, Tile::kLdIn, in, in_member_stride, p.inner, w.row_end,
+                                           w.k_end, w.row0, k0, in_tiles, p.vec_in);
     if constexpr (kForward) {
       // W0 [k, d] rows are output columns; A[n] [r, d] rows are rank columns.
       if (with_base) {
         load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, w.k_end, w.col0, k0, p.vec_weight);
       }
-      load_tiles<T, R, BK, TH>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink, shrink_member_stride, p.inner,
-                               p.rank, w.k_end, 0, k0, w.slots, p.vec_shrink);
+      load_tiles<T, R, BK, TH, Tile::kMembers>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink,
+                                               shrink_member_stride, p.inner, p.rank, w.k_end, 0, k0, w.slots,
+                                               p.vec_shrink);
     } else {
       // W0 [k, d] rows are the reduction; B[n] [k, r] rows are the reduction.
       if (with_base) {
         load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, w.k_end, p.cols, k0, w.col0, p.vec_weight);
       }
-      load_tiles<T, BK, R, TH>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink, shrink_member_stride, p.rank,
-                               w.k_end, p.rank, k0, 0, w.slots, p.vec_shrink);
+      load_tiles<T, BK, R, TH, Tile::kMembers>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink,
+                                               shrink_member_stride, p.rank, w.k_end, p.rank, k0, 0, w.slots,
+                                               p.vec_shrink);
     }
   };
 
@@ -522,15 +531,11 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, const FusedTileW
   __syncthreads();
 }
 
-// Two CTAs per SM where the kernel then fits 128 registers without spilling on sm_80 and sm_90 (ptxas
-// -v, CUDA 13.0; benchmarks/NOTES.md): fp16 at rank tiles up to 32, except the shared-input forward.
-// Not yet timed on a GPU.
+// One CTA per SM (256 threads, up to 255 registers): every fused kernel needs 166-255 registers
+// (ptxas -v, CUDA 13.0, benchmarks/NOTES.md); held to 128 for two CTAs, the fp16 ones that used to
+// fit spill 0.3-1.3 KB a thread. Not yet timed on a GPU.
 template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
-constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 && !(kForward && kShared) ? 2 : 1;
-
-template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
-__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShared, kRankPad, kBM>))
-    fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
+__global__ void __launch_bounds__(256, 1) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
   using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
   using Math = FusedMath<T, kForward, kShared, kRankPad, kBM>;
   constexpr int BM = kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
@@ -570,8 +575,12 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
   // fp32 output rows of the base (stacked: the N * M rows; shared: the M rows) and this split's partials.
   const int64_t base_elems = static_cast<int64_t>(in_rows) * p.cols;
   const int64_t low_elems = static_cast<int64_t>(p.members) * p.rows * p.rank;
-  auto partial_base = [&](int s) { return p.partial_base + (static_cast<int64_t>(blockIdx.y) * p.k_splits + s) * base_elems; };
-  auto partial_low = [&](int s) { return p.partial_low + (static_cast<int64_t>(s) * p.col_tiles + w.tile_col) * low_elems; };
+  auto partial_base = [&](int s) {
+    return p.partial_base + (static_cast<int64_t>(blockIdx.y) * p.k_splits + s) * base_elems;
+  };
+  auto partial_low = [&](int s) {
+    return p.partial_low + (static_cast<int64_t>(s) * p.col_tiles + w.tile_col) * low_elems;
+  };
   // Index of (member slot j, tile row r) in low [N, M, r] rows: stacked, the stacked row; shared, member-major.
   auto low_row_of = [&](int j, int r) -> int64_t {
     return kShared ? static_cast<int64_t>(w.first_member + j) * p.rows + w.row0 + r : w.row0 + r;
@@ -655,11 +664,13 @@ __global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShare
       const int count = min_int(Tile::kExpandChunk, w.slots - c0);
       const T* expand = p.expand + (w.first_member + c0) * expand_member_stride;
       if constexpr (kForward) {  // B[n] [k, r]
-        load_tiles<T, BN, R, TH>(s_expand, kExpandStride, Tile::kLdExpand, expand, expand_member_stride, p.rank, p.cols,
-                                 p.rank, w.col0, 0, count, p.vec_expand);
+        load_tiles<T, BN, R, TH, 0>(s_expand, kExpandStride, Tile::kLdExpand, expand,
+                                                     expand_member_stride, p.rank, p.cols, p.rank, w.col0, 0, count,
+                                                     p.vec_expand);
       } else {  // A[n] [r, d]
-        load_tiles<T, R, BN, TH>(s_expand, kExpandStride, Tile::kLdExpand, expand, expand_member_stride, p.cols, p.rank,
-                                 p.cols, 0, w.col0, count, p.vec_expand);
+        load_tiles<T, R, BN, TH, 0>(s_expand, kExpandStride, Tile::kLdExpand, expand,
+                                                     expand_member_stride, p.cols, p.rank, p.cols, 0, w.col0, count,
+                                                     p.vec_expand);
       }
       cp_async_commit();
       cp_async_wait<0>();
@@ -830,7 +841,8 @@ void launch_fused_lora_gemm_rows(const FusedLoraGemmParams<T>& p, cudaStream_t s
 template <class T>
 void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream) {
   if (forward) {
-    p.shared ? launch_fused_lora_gemm_rows<T, true, true>(p, stream) : launch_fused_lora_gemm_rows<T, true, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rows<T, true, true>(p, stream)
+             : launch_fused_lora_gemm_rows<T, true, false>(p, stream);
   } else {
     p.shared ? launch_fused_lora_gemm_rows<T, false, true>(p, stream)
              : launch_fused_lora_gemm_rows<T, false, false>(p, stream);

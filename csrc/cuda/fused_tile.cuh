@@ -85,11 +85,13 @@ struct FusedTile {
   static constexpr int split_bytes(int members) {  // hi or lo
     return kTensorCore ? round_up(low_members(members) * kBM * kLdSplit * kElem, 128) : 0;
   }
-  static constexpr int scratch_bytes(int members) { return kTensorCore ? max_pairs(members) * kRankTiles * 16 * 16 * 4 : 0; }
+  static constexpr int scratch_bytes(int members) {
+    return kTensorCore ? max_pairs(members) * kRankTiles * 16 * 16 * 4 : 0;
+  }
   static constexpr bool own_c_region(int members) { return kShared && kForward && members > 1; }
   static constexpr int header_bytes(int members) {
-    return kTensorCore ? round_up(kBM * 16 * 4 + max_pairs(members) * 4 + kSubTiles * members * 4 + kSubTiles * 4 + 4, 128)
-                       : 0;
+    const int bytes = kBM * 16 * 4 + max_pairs(members) * 4 + kSubTiles * members * 4 + kSubTiles * 4 + 4;
+    return kTensorCore ? round_up(bytes, 128) : 0;
   }
   // Region B of the tensor cores: the scratch, later hi and lo.
   static constexpr int split_or_scratch(int members) {

@@ -75,7 +75,8 @@ const char* emu_fused(int dtype, int forward, const void* in, const void* weight
     std::fill(arrivals.begin() + kGuard, arrivals.end() - kGuard, 0);
     const long long d = forward ? inner : cols;  // W0 [k, d]
     // forward: A [N, r, d] (ld d), B [N, k, r] (ld r); dx: B [N, k, r] (ld r), A [N, r, d] (ld d)
-    const Operand in_op{in, inner}, weight_op{weight, d}, shrink_op{shrink, forward ? d : r}, expand_op{expand, forward ? r : d};
+    const Operand in_op{in, inner}, weight_op{weight, d};
+    const Operand shrink_op{shrink, forward ? d : r}, expand_op{expand, forward ? r : d};
     const FusedWorkspace workspace{partial_base.data() + kGuard, partial_low.data() + kGuard, arrivals.data() + kGuard};
     const auto p = make_fused_params<T>(in_op, weight_op, shrink_op, expand_op, bias, base, out, low, sizes, plan,
                                         workspace, scaling, shared, 0);
@@ -108,7 +109,8 @@ const char* emu_lora_grads(int dtype, const void* x, const void* dy, const float
     using T = decltype(tag);
     const GradSizes sizes{n, m, d, k, r};
     const GradPlan plan = plan_lora_grads(sizes, multiprocessors, deterministic);
-    const auto p = make_grad_params<T>({x, d}, {dy, k}, {xa, r}, {dyb, r}, grad_A, grad_B, sizes, plan, scaling, shared, 0);
+    const auto p =
+        make_grad_params<T>({x, d}, {dy, k}, {xa, r}, {dyb, r}, grad_A, grad_B, sizes, plan, scaling, shared, 0);
     launch_lora_grads<T>(p, nullptr);
   });
   return emu::error();

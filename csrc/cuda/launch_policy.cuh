@@ -12,7 +12,7 @@
 // block_rank(16) = 16; row_tile_members(1, 64, 16) = 16 members would share a 64-row tile, more than
 // its shrink slices hold (4), so stacked_block_rows = 16; a 16-row tile holds 16 members' slices
 // (fused_tile.cuh), so stacked_tile_rows = 16: one row tile of all 16 rows, W0 read once. 32 column
-// tiles on 132 SMs: fused_k_splits(32, 4096, 32, 132) = 5 ranges of 832 (26 K steps each), 160 CTAs.
+// tiles on 132 SMs: fused_k_splits(32, 4096, 32, 132) = 4 ranges of 1024 (32 K steps each), 128 CTAs.
 // At 16 rows per member: row_tile_members(16, 64, 16) = 4, so 64-row tiles of 4 members, W0 read 4
 // times (16 with one member per tile).
 #pragma once
@@ -94,12 +94,13 @@ constexpr int shared_member_groups(int64_t tiles, int64_t passes, int multiproce
       std::max<int64_t>(1, std::min<int64_t>(passes, multiprocessors / std::max<int64_t>(tiles, 1))));
 }
 
-// Split-K of the fused kernels (grid.z): 1 while the CTAs (output tiles x member groups) fill the
-// GPU; else enough ranges of the reduction to occupy every SM, each at least kMinInnerPerSplit long.
-// The ranges are summed in order by the last CTA of each tile: deterministic, so also under
-// torch.use_deterministic_algorithms. (Triton: none.)
+// Split-K of the fused kernels (grid.z): 1 while the CTAs (output tiles x member groups) fill half
+// the SMs or more; else as many ranges of the reduction as keep the CTAs within one wave (the fused
+// kernels run one CTA per SM: a second, partial wave would take as long as the first), each at least
+// kMinInnerPerSplit long. The ranges are summed in order by the last CTA of each tile: deterministic,
+// so also under torch.use_deterministic_algorithms. (Triton: none.)
 constexpr int fused_k_splits(int64_t programs, int64_t inner, int block_k, int multiprocessors) {
-  const int64_t wanted = policy_ceil_div(multiprocessors, std::max<int64_t>(programs, 1));
+  const int64_t wanted = multiprocessors / std::max<int64_t>(programs, 1);
   const int64_t splits = std::min<int64_t>({wanted, inner / kMinInnerPerSplit, kMaxInnerSplits});
   if (splits <= 1) return 1;
   // Ranges are whole K steps; the last may be shorter, none empty.

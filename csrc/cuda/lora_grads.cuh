@@ -233,7 +233,8 @@ template <class T, int kRankPad>
 void launch_lora_grads_tile(const LoraGradParams<T>& p, cudaStream_t stream) {
   using Tile = LoraGradTile<T, kRankPad>;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.d, Tile::kBJ) + ceil_div(p.k, Tile::kBJ)),
-                  static_cast<unsigned>(p.members), static_cast<unsigned>(ceil_div(p.rows > 0 ? p.rows : 1, p.rows_per_split)));
+                  static_cast<unsigned>(p.members),
+                  static_cast<unsigned>(ceil_div(p.rows > 0 ? p.rows : 1, p.rows_per_split)));
   constexpr auto kernel = lora_grads_kernel<T, kRankPad>;
   once_per_device<kernel>(p.device, [] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));

@@ -159,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
   }
   const at::Tensor* base = present(base_opt);
   if (base != nullptr) {
-    check_operand(*base, op, shared_input ? "base (shared_input, [M, k])" : "base ([N, M, k])", x, shared_input ? 2 : 3);
+    check_operand(*base, op, shared_input ? "base (shared_input, [M, k])" : "base ([N, M, k])", x,
+                  shared_input ? 2 : 3);
     check_dtype(*base, op, "base", x.scalar_type());
     TORCH_CHECK(base->size(-2) == m && base->size(-1) == k && (shared_input || base->size(0) == n), op,
                 ": base shape ", base->sizes(), " must be ", shared_input ? "[M, k]" : "[N, M, k]", " with N=", n,
@@ -174,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
   const FusedSizes sizes{n, m, d, k, r};
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const FusedPlan plan = plan_fused_lora_gemm<T>(sizes, /*forward=*/true, shared_input, multiprocessor_count(device));
+    const FusedPlan plan =
+        plan_fused_lora_gemm<T>(sizes, /*forward=*/true, shared_input, multiprocessor_count(device));
     WorkspaceTensors workspace = allocate_workspace(plan, x);
     // in = x [*, M, d], shrink = A [N, r, d], expand = B [N, k, r]
     const auto p = make_fused_params<T>(operand(x), operand(weight), operand(lora_A), operand(lora_B), data_or_null(b),
@@ -211,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out,
   const FusedSizes sizes{n, m, k, d, r};
   dispatch_dtype(grad_out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const FusedPlan plan = plan_fused_lora_gemm<T>(sizes, /*forward=*/false, shared_input, multiprocessor_count(device));
+    const FusedPlan plan =
+        plan_fused_lora_gemm<T>(sizes, /*forward=*/false, shared_input, multiprocessor_count(device));
     WorkspaceTensors workspace = allocate_workspace(plan, grad_out);
     // in = dy [N, M, k], shrink = B [N, k, r], expand = A [N, r, d]
     const auto p = make_fused_params<T>(operand(grad_out), operand(weight), operand(lora_B), operand(lora_A), nullptr,
@@ -262,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto p = make_grad_params<T>(operand(x), operand(grad_out), operand(xa), operand(dyb), grad_A.data_ptr(),
-                                       grad_B.data_ptr(), sizes, plan, static_cast<float>(scaling), shared_input, device);
+                                       grad_B.data_ptr(), sizes, plan, static_cast<float>(scaling), shared_input,
+                                       device);
     launch_lora_grads<T>(p, current_stream(grad_out));
   });
   if (split && dtype != at::kFloat) return {grad_A.to(dtype), grad_B.to(dtype)};
