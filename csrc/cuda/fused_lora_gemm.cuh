@@ -25,24 +25,26 @@
 // masked at the edges. fp16/bf16 use WMMA 16x16x16 tiles (warp tile 32 x 32 at BM = 64, 16 x 16 at
 // BM = 16); fp32 uses SIMT FMAs, exact fp32 (no tf32), each thread reading its own rows' member.
 //
-// Tile choice (launch_policy.cuh): BM = 64 when every member has >= 64 rows (a tile then holds at
-// most two members: where M is a multiple of 64 the tiles fall on member boundaries and nothing is
-// lost), else BM = 16, the WMMA minimum: at decode (16 members x 1 row) one row tile holds all 16
-// rows, so W0 is read once, not once per member. A 16-row tile holds up to kMembers members (16 at
-// rank tile 16 and 32; 8 at 64, 4 at 128: their shrink slices must fit a stage); at higher ranks with
-// fewer rows per member a row tile is whole members (W0 read once per kMembers members).
-// Where the output tiles leave SMs idle (decode, small batches) the reduction is split in ranges
-// (grid.z, split-K): each CTA writes fp32 partial sums of in W0 and in shrink, and the CTA of a tile
-// that arrives last adds them up in range order (deterministic), then runs the epilogue.
+// Tile choice (launch_policy.cuh): BM = 64 when a 64-row tile spans no more members than it holds
+// shrink slices for (4 up to rank tile 32, else 2: from 16-22 rows per member on; where M is a
+// multiple of 64 the tiles fall on member boundaries and nothing is lost), else BM = 16, the WMMA
+// minimum: at decode (16 members x 1 row) one row tile holds all 16 rows, so W0 is read once, not
+// once per member. A 16-row tile holds up to kMembers members (16 at rank tiles 16 and 32, 8 at 64,
+// 4 at 128: their shrink slices must fit a stage); at higher ranks with fewer rows per member a row
+// tile is whole members (W0 read once per kMembers members). Where the output tiles leave SMs idle
+// (decode, small batches) the reduction is split in ranges (grid.z, split-K): each CTA writes fp32
+// partial sums of in W0 and in shrink, and the CTA of a tile that arrives last adds them up in range
+// order (deterministic), then runs the epilogue alone.
 //
 // Re-reads, per call (the traffic test, tests/test_cuda_traffic.py, counts them under the host
 // emulation; its budget is tests/traffic_budget.py):
 //   W0: once per row tile (= a plain GEMM over the N * M rows with the same BM);
 //   in: once per column tile (as a plain GEMM);
-//   A / B (forward; dx: B / A): once per (row tile, column tile, member it holds), i.e. shrink
-//   col_tiles * (row_tiles + N - 1) * r * inner elements at most, and expand (row_tiles + N - 1) * cols * r.
-//   The shrink re-read per column tile is the cost of fusing (x A^T is recomputed per column tile):
-//   at decode (r = 16, 16 members, k = 4096) that is 2x W0's bytes, from L2.
+//   shrink (A; dx: B): once per (row tile, column tile, member the row tile holds), at most
+//   col_tiles * (row_tiles + N - 1) * r * inner elements; expand (B; dx: A) once per (row tile, member),
+//   at most (row_tiles + N - 1) * cols * r. The shrink's re-read per column tile is the cost of fusing
+//   (x A^T is recomputed per column tile): at decode (r = 16, 16 members, k = 4096) 2x W0's bytes,
+//   from L2 (A is 2 MB).
 //
 // Shared input (a template flag): one in tile serves every member. A CTA loops over its members in
 // passes of kMembers; each pass's K loop accumulates x A[n]^T (dy[n] B[n]) for all of them together.
@@ -661,7 +663,8 @@ __global__ void __launch_bounds__(256, 1) fused_lora_gemm_kernel(const FusedLora
     constexpr int kExpandStride = Tile::kExpandTileBytes / Tile::kElem;
     const int64_t expand_member_stride = static_cast<int64_t>(p.rank) * p.cols;
     for (int c0 = 0; c0 < w.slots; c0 += Tile::kExpandChunk) {
-      const int count = min_int(Tile::kExpandChunk, w.slots - c0);
+      // (compile-time 1 where a chunk is one member: a loop ptxas knows runs once spares registers)
+      const int count = Tile::kExpandChunk == 1 ? 1 : min_int(Tile::kExpandChunk, w.slots - c0);
       const T* expand = p.expand + (w.first_member + c0) * expand_member_stride;
       if constexpr (kForward) {  // B[n] [k, r]
         load_tiles<T, BN, R, TH, 0>(s_expand, kExpandStride, Tile::kLdExpand, expand,
@@ -709,7 +712,7 @@ __global__ void __launch_bounds__(256, 1) fused_lora_gemm_kernel(const FusedLora
   // Passes over the CTA's members, kMembers at a time (stacked: one).
   for (int first = member_begin; first < member_end; first += Tile::kMembers) {
     w.first_member = first;
-    w.slots = min_int(Tile::kMembers, member_end - first);
+    w.slots = Tile::kMembers == 1 ? 1 : min_int(Tile::kMembers, member_end - first);
     w.pairs = build_header<Tile>(h, w);
     // The in W term: none without a weight; shared forward: x W0^T is the same for every member,
     // computed in the first pass; shared dx: every pass adds its members' dy[n] W0.
@@ -768,7 +771,7 @@ __global__ void __launch_bounds__(256, 1) fused_lora_gemm_kernel(const FusedLora
     math.load(base, s_c);
     for (int first = member_begin; first < member_end; first += Tile::kMembers) {
       w.first_member = first;
-      w.slots = min_int(Tile::kMembers, member_end - first);
+      w.slots = Tile::kMembers == 1 ? 1 : min_int(Tile::kMembers, member_end - first);
       w.pairs = build_header<Tile>(h, w);  // its barriers also order s_c's reads before s_low's writes
       for (int e = threadIdx.x; e < kLowRows * R; e += TH) {
         const int j = e / (BM * R), r = (e / R) % BM, q = e % R;
