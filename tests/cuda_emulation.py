@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
@@ -158,6 +159,14 @@ class Emulation:
             yield
         finally:
             self.dll.emu_cta_order(0, 0)
+
+
+def emulation_or_skip() -> Emulation:
+    """The built emulation, for a test module's fixture; skips the module where it cannot be built."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return Emulation()
 
 
 def _check(error: bytes | None) -> None:

@@ -141,10 +141,7 @@ def test_import_loads_no_extension_and_no_cuda():
 
 @pytest.fixture(scope="module")
 def emulation():
-    reason = cuda_emulation.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return cuda_emulation.Emulation()
+    return cuda_emulation.emulation_or_skip()
 
 
 def _run_case(emulation, dtype, n, m, d, k, r, shared, bias, shift, sms, scaling=0.7):

@@ -21,10 +21,7 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 @pytest.fixture(scope="module")
 def emulation():
-    reason = cuda_emulation.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return cuda_emulation.Emulation()
+    return cuda_emulation.emulation_or_skip()
 
 
 def _count_call(emulation, dtype, forward, n, m, d, k, r, shared, sms):

@@ -16,10 +16,7 @@ from . import cuda_emulation
 
 @pytest.fixture(scope="module")
 def cuda_policy():
-    reason = cuda_emulation.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return cuda_emulation.Emulation().dll
+    return cuda_emulation.emulation_or_skip().dll
 
 
 @pytest.fixture(scope="module")
