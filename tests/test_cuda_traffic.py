@@ -51,6 +51,7 @@ TRAFFIC_CASES = [
     (FP16, 3, 50, 64, 256, 8, False, 132, 3),  # 150 rows in 64-row tiles of up to 3 members
     (FP16, 2, 70, 64, 256, 8, False, 132, 3),  # 140 rows in 64-row tiles, one straddling row 70
     (BF16, 16, 20, 64, 256, 8, True, 132, 2),  # shared input: W0 once per row tile for all 16 members
+    (FP16, 10, 5, 64, 256, 40, True, 132, 2),  # shared, 2 passes of 8 members: forward 2 groups, dx 2 passes
     (BF16, 16, 1, 64, 256, 128, False, 132, 4),  # rank 128 at decode: tiles of 4 whole members, W0 4 times
 ]
 
