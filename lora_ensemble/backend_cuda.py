@@ -71,13 +71,15 @@ def _backward_lora_fake(grad_out, x, xa, dyb, scaling, shared_input):
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
             scaling: float, shared_input: bool, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One kernel launch: ``out [N, M, k]``, ``xa [N, M, r]`` fp32."""
+    """One fused kernel launch (with split-K, after a zero fill of its tile arrival counters):
+    ``out [N, M, k]``, ``xa [N, M, r]`` fp32."""
     return torch.ops.lora_ensemble.cuda_forward(x, weight, bias, base, lora_A, lora_B, scaling, shared_input)
 
 
 def backward_dx(grad_out: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, shared_input: bool) -> tuple[Tensor, Tensor]:
-    """One kernel launch: ``dx``, ``dyb [N, M, r]`` fp32."""
+    """One fused kernel launch (with split-K, after a zero fill of its tile arrival counters):
+    ``dx`` (``[N, M, d]``; shared input ``[M, d]``, summed over members), ``dyb [N, M, r]`` fp32."""
     return torch.ops.lora_ensemble.cuda_backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
 
 

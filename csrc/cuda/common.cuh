@@ -1,11 +1,17 @@
 // Device building blocks shared by the lora_ensemble CUDA kernels: dtype conversions, asynchronous
-// global->shared copies (cp.async, sm_80+), and a masked tile loader.
+// global->shared copies (cp.async, sm_80+), masked tile loaders, and the two macros through which a
+// kernel declares its dynamic shared memory and is launched.
 //
-// load_tile copies a [ROWS, COLS] window of a row-major global matrix into shared memory laid out
-// [ROWS][ld_smem]. Elements outside the matrix are written as zero, so edge tiles need no other
-// masking in the math. With `vec` (the host checked that the leading dimension is a multiple of
-// 16 bytes and the base pointer 16-byte aligned) each thread moves 16-byte chunks with cp.async,
-// zero-filling chunks past the edge; otherwise it falls back to plain element loads and stores.
+// load_tiles copies `count` [ROWS, COLS] windows of row-major global matrices (window i at
+// g + i * g_stride) into shared memory laid out [ROWS][ld_smem] (window i at smem + i * smem_stride).
+// Elements outside a matrix are written as zero, so edge tiles need no other masking in the math.
+// With `vec` (the host checked that the leading dimension is a multiple of 16 bytes and the base
+// pointer 16-byte aligned) each thread moves 16-byte chunks with cp.async, zero-filling chunks past
+// the edge; otherwise it falls back to plain element loads and stores (ld_global).
+//
+// Host emulation (csrc/cuda/host_emulation.cuh, included first with LORA_ENSEMBLE_HOST_EMULATION
+// defined) supplies its own cp.async helpers, ld_global, load_cg, the shared-memory declaration and the
+// launch; everything else in the kernels is compiled unchanged on the CPU.
 #pragma once
 
 #include <array>
@@ -14,10 +20,22 @@
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef LORA_ENSEMBLE_HOST_EMULATION
 #include <mma.h>
+#endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "lora_ensemble CUDA kernels need sm_80 or newer (cp.async, bf16 tensor cores): set TORCH_CUDA_ARCH_LIST"
+#endif
+
+// The kernel's dynamic shared memory, 128-byte aligned.
+#ifndef LORA_ENSEMBLE_DYNAMIC_SMEM
+#define LORA_ENSEMBLE_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+// kernel<<<grid, threads, smem_bytes, stream>>>(params)
+#ifndef LORA_ENSEMBLE_LAUNCH
+#define LORA_ENSEMBLE_LAUNCH(kernel, grid, threads, smem_bytes, stream, params) \
+  kernel<<<grid, threads, smem_bytes, stream>>>(params)
 #endif
 
 namespace lora_ensemble {
@@ -54,6 +72,13 @@ struct Num<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
+#ifdef LORA_ENSEMBLE_HOST_EMULATION
+using emu::cp_async_16;
+using emu::cp_async_commit;
+using emu::cp_async_wait;
+using emu::ld_global;
+using emu::load_cg;
+#else
 // 16-byte asynchronous copy; when !pred nothing is read and the 16 shared bytes are zeroed.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -69,41 +94,68 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// smem[r * ld_smem + c] = g[(row0 + r) * ld + col0 + c] for r < ROWS, c < COLS, zero where
-// row0 + r >= rows or col0 + c >= cols. With vec: cols % (16 / sizeof(T)) == 0 and col0 is a
-// multiple of 16 / sizeof(T), so every 16-byte chunk is either wholly inside or wholly outside.
-template <class T, int ROWS, int COLS, int THREADS>
-__device__ __forceinline__ void load_tile(T* smem, int ld_smem, const T* g, int64_t ld, int rows, int cols, int row0,
-                                          int col0, bool vec) {
+// A plain element load of an operand (the fallback of load_tiles).
+template <class T>
+__device__ __forceinline__ T ld_global(const T* p) {
+  return *p;
+}
+
+// A load that bypasses L1: data another CTA wrote in this launch (split-K partial sums).
+__device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
+#endif
+
+// For i < count: smem[i * smem_stride + r * ld_smem + c] = g[i * g_stride + (row0 + r) * ld + col0 + c] for
+// r < ROWS, c < COLS, zero where row0 + r >= rows or col0 + c >= cols. With vec: cols % (16 / sizeof(T)) == 0
+// and col0 is a multiple of 16 / sizeof(T), so every 16-byte chunk is either wholly inside or wholly outside;
+// g_stride and smem_stride keep 16-byte alignment. The threads share the count * ROWS * COLS elements.
+// MAX_COUNT > 0 (count <= MAX_COUNT): the 16-byte copies' loop is unrolled, as the K loops need (a runtime
+// trip count there costs ptxas dozens of registers); 0: a plain loop, as the epilogue's large expand
+// tiles need (their unrolled copies cost as many).
+template <class T, int ROWS, int COLS, int THREADS, int MAX_COUNT = 1>
+__device__ __forceinline__ void load_tiles(T* smem, int smem_stride, int ld_smem, const T* g, int64_t g_stride,
+                                           int64_t ld, int rows, int cols, int row0, int col0, int count, bool vec) {
   constexpr int kVec = 16 / sizeof(T);
   static_assert(COLS % kVec == 0, "tile width must be a whole number of 16-byte chunks");
   if (vec) {
     constexpr int kChunksPerRow = COLS / kVec;
     constexpr int kChunks = ROWS * kChunksPerRow;
+    const int total = count * kChunks;
+    auto copy = [&](int chunk) {
+      const int i = chunk / kChunks, within = chunk % kChunks;
+      const int r = within / kChunksPerRow;
+      const int c = (within % kChunksPerRow) * kVec;
+      const bool inside = row0 + r < rows && col0 + c < cols;
+      const T* src = inside ? g + i * g_stride + (row0 + r) * ld + (col0 + c) : g;
+      cp_async_16(smem + i * smem_stride + r * ld_smem + c, src, inside);
+    };
+    if constexpr (MAX_COUNT > 0) {
 #pragma unroll
-    for (int i = 0; i < ceil_div(kChunks, THREADS); ++i) {
-      const int chunk = static_cast<int>(threadIdx.x) + i * THREADS;
-      if (kChunks % THREADS == 0 || chunk < kChunks) {
-        const int r = chunk / kChunksPerRow;
-        const int c = (chunk % kChunksPerRow) * kVec;
-        const bool inside = row0 + r < rows && col0 + c < cols;
-        const T* src = inside ? g + (row0 + r) * ld + (col0 + c) : g;
-        cp_async_16(smem + r * ld_smem + c, src, inside);
+      for (int u = 0; u < ceil_div(MAX_COUNT * kChunks, THREADS); ++u) {
+        const int chunk = static_cast<int>(threadIdx.x) + u * THREADS;
+        if (chunk < total) copy(chunk);
       }
+    } else {
+      for (int chunk = static_cast<int>(threadIdx.x); chunk < total; chunk += THREADS) copy(chunk);
     }
   } else {
     constexpr int kElems = ROWS * COLS;
-#pragma unroll 4
-    for (int i = 0; i < ceil_div(kElems, THREADS); ++i) {
-      const int e = static_cast<int>(threadIdx.x) + i * THREADS;
-      if (kElems % THREADS == 0 || e < kElems) {
-        const int r = e / COLS;
-        const int c = e % COLS;
-        const bool inside = row0 + r < rows && col0 + c < cols;
-        smem[r * ld_smem + c] = inside ? g[(row0 + r) * ld + (col0 + c)] : Num<T>::from_float(0.0f);
-      }
+    const int total = count * kElems;
+    for (int e = static_cast<int>(threadIdx.x); e < total; e += THREADS) {
+      const int i = e / kElems, within = e % kElems;
+      const int r = within / COLS;
+      const int c = within % COLS;
+      const bool inside = row0 + r < rows && col0 + c < cols;
+      smem[i * smem_stride + r * ld_smem + c] =
+          inside ? ld_global(g + i * g_stride + (row0 + r) * ld + (col0 + c)) : Num<T>::from_float(0.0f);
     }
   }
+}
+
+// One window: load_tiles with count 1.
+template <class T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, int ld_smem, const T* g, int64_t ld, int rows, int cols, int row0,
+                                          int col0, bool vec) {
+  load_tiles<T, ROWS, COLS, THREADS>(smem, 0, ld_smem, g, 0, ld, rows, cols, row0, col0, 1, vec);
 }
 
 // Runs `set_up` once per kernel (a template argument: each instantiation has its own flags) and

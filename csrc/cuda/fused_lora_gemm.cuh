@@ -4,108 +4,185 @@
 //   backward dx  out[n] = dy[n] W0  +     s (dy[n] B[n]) A[n]          low[n] = dy[n] B[n]
 // Without W0 (a base layer the kernel cannot read, e.g. a quantized one) the W0 term is left out,
 // and the forward adds the given base output base[n] at the store instead.
-//
 // Generic form (csrc/cuda/params.cuh): out = in W + s (in shrink) expand, low = in shrink, with `inner`
 // the reduction length.
-// Tiling: a CTA (256 threads, 8 warps) owns a BM x BN = 64 x 128 output tile of one member
-// (grid.x = row tile * column tiles + column tile, grid.y = member). Its K loop runs over `inner`
-// in BK steps (32 for fp16/bf16, 16 for fp32) through a 3-stage cp.async pipeline of the tiles
-// in [BM, BK], W [BK, BN] and shrink [BK, R] (R = r padded to 16, 32, 64 or 128), accumulating
-// in W and low = in shrink (both fp32) from the same in tile. The epilogue writes low (CTAs of column
-// tile 0 only), splits s low into 16-bit hi + lo parts (hi + lo carries ~16 mantissa bits, so the
-// rank-r product keeps near-fp32 accuracy on tensor cores; see common.cuh for fp16's range), loads
-// expand [R, BN] and adds (hi + lo) expand to the accumulator, then stores through shared memory with the bias, masked at the
-// edges. fp16/bf16 use WMMA 16x16x16 tensor-core tiles (warp tile 32 x 32); fp32 uses SIMT FMAs
-// (thread tile 4 x 8), exact fp32 (no tf32).
 //
-// Shared input (a template flag, so the stacked kernels carry no second accumulator): the CTA loops
-// over members. Forward: grid.y = member groups (p.member_groups, more than 1 when the output tiles
-// alone leave SMs idle, as at batch 1); each CTA computes x W0^T once (with its group's first
-// member) and, per member, re-runs the K loop for x A[n]^T only. Backward dx: every member's
-// dy[n] W0 + s dyb[n] A[n] accumulated into one accumulator (dx is summed over members); with more
-// than one group (few tiles), each group's partial sum is atomically added into the fp32 out_sum.
+// Stacked rows are one matrix (Punica's SGMV / S-LoRA's MBGMV, with the base GEMM fused in). The
+// N * M rows of `in` (member-major) are cut into row tiles as a plain GEMM over N * M rows would cut
+// them: a row tile may hold the rows of several members. A CTA owns a BM x BN output tile (BN = 128,
+// BM = 16 or 64, fused_tile.cuh; grid.x = row tile * column tiles + column tile) and computes its
+// in W0 once, loading each W0 strip once per row tile of the whole stacked batch; the rank-r part of
+// each row uses that row's member. Its K loop streams, per stage, the in tile, the W0 strip and the
+// shrink slices (A[n] / B[n], rank padded to R = 16..128) of every member the tile holds; the
+// tensor-core shrink accumulates one 16 x 16 fp32 tile per (16-row sub-tile, member, rank tile)
+// item, the items spread over the 8 warps, and keeps of each item only the rows of its member
+// (exact: another member's factors never meet a row, so NaN or Inf in one member's factors stays in
+// that member's rows). The epilogue writes low (column tile 0), splits s low into 16-bit hi + lo parts
+// (hi + lo carries ~16 mantissa bits, so the rank-r product keeps near-fp32 accuracy on tensor
+// cores; see common.cuh for fp16's range), loads the expand tiles (B[n] / A[n]) of up to
+// kExpandChunk members at once and adds each member's (hi + lo) expand to its own rows (a member id
+// tile, read as a WMMA accumulator, selects them), then stores through shared memory with the bias,
+// masked at the edges. fp16/bf16 use WMMA 16x16x16 tiles (warp tile 32 x 32 at BM = 64, 16 x 16 at
+// BM = 16); fp32 uses SIMT FMAs, exact fp32 (no tf32), each thread reading its own rows' member.
+//
+// Tile choice (launch_policy.cuh): BM = 64 when a 64-row tile spans no more members than it holds
+// shrink slices for (4 up to rank tile 32, else 2: from 16-22 rows per member on; where M is a
+// multiple of 64 the tiles fall on member boundaries and nothing is lost), else BM = 16, the WMMA
+// minimum: at decode (16 members x 1 row) one row tile holds all 16 rows, so W0 is read once, not
+// once per member. A 16-row tile holds up to kMembers members (16 at rank tiles 16 and 32, 8 at 64,
+// 4 at 128: their shrink slices must fit a stage); at higher ranks with fewer rows per member a row
+// tile is whole members (W0 read once per kMembers members). Where the output tiles leave SMs idle
+// (decode, small batches) the reduction is split in ranges (grid.z, split-K): each CTA writes fp32
+// partial sums of in W0 and in shrink, and the CTA of a tile that arrives last adds them up in range
+// order (deterministic), then runs the epilogue alone.
+//
+// Re-reads, per call (the traffic test, tests/test_cuda_traffic.py, counts them under the host
+// emulation; its budget is tests/traffic_budget.py):
+//   W0: once per row tile (= a plain GEMM over the N * M rows with the same BM);
+//   in: once per column tile (as a plain GEMM);
+//   shrink (A; dx: B): once per (row tile, column tile, member the row tile holds), at most
+//   col_tiles * (row_tiles + N - 1) * r * inner elements; expand (B; dx: A) once per (row tile, member),
+//   at most (row_tiles + N - 1) * cols * r. The shrink's re-read per column tile is the cost of fusing
+//   (x A^T is recomputed per column tile): at decode (r = 16, 16 members, k = 4096) 2x W0's bytes,
+//   from L2 (A is 2 MB).
+//
+// Shared input (a template flag): one in tile serves every member. A CTA loops over its members in
+// passes of kMembers; each pass's K loop accumulates x A[n]^T (dy[n] B[n]) for all of them together.
+// Forward: x W0^T is computed once, in the first pass, and kept; grid.y = member groups (1 unless the
+// CTA needs several passes and the tiles leave SMs idle). Backward dx: dy[n] W0 + s dyb[n] A[n] of every
+// member accumulated into one tile (dx is summed over members; one in tile per member per stage); one
+// group, so no atomics: small batches keep the GPU busy with split-K instead.
 #pragma once
 
+#ifndef LORA_ENSEMBLE_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
+#endif
 
 #include <type_traits>
 
 #include "common.cuh"
+#include "fused_tile.cuh"
+#include "launch_policy.cuh"
 #include "params.cuh"
 
 namespace lora_ensemble {
 
-template <class T, bool kForward, int kRankPad>
-struct FusedTile {
-  static constexpr int kBM = 64, kBN = 128, kThreads = 256, kStages = 3;
-  static constexpr int kBK = sizeof(T) == 2 ? 32 : 16;
-  static constexpr int kPad = 16 / sizeof(T);  // keeps rows 16-byte aligned and staggers banks
-  // Pipeline stage, element strides. forward: sW [BN][BK], sShrink [R][BK]; backward dx: sW [BK][BN],
-  // sShrink [BK][R].
-  static constexpr int kLdIn = kBK + kPad;
-  static constexpr int kLdW = kForward ? kBK + kPad : kBN + kPad;
-  static constexpr int kLdShrink = kForward ? kBK + kPad : kRankPad + kPad;
-  static constexpr int kInBytes = round_up(kBM * kLdIn * (int)sizeof(T), 128);
-  static constexpr int kWBytes = round_up((kForward ? kBN : kBK) * kLdW * (int)sizeof(T), 128);
-  static constexpr int kShrinkBytes = round_up((kForward ? kRankPad : kBK) * kLdShrink * (int)sizeof(T), 128);
-  static constexpr int kStageBytes = kInBytes + kWBytes + kShrinkBytes;
-  // Epilogue: sLow fp32 [BM][R]; 16-bit sHi, sLo [BM][R]; forward sExpand [BN][R], backward dx [R][BN].
-  static constexpr int kLdLow = kRankPad + 4;
-  static constexpr int kLdSplit = kRankPad + kPad;
-  static constexpr int kLdExpand = kForward ? kRankPad + kPad : kBN + kPad;
-  static constexpr int kLowBytes = round_up(kBM * kLdLow * 4, 128);
-  static constexpr int kSplitBytes = Num<T>::kTensorCore ? round_up(kBM * kLdSplit * (int)sizeof(T), 128) : 0;
-  static constexpr int kExpandBytes = round_up((kForward ? kBN : kRankPad) * kLdExpand * (int)sizeof(T), 128);
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  // Layout [sLow | sHi | sLo | sExpand], sExpand loaded while sLow is split. For fp16/bf16 at rank
-  // 128 that would outgrow the pipeline (101 KB, over the 99 KB a CTA gets on sm_86/sm_89), so there
-  // sExpand overlays sLow instead, [sHi | sLo | sLow or sExpand], and is loaded after the split.
-  static constexpr bool kExpandOverLow = Num<T>::kTensorCore && kLowBytes + 2 * kSplitBytes + kExpandBytes > kPipeBytes;
-  static constexpr int kLowOffset = kExpandOverLow ? 2 * kSplitBytes : 0;
-  static constexpr int kHiOffset = kExpandOverLow ? 0 : kLowBytes;
-  static constexpr int kLoOffset = kHiOffset + kSplitBytes;
-  static constexpr int kExpandOffset = kExpandOverLow ? kLowOffset : kLowBytes + 2 * kSplitBytes;
-  static constexpr int kEpilogueBytes = kExpandOffset + (kExpandOverLow && kLowBytes > kExpandBytes ? kLowBytes : kExpandBytes);
-  // Output staging, fp32 [BM][BN], overlays everything above once the expand is done.
-  static constexpr int kLdC = kBN + 4;
-  static constexpr int kCBytes = kBM * kLdC * 4;
-  static constexpr int kSmemBytes = max3(kPipeBytes, kEpilogueBytes, kCBytes);
-  static_assert(kRankPad % 16 == 0 && kRankPad <= kMaxRank, "rank tile must be 16..128, a multiple of 16");
+// What one pass of a CTA works on (uniform over the CTA).
+struct FusedTileWork {
+  int row0, row_end;    // rows [row0, row_end) of `in` (stacked: of the N * M rows; shared: of the M)
+  int col0, tile_col;
+  int k_begin, k_end;   // the reduction range of this split
+  int rows_per_member;  // M
+  int first_member;     // member slot j is member first_member + j
+  int slots;            // members of this pass
+  int pairs;            // (16-row sub-tile, member slot) pairs with rows (tensor cores)
+
+  // Stacked: the member slot of tile row r (-1 past the tile's rows).
+  __device__ int slot_of(int r) const {
+    const int row = row0 + r;
+    return row < row_end ? row / rows_per_member - first_member : -1;
+  }
 };
 
-// Tensor-core math (fp16/bf16): warp w owns output rows 32 (w / 4) .. +32, columns 32 (w % 4) .. +32
-// (2 x 2 WMMA tiles), plus the low-rank tiles f = w, w + 8, ... of the BM/16 x R/16 grid of low.
-template <class T, bool kForward, int kRankPad>
+// The tensor cores' header tables (fused_tile.cuh).
+template <class Tile>
+struct FusedHeader {
+  float* member_tile;    // [BM][16]: the slot of each row as a float (-1: no row)
+  int* pairs;            // [kMaxPairs]: sub-tile << 8 | slot (stacked)
+  int* pair_of;          // [kSubTiles][kMembers]: the pair of (sub-tile, slot), -1 if none (stacked)
+  int* subtile_members;  // [kSubTiles]: members with rows in the sub-tile (stacked)
+  int* count;
+  __device__ explicit FusedHeader(unsigned char* smem)
+      : member_tile(reinterpret_cast<float*>(smem + Tile::kMemberTileOffset)),
+        pairs(reinterpret_cast<int*>(smem + Tile::kPairOffset)),
+        pair_of(reinterpret_cast<int*>(smem + Tile::kPairOfOffset)),
+        subtile_members(reinterpret_cast<int*>(smem + Tile::kSubTileCountOffset)),
+        count(reinterpret_cast<int*>(smem + Tile::kCountOffset)) {}
+
+  // (sub-tile, slot) of pair p.
+  __device__ void pair(int p, const FusedTileWork& w, int& tm, int& slot) const {
+    if constexpr (Tile::kShared) {
+      tm = p / w.slots;
+      slot = p % w.slots;
+    } else {
+      tm = pairs[p] >> 8;
+      slot = pairs[p] & 0xFF;
+    }
+  }
+};
+
+// Fills the header for a pass (stacked tensor cores; the others need none) and returns the number
+// of (sub-tile, slot) pairs; starts and ends with a CTA barrier.
+template <class Tile>
+__device__ int build_header(const FusedHeader<Tile>& h, const FusedTileWork& w) {
+  __syncthreads();  // the previous pass is done with the header
+  if constexpr (Tile::kShared || !Tile::kTensorCore) {
+    return ceil_div(w.row_end - w.row0, 16) * w.slots;
+  } else {
+    for (int e = threadIdx.x; e < Tile::kBM * 16; e += Tile::kThreads) {
+      h.member_tile[e] = static_cast<float>(w.slot_of(e / 16));
+    }
+    if (threadIdx.x == 0) {
+      int count = 0;
+      for (int tm = 0; tm < Tile::kSubTiles; ++tm) {
+        for (int j = 0; j < Tile::kMembers; ++j) h.pair_of[tm * Tile::kMembers + j] = -1;
+        const int first_row = w.row0 + 16 * tm;
+        if (first_row >= w.row_end) {
+          h.subtile_members[tm] = 0;
+          continue;
+        }
+        const int last_row = min_int(first_row + 16, w.row_end) - 1;
+        const int lo = first_row / w.rows_per_member - w.first_member;
+        const int hi = last_row / w.rows_per_member - w.first_member;
+        h.subtile_members[tm] = hi - lo + 1;
+        for (int j = lo; j <= hi; ++j) {
+          h.pair_of[tm * Tile::kMembers + j] = count;
+          h.pairs[count++] = tm << 8 | j;
+        }
+      }
+      *h.count = count;
+    }
+    __syncthreads();
+    return *h.count;
+  }
+}
+
+// Tensor-core math (fp16/bf16). Output: warp w owns rows kWarpRows (w / kWarpsN) .. + kWarpRows and
+// columns kWarpCols (w % kWarpsN) .. + kWarpCols. Low-rank items i = w, w + 8, ... (item = pair *
+// R/16 + rank tile), one accumulator each.
+template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
 struct WmmaMath {
-  using Tile = FusedTile<T, kForward, kRankPad>;
+  using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
+  static constexpr int kWarpRows = kBM == 16 ? 16 : 32;
+  static constexpr int kWarpsM = kBM / kWarpRows, kWarpsN = Tile::kWarps / kWarpsM;
+  static constexpr int kWarpCols = Tile::kBN / kWarpsN;
+  static constexpr int kFragsM = kWarpRows / 16, kFragsN = kWarpCols / 16;
   // forward: W, shrink and expand are stored [n][k] (col-major B operands); backward dx: [k][n].
   using LayoutB = std::conditional_t<kForward, wmma::col_major, wmma::row_major>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  static constexpr int kLowTiles = (Tile::kBM / 16) * (kRankPad / 16);
-  static constexpr int kLowTilesPerWarp = ceil_div(kLowTiles, Tile::kThreads / 32);
 
   struct Acc {
-    FragC f[2][2];
+    FragC f[kFragsM][kFragsN];
   };
   struct LowAcc {
-    FragC f[kLowTilesPerWarp];
+    FragC f[Tile::kItemsPerWarp];
   };
 
   int warp, warp_m, warp_n;
 
-  __device__ WmmaMath() : warp(threadIdx.x / 32), warp_m(warp / 4), warp_n(warp % 4) {}
+  __device__ WmmaMath() : warp(threadIdx.x / 32), warp_m(warp / kWarpsN), warp_n(warp % kWarpsN) {}
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc.f[i][j], 0.0f);
+      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc.f[i][j], 0.0f);
   }
   __device__ static void zero(LowAcc& acc) {
 #pragma unroll
-    for (int t = 0; t < kLowTilesPerWarp; ++t) wmma::fill_fragment(acc.f[t], 0.0f);
+    for (int t = 0; t < Tile::kItemsPerWarp; ++t) wmma::fill_fragment(acc.f[t], 0.0f);
   }
 
   // B-operand tile at (k offset kk, n offset nn) of a tile stored with leading dimension ld.
@@ -113,112 +190,159 @@ struct WmmaMath {
     return kForward ? s + nn * ld + kk : s + kk * ld + nn;
   }
 
-  // acc += sIn sW (when with_base) and low += sIn sShrink over one BK slice.
-  __device__ void mma_stage(Acc& acc, LowAcc& low, const T* s_in, const T* s_w, const T* s_shrink, bool with_base) const {
+  // acc += (sum over the in tiles t < in_tiles of sIn[t]) sW over one BK slice.
+  __device__ void mma_base(Acc& acc, const T* s_in, int in_stride, int in_tiles, const T* s_w) const {
 #pragma unroll
     for (int kk = 0; kk < Tile::kBK; kk += 16) {
-      if (with_base) {
-        FragA a[2];
-        FragB b[2];
+      FragB b[kFragsN];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(a[i], s_in + (warp_m * 32 + i * 16) * Tile::kLdIn + kk, Tile::kLdIn);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::load_matrix_sync(b[j], b_tile(s_w, Tile::kLdW, kk, warp_n * 32 + j * 16), Tile::kLdW);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.f[i][j], a[i], b[j], acc.f[i][j]);
+      for (int j = 0; j < kFragsN; ++j) {
+        wmma::load_matrix_sync(b[j], b_tile(s_w, Tile::kLdW, kk, warp_n * kWarpCols + j * 16), Tile::kLdW);
       }
+      for (int t = 0; t < in_tiles; ++t) {
+        FragA a[kFragsM];
 #pragma unroll
-      for (int t = 0; t < kLowTilesPerWarp; ++t) {
-        const int tile = warp + t * (Tile::kThreads / 32);
-        if (kLowTiles % (Tile::kThreads / 32) == 0 || tile < kLowTiles) {
-          const int tm = tile / (kRankPad / 16), tq = tile % (kRankPad / 16);
+        for (int i = 0; i < kFragsM; ++i) {
+          wmma::load_matrix_sync(a[i], s_in + t * in_stride + (warp_m * kWarpRows + i * 16) * Tile::kLdIn + kk,
+                                 Tile::kLdIn);
+        }
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+          for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc.f[i][j], a[i], b[j], acc.f[i][j]);
+      }
+    }
+  }
+
+  // Each of this warp's items: low += sIn(sub-tile rows) sShrink[slot](rank tile) over one BK slice.
+  __device__ void mma_items(LowAcc& low, const T* s_in, int in_stride, const T* s_shrink, const FusedHeader<Tile>& h,
+                            const FusedTileWork& w) const {
+    const int items = w.pairs * Tile::kRankTiles;
+#pragma unroll
+    for (int kk = 0; kk < Tile::kBK; kk += 16) {
+#pragma unroll
+      for (int u = 0; u < Tile::kItemsPerWarp; ++u) {
+        const int item = warp + u * Tile::kWarps;
+        if (item < items) {
+          int tm, slot;
+          h.pair(item / Tile::kRankTiles, w, tm, slot);
+          const int tq = item % Tile::kRankTiles;
           FragA a;
-          FragB p;
-          wmma::load_matrix_sync(a, s_in + tm * 16 * Tile::kLdIn + kk, Tile::kLdIn);
-          wmma::load_matrix_sync(p, b_tile(s_shrink, Tile::kLdShrink, kk, tq * 16), Tile::kLdShrink);
-          wmma::mma_sync(low.f[t], a, p, low.f[t]);
+          FragB q;
+          wmma::load_matrix_sync(a, s_in + (Tile::kInPerMember ? slot * in_stride : 0) + tm * 16 * Tile::kLdIn + kk,
+                                 Tile::kLdIn);
+          wmma::load_matrix_sync(q, b_tile(s_shrink + slot * (Tile::kShrinkBytes / Tile::kElem), Tile::kLdShrink, kk,
+                                           tq * 16), Tile::kLdShrink);
+          wmma::mma_sync(low.f[u], a, q, low.f[u]);
         }
       }
     }
   }
 
-  __device__ void store_low(const LowAcc& low, float* s_low) const {
+  // Each item's accumulator to its 16 x 16 fp32 scratch tile.
+  __device__ void store_items(const LowAcc& low, float* s_scratch, const FusedTileWork& w) const {
+    const int items = w.pairs * Tile::kRankTiles;
 #pragma unroll
-    for (int t = 0; t < kLowTilesPerWarp; ++t) {
-      const int tile = warp + t * (Tile::kThreads / 32);
-      if (kLowTiles % (Tile::kThreads / 32) == 0 || tile < kLowTiles) {
-        const int tm = tile / (kRankPad / 16), tq = tile % (kRankPad / 16);
-        wmma::store_matrix_sync(s_low + tm * 16 * Tile::kLdLow + tq * 16, low.f[t], Tile::kLdLow, wmma::mem_row_major);
-      }
+    for (int u = 0; u < Tile::kItemsPerWarp; ++u) {
+      const int item = warp + u * Tile::kWarps;
+      if (item < items) wmma::store_matrix_sync(s_scratch + item * 256, low.f[u], 16, wmma::mem_row_major);
     }
   }
 
-  // acc += (sHi + sLo) sExpand, the scaled low-rank product split into two 16-bit parts.
-  __device__ void expand(Acc& acc, const T* s_hi, const T* s_lo, const T* s_expand) const {
+  // acc += (hi + lo) expand over the rank for output fragment (i, j) of this warp.
+  __device__ void expand_fragment(FragC& acc, int i, int j, const T* s_hi, const T* s_lo, const T* s_expand) const {
+    const int row = (warp_m * kFragsM + i) * 16;
 #pragma unroll
     for (int kk = 0; kk < kRankPad; kk += 16) {
-      FragA hi[2], lo[2];
-      FragB q[2];
+      FragA hi, lo;
+      FragB q;
+      wmma::load_matrix_sync(hi, s_hi + row * Tile::kLdSplit + kk, Tile::kLdSplit);
+      wmma::load_matrix_sync(lo, s_lo + row * Tile::kLdSplit + kk, Tile::kLdSplit);
+      wmma::load_matrix_sync(q, b_tile(s_expand, Tile::kLdExpand, kk, warp_n * kWarpCols + j * 16), Tile::kLdExpand);
+      wmma::mma_sync(acc, hi, q, acc);
+      wmma::mma_sync(acc, lo, q, acc);
+    }
+  }
+
+  // acc += (hi + lo) expand of member slot `slot` on that member's rows (stacked), or on every row
+  // (shared input: hi / lo are that member's).
+  __device__ void expand_member(Acc& acc, const T* s_hi, const T* s_lo, const T* s_expand, int slot,
+                                const FusedHeader<Tile>& h) const {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = warp_m * 32 + i * 16;
-        wmma::load_matrix_sync(hi[i], s_hi + row * Tile::kLdSplit + kk, Tile::kLdSplit);
-        wmma::load_matrix_sync(lo[i], s_lo + row * Tile::kLdSplit + kk, Tile::kLdSplit);
+    for (int i = 0; i < kFragsM; ++i) {
+      const int tm = warp_m * kFragsM + i;
+      bool alone = true;
+      if constexpr (!kShared) {
+        if (h.pair_of[tm * Tile::kMembers + slot] < 0) continue;  // no row of this member here
+        alone = h.subtile_members[tm] == 1;
       }
+      if (alone) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(q[j], b_tile(s_expand, Tile::kLdExpand, kk, warp_n * 32 + j * 16), Tile::kLdExpand);
-      }
+        for (int j = 0; j < kFragsN; ++j) expand_fragment(acc.f[i][j], i, j, s_hi, s_lo, s_expand);
+      } else {  // rows of several members: add this member's product to its rows only
+        FragC member;
+        wmma::load_matrix_sync(member, h.member_tile + tm * 16 * 16, 16, wmma::mem_row_major);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::mma_sync(acc.f[i][j], hi[i], q[j], acc.f[i][j]);
-          wmma::mma_sync(acc.f[i][j], lo[i], q[j], acc.f[i][j]);
+        for (int j = 0; j < kFragsN; ++j) {
+          FragC part;
+          wmma::fill_fragment(part, 0.0f);
+          expand_fragment(part, i, j, s_hi, s_lo, s_expand);
+          for (int t = 0; t < part.num_elements; ++t) {
+            if (member.x[t] == static_cast<float>(slot)) acc.f[i][j].x[t] += part.x[t];
+          }
         }
+      }
     }
   }
 
   // acc *= factor (a power of two: exact).
   __device__ static void scale(Acc& acc, float factor) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kFragsN; ++j)
 #pragma unroll
         for (int t = 0; t < acc.f[i][j].num_elements; ++t) acc.f[i][j].x[t] *= factor;
   }
 
   __device__ void store(const Acc& acc, float* s_c) const {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(s_c + (warp_m * 32 + i * 16) * Tile::kLdC + warp_n * 32 + j * 16, acc.f[i][j],
-                                Tile::kLdC, wmma::mem_row_major);
+      for (int j = 0; j < kFragsN; ++j)
+        wmma::store_matrix_sync(s_c + (warp_m * kWarpRows + i * 16) * Tile::kLdC + warp_n * kWarpCols + j * 16,
+                                acc.f[i][j], Tile::kLdC, wmma::mem_row_major);
+  }
+
+  __device__ void load(Acc& acc, const float* s_c) const {
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j)
+        wmma::load_matrix_sync(acc.f[i][j],
+                               s_c + (warp_m * kWarpRows + i * 16) * Tile::kLdC + warp_n * kWarpCols + j * 16,
+                               Tile::kLdC, wmma::mem_row_major);
   }
 };
 
-// SIMT math (fp32): thread t owns output rows 4 (t / 16) .. +4 and columns t % 16 + 16 j (j < 8),
-// and the low-rank entries of row t / 4, columns t % 4 + 4 c (c < R / 4).
-template <bool kForward, int kRankPad>
+// SIMT math (fp32): thread t owns output rows (t / 16) BM/16 .. + BM/16 and columns t % 16 + 16 j (j < 8),
+// and the low-rank entries of row t / (256 / BM), columns t % (256 / BM) + (256 / BM) c, for its row's
+// member (stacked) or for every member of the pass (shared input).
+template <bool kForward, bool kShared, int kRankPad, int kBM>
 struct SimtMath {
-  using Tile = FusedTile<float, kForward, kRankPad>;
-  static constexpr int kRowsPerThread = 4, kColsPerThread = 8, kLowPerThread = kRankPad / 4;
-  static_assert(Tile::kBM == 16 * kRowsPerThread && Tile::kBN == 16 * kColsPerThread && Tile::kThreads == 256,
-                "thread layout assumes a 64 x 128 tile and 256 threads");
+  using Tile = FusedTile<float, kForward, kShared, kRankPad, kBM>;
+  static constexpr int kRowsPerThread = kBM / 16, kColsPerThread = 8;
+  static constexpr int kLowThreadsPerRow = Tile::kThreads / kBM;
+  static constexpr int kLowPerThread = kRankPad / kLowThreadsPerRow;
+  static constexpr int kLowSlots = kShared ? Tile::kMembers : 1;
+  static_assert(Tile::kBN == 16 * kColsPerThread && Tile::kThreads == 256,
+                "thread layout assumes BN = 128, 256 threads");
 
   struct Acc {
     float v[kRowsPerThread][kColsPerThread];
   };
   struct LowAcc {
-    float v[kLowPerThread];
+    float v[kLowSlots][kLowPerThread];
   };
 
   int row, col, low_row, low_col;
@@ -226,8 +350,8 @@ struct SimtMath {
   __device__ SimtMath()
       : row((threadIdx.x / 16) * kRowsPerThread),
         col(threadIdx.x % 16),
-        low_row(threadIdx.x / 4),
-        low_col(threadIdx.x % 4) {}
+        low_row(threadIdx.x / kLowThreadsPerRow),
+        low_col(threadIdx.x % kLowThreadsPerRow) {}
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
@@ -237,7 +361,9 @@ struct SimtMath {
   }
   __device__ static void zero(LowAcc& acc) {
 #pragma unroll
-    for (int c = 0; c < kLowPerThread; ++c) acc.v[c] = 0.0f;
+    for (int j = 0; j < kLowSlots; ++j)
+#pragma unroll
+      for (int c = 0; c < kLowPerThread; ++c) acc.v[j][c] = 0.0f;
   }
 
   // Element (k index kk, n index nn) of a B-side tile (W, shrink or expand) with leading dimension ld.
@@ -245,46 +371,81 @@ struct SimtMath {
     return kForward ? s[nn * ld + kk] : s[kk * ld + nn];
   }
 
-  __device__ void mma_stage(Acc& acc, LowAcc& low, const float* s_in, const float* s_w, const float* s_shrink,
-                            bool with_base) const {
+  __device__ void mma_base(Acc& acc, const float* s_in, int in_stride, int in_tiles, const float* s_w) const {
 #pragma unroll 4
     for (int kk = 0; kk < Tile::kBK; ++kk) {
-      if (with_base) {
-        float a[kRowsPerThread], b[kColsPerThread];
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) a[i] = s_in[(row + i) * Tile::kLdIn + kk];
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_w, Tile::kLdW, kk, col + 16 * j);
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-          for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
-      }
-      const float a = s_in[low_row * Tile::kLdIn + kk];
-#pragma unroll
-      for (int c = 0; c < kLowPerThread; ++c) low.v[c] = fmaf(a, b_at(s_shrink, Tile::kLdShrink, kk, low_col + 4 * c), low.v[c]);
-    }
-  }
-
-  __device__ void store_low(const LowAcc& low, float* s_low) const {
-#pragma unroll
-    for (int c = 0; c < kLowPerThread; ++c) s_low[low_row * Tile::kLdLow + low_col + 4 * c] = low.v[c];
-  }
-
-  // acc += sLow sExpand, where sLow holds s * low.
-  __device__ void expand(Acc& acc, const float* s_low, const float* s_expand) const {
-#pragma unroll 4
-    for (int kk = 0; kk < kRankPad; ++kk) {
       float a[kRowsPerThread], b[kColsPerThread];
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) a[i] = s_low[(row + i) * Tile::kLdLow + kk];
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        a[i] = 0.0f;
+        for (int t = 0; t < in_tiles; ++t) a[i] += s_in[t * in_stride + (row + i) * Tile::kLdIn + kk];
+      }
 #pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_expand, Tile::kLdExpand, kk, col + 16 * j);
+      for (int j = 0; j < kColsPerThread; ++j) b[j] = b_at(s_w, Tile::kLdW, kk, col + 16 * j);
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
         for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
     }
+  }
+
+  __device__ void mma_items(LowAcc& low, const float* s_in, int in_stride, const float* s_shrink,
+                            const FusedHeader<Tile>&, const FusedTileWork& w) const {
+    constexpr int kShrinkStride = Tile::kShrinkBytes / 4;
+#pragma unroll
+    for (int j = 0; j < kLowSlots; ++j) {
+      // stacked: the row's own member; shared input: member j of the pass
+      const int slot = kShared ? j : w.slot_of(low_row);
+      if (kShared ? j >= w.slots : slot < 0) continue;
+      const float* in_row = s_in + (Tile::kInPerMember ? slot * in_stride : 0) + low_row * Tile::kLdIn;
+      const float* shrink = s_shrink + slot * kShrinkStride;
+#pragma unroll 4
+      for (int kk = 0; kk < Tile::kBK; ++kk) {
+        const float a = in_row[kk];
+#pragma unroll
+        for (int c = 0; c < kLowPerThread; ++c) {
+          low.v[j][c] = fmaf(a, b_at(shrink, Tile::kLdShrink, kk, low_col + kLowThreadsPerRow * c), low.v[j][c]);
+        }
+      }
+    }
+  }
+
+  // low to s_low [kLowSlots][BM][R] (zero for rows of no member and for unused member slots).
+  __device__ void store_low(const LowAcc& low, float* s_low, const FusedTileWork& w) const {
+#pragma unroll
+    for (int j = 0; j < kLowSlots; ++j) {
+      const bool valid = kShared ? j < w.slots : w.slot_of(low_row) >= 0;
+#pragma unroll
+      for (int c = 0; c < kLowPerThread; ++c) {
+        s_low[(j * kBM + low_row) * Tile::kLdLow + low_col + kLowThreadsPerRow * c] = valid ? low.v[j][c] : 0.0f;
+      }
+    }
+  }
+
+  // acc += s_low expand of member slot `slot` (s_low holds s * low) on that member's rows (stacked), or
+  // on every row (shared input: s_low is that member's).
+  __device__ void expand_member(Acc& acc, const float* s_low, const float* s_expand, int slot,
+                                const FusedTileWork& w) const {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (!kShared && w.slot_of(row + i) != slot) continue;
+      const float* low_row_ptr = s_low + (row + i) * Tile::kLdLow;
+#pragma unroll 4
+      for (int kk = 0; kk < kRankPad; ++kk) {
+        const float a = low_row_ptr[kk];
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) {
+          acc.v[i][j] = fmaf(a, b_at(s_expand, Tile::kLdExpand, kk, col + 16 * j), acc.v[i][j]);
+        }
+      }
+    }
+  }
+
+  __device__ static void scale(Acc& acc, float factor) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] *= factor;
   }
 
   __device__ void store(const Acc& acc, float* s_c) const {
@@ -293,46 +454,66 @@ struct SimtMath {
 #pragma unroll
       for (int j = 0; j < kColsPerThread; ++j) s_c[(row + i) * Tile::kLdC + col + 16 * j] = acc.v[i][j];
   }
+
+  __device__ void load(Acc& acc, const float* s_c) const {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) acc.v[i][j] = s_c[(row + i) * Tile::kLdC + col + 16 * j];
+  }
 };
 
-template <class T, bool kForward, int kRankPad>
-using FusedMath =
-    std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kRankPad>, SimtMath<kForward, kRankPad>>;
+template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
+using FusedMath = std::conditional_t<Num<T>::kTensorCore, WmmaMath<T, kForward, kShared, kRankPad, kBM>,
+                                     SimtMath<kForward, kShared, kRankPad, kBM>>;
 
-// The K loop of member n: acc += in[n] W (when with_base) and low += in[n] shrink[n] over the whole
-// reduction, through the multi-stage cp.async pipeline. Starts and ends with a CTA barrier.
-template <class T, bool kForward, bool kShared, int kRankPad>
-__device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0, int col0, bool with_base,
-                               const FusedMath<T, kForward, kRankPad>& math,
-                               typename FusedMath<T, kForward, kRankPad>::Acc& acc,
-                               typename FusedMath<T, kForward, kRankPad>::LowAcc& low, unsigned char* smem) {
-  using Tile = FusedTile<T, kForward, kRankPad>;
-  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, R = kRankPad, TH = Tile::kThreads;
-  const T* in = p.in + (kForward && kShared ? 0 : static_cast<int64_t>(n) * p.rows * p.inner);
-  const T* shrink = p.shrink + static_cast<int64_t>(n) * p.rank * p.inner;
-  auto s_in = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes); };
-  auto s_w = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes); };
-  auto s_shrink = [&](int s) { return reinterpret_cast<T*>(smem + s * Tile::kStageBytes + Tile::kInBytes + Tile::kWBytes); };
+// The K loop of one pass over the split's reduction range: base += in W (when with_base) and the
+// low-rank items += in shrink[slot], through the multi-stage cp.async pipeline. Starts and ends with a
+// CTA barrier.
+template <class T, bool kForward, bool kShared, int kRankPad, int kBM, class Math>
+__device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, const FusedTileWork& w, bool with_base,
+                               const Math& math, typename Math::Acc& base, typename Math::LowAcc& low,
+                               const FusedHeader<FusedTile<T, kForward, kShared, kRankPad, kBM>>& h,
+                               unsigned char* smem) {
+  using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
+  constexpr int BM = kBM, BN = Tile::kBN, BK = Tile::kBK, R = kRankPad, TH = Tile::kThreads;
+  constexpr int kInStride = Tile::kInBytes / Tile::kElem, kShrinkStride = Tile::kShrinkBytes / Tile::kElem;
+  constexpr int kMaxInTiles = Tile::kInPerMember ? Tile::kMembers : 1;
+  // in: stacked rows [N * M, inner]; shared forward x [M, inner]; shared dx dy[n] [M, inner] per member.
+  const int64_t in_member_stride = static_cast<int64_t>(p.rows) * p.inner;
+  const T* in = p.in + (Tile::kInPerMember ? w.first_member * in_member_stride : 0);
+  const int in_tiles = Tile::kInPerMember ? w.slots : 1;
+  const int64_t shrink_member_stride = static_cast<int64_t>(p.rank) * p.inner;
+  const T* shrink = p.shrink + w.first_member * shrink_member_stride;
+  auto stage = [&](int s) { return smem + s * Tile::kStageBytes; };
+  auto s_in = [&](int s) { return reinterpret_cast<T*>(stage(s) + Tile::kInOffset); };
+  auto s_w = [&](int s) { return reinterpret_cast<T*>(stage(s) + Tile::kWOffset); };
+  auto s_shrink = [&](int s) { return reinterpret_cast<T*>(stage(s) + Tile::kShrinkOffset); };
 
   auto issue = [&](int kt) {
-    const int s = kt % Tile::kStages, k0 = kt * BK;
-    load_tile<T, BM, BK, TH>(s_in(s), Tile::kLdIn, in, p.inner, p.rows, p.inner, row0, k0, p.vec_in);
+    const int s = kt % Tile::kStages, k0 = w.k_begin + kt * BK;
+    load_tiles<T, BM, BK, TH, kMaxInTiles>(s_in(s), kInStride, Tile::kLdIn, in, in_member_stride, p.inner, w.row_end,
+                                           w.k_end, w.row0, k0, in_tiles, p.vec_in);
     if constexpr (kForward) {
       // W0 [k, d] rows are output columns; A[n] [r, d] rows are rank columns.
       if (with_base) {
-        load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, p.inner, col0, k0, p.vec_weight);
+        load_tile<T, BN, BK, TH>(s_w(s), Tile::kLdW, p.weight, p.inner, p.cols, w.k_end, w.col0, k0, p.vec_weight);
       }
-      load_tile<T, R, BK, TH>(s_shrink(s), Tile::kLdShrink, shrink, p.inner, p.rank, p.inner, 0, k0, p.vec_shrink);
+      load_tiles<T, R, BK, TH, Tile::kMembers>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink,
+                                               shrink_member_stride, p.inner, p.rank, w.k_end, 0, k0, w.slots,
+                                               p.vec_shrink);
     } else {
       // W0 [k, d] rows are the reduction; B[n] [k, r] rows are the reduction.
       if (with_base) {
-        load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, p.inner, p.cols, k0, col0, p.vec_weight);
+        load_tile<T, BK, BN, TH>(s_w(s), Tile::kLdW, p.weight, p.cols, w.k_end, p.cols, k0, w.col0, p.vec_weight);
       }
-      load_tile<T, BK, R, TH>(s_shrink(s), Tile::kLdShrink, shrink, p.rank, p.inner, p.rank, k0, 0, p.vec_shrink);
+      load_tiles<T, BK, R, TH, Tile::kMembers>(s_shrink(s), kShrinkStride, Tile::kLdShrink, shrink,
+                                               shrink_member_stride, p.rank, w.k_end, p.rank, k0, 0, w.slots,
+                                               p.vec_shrink);
     }
   };
 
-  const int k_tiles = ceil_div(p.inner, BK);
+  const int k_tiles = ceil_div(w.k_end - w.k_begin, BK);
   __syncthreads();  // the previous user of this shared memory is done
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
@@ -345,193 +526,329 @@ __device__ void fused_mainloop(const FusedLoraGemmParams<T>& p, int n, int row0,
     if (kt + Tile::kStages - 1 < k_tiles) issue(kt + Tile::kStages - 1);  // refills tile kt - 1's stage
     cp_async_commit();
     const int s = kt % Tile::kStages;
-    math.mma_stage(acc, low, s_in(s), s_w(s), s_shrink(s), with_base);
+    if (with_base) math.mma_base(base, s_in(s), kInStride, in_tiles, s_w(s));
+    math.mma_items(low, s_in(s), kInStride, s_shrink(s), h, w);
   }
   cp_async_wait<0>();
   __syncthreads();
 }
 
-// Two CTAs per SM where the kernel then fits 128 registers without spilling on sm_80 and sm_90 (ptxas
-// -v, CUDA 13.0): fp16 up to rank 32, except the shared-input forward, which keeps its base tile
-// across members (28-64 B/thread of spills on sm_80). bf16 needs 160-190 registers at those ranks and
-// spills 40-176 B/thread at 128 (only the stacked forward at rank 32 on sm_90 fits), fp32 and larger
-// ranks more: one CTA. Not yet timed on a GPU.
-template <class T, bool kForward, bool kShared, int kRankPad>
-constexpr int kFusedMinBlocksPerSM = std::is_same_v<T, __half> && kRankPad <= 32 && !(kForward && kShared) ? 2 : 1;
-
-template <class T, bool kForward, bool kShared, int kRankPad>
-__global__ void __launch_bounds__(256, (kFusedMinBlocksPerSM<T, kForward, kShared, kRankPad>))
-    fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
-  using Tile = FusedTile<T, kForward, kRankPad>;
-  using Math = FusedMath<T, kForward, kRankPad>;
-  constexpr int BM = Tile::kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
-  extern __shared__ __align__(128) unsigned char smem[];
+// One CTA per SM (256 threads, up to 255 registers): every fused kernel needs 166-255 registers
+// (ptxas -v, CUDA 13.0, benchmarks/NOTES.md); held to 128 for two CTAs, the fp16 ones that used to
+// fit spill 0.3-1.3 KB a thread. Not yet timed on a GPU.
+template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
+__global__ void __launch_bounds__(256, 1) fused_lora_gemm_kernel(const FusedLoraGemmParams<T> p) {
+  using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
+  using Math = FusedMath<T, kForward, kShared, kRankPad, kBM>;
+  constexpr int BM = kBM, BN = Tile::kBN, R = kRankPad, TH = Tile::kThreads;
+  constexpr int kLowRows = Tile::kLowMembers * BM;  // rows of sLow / hi / lo: [member slot][BM]
+  LORA_ENSEMBLE_DYNAMIC_SMEM(smem);
+  const FusedHeader<Tile> h(smem);
   float* s_low = reinterpret_cast<float*>(smem + Tile::kLowOffset);
   T* s_hi = reinterpret_cast<T*>(smem + Tile::kHiOffset);
   T* s_lo = reinterpret_cast<T*>(smem + Tile::kLoOffset);
   T* s_expand = reinterpret_cast<T*>(smem + Tile::kExpandOffset);
-  float* s_c = reinterpret_cast<float*>(smem);
+  float* s_scratch = reinterpret_cast<float*>(smem + Tile::kScratchOffset);
+  float* s_c = reinterpret_cast<float*>(smem + Tile::kCOffset);
 
-  const int col_tiles = ceil_div(p.cols, BN);
-  const int tile_col = static_cast<int>(blockIdx.x) % col_tiles;
-  const int row0 = (static_cast<int>(blockIdx.x) / col_tiles) * BM;
-  const int col0 = tile_col * BN;
-  // Stacked: one member per grid.y; shared: grid.y groups of members.
-  const int per_group = ceil_div(p.members, static_cast<int>(gridDim.y));
-  const int first = kShared ? static_cast<int>(blockIdx.y) * per_group : static_cast<int>(blockIdx.y);
-  const int last = kShared ? min_int(first + per_group, p.members) : first + 1;
+  FusedTileWork w{};
+  const int tile = static_cast<int>(blockIdx.x);
+  w.tile_col = tile % p.col_tiles;
+  w.col0 = w.tile_col * BN;
+  w.row0 = (tile / p.col_tiles) * p.tile_rows;
+  const int in_rows = kShared ? p.rows : p.members * p.rows;
+  w.row_end = min_int(w.row0 + p.tile_rows, in_rows);
+  w.rows_per_member = p.rows;
+  const int split = static_cast<int>(blockIdx.z);
+  w.k_begin = split * p.k_per_split;
+  w.k_end = min_int(p.inner, w.k_begin + p.k_per_split);
+  // The members of this CTA: stacked, those whose rows the tile holds (one pass); shared, its group's.
+  int member_begin, member_end;
+  if constexpr (kShared) {
+    const int per_group = ceil_div(p.members, static_cast<int>(gridDim.y));
+    member_begin = static_cast<int>(blockIdx.y) * per_group;
+    member_end = min_int(member_begin + per_group, p.members);
+  } else {
+    member_begin = w.row0 / p.rows;
+    member_end = (w.row_end - 1) / p.rows + 1;
+  }
+  const bool split_k = p.k_splits > 1;
+  const int64_t tiles = static_cast<int64_t>(p.row_tiles) * p.col_tiles;
+  // fp32 output rows of the base (stacked: the N * M rows; shared: the M rows) and this split's partials.
+  const int64_t base_elems = static_cast<int64_t>(in_rows) * p.cols;
+  const int64_t low_elems = static_cast<int64_t>(p.members) * p.rows * p.rank;
+  auto partial_base = [&](int s) {
+    return p.partial_base + (static_cast<int64_t>(blockIdx.y) * p.k_splits + s) * base_elems;
+  };
+  auto partial_low = [&](int s) {
+    return p.partial_low + (static_cast<int64_t>(s) * p.col_tiles + w.tile_col) * low_elems;
+  };
+  // Index of (member slot j, tile row r) in low [N, M, r] rows: stacked, the stacked row; shared, member-major.
+  auto low_row_of = [&](int j, int r) -> int64_t {
+    return kShared ? static_cast<int64_t>(w.first_member + j) * p.rows + w.row0 + r : w.row0 + r;
+  };
 
   const Math math;
   typename Math::Acc base;
   typename Math::LowAcc low;
   Math::zero(base);
 
-  // Bounded, masked store of the fp32 tile in s_c (+ bias, + the given base output of member n) to
-  // out[row0.., col0..], or atomically added to the fp32 sum[row0.., col0..] when that is given.
-  auto store_out = [&](T* out, float* sum, int n) {
-    const T* base_out = kForward && p.base != nullptr
-                            ? p.base + (kShared ? 0 : static_cast<int64_t>(n) * p.rows * p.cols)
-                            : nullptr;
+  // Bounded, masked store of the fp32 tile in s_c (+ bias, + the given base output) to out (member n of
+  // the shared-input forward; else the rows of `in` map to the rows of out).
+  auto store_out = [&](int n) {
+    const int64_t out_offset = kForward && kShared ? static_cast<int64_t>(n) * p.rows * p.cols : 0;
     for (int e = threadIdx.x; e < BM * BN; e += TH) {
       const int r = e / BN, c = e % BN;
-      const int m = row0 + r, j = col0 + c;
-      if (m < p.rows && j < p.cols) {
+      const int m = w.row0 + r, j = w.col0 + c;
+      if (m < w.row_end && j < p.cols) {
         const int64_t at = static_cast<int64_t>(m) * p.cols + j;
         float v = s_c[r * Tile::kLdC + c];
         if (kForward && p.bias != nullptr) v += Num<T>::to_float(p.bias[j]);
-        if (base_out != nullptr) v += Num<T>::to_float(base_out[at]);
-        if (sum != nullptr) {
-          atomicAdd(sum + at, v);
-        } else {
-          out[at] = Num<T>::from_float(v);
-        }
+        if (kForward && p.base != nullptr) v += Num<T>::to_float(p.base[at]);  // stacked [N*M, k] or shared [M, k]
+        p.out[out_offset + at] = Num<T>::from_float(v);
       }
     }
   };
 
-  for (int n = first; n < last; ++n) {
-    // The in W term: none without a weight (the low-rank update over a given base output); forward +
-    // shared: x W0^T is the same for every member, computed with the first.
-    const bool with_base = p.weight != nullptr && (!kForward || n == first);
-    Math::zero(low);
-    fused_mainloop<T, kForward, kShared, kRankPad>(p, n, row0, col0, with_base, math, base, low, smem);
-
-    // Epilogue 1: low to shared memory; start loading this member's expand tile.
-    const T* expand = p.expand + static_cast<int64_t>(n) * p.rank * p.cols;
-    auto load_expand = [&] {
-      if constexpr (kForward) {
-        load_tile<T, BN, R, TH>(s_expand, Tile::kLdExpand, expand, p.rank, p.cols, p.rank, col0, 0, p.vec_expand);  // B[n] [k, r]
-      } else {
-        load_tile<T, R, BN, TH>(s_expand, Tile::kLdExpand, expand, p.cols, p.rank, p.cols, 0, col0, p.vec_expand);  // A[n] [r, d]
+  // sLow [slot][BM][R] from the low-rank items (tensor cores: through their scratch tiles, keeping of
+  // each item the rows of its member), zero for rows of no member and unused slots. Ends with a barrier.
+  auto compose_low = [&]() {
+    if constexpr (Num<T>::kTensorCore) {
+      math.store_items(low, s_scratch, w);
+      __syncthreads();
+      for (int e = threadIdx.x; e < kLowRows * R; e += TH) {
+        const int j = e / (BM * R), r = (e / R) % BM, q = e % R, tm = r / 16;
+        int pair = -1;
+        if constexpr (kShared) {
+          if (j < w.slots && w.row0 + r < w.row_end) pair = tm * w.slots + j;
+        } else {
+          const int slot = w.slot_of(r);
+          if (slot >= 0) pair = h.pair_of[tm * Tile::kMembers + slot];
+        }
+        const float v = pair >= 0 ? s_scratch[(pair * Tile::kRankTiles + q / 16) * 256 + (r % 16) * 16 + q % 16] : 0.0f;
+        s_low[(j * BM + r) * Tile::kLdLow + q] = v;
       }
-      cp_async_commit();
-    };
-    math.store_low(low, s_low);
-    if constexpr (!Tile::kExpandOverLow) load_expand();
+    } else {
+      math.store_low(low, s_low, w);
+    }
     __syncthreads();
+  };
 
-    // Epilogue 2: write `low` (once per row tile), and prepare s * low for the expand in s_low (and
-    // split into 16-bit hi + lo parts for the tensor cores, common.cuh); columns past the rank are
-    // zeroed so that NaN/Inf in `in` cannot leak into them through the shrink tile's padding.
-    float* low_out = p.low + static_cast<int64_t>(n) * p.rows * p.rank;
+  // The epilogue of a pass, from a complete sLow: low to its output (column tile 0), s * low split for
+  // the tensor cores, then each member's expand added to its rows (shared forward: to a copy of the base,
+  // stored per member).
+  auto epilogue = [&]() {
     bool beyond_fp16 = false;
-    for (int e = threadIdx.x; e < BM * R; e += TH) {
-      const int r = e / R, q = e % R;
-      const int m = row0 + r;
-      const float v = s_low[r * Tile::kLdLow + q];
-      if (tile_col == 0 && q < p.rank && m < p.rows) low_out[static_cast<int64_t>(m) * p.rank + q] = v;
+    for (int e = threadIdx.x; e < kLowRows * R; e += TH) {
+      const int j = e / (BM * R), r = (e / R) % BM, q = e % R;
+      const float v = s_low[(j * BM + r) * Tile::kLdLow + q];
+      if (w.tile_col == 0 && q < p.rank && j < (kShared ? w.slots : 1) && w.row0 + r < w.row_end) {
+        p.low[low_row_of(j, r) * p.rank + q] = v;
+      }
+      // Columns past the rank are zeroed so that NaN/Inf in `in` cannot leak into them through the
+      // shrink tile's padding.
       const float scaled = q < p.rank ? p.scaling * v : 0.0f;
-      s_low[r * Tile::kLdLow + q] = scaled;
+      s_low[(j * BM + r) * Tile::kLdLow + q] = scaled;  // SIMT: the expand's operand; fp16: a rescale's source
       if constexpr (Num<T>::kTensorCore) {
-        beyond_fp16 |= split_element(s_hi + r * Tile::kLdSplit + q, s_lo + r * Tile::kLdSplit + q, scaled);
+        const int at = (j * BM + r) * Tile::kLdSplit + q;
+        beyond_fp16 |= split_element(s_hi + at, s_lo + at, scaled);
       }
     }
     // The split's barrier; fp16 tiles with |s * low| beyond its range are split again divided by
     // 2^exponent, and the expand below runs on the accumulator divided by the same power of two.
-    int exponent;
-    if constexpr (Tile::kExpandOverLow) {
-      exponent = split_barrier<T, BM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
-      load_expand();  // every thread is done reading s_low
-      cp_async_wait<0>();
-      __syncthreads();
-    } else {
-      cp_async_wait<0>();
-      exponent = split_barrier<T, BM, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
-    }
-
-    // Epilogue 3: add the low-rank product; store (forward: per member; backward dx: stacked
-    // per member, shared summed over all members at the end).
-    auto add_expand = [&](typename Math::Acc& acc) {
-      if constexpr (Num<T>::kTensorCore) {
-        if (exponent != 0) Math::scale(acc, ldexpf(1.0f, -exponent));
-        math.expand(acc, s_hi, s_lo, s_expand);
-        if (exponent != 0) Math::scale(acc, ldexpf(1.0f, exponent));
-      } else {
-        math.expand(acc, s_low, s_expand);
+    const int exponent =
+        split_barrier<T, kLowRows, R, TH>(beyond_fp16, s_hi, s_lo, Tile::kLdSplit, s_low, Tile::kLdLow);
+    const float down = ldexpf(1.0f, -exponent), up = ldexpf(1.0f, exponent);
+    if (exponent != 0 && !(kForward && kShared)) Math::scale(base, down);
+    constexpr int kExpandStride = Tile::kExpandTileBytes / Tile::kElem;
+    const int64_t expand_member_stride = static_cast<int64_t>(p.rank) * p.cols;
+    for (int c0 = 0; c0 < w.slots; c0 += Tile::kExpandChunk) {
+      // (compile-time 1 where a chunk is one member: a loop ptxas knows runs once spares registers)
+      const int count = Tile::kExpandChunk == 1 ? 1 : min_int(Tile::kExpandChunk, w.slots - c0);
+      const T* expand = p.expand + (w.first_member + c0) * expand_member_stride;
+      if constexpr (kForward) {  // B[n] [k, r]
+        load_tiles<T, BN, R, TH, 0>(s_expand, kExpandStride, Tile::kLdExpand, expand,
+                                                     expand_member_stride, p.rank, p.cols, p.rank, w.col0, 0, count,
+                                                     p.vec_expand);
+      } else {  // A[n] [r, d]
+        load_tiles<T, R, BN, TH, 0>(s_expand, kExpandStride, Tile::kLdExpand, expand,
+                                                     expand_member_stride, p.cols, p.rank, p.cols, 0, w.col0, count,
+                                                     p.vec_expand);
       }
-    };
-    if constexpr (kForward && kShared) {  // keep x W0^T for the next member
-      typename Math::Acc acc = base;
-      add_expand(acc);
-      __syncthreads();  // s_c overlays s_low / s_expand
-      math.store(acc, s_c);
+      cp_async_commit();
+      cp_async_wait<0>();
       __syncthreads();
-      store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, nullptr, n);
-    } else {
-      add_expand(base);
-      if constexpr (!kShared) {
-        __syncthreads();
-        math.store(base, s_c);
-        __syncthreads();
-        store_out(p.out + static_cast<int64_t>(n) * p.rows * p.cols, nullptr, n);
+      for (int i = 0; i < count; ++i) {
+        const int slot = c0 + i;
+        const T* s_expand_i = s_expand + i * kExpandStride;
+        const int member_rows = kShared ? slot * BM : 0;  // shared input: this member's low rows
+        if constexpr (kForward && kShared) {
+          typename Math::Acc acc = base;
+          if (exponent != 0) Math::scale(acc, down);
+          if constexpr (Num<T>::kTensorCore) {
+            math.expand_member(acc, s_hi + member_rows * Tile::kLdSplit, s_lo + member_rows * Tile::kLdSplit,
+                               s_expand_i, slot, h);
+          } else {
+            math.expand_member(acc, s_low + member_rows * Tile::kLdLow, s_expand_i, slot, w);
+          }
+          if (exponent != 0) Math::scale(acc, up);
+          if constexpr (!Tile::kOwnCRegion) __syncthreads();  // s_c overlays the expand tiles
+          math.store(acc, s_c);
+          __syncthreads();
+          store_out(w.first_member + slot);
+          __syncthreads();  // s_c is free again
+        } else if constexpr (Num<T>::kTensorCore) {
+          math.expand_member(base, s_hi + member_rows * Tile::kLdSplit, s_lo + member_rows * Tile::kLdSplit, s_expand_i,
+                             slot, h);
+        } else {
+          math.expand_member(base, s_low + member_rows * Tile::kLdLow, s_expand_i, slot, w);
+        }
+      }
+      __syncthreads();  // every warp is done with these expand tiles
+    }
+    if (exponent != 0 && !(kForward && kShared)) Math::scale(base, up);
+  };
+
+  // Passes over the CTA's members, kMembers at a time (stacked: one).
+  for (int first = member_begin; first < member_end; first += Tile::kMembers) {
+    w.first_member = first;
+    w.slots = Tile::kMembers == 1 ? 1 : min_int(Tile::kMembers, member_end - first);
+    w.pairs = build_header<Tile>(h, w);
+    // The in W term: none without a weight; shared forward: x W0^T is the same for every member,
+    // computed in the first pass; shared dx: every pass adds its members' dy[n] W0.
+    const bool with_base = p.weight != nullptr && (!(kForward && kShared) || first == member_begin);
+    Math::zero(low);
+    fused_mainloop<T, kForward, kShared, kRankPad, kBM>(p, w, with_base, math, base, low, h, smem);
+    compose_low();
+    if (!split_k) {
+      epilogue();
+    } else {  // this split's in shrink, for the CTA of the tile that arrives last
+      float* out_low = partial_low(split);
+      for (int e = threadIdx.x; e < kLowRows * R; e += TH) {
+        const int j = e / (BM * R), r = (e / R) % BM, q = e % R;
+        if (q < p.rank && j < (kShared ? w.slots : 1) && w.row0 + r < w.row_end) {
+          out_low[low_row_of(j, r) * p.rank + q] = s_low[(j * BM + r) * Tile::kLdLow + q];
+        }
       }
     }
   }
-  if constexpr (!kForward && kShared) {
+
+  if (split_k) {
+    // This split's in W0 partial sum, then the arrival count of the tile (the CUDA sample
+    // threadFenceReduction's pattern): the last CTA adds up every split's partials in split order.
     __syncthreads();
     math.store(base, s_c);
     __syncthreads();
-    store_out(p.out, p.out_sum, 0);  // out_sum: this group's partial sum over its members
+    float* out_base = partial_base(split);
+    for (int e = threadIdx.x; e < BM * BN; e += TH) {
+      const int r = e / BN, c = e % BN;
+      if (w.row0 + r < w.row_end && w.col0 + c < p.cols) {
+        out_base[static_cast<int64_t>(w.row0 + r) * p.cols + w.col0 + c] = s_c[r * Tile::kLdC + c];
+      }
+    }
+    __threadfence();
+    __syncthreads();  // s_c is read: its first word holds the arrival below
+    int* s_last = reinterpret_cast<int*>(s_c);
+    if (threadIdx.x == 0) {
+      const int arrived = atomicAdd(p.arrivals + static_cast<int64_t>(blockIdx.y) * tiles + tile, 1);
+      *s_last = arrived == p.k_splits - 1;
+    }
+    __syncthreads();
+    const bool last = *s_last != 0;
+    __syncthreads();  // every thread read it before s_c is written again
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < BM * BN; e += TH) {
+      const int r = e / BN, c = e % BN;
+      float v = 0.0f;
+      if (w.row0 + r < w.row_end && w.col0 + c < p.cols) {
+        const int64_t at = static_cast<int64_t>(w.row0 + r) * p.cols + w.col0 + c;
+        for (int s = 0; s < p.k_splits; ++s) v += load_cg(partial_base(s) + at);
+      }
+      s_c[r * Tile::kLdC + c] = v;
+    }
+    __syncthreads();
+    math.load(base, s_c);
+    for (int first = member_begin; first < member_end; first += Tile::kMembers) {
+      w.first_member = first;
+      w.slots = Tile::kMembers == 1 ? 1 : min_int(Tile::kMembers, member_end - first);
+      w.pairs = build_header<Tile>(h, w);  // its barriers also order s_c's reads before s_low's writes
+      for (int e = threadIdx.x; e < kLowRows * R; e += TH) {
+        const int j = e / (BM * R), r = (e / R) % BM, q = e % R;
+        float v = 0.0f;
+        if (q < p.rank && j < (kShared ? w.slots : 1) && w.row0 + r < w.row_end) {
+          const int64_t at = low_row_of(j, r) * p.rank + q;
+          for (int s = 0; s < p.k_splits; ++s) v += load_cg(partial_low(s) + at);
+        }
+        s_low[(j * BM + r) * Tile::kLdLow + q] = v;
+      }
+      __syncthreads();
+      epilogue();
+    }
+  }
+
+  if constexpr (!(kForward && kShared)) {  // one output tile: stacked rows, or shared dx summed over members
+    __syncthreads();
+    math.store(base, s_c);
+    __syncthreads();
+    store_out(0);
   }
 }
 
-template <class T, bool kForward, bool kShared, int kRankPad>
+template <class T, bool kForward, bool kShared, int kRankPad, int kBM>
 void launch_fused_lora_gemm_tile(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
-  using Tile = FusedTile<T, kForward, kRankPad>;
-  const int64_t tiles = static_cast<int64_t>(ceil_div(p.rows, Tile::kBM)) * ceil_div(p.cols, Tile::kBN);
-  TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.rows, " rows x ", p.cols, " columns need ", tiles,
-              " tiles, over the grid limit");
-  const int groups = kShared ? p.member_groups : p.members;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
-  constexpr auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad>;
+  using Tile = FusedTile<T, kForward, kShared, kRankPad, kBM>;
+  const int64_t tiles = static_cast<int64_t>(p.row_tiles) * p.col_tiles;
+  TORCH_CHECK(tiles <= INT32_MAX, "lora_ensemble: ", p.row_tiles, " row tiles x ", p.col_tiles,
+              " column tiles, over the grid limit");
+  TORCH_CHECK(p.member_groups <= kMaxGridYZ && p.k_splits <= kMaxGridYZ, "lora_ensemble: ", p.member_groups,
+              " member groups x ", p.k_splits, " splits, over the grid limit");
+  TORCH_CHECK(p.tile_rows >= 1 && p.tile_rows <= kBM, "lora_ensemble: row tile of ", p.tile_rows, " rows for a ", kBM,
+              "-row kernel");
+  TORCH_CHECK(kShared || row_tile_members(p.rows, p.tile_rows, p.members) <= Tile::kMembers,
+              "lora_ensemble: a ", p.tile_rows, "-row tile of ", p.rows, " rows per member holds more than ",
+              Tile::kMembers, " members");
+  TORCH_CHECK(p.k_splits == 1 || (p.partial_base != nullptr && p.partial_low != nullptr && p.arrivals != nullptr),
+              "lora_ensemble: split-K without its workspace");
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.member_groups),
+                  static_cast<unsigned>(p.k_splits));
+  constexpr auto kernel = fused_lora_gemm_kernel<T, kForward, kShared, kRankPad, kBM>;
   once_per_device<kernel>(p.device, [] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
   });
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  LORA_ENSEMBLE_LAUNCH(kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <class T, bool kForward, bool kShared>
+template <class T, bool kForward, bool kShared, int kBM>
 void launch_fused_lora_gemm_rank(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
-  if (p.rank <= 16) {
-    launch_fused_lora_gemm_tile<T, kForward, kShared, 16>(p, stream);
-  } else if (p.rank <= 32) {
-    launch_fused_lora_gemm_tile<T, kForward, kShared, 32>(p, stream);
-  } else if (p.rank <= 64) {
-    launch_fused_lora_gemm_tile<T, kForward, kShared, 64>(p, stream);
+  switch (block_rank(p.rank)) {
+    case 16: launch_fused_lora_gemm_tile<T, kForward, kShared, 16, kBM>(p, stream); break;
+    case 32: launch_fused_lora_gemm_tile<T, kForward, kShared, 32, kBM>(p, stream); break;
+    case 64: launch_fused_lora_gemm_tile<T, kForward, kShared, 64, kBM>(p, stream); break;
+    default: launch_fused_lora_gemm_tile<T, kForward, kShared, 128, kBM>(p, stream); break;
+  }
+}
+
+template <class T, bool kForward, bool kShared>
+void launch_fused_lora_gemm_rows(const FusedLoraGemmParams<T>& p, cudaStream_t stream) {
+  TORCH_CHECK(p.block_rows == kSmallBlockRows || p.block_rows == kLargeBlockRows, "lora_ensemble: row tile ",
+              p.block_rows);
+  if (p.block_rows == kSmallBlockRows) {
+    launch_fused_lora_gemm_rank<T, kForward, kShared, kSmallBlockRows>(p, stream);
   } else {
-    launch_fused_lora_gemm_tile<T, kForward, kShared, 128>(p, stream);
+    launch_fused_lora_gemm_rank<T, kForward, kShared, kLargeBlockRows>(p, stream);
   }
 }
 
 template <class T>
 void launch_fused_lora_gemm(const FusedLoraGemmParams<T>& p, bool forward, cudaStream_t stream) {
   if (forward) {
-    p.shared ? launch_fused_lora_gemm_rank<T, true, true>(p, stream)
-             : launch_fused_lora_gemm_rank<T, true, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rows<T, true, true>(p, stream)
+             : launch_fused_lora_gemm_rows<T, true, false>(p, stream);
   } else {
-    p.shared ? launch_fused_lora_gemm_rank<T, false, true>(p, stream)
-             : launch_fused_lora_gemm_rank<T, false, false>(p, stream);
+    p.shared ? launch_fused_lora_gemm_rows<T, false, true>(p, stream)
+             : launch_fused_lora_gemm_rows<T, false, false>(p, stream);
   }
 }
 

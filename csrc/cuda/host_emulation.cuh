@@ -1,21 +1,25 @@
 // Host emulation of the CUDA features the lora_ensemble kernels use, for testing their indexing,
 // masks, pipeline and barriers on a machine without a GPU (tests/test_cuda_backend.py). Not part of
-// the extension: setup.py compiles only *.cu. The test copies fused_lora_gemm.cuh, lora_grads.cuh,
-// common.cuh and params.cuh, swaps the three cp.async helpers for the ones below, the extern
-// shared array for emu::shared_memory() and the <<<>>> launch for emu::launch, and builds them with
-// g++ -include host_emulation.cuh.
+// the extension: setup.py compiles only *.cu. The tests build csrc/cuda/host_emulation_entry.cpp
+// with g++ -include host_emulation.cuh: the kernel headers compile unchanged, taking from here (by
+// LORA_ENSEMBLE_HOST_EMULATION) the cp.async helpers, ld_global / load_cg, the dynamic shared memory
+// (LORA_ENSEMBLE_DYNAMIC_SMEM) and the launch (LORA_ENSEMBLE_LAUNCH).
 //
-// Model: one std::thread per CUDA thread; every thread runs the CTAs of the grid in order, in step,
-// with std::barrier as __syncthreads (and __syncthreads_or, atomicMax on static __shared__ variables). cp.async copies are queued per thread and land only at the
-// cp.async.wait_group that covers them (the latest moment the hardware allows), so a read before
-// its wait sees the previous contents. Fresh shared memory is filled with 0xFF bytes (NaN in every
-// dtype), so a read of shared memory nothing wrote poisons the result. A WMMA fragment is the full
-// 16x16 tile in every lane (load/mma per lane, store by lane 0); loads and stores check the WMMA
-// alignment rules and that the tile lies in the CTA's dynamic shared memory.
+// Model: one std::thread per CUDA thread; every thread runs the CTAs of the grid one after another
+// (in grid order, reversed, or shuffled: set_cta_order), in step, with std::barrier as __syncthreads
+// (and __syncthreads_or, atomicMax on static __shared__ variables). cp.async copies are queued per
+// thread and land only at the cp.async.wait_group that covers them (the latest moment the hardware
+// allows), so a read before its wait sees the previous contents. Fresh shared memory is filled with
+// 0xFF bytes (NaN in every dtype), so a read of shared memory nothing wrote poisons the result. A WMMA
+// fragment is the full 16x16 tile in every lane (load/mma per lane, store by lane 0); loads and stores
+// check the WMMA alignment rules and that the tile lies in the CTA's dynamic shared memory.
+// Traffic: every byte an operand load (cp.async or ld_global) reads from a watched address range is
+// counted for that range (watch / watched_bytes), so a test can count the reads of W0, x, A and B.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -25,10 +29,16 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#define LORA_ENSEMBLE_HOST_EMULATION 1
+#define LORA_ENSEMBLE_DYNAMIC_SMEM(name) unsigned char* name = emu::shared_memory()
+#define LORA_ENSEMBLE_LAUNCH(kernel, grid, threads, smem_bytes, stream, params) \
+  emu::launch(kernel, grid, threads, smem_bytes, params)
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
@@ -67,6 +77,30 @@ inline unsigned char* g_smem = nullptr;
 inline int g_smem_bytes = 0;
 inline unsigned char* shared_memory() { return g_smem; }
 
+// Watched address ranges [begin, end) and the bytes operand loads read from each.
+constexpr int kWatches = 8;
+inline const unsigned char* g_watch_begin[kWatches];
+inline const unsigned char* g_watch_end[kWatches];
+inline std::atomic<long long> g_watch_bytes[kWatches];
+inline void watch(int slot, const void* begin, long long bytes) {
+  g_watch_begin[slot] = static_cast<const unsigned char*>(begin);
+  g_watch_end[slot] = g_watch_begin[slot] + bytes;
+  g_watch_bytes[slot] = 0;
+}
+inline void unwatch_all() {
+  for (int i = 0; i < kWatches; ++i) {
+    g_watch_begin[i] = g_watch_end[i] = nullptr;
+    g_watch_bytes[i] = 0;
+  }
+}
+inline long long watched_bytes(int slot) { return g_watch_bytes[slot]; }
+inline void count_read(const void* address, int bytes) {
+  const auto* a = static_cast<const unsigned char*>(address);
+  for (int i = 0; i < kWatches; ++i) {
+    if (a >= g_watch_begin[i] && a < g_watch_end[i]) g_watch_bytes[i] += bytes;
+  }
+}
+
 struct Copy { void* dst; const void* src; bool pred; };
 inline thread_local std::vector<Copy> pending;
 inline thread_local std::deque<std::vector<Copy>> groups;
@@ -75,8 +109,10 @@ inline void cp_async_16(void* smem, const void* gmem, bool pred) {
   EMU_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0, "cp.async dst alignment");
   EMU_CHECK(!pred || reinterpret_cast<uintptr_t>(gmem) % 16 == 0, "cp.async src alignment");
   const auto* dst = static_cast<unsigned char*>(smem);
-  if (EMU_CHECK(dst >= g_smem && dst + 16 <= g_smem + g_smem_bytes, "cp.async dst in smem"))
+  if (EMU_CHECK(dst >= g_smem && dst + 16 <= g_smem + g_smem_bytes, "cp.async dst in smem")) {
     pending.push_back({smem, gmem, pred});
+    if (pred) count_read(gmem, 16);
+  }
 }
 inline void cp_async_commit() { groups.push_back(std::move(pending)); pending.clear(); }
 template <int N>
@@ -89,13 +125,43 @@ inline void cp_async_wait() {
   }
 }
 
+// An operand's element load outside cp.async (the fallback of load_tiles): counted like a copy.
+template <class T>
+inline T ld_global(const T* p) {
+  count_read(p, static_cast<int>(sizeof(T)));
+  return *p;
+}
+// The L1-bypassing load of split-K partials: a plain load here (one CTA runs at a time).
+inline float load_cg(const float* p) { return *p; }
+
 inline void reset_error() { g_error.clear(); }
+
+// The order the CTAs of a grid run in: 0 grid order (x fastest, then y, then z), 1 reversed,
+// 2 shuffled with the seed. Split-K's last-arriving CTA is then each split in turn.
+inline int g_cta_order = 0;
+inline unsigned g_cta_seed = 0;
+inline void set_cta_order(int order, unsigned seed) {
+  g_cta_order = order;
+  g_cta_seed = seed;
+}
 
 // kernel<<<grid, threads, smem_bytes>>>(p), run to completion.
 template <class P>
 void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& p) {
   EMU_CHECK(smem_bytes <= 166912, "dynamic shared memory over the sm_80 limit (163 KB)");
+  EMU_CHECK(grid.x >= 1 && grid.x <= 2147483647u && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535,
+            "grid within the CUDA limits");
   if (!EMU_CHECK(smem_bytes % 128 == 0, "shared memory size is a multiple of 128 bytes")) return;
+  std::vector<uint3> ctas;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) ctas.push_back({bx, by, bz});
+  if (g_cta_order == 1) {
+    std::reverse(ctas.begin(), ctas.end());
+  } else if (g_cta_order == 2) {
+    std::mt19937 random(g_cta_seed);
+    std::shuffle(ctas.begin(), ctas.end(), random);
+  }
   std::barrier<> bar(threads);
   unsigned char* buf = static_cast<unsigned char*>(std::aligned_alloc(128, smem_bytes));
   g_barrier = &bar;
@@ -107,18 +173,16 @@ void launch(void (*kernel)(P), dim3 grid, int threads, int smem_bytes, const P& 
     pool.emplace_back([&, t] {
       threadIdx = {unsigned(t), 0, 0};
       gridDim = grid;
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          if (t == 0) std::memset(buf, 0xFF, smem_bytes);
-          bar.arrive_and_wait();
-          blockIdx = {bx, by, bz};
-          kernel(p);
-          EMU_CHECK(pending.empty() && groups.empty(), "cp.async copies never waited for");
-          pending.clear();
-          groups.clear();
-          bar.arrive_and_wait();
-        }
+      for (const uint3& cta : ctas) {
+        if (t == 0) std::memset(buf, 0xFF, smem_bytes);
+        bar.arrive_and_wait();
+        blockIdx = cta;
+        kernel(p);
+        EMU_CHECK(pending.empty() && groups.empty(), "cp.async copies never waited for");
+        pending.clear();
+        groups.clear();
+        bar.arrive_and_wait();
+      }
     });
   }
   for (auto& th : pool) th.join();
@@ -142,6 +206,8 @@ inline int __syncthreads_or(int pred) {
 }
 
 inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 inline int atomicMax(int* address, int value) {
   std::atomic_ref<int> target(*address);
@@ -189,6 +255,13 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
       r[i][j] = s;
     }
   std::memcpy(d.v, r, sizeof(r));
+}
+// An accumulator fragment loaded from fp32 shared memory (same element placement as mma_sync's result).
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  if (!check_tile(p, ldm)) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.v[i][j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
 }
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {

@@ -6,7 +6,8 @@
 // dy (j < k) in the input dtype and low = dyb or xa in fp32 (the backward-dx / forward by-products);
 // dA is stored transposed. Tiling: a CTA (256 threads, 8 warps) owns BJ = 128 rows j of one output of
 // one member and all R columns (r padded to 16, 32, 64 or 128): grid.x = the ceil(d / BJ) tiles of
-// dA followed by the ceil(k / BJ) tiles of dB, grid.y = member, grid.z = row range. The K loop runs
+// dA followed by the ceil(k / BJ) tiles of dB, grid.y = member, grid.z = row range (launch_policy.cuh:
+// grad_row_splits). The K loop runs
 // over the CTA's rows in BKM = 32 steps through a 3-stage cp.async pipeline of in [BKM, BJ] and
 // low [BKM, R]. fp16/bf16: low is split into 16-bit hi + lo parts in shared memory (common.cuh) and
 // warp w accumulates rows 16 w .. +16 with WMMA (fp32 accumulate); fp32: SIMT FMAs, thread tile
@@ -16,18 +17,22 @@
 // output with atomics, which the host then casts.
 #pragma once
 
+#ifndef LORA_ENSEMBLE_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
+#endif
 
 #include <type_traits>
 
 #include "common.cuh"
+#include "launch_policy.cuh"
 #include "params.cuh"
 
 namespace lora_ensemble {
 
 template <class T, int kRankPad>
 struct LoraGradTile {
-  static constexpr int kBJ = 128, kBKM = 32, kThreads = 256, kStages = 3;
+  static constexpr int kBJ = kGradBlockCols, kBKM = 32, kThreads = 256, kStages = 3;
+  static_assert(kGradRowQuantum % kBKM == 0, "a row range of the split is whole K steps");
   static constexpr int kLdIn = kBJ + 16 / (int)sizeof(T);
   static constexpr int kLdLow = kRankPad + 4;  // fp32
   static constexpr int kLdSplit = kRankPad + 16 / (int)sizeof(T);
@@ -134,7 +139,7 @@ __global__ void __launch_bounds__(256) lora_grads_kernel(const LoraGradParams<T>
   using Tile = LoraGradTile<T, kRankPad>;
   using Math = std::conditional_t<Num<T>::kTensorCore, LoraGradWmma<T, kRankPad>, LoraGradSimt<kRankPad>>;
   constexpr int BJ = Tile::kBJ, BKM = Tile::kBKM, R = kRankPad, TH = Tile::kThreads;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LORA_ENSEMBLE_DYNAMIC_SMEM(smem);
 
   const int n = blockIdx.y;
   const int a_tiles = ceil_div(p.d, BJ);
@@ -228,12 +233,13 @@ template <class T, int kRankPad>
 void launch_lora_grads_tile(const LoraGradParams<T>& p, cudaStream_t stream) {
   using Tile = LoraGradTile<T, kRankPad>;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.d, Tile::kBJ) + ceil_div(p.k, Tile::kBJ)),
-                  static_cast<unsigned>(p.members), static_cast<unsigned>(ceil_div(p.rows > 0 ? p.rows : 1, p.rows_per_split)));
+                  static_cast<unsigned>(p.members),
+                  static_cast<unsigned>(ceil_div(p.rows > 0 ? p.rows : 1, p.rows_per_split)));
   constexpr auto kernel = lora_grads_kernel<T, kRankPad>;
   once_per_device<kernel>(p.device, [] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
   });
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  LORA_ENSEMBLE_LAUNCH(kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

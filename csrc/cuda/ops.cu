@@ -1,8 +1,10 @@
 // CUDA implementations of lora_ensemble::cuda_forward, cuda_backward_dx and cuda_backward_lora
 // (schemas in csrc/lora_ensemble.cpp): input checks with messages that name the argument and its
-// shape, output allocation, dtype and rank dispatch, and launches on the current stream of the
-// inputs' device. forward and backward_dx are one launch each (fused_lora_gemm.cuh),
-// backward_lora is one grouped launch for every member's dA and dB (lora_grads.cuh).
+// shape, output and workspace allocation, dtype dispatch, and launches on the current stream of the
+// inputs' device. The launch plan and the kernel parameters come from make_params.cuh (shared with
+// the host emulation of the tests). forward and backward_dx are one kernel launch each
+// (fused_lora_gemm.cuh; with split-K, after a zero fill of the tile arrival counters), backward_lora
+// is one grouped launch for every member's dA and dB (lora_grads.cuh).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,13 +23,13 @@
 #include <utility>
 
 #include "common.cuh"
+#include "make_params.cuh"
 #include "params.cuh"
 
 namespace lora_ensemble {
 namespace {
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-constexpr int64_t kMaxGridY = 65535;
 
 void check_operand(const at::Tensor& t, const char* op, const char* name, const at::Tensor& like, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
@@ -56,20 +58,10 @@ void check_rank(int64_t rank, const char* op, const char* name, at::IntArrayRef 
               ") must be in 1..", kMaxRank, " for the cuda backend");
 }
 
-// 16-byte asynchronous copies need a 16-byte aligned base and a leading dim of whole 16-byte chunks.
-bool vec_ok(const at::Tensor& t, int64_t ld) {
-  const int64_t vec = 16 / t.element_size();
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ld % vec == 0;
-}
-
-template <class T>
-const T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.data_ptr());
-}
-template <class T>
-T* mut_ptr(at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
+// A contiguous tensor as a row-major matrix operand with its last dim as the leading dimension.
+Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.size(-1)}; }
+Operand operand(const at::Tensor* t) { return t != nullptr ? operand(*t) : Operand{nullptr, 0}; }
+const void* data_or_null(const at::Tensor* t) { return t != nullptr ? t->data_ptr() : nullptr; }
 
 template <class F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
@@ -94,51 +86,25 @@ int multiprocessor_count(int device) {
   return counts[device];
 }
 
-// The weight-gradient kernel splits rows only when every range keeps at least this many.
-constexpr int64_t kMinRowsPerSplit = 512;
+// The split-K workspace of a fused launch plan: fp32 partial sums and zeroed arrival counters (the
+// tensors must live until the launch is queued; the caching allocator keeps them stream-ordered).
+struct WorkspaceTensors {
+  at::Tensor partial_base, partial_low, arrivals;
+  FusedWorkspace pointers() {
+    return {partial_base.defined() ? partial_base.data_ptr<float>() : nullptr,
+            partial_low.defined() ? partial_low.data_ptr<float>() : nullptr,
+            arrivals.defined() ? arrivals.data_ptr<int>() : nullptr};
+  }
+};
 
-// Member groups of the shared-input kernels: 1 while their 64 x 128 output tiles fill the GPU; at
-// small batches enough groups to occupy every SM (batch-1 ViT-B, 197 x 768: 24 tiles on 132 SMs -> 5
-// groups). Forward: each group computes x W0^T for its own members. Backward dx: each group sums its
-// members' dx into an fp32 output with atomics (so not under deterministic algorithms).
-int shared_member_groups(int64_t rows, int64_t cols, int64_t members, int device) {
-  const int64_t tiles = ceil_div(static_cast<int>(rows), 64) * static_cast<int64_t>(ceil_div(static_cast<int>(cols), 128));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(members, multiprocessor_count(device) / tiles)));
-}
-
-// The fused kernel's parameters in either role: `in` [*, M, inner] with its shrink [N, *, *] and expand
-// [N, *, *] (leading dimensions shrink_ld, expand_ld), the optional W0, bias and base output, writing
-// `out` and the fp32 rank product `low`.
-template <class T>
-FusedLoraGemmParams<T> fused_params(const at::Tensor& in, int64_t in_ld, const at::Tensor* weight,
-                                    const at::Tensor* bias, const at::Tensor* base, const at::Tensor& shrink,
-                                    int64_t shrink_ld, const at::Tensor& expand, int64_t expand_ld, at::Tensor& out,
-                                    at::Tensor& low, int64_t members, int64_t rows, int64_t inner, int64_t cols,
-                                    int64_t rank, double scaling, bool shared, int device) {
-  FusedLoraGemmParams<T> p{};
-  p.in = ptr<T>(in);
-  p.weight = weight != nullptr ? ptr<T>(*weight) : nullptr;
-  p.bias = bias != nullptr ? ptr<T>(*bias) : nullptr;
-  p.base = base != nullptr ? ptr<T>(*base) : nullptr;
-  p.shrink = ptr<T>(shrink);
-  p.expand = ptr<T>(expand);
-  p.out = mut_ptr<T>(out);
-  p.low = mut_ptr<float>(low);
-  p.members = static_cast<int>(members);
-  p.rows = static_cast<int>(rows);
-  p.inner = static_cast<int>(inner);
-  p.cols = static_cast<int>(cols);
-  p.rank = static_cast<int>(rank);
-  p.scaling = static_cast<float>(scaling);
-  p.shared = shared;
-  p.member_groups = 1;
-  p.out_sum = nullptr;
-  p.device = device;
-  p.vec_in = vec_ok(in, in_ld);
-  p.vec_weight = weight != nullptr && vec_ok(*weight, weight->size(1));
-  p.vec_shrink = vec_ok(shrink, shrink_ld);
-  p.vec_expand = vec_ok(expand, expand_ld);
-  return p;
+WorkspaceTensors allocate_workspace(const FusedPlan& plan, const at::Tensor& like) {
+  WorkspaceTensors ws;
+  if (plan.k_splits > 1) {
+    ws.partial_base = at::empty({plan.partial_base_floats}, like.options().dtype(at::kFloat));
+    ws.partial_low = at::empty({plan.partial_low_floats}, like.options().dtype(at::kFloat));
+    ws.arrivals = at::zeros({plan.arrival_counters}, like.options().dtype(at::kInt));
+  }
+  return ws;
 }
 
 const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
@@ -184,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
               ")");
   TORCH_CHECK(shared_input || x.size(0) == n, op, ": x shape ", x.sizes(), " must be [N, M, d] with N=", n,
               " (lora_A shape ", lora_A.sizes(), ")");
-  TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+  TORCH_CHECK(n * m <= kIntMax, op, ": N*M = ", n, "*", m, " rows exceed 2^31 - 1");
   const at::Tensor* b = present(bias);
   if (b != nullptr) {
     check_operand(*b, op, "bias", x, 1);
@@ -193,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
   }
   const at::Tensor* base = present(base_opt);
   if (base != nullptr) {
-    check_operand(*base, op, shared_input ? "base (shared_input, [M, k])" : "base ([N, M, k])", x, shared_input ? 2 : 3);
+    check_operand(*base, op, shared_input ? "base (shared_input, [M, k])" : "base ([N, M, k])", x,
+                  shared_input ? 2 : 3);
     check_dtype(*base, op, "base", x.scalar_type());
     TORCH_CHECK(base->size(-2) == m && base->size(-1) == k && (shared_input || base->size(0) == n), op,
                 ": base shape ", base->sizes(), " must be ", shared_input ? "[M, k]" : "[N, M, k]", " with N=", n,
@@ -205,12 +172,16 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const std::
   at::Tensor xa = at::empty({n, m, r}, x.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return {out, xa};
   const int device = x.device().index();
+  const FusedSizes sizes{n, m, d, k, r};
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const FusedPlan plan =
+        plan_fused_lora_gemm<T>(sizes, /*forward=*/true, shared_input, multiprocessor_count(device));
+    WorkspaceTensors workspace = allocate_workspace(plan, x);
     // in = x [*, M, d], shrink = A [N, r, d], expand = B [N, k, r]
-    auto p = fused_params<T>(x, d, weight, b, base, lora_A, d, lora_B, r, out, xa, n, m, d, k, r, scaling,
-                             shared_input, device);
-    p.member_groups = shared_input ? shared_member_groups(m, k, n, device) : 1;
+    const auto p = make_fused_params<T>(operand(x), operand(weight), operand(lora_A), operand(lora_B), data_or_null(b),
+                                        data_or_null(base), out.data_ptr(), xa.data_ptr<float>(), sizes, plan,
+                                        workspace.pointers(), static_cast<float>(scaling), shared_input, device);
     launch_fused_lora_gemm<T>(p, /*forward=*/true, current_stream(x));
   });
   return {out, xa};
@@ -231,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out,
   TORCH_CHECK(grad_out.size(0) == n && grad_out.size(2) == k, op, ": grad_out shape ", grad_out.sizes(),
               " must be [N, M, k] with N=", n, ", k=", k, " (lora_A shape ", lora_A.sizes(), ", lora_B shape ",
               lora_B.sizes(), ")");
-  TORCH_CHECK(shared_input || n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+  TORCH_CHECK(n * m <= kIntMax, op, ": N*M = ", n, "*", m, " rows exceed 2^31 - 1");
 
   c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor dx = shared_input ? at::empty({m, d}, grad_out.options()) : at::empty({n, m, d}, grad_out.options());
@@ -239,20 +210,18 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_dx(const at::Tensor& grad_out,
   if (m == 0) return {dx, dyb};
   if (n == 0) return {dx.zero_(), dyb};
   const int device = grad_out.device().index();
-  const int groups = shared_input && !at::globalContext().deterministicAlgorithms()
-                         ? shared_member_groups(m, d, n, device)
-                         : 1;
-  at::Tensor dx_sum = groups > 1 ? at::zeros({m, d}, grad_out.options().dtype(at::kFloat)) : at::Tensor();
+  const FusedSizes sizes{n, m, k, d, r};
   dispatch_dtype(grad_out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const FusedPlan plan =
+        plan_fused_lora_gemm<T>(sizes, /*forward=*/false, shared_input, multiprocessor_count(device));
+    WorkspaceTensors workspace = allocate_workspace(plan, grad_out);
     // in = dy [N, M, k], shrink = B [N, k, r], expand = A [N, r, d]
-    auto p = fused_params<T>(grad_out, k, weight, nullptr, nullptr, lora_B, r, lora_A, d, dx, dyb, n, m, k, d, r,
-                             scaling, shared_input, device);
-    p.member_groups = groups;
-    p.out_sum = groups > 1 ? mut_ptr<float>(dx_sum) : nullptr;
+    const auto p = make_fused_params<T>(operand(grad_out), operand(weight), operand(lora_B), operand(lora_A), nullptr,
+                                        nullptr, dx.data_ptr(), dyb.data_ptr<float>(), sizes, plan,
+                                        workspace.pointers(), static_cast<float>(scaling), shared_input, device);
     launch_fused_lora_gemm<T>(p, /*forward=*/false, current_stream(grad_out));
   });
-  if (groups > 1) dx.copy_(dx_sum);
   return {dx, dyb};
 }
 
@@ -280,50 +249,27 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward_lora(const at::Tensor& grad_out
   TORCH_CHECK(xa.size(0) == n && xa.size(1) == m, op, ": xa shape ", xa.sizes(), " must be [N, M, r] with N=", n,
               ", M=", m, " (grad_out shape ", grad_out.sizes(), ")");
   TORCH_CHECK(dyb.sizes() == xa.sizes(), op, ": dyb shape ", dyb.sizes(), " must equal xa shape ", xa.sizes());
-  TORCH_CHECK(n <= kMaxGridY, op, ": N=", n, " members exceeds ", kMaxGridY);
+  TORCH_CHECK(n <= kMaxGridYZ, op, ": N=", n, " members exceeds ", kMaxGridYZ);
 
   c10::cuda::CUDAGuard guard(grad_out.device());
   if (n == 0) return {at::empty({n, r, d}, grad_out.options()), at::empty({n, k, r}, grad_out.options())};
   const int device = grad_out.device().index();
-  // Long inputs whose (column tile, member) CTAs alone leave SMs idle are split into row ranges whose
-  // partial sums meet in fp32 outputs (atomics: not under deterministic algorithms).
-  const int64_t programs = n * (ceil_div(static_cast<int>(d), 128) + ceil_div(static_cast<int>(k), 128));
-  int64_t splits = 1;
-  if (!at::globalContext().deterministicAlgorithms()) {
-    splits = std::min<int64_t>((2 * multiprocessor_count(device) + programs - 1) / programs, m / kMinRowsPerSplit);
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
-  }
-  const int64_t rows_per_split =
-      splits > 1 ? round_up(ceil_div(static_cast<int>(m), static_cast<int>(splits)), 32) : std::max<int64_t>(m, 1);
+  const GradSizes sizes{n, m, d, k, r};
+  const GradPlan plan =
+      plan_lora_grads(sizes, multiprocessor_count(device), at::globalContext().deterministicAlgorithms());
+  const bool split = plan.row_splits > 1;
+  // Several row ranges: fp32 sums, zeroed (atomics add into them), cast at the end.
   const auto sum_options = grad_out.options().dtype(at::kFloat);
-  at::Tensor grad_A = splits > 1 ? at::zeros({n, r, d}, sum_options) : at::empty({n, r, d}, grad_out.options());
-  at::Tensor grad_B = splits > 1 ? at::zeros({n, k, r}, sum_options) : at::empty({n, k, r}, grad_out.options());
+  at::Tensor grad_A = split ? at::zeros({n, r, d}, sum_options) : at::empty({n, r, d}, grad_out.options());
+  at::Tensor grad_B = split ? at::zeros({n, k, r}, sum_options) : at::empty({n, k, r}, grad_out.options());
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    LoraGradParams<T> p{};
-    p.x = ptr<T>(x);
-    p.dy = ptr<T>(grad_out);
-    p.xa = ptr<float>(xa);
-    p.dyb = ptr<float>(dyb);
-    p.grad_A = splits > 1 ? nullptr : mut_ptr<T>(grad_A);
-    p.grad_B = splits > 1 ? nullptr : mut_ptr<T>(grad_B);
-    p.grad_A_sum = splits > 1 ? mut_ptr<float>(grad_A) : nullptr;
-    p.grad_B_sum = splits > 1 ? mut_ptr<float>(grad_B) : nullptr;
-    p.members = static_cast<int>(n);
-    p.rows = static_cast<int>(m);
-    p.d = static_cast<int>(d);
-    p.k = static_cast<int>(k);
-    p.rank = static_cast<int>(r);
-    p.rows_per_split = static_cast<int>(rows_per_split);
-    p.scaling = static_cast<float>(scaling);
-    p.shared = shared_input;
-    p.device = device;
-    p.vec_x = vec_ok(x, d);
-    p.vec_dy = vec_ok(grad_out, k);
-    p.vec_low = vec_ok(xa, r) && vec_ok(dyb, r);
+    const auto p = make_grad_params<T>(operand(x), operand(grad_out), operand(xa), operand(dyb), grad_A.data_ptr(),
+                                       grad_B.data_ptr(), sizes, plan, static_cast<float>(scaling), shared_input,
+                                       device);
     launch_lora_grads<T>(p, current_stream(grad_out));
   });
-  if (splits > 1 && dtype != at::kFloat) return {grad_A.to(dtype), grad_B.to(dtype)};
+  if (split && dtype != at::kFloat) return {grad_A.to(dtype), grad_B.to(dtype)};
   return {grad_A, grad_B};
 }
 

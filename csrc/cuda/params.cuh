@@ -1,6 +1,6 @@
 // Kernel arguments and host launchers of the lora_ensemble CUDA kernels (one declaration per dtype,
 // defined in lora_kernels_{f32,f16,bf16}.cu). Sizes follow the backend contract: N members, M rows
-// per member, d in, k out, r rank; every tensor contiguous and row-major.
+// per member, d in, k out, r rank; every tensor contiguous and row-major. make_params.cuh fills them.
 #pragma once
 
 #include <cstdint>
@@ -13,8 +13,10 @@ namespace lora_ensemble {
 //                 (x = `in` [N, M, d], or [M, d] when shared; inner = d, cols = k)
 //   backward dx:  out[n] = dy[n] W0 + s (dy[n] B[n]) A[n],          low[n] = dy[n] B[n]
 //                 (dy = `in` [N, M, k]; inner = k, cols = d; when shared out is [M, d], summed over n)
+// Filled by make_fused_params (make_params.cuh) from the plan of launch_policy.cuh.
 template <class T>
 struct FusedLoraGemmParams {
+  // device pointers
   const T* in;       // x or dy: [N, M, inner] (forward + shared: [M, inner])
   const T* weight;   // W0 [k, d], or nullptr: no in W term (the low-rank update alone)
   const T* bias;     // [k] or nullptr (forward only)
@@ -23,6 +25,7 @@ struct FusedLoraGemmParams {
   const T* expand;   // forward: B [N, k, r]; backward dx: A [N, r, d]   (rank r -> cols)
   T* out;            // [N, M, cols] (backward dx + shared: [M, cols])
   float* low;        // xa or dyb [N, M, r], fp32
+  // sizes
   int members;       // N
   int rows;          // M
   int inner;         // the reduction length: d (forward) or k (backward dx)
@@ -30,11 +33,18 @@ struct FusedLoraGemmParams {
   int rank;          // r, 1..128
   float scaling;     // s
   bool shared;       // shared-input layout
-  // Shared: grid.y groups of members (more CTAs when the output tiles alone leave SMs idle); 1 otherwise.
-  // Forward: each CTA computes in W once for its group's members. Backward dx: each group's partial
-  // sum over its members is atomically added into out_sum.
-  int member_groups;
-  float* out_sum;    // backward dx + shared with member_groups > 1: [M, cols] fp32, zeroed by the caller (out unused)
+  // tiling (launch_policy.cuh): grid = (row_tiles * col_tiles, member_groups, k_splits)
+  int block_rows;    // BM the kernel is instantiated with: 16 or 64
+  int tile_rows;     // rows of `in` one row tile covers, <= BM (stacked: of the N*M stacked rows)
+  int row_tiles, col_tiles;
+  int member_groups; // shared forward: groups of members, each computing in W0 once; else 1
+  int k_splits;      // ranges of the reduction, k_per_split long (a multiple of the kernel's BK)
+  int k_per_split;
+  // split-K (k_splits > 1): fp32 partial sums of each range, added up in range order by the CTA of
+  // the output tile that arrives last (so the result does not depend on the arrival order)
+  float* partial_base;  // [member_groups][k_splits][base rows][cols]: in W0 (stacked: N*M rows; shared: M)
+  float* partial_low;   // [k_splits][col_tiles][N][M][r]: in shrink (each column tile's CTAs their own copy)
+  int* arrivals;        // [member_groups][row_tiles][col_tiles], zero before the launch
   int device;        // CUDA device index (per-device kernel attributes are set once)
   // Whether each operand may use 16-byte asynchronous copies (leading dim and base pointer aligned).
   bool vec_in, vec_weight, vec_shrink, vec_expand;
@@ -56,7 +66,7 @@ struct LoraGradParams {
   float* grad_A_sum;   // [N, r, d]
   float* grad_B_sum;   // [N, k, r]
   int members, rows, d, k, rank;
-  int rows_per_split;  // rows one CTA reduces; >= rows when not split
+  int rows_per_split;  // rows one CTA reduces; >= rows when not split (launch_policy.cuh: grad_row_splits)
   float scaling;
   bool shared;
   int device;
