@@ -12,6 +12,7 @@ import torch
 import triton
 
 from .device import compute_capability
+from .launch_policy import MIN_DOT_TILE, row_tile_cap
 from .spilling_configs import SPILLING_CONFIGS
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -24,7 +25,6 @@ __all__ = [
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
     "autotuning",
-    "block_rank",
     "block_rows",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
@@ -42,8 +42,6 @@ __all__ = [
     "tf32_allowed",
 ]
 
-MIN_DOT_TILE = 16  # a 16-bit tl.dot on NVIDIA needs every dimension >= 16
-MAX_BLOCK_ROWS = 128
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
 
@@ -74,11 +72,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or tf32_allowed() else "tf32x3"
 
 
-def block_rank(rank: int) -> int:
-    """Rank tile: the next power of two >= ``rank``, at least 16 (tensor-core minimum); masked."""
-    return max(MIN_DOT_TILE, triton.next_power_of_2(rank))
-
-
 def autotuning() -> bool:
     """Whether the Triton kernels benchmark their candidate configs on first use of each tuning key
     (default). ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` runs the first config the pruning keeps instead:
@@ -93,18 +86,9 @@ def size_bucket(size: int) -> int:
 
 
 def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False, tf32x3: bool = False) -> int:
-    """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
-    tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
-    rows for a rank tile above 64, in the shared-input kernel, and for 3xTF32 dots (which split
-    every operand in two), at most 32 for 3xTF32 at a rank tile above 32 and in the shared-input
-    kernel at a rank tile above 64, and 16 for both at once, where larger tiles leave ptxas too few
-    registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
-    cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
-    if (tf32x3 and block_r > 32) or (shared_rows and block_r > 64):
-        cap = MAX_BLOCK_ROWS // 4
-    if tf32x3 and shared_rows and block_r > 64:
-        cap = MIN_DOT_TILE
-    return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
+    """Row tile for ``rows`` rows per member: the next power of two, 16 to
+    :func:`~.launch_policy.row_tile_cap`."""
+    return min(row_tile_cap(block_r, shared_rows, tf32x3), max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
 
 
 def fused_lora_gemm_block_rows(args: dict) -> int:

@@ -40,7 +40,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .configs import (
-    block_rank,
     dot_precision,
     fused_lora_gemm_block_rows,
     fused_lora_gemm_configs,
@@ -50,6 +49,7 @@ from .configs import (
 )
 from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs, split16
+from .launch_policy import block_rank
 
 __all__ = ["launch_fused_lora_gemm", "member_groups_for"]
 

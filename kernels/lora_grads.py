@@ -26,16 +26,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import block_rank, dot_precision, lora_grads_configs, prune_lora_grads_configs, size_bucket
+from .configs import dot_precision, lora_grads_configs, prune_lora_grads_configs, size_bucket
 from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs
+from .launch_policy import block_rank, grad_row_splits, grad_rows_per_split
 
 __all__ = ["launch_lora_grads", "row_splits"]
 
-# ROWS_PER_SPLIT is a multiple of this (a row range ends on a 16-row boundary).
-_ROWS_QUANTUM = 16
-# SPLIT > 1 only when each split still reduces at least this many rows.
-_MIN_ROWS_PER_SPLIT = 512
 # Read by the autotuner only (not specialised): the device's shared memory and the row-count bucket.
 _TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET"]
 
@@ -110,13 +107,12 @@ def _lora_grads_kernel(
 
 
 def row_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
-    """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless
-    the (member, column tile) programs alone leave a GPU's SMs idle and every range keeps at
-    least ``_MIN_ROWS_PER_SPLIT`` rows; always 1 under ``torch.use_deterministic_algorithms``."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+    """How many row ranges the weight-gradient reduction is split into on ``device``
+    (:func:`~.launch_policy.grad_row_splits`); 1 off CUDA and under deterministic algorithms."""
+    if device.type != "cuda":
         return 1
-    wanted = triton.cdiv(2 * multiprocessor_count(device), max(programs_per_split, 1))
-    return max(1, min(wanted, rows // _MIN_ROWS_PER_SPLIT))
+    return grad_row_splits(rows, programs_per_split, multiprocessor_count(device),
+                           torch.are_deterministic_algorithms_enabled())
 
 
 def launch_lora_grads(
@@ -153,7 +149,7 @@ def launch_lora_grads(
     check_grid_yz("num_members", num_members, f"grad_out shape {tuple(grad_out.shape)}")
     if splits is None:
         splits = row_splits(rows, num_members * triton.cdiv(d_in + k_out, 128), grad_out.device)
-    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), _ROWS_QUANTUM) * _ROWS_QUANTUM
+    rows_per_split = grad_rows_per_split(rows, splits)
     splits = triton.cdiv(max(rows, 1), rows_per_split)
     check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
     atomic = splits > 1

@@ -7,15 +7,17 @@ because the interpreter is slow. With a GPU the same tests run the compiled kern
 ``gpu``-marked tests add bf16, TF32, CUDA graphs and larger shapes.
 """
 
+import math
 import os
 
 import pytest
 import torch
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
-from lora_ensemble.kernels import fused_lora_gemm, lora_grads
-from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
+from lora_ensemble.kernels import fused_lora_gemm, launch_policy, lora_grads
+from lora_ensemble.kernels.configs import block_rows, dot_precision, tf32_allowed
 from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
+from lora_ensemble.kernels.launch_policy import block_rank
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 from lora_ensemble.reference import lora_ensemble_reference
 
@@ -236,6 +238,34 @@ def test_tiles_pad_rank_and_shrink_for_few_rows():
     assert block_rows(800, shared_rows=True) == 64
     assert block_rows(800, tf32x3=True) == 64
     assert block_rows(800, block_r=64, tf32x3=True) == 32
+
+
+def test_row_tile_members_is_the_most_members_a_tile_spans():
+    for m in (1, 2, 3, 5, 16, 17, 50, 64, 100, 1600):
+        for block_m in (16, 32, 64, 128):
+            for n in (1, 3, 16, 64):
+                total = n * m
+                most = max(len({row // m for row in range(start, min(start + block_m, total))})
+                           for start in range(0, total, block_m))
+                assert launch_policy.row_tile_members(m, block_m, n) >= most, (m, block_m, n)
+                if -(-total // block_m) >= m // math.gcd(m, block_m):  # tiles start at every offset they can
+                    assert launch_policy.row_tile_members(m, block_m, n) == most, (m, block_m, n)
+
+
+def test_launch_policy_worked_example():
+    """The example in kernels/launch_policy.py: one row tile at decode, 4 members a tile at 16 rows."""
+    P = launch_policy
+    assert (P.stacked_block_rows(1, 16, 16), P.row_tile_members(1, 16, 16), P.rank_slots(1, 16, 16, 16)) == (16, 16, 16)
+    assert P.stacked_block_rows(16, 16, 16) == 64 and P.rank_slots(16, 64, 16, 16) == 4
+    assert P.stacked_block_rows(512, 16, 16) == 128 and P.rank_slots(512, 128, 16, 16) == 1
+    # rank 128 at decode: two members a pass, eight passes
+    assert P.rank_slots(1, 16, 128, 16) == 2 and P.rank_passes(16, 2) == 8
+    # batch-1 ViT, 50 rows a member: 64-row tiles hold up to 3 members, one pass of 4 slots
+    assert P.stacked_block_rows(50, 16, 16) == 64
+    assert P.row_tile_members(50, 64, 16) == 3 and P.rank_slots(50, 64, 16, 16) == 4
+    assert P.grad_row_splits(4096, 16, 132, deterministic=False) == 8
+    assert P.grad_row_splits(4096, 16, 132, deterministic=True) == 1
+    assert P.grad_rows_per_split(1000, 3) == 336
 
 
 def test_opcheck_fused_linear():
