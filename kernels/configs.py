@@ -12,7 +12,7 @@ import torch
 import triton
 
 from .device import compute_capability
-from .launch_policy import MIN_DOT_TILE, row_tile_cap
+from .launch_policy import MIN_DOT_TILE
 from .spilling_configs import SPILLING_CONFIGS
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -25,17 +25,16 @@ __all__ = [
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
     "autotuning",
-    "block_rows",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
     "fitting_lora_grads_configs",
-    "fused_lora_gemm_block_rows",
     "fused_lora_gemm_configs",
     "interpreting",
     "lora_grads_configs",
     "pipeline_buffers",
     "prune_fused_lora_gemm_configs",
     "prune_lora_grads_configs",
+    "run_autotuned",
     "shared_input_configs",
     "size_bucket",
     "spill_key",
@@ -85,43 +84,29 @@ def size_bucket(size: int) -> int:
     return triton.next_power_of_2(max(size, 1))
 
 
-def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False, tf32x3: bool = False) -> int:
-    """Row tile for ``rows`` rows per member: the next power of two, 16 to
-    :func:`~.launch_policy.row_tile_cap`."""
-    return min(row_tile_cap(block_r, shared_rows, tf32x3), max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
-
-
-def fused_lora_gemm_block_rows(args: dict) -> int:
-    """``BLOCK_M`` heuristic of the fused kernels, from their launch arguments (the shared-input
-    kernel is the one with a ``SUM_MEMBERS`` argument)."""
-    return block_rows(args["ROWS"], args["BLOCK_R"], shared_rows="SUM_MEMBERS" in args,
-                      tf32x3=args["DOT_PRECISION"] == "tf32x3")
-
-
 def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from block_rows(ROWS); these
+# Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from the launch policy; these
 # tile the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
-# tutorial's Ampere/Hopper lists, trimmed to leave registers for the [BLOCK_M, BLOCK_R] accumulator.
+# tutorial's Ampere/Hopper lists, trimmed to leave registers for the rank block, and to six (each new
+# tuning key compiles and times every kept one on its first call): the two near-copies (4, 5, 64, 32)
+# and (8, 4, 256, 32) of (4, 4, 64, 64) and (8, 3, 256, 64) are gone.
 FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 5, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
 # Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
+# Five, as the stacked list: (8, 3, 64, 64) and (4, 4, 64, 32) are near-copies of neighbours.
 SHARED_INPUT_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(8, 3, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # rank tiles 64-128: the wider 8-warp tiles spill
     _cfg(8, 3, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
@@ -130,8 +115,8 @@ INTERPRETER_FUSED_LORA_GEMM_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=
 # The candidates for 3xTF32 dots (fp32 without TF32), which split every operand into a high and a low
 # part and so need about twice the registers: (warps, stages, BLOCK_N, BLOCK_K) of the two lists
 # above with room for that; which of them spill at which tiles is in SPILLING_CONFIGS.
-_TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32), (8, 3, 64, 32)}
-_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32), (8, 3, 64, 32), (8, 3, 32, 32)}
+_TF32X3_STACKED = {(4, 4, 64, 64), (8, 3, 64, 32)}
+_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (8, 3, 64, 32), (8, 3, 32, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
 LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
@@ -178,14 +163,15 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
 
 
 def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
-              capability: int) -> tuple:
+              capability: int, rank_slots: int = 1, multi_pass: bool = False) -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
     ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
-    the rank and row tiles, warps, stages and the config's other tiles."""
+    the rank and row tiles, the rank slots of a pass and whether the kernel has more passes, warps,
+    stages and the config's other tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
-    return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, config.num_warps,
-            config.num_stages, *tiles)
+    return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, rank_slots, multi_pass,
+            config.num_warps, config.num_stages, *tiles)
 
 
 def fitting_fused_lora_gemm_configs(
@@ -199,18 +185,22 @@ def fitting_fused_lora_gemm_configs(
     block_r: int,
     shared_memory: int,
     capability: int,
+    rank_slots: int = 1,
+    multi_pass: bool = False,
     sum_members: bool | None = None,
     has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
-    ``precision`` the dots' "tf32" or "tf32x3").
+    ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots`` and ``multi_pass`` from
+    the launch policy's :class:`~.launch_policy.RowTiling`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
     with fewer than 64 rows (they spill kilobytes per thread); pipelined tiles beyond
     ``shared_memory`` bytes (:func:`pipeline_buffers` copies on sm_``capability``); fp32
     accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
-    forward, ``sum_members=False``: the base tile and a member's output), [block_m, block_r], and
+    forward, ``sum_members=False``: the base tile and a member's output), the rank block
+    [block_m, rank_slots * block_r], and
     the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``);
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
@@ -224,6 +214,7 @@ def fitting_fused_lora_gemm_configs(
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
     kind = ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
+    rank_width = rank_slots * block_r
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -234,12 +225,12 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c,
-                                                 capability) in SPILLING_CONFIGS:
+        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c, capability,
+                                                 rank_slots, multi_pass) in SPILLING_CONFIGS:
             return False
-        tile_bytes = (block_m * bk + bk * bn + bk * block_r) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
+        tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
-        acc = output_tiles * block_m * bn + block_m * block_r + (2 * block_m * bk if sum_members else 0)
+        acc = output_tiles * block_m * bn + block_m * rank_width + (2 * block_m * bk if sum_members else 0)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -290,7 +281,8 @@ def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict
         configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
         precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
         shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        sum_members=args.get("SUM_MEMBERS"), has_weight=args["HAS_WEIGHT"],
+        rank_slots=args["RANK_SLOTS"], multi_pass=args["MULTI_PASS"], sum_members=args.get("SUM_MEMBERS"),
+        has_weight=args["HAS_WEIGHT"],
     )
 
 
@@ -303,3 +295,24 @@ def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **k
         dtype=DTYPE_NAMES[inp.dtype], precision=args["DOT_PRECISION"], block_r=args["BLOCK_R"],
         shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
     )
+
+
+_PINNED_CONFIGS: dict[tuple, triton.Config] = {}
+
+
+def run_autotuned(kernel: triton.runtime.Autotuner, grid, **args) -> None:
+    """Launch an autotuned kernel by keyword. With autotuning on, through its autotuner (benchmarks
+    the kept configs on a new tuning key). Off (:func:`autotuning`), the first config its pruning
+    keeps, launched on the JIT function itself: no benchmarking at all, on any triton version
+    (triton 3.6's autotuner still times a single kept config), and capturable in a CUDA graph on
+    the first call. The pinned config is remembered per tuning key and argument dtypes, as the
+    autotuner remembers its choice."""
+    if autotuning():
+        kernel[grid](**args)
+        return
+    key = (id(kernel), *(args[name] for name in kernel.keys),
+           *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")))
+    config = _PINNED_CONFIGS.get(key)
+    if config is None:
+        config = _PINNED_CONFIGS[key] = kernel.early_config_prune(kernel.configs, {}, **args)[0]
+    kernel.fn[grid](**args, **config.all_kwargs())

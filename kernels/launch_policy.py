@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 __all__ = [
+    "RowTiling",
     "GRAD_MIN_ROWS_PER_SPLIT",
     "GRAD_ROW_QUANTUM",
     "MAX_BLOCK_ROWS",
@@ -32,7 +34,9 @@ __all__ = [
     "row_tile_members",
     "shared_block_rows",
     "shared_rank_slots",
+    "shared_tiling",
     "stacked_block_rows",
+    "stacked_tiling",
 ]
 
 # A 16-bit tl.dot on NVIDIA needs every dimension >= 16 (the interpreter does not check it).
@@ -159,3 +163,28 @@ def grad_row_splits(rows: int, programs_per_split: int, sm_count: int, determini
 def grad_rows_per_split(rows: int, splits: int) -> int:
     """Rows each split reduces: an equal share rounded up to :data:`GRAD_ROW_QUANTUM`."""
     return _cdiv(_cdiv(max(rows, 1), max(splits, 1)), GRAD_ROW_QUANTUM) * GRAD_ROW_QUANTUM
+
+
+class RowTiling(NamedTuple):
+    """The row tile of a fused kernel and its rank part: ``rank_slots`` members a pass, and whether
+    some tile needs more than one pass (``multi_pass``: the kernel compiles the pass loop)."""
+
+    block_m: int
+    rank_slots: int
+    multi_pass: bool
+
+
+def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
+    """The stacked kernel's :class:`RowTiling` (forward and dx)."""
+    block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
+    slots = rank_slots(rows_per_member, block_m, block_r, members)
+    return RowTiling(block_m, slots, row_tile_members(rows_per_member, block_m, members) > slots)
+
+
+def shared_tiling(rows: int, cols: int, members: int, block_r: int, sm_count: int, tf32x3: bool = False,
+                  sum_members: bool = False) -> RowTiling:
+    """The shared-input kernel's :class:`RowTiling`: the forward's rank passes hold
+    :func:`shared_rank_slots` members; the dx (``sum_members``) runs one member a pass."""
+    block_m = shared_block_rows(rows, cols, block_r, sm_count, tf32x3)
+    slots = 1 if sum_members else shared_rank_slots(block_m, block_r, members)
+    return RowTiling(block_m, slots, members > slots)
