@@ -448,6 +448,45 @@ def test_more_members_than_a_grid_y_axis_holds():
     check_against_reference(inp, "triton", tolerance(torch.float16))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_pinned_autotune_never_benchmarks(shared, monkeypatch):
+    """``LORA_ENSEMBLE_TRITON_AUTOTUNE=0``: the first config the pruning keeps runs on the JIT
+    function itself, and nothing is timed (triton 3.6's autotuner times even a single kept config);
+    with autotuning on, the same two candidates would be timed."""
+    import triton.testing
+    from triton.runtime import autotuner
+
+    from lora_ensemble.kernels import configs
+
+    def no_benchmark(*args, **kwargs):
+        raise AssertionError("a benchmark ran")
+
+    monkeypatch.setattr(autotuner.Autotuner, "_bench", no_benchmark)
+    monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
+    monkeypatch.setattr(configs, "_PINNED_CONFIGS", {})
+    fused, grads = configs.INTERPRETER_FUSED_LORA_GEMM_CONFIG, configs.INTERPRETER_LORA_GRADS_CONFIG
+    varied = {fused_lora_gemm._fused_lora_gemm_kernel: (fused, "BLOCK_N"),
+              fused_lora_gemm._fused_lora_gemm_shared_kernel: (fused, "BLOCK_K"),
+              lora_grads._lora_grads_kernel: (grads, "BLOCK_C")}
+    ran = []
+    for kernel, (config, name) in varied.items():
+        monkeypatch.setattr(kernel, "configs", [config, triton.Config({**config.kwargs, name: 16})])
+
+        def spy(*args, _run=kernel.fn.run, _name=name, **kwargs):
+            ran.append(kwargs[_name])
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel.fn, "run", spy)
+    inp = make_inputs(3, 5, 20, 24, 4, dtype=torch.float16, device=DEVICE, shared_input=shared)
+    monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "0")
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    assert ran == [32, 32, 32], f"each kernel runs its first kept config (32-wide tiles), ran {ran}"
+    monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1")
+    with pytest.raises(AssertionError, match="a benchmark ran"):
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                   shared_input=shared, backend="triton")
+
+
 def test_autotune_keys_name_the_device_and_size_buckets():
     """A config chosen for one GPU model (pruned by its shared memory) or one row / member count is
     never reused on another GPU model or on very different counts: those are part of every key."""
