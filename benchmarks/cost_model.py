@@ -17,12 +17,7 @@ memory floor is bytes / peak bandwidth; a kernel cannot beat the larger of the t
 Peaks are measured on the device at the start of a run (:func:`device_peaks`); spec-sheet numbers
 of known GPUs are kept as a labelled reference (:func:`spec_peaks`).
 
-The fused kernels' own traffic is modelled tile by tile: :func:`fused_kernel_traffic` counts the
-elements one launch of the Triton forward or dx kernel loads from each operand role (``weight``,
-``in``, ``shrink``, ``expand``: W0, x or dy, A or B, B or A), the interpreter test
-``tests/test_kernel_traffic.py`` checks it load by load, and :func:`traffic_budget` is the bound the
-design promises any fused kernel (Triton or CUDA, for its own tile sizes): W0 once per row tile of
-a plain GEMM over the stacked rows.
+What the fused kernels themselves read, tile by tile, is :mod:`benchmarks.kernel_traffic`.
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ import torch
 from .measure import new_event_factory, synchronize, timed_calls
 from .shapes import OpShape
 
-__all__ = ["DevicePeaks", "OpCost", "device_peaks", "fused_kernel_traffic", "op_cost", "spec_peaks",
-           "traffic_budget"]
+__all__ = ["DevicePeaks", "OpCost", "device_peaks", "op_cost", "spec_peaks"]
 
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 
@@ -72,73 +66,6 @@ def op_cost(shape: OpShape, mode: str, elem_bytes: int, limit: bool = False) -> 
     if mode == "bwd":
         return OpCost(bwd_flops, bwd_bytes)
     return OpCost(fwd_flops + bwd_flops, fwd_bytes + xa + bwd_bytes)  # the training forward saves xa
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
-                         rank_slots: int, shared_input: bool = False, sum_members: bool = False) -> dict[str, int]:
-    """Elements one launch of the fused Triton kernel loads from each operand role, tile by tile as
-    ``kernels/fused_lora_gemm.py`` runs (its header states the same totals): ``members`` x ``rows``
-    rows of ``inner`` (K) in, ``cols`` (C) out, row tile ``block_m``, column tile ``block_n``,
-    ``rank_slots`` members a rank pass (the launch policy's :class:`RowTiling`). Layouts: stacked
-    (forward and dx), ``shared_input`` forward, ``sum_members`` (the shared-input dx).
-
-    Rows and columns past the edge wrap around (a tile loads ``min(block_m, rows)`` distinct rows
-    and ``min(block_n, cols)`` distinct columns); rank columns past ``rank`` and slots past a tile's
-    members are masked (no traffic)."""
-    k, c, r = inner, cols, rank
-    col_tiles = _cdiv(c, block_n)
-    strip = col_tiles * min(block_n, c)  # weight columns loaded per row tile, over its column tiles
-    if shared_input or sum_members:
-        row_tiles = _cdiv(rows, block_m)
-        tile_rows = min(block_m, rows)
-        in_reads = (2 * members if sum_members else _cdiv(members, rank_slots)) * tile_rows * k
-        return {"weight": row_tiles * strip * k, "in": row_tiles * col_tiles * in_reads,
-                "shrink": row_tiles * col_tiles * members * r * k, "expand": row_tiles * members * r * c}
-    stacked = members * rows
-    traffic = {"weight": 0, "in": 0, "shrink": 0, "expand": 0}
-    for start in range(0, stacked, block_m):
-        end = min(start + block_m, stacked)
-        first, last = start // rows, (end - 1) // rows
-        span = last - first + 1
-        later_rows = max(0, end - max(start, (first + rank_slots) * rows))  # rows of further passes
-        traffic["weight"] += strip * k
-        traffic["in"] += col_tiles * (min(block_m, stacked) + later_rows) * k
-        traffic["shrink"] += col_tiles * span * r * k
-        traffic["expand"] += span * r * c
-    return traffic
-
-
-def traffic_budget(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
-                   shared_input: bool = False, sum_members: bool = False) -> dict[str, int]:
-    """The most elements a fused kernel with ``block_m`` x ``block_n`` output tiles may load from
-    each operand role per launch (the design's promise; :func:`fused_kernel_traffic` is what the
-    Triton kernel loads):
-
-    - ``weight`` (W0): once per row tile of a plain GEMM over the stacked rows with the same
-      ``block_m`` (``T = cdiv(N*M, block_m)`` tiles; ``cdiv(M, block_m)`` with a shared input),
-      in whole column tiles: 1x W0 at decode (16 x 1 rows, 8 x 2 rows, one 16-row tile);
-    - ``in``: each column tile reads its rows, at most twice (once more for further rank passes);
-      with a shared input once per pass (at most N), and the dx twice per member;
-    - ``shrink``: recomputed in every column tile (``P = cdiv(C, block_n)``), once per member a row
-      tile holds (at most ``N + T - 1`` over the stacked tiles; every member in a shared tile);
-    - ``expand``: once per member a row tile holds, over all columns."""
-    k, c, r = inner, cols, rank
-    col_tiles = _cdiv(c, block_n)
-    strip = col_tiles * min(block_n, c) * k
-    if shared_input or sum_members:
-        row_tiles = _cdiv(rows, block_m)
-        tile_rows = min(block_m, rows)
-        return {"weight": row_tiles * strip,
-                "in": row_tiles * col_tiles * (2 if sum_members else 1) * members * tile_rows * k,
-                "shrink": row_tiles * col_tiles * members * r * k, "expand": row_tiles * members * r * c}
-    row_tiles = _cdiv(members * rows, block_m)
-    members_held = members + row_tiles - 1
-    return {"weight": row_tiles * strip, "in": 2 * row_tiles * col_tiles * min(block_m, members * rows) * k,
-            "shrink": col_tiles * members_held * r * k, "expand": members_held * r * c}
 
 
 @dataclass(frozen=True)

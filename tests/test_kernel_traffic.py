@@ -3,9 +3,9 @@
 Every ``tl.load`` the interpreter runs is intercepted (``InterpreterBuilder.create_masked_load``), its
 unmasked addresses attributed to the operand whose storage holds them (W0, x or dy, A, B, bias), and
 the distinct elements of each load summed per operand over one launch. The counts must equal the
-tile-by-tile model :func:`benchmarks.cost_model.fused_kernel_traffic` (which ``benchmarks/NOTES.md``
+tile-by-tile model :func:`benchmarks.kernel_traffic.fused_kernel_traffic` (which ``benchmarks/NOTES.md``
 uses for the headline shapes) and stay within the design's budget
-:func:`benchmarks.cost_model.traffic_budget`: W0 once per row tile of a plain GEMM over the N*M
+:func:`benchmarks.kernel_traffic.traffic_budget`: W0 once per row tile of a plain GEMM over the N*M
 stacked rows, so once in all at decode (16 members x 1 row, 8 x 2 rows). Forward and dx, stacked and
 shared input; the shapes are scaled down (the interpreter is slow) but keep the tilings of the
 headline ones (one row tile at decode, 64-row tiles of several members, tiles straddling members).
@@ -22,10 +22,15 @@ import pytest
 import torch
 from triton.runtime import interpreter
 
-from benchmarks.cost_model import fused_kernel_traffic, traffic_budget
-from lora_ensemble.kernels.configs import INTERPRETER_FUSED_LORA_GEMM_CONFIG, dot_precision
+from benchmarks.kernel_traffic import fused_kernel_traffic, lora_grads_traffic, traffic_budget
+from lora_ensemble.kernels.configs import (
+    INTERPRETER_FUSED_LORA_GEMM_CONFIG,
+    INTERPRETER_LORA_GRADS_CONFIG,
+    dot_precision,
+)
 from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
 from lora_ensemble.kernels.launch_policy import block_rank, shared_tiling, stacked_tiling
+from lora_ensemble.kernels.lora_grads import launch_lora_grads
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="counts the loads of Triton's CPU interpreter")
@@ -137,3 +142,17 @@ def test_shared_input_reads_w0_once_per_row_tile_for_all_members():
     assert tiling.block_m == 16 and tiling.rank_slots == 16 and not tiling.multi_pass
     assert counts["weight"] == 32 * 64
     assert counts["in"] == 2 * 9 * 32  # 2 column tiles, each reads the 9 rows once for all members
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_weight_gradient_loads_match_the_model(splits, shared):
+    """dA and dB: x and dy read once, the fp32 rank products once per column tile of dA and dB."""
+    n, m, d, k, r = 3, 40, 48, 40, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((m, d) if shared else (n, m, d), generator=g)
+    dy = torch.randn(n, m, k, generator=g)
+    xa, dyb = torch.randn(n, m, r, generator=g), torch.randn(n, m, r, generator=g)
+    with counted_loads({"x": x, "dy": dy, "xa": xa, "dyb": dyb}) as counts:
+        launch_lora_grads(dy, x, xa, dyb, 0.5, splits=splits)
+    assert dict(counts) == lora_grads_traffic(n, m, d, k, r, INTERPRETER_LORA_GRADS_CONFIG.kwargs["BLOCK_C"])
