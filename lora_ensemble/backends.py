@@ -41,6 +41,7 @@ __all__ = [
     "Backend",
     "FUSED_DTYPES",
     "accum_dtype",
+    "auto_backend",
     "available_backends",
     "get_backend",
     "in_dtype",
@@ -56,7 +57,7 @@ _MODULES = {
 }
 # The dtypes the fused (triton, cuda) backends take; float64 runs on the torch backend only.
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-# For CUDA tensors, ``auto`` takes the first available of these.
+# For CUDA tensors, ``auto`` takes the first available of these (:func:`auto_backend`).
 _AUTO_CUDA_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
 
 
@@ -134,6 +135,22 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
+def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend ``auto`` picks: on CUDA, for the fused dtypes, the first available of
+    ``triton``, ``cuda``, ``torch``; else ``torch``.
+
+    The one place a per-shape choice goes. The traffic model of ``benchmarks/NOTES.md`` ("Row
+    tiles that span members") predicts, before any GPU run, that the fused Triton forward loses to
+    the composite (``torch``) by ~10-15% on compute-bound prefill-class layers (hundreds of rows per
+    member at LLM widths: Triton's dots below cuBLAS's rate, plus the recomputed rank part) and ties
+    it at 16 rows a member, while it wins at ViT sizes and at decode. ``auto`` does not act on
+    predictions: it keeps this order until a GPU run's measurements give the per-shape rule (a later
+    issue), which will take the layer's rows per member, widths and rank here."""
+    if device.type != "cuda" or dtype not in FUSED_DTYPES:
+        return "torch"
+    return next(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, device) is None)
+
+
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """Turn ``auto`` into a concrete backend for ``device`` and ``dtype``; check an explicit one is usable.
 
@@ -144,9 +161,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
     """
     dev = torch.device(device)
     if name == "auto":
-        if dev.type != "cuda" or dtype not in FUSED_DTYPES:
-            return "torch"
-        return next(b for b in _AUTO_CUDA_ORDER if unavailable_reason(b, dev) is None)
+        return auto_backend(dev, dtype)
     if name not in _MODULES:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name != "torch" and dtype not in FUSED_DTYPES:
