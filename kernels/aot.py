@@ -136,10 +136,10 @@ class AotCase:
         return f"{kwargs} w{self.config.num_warps} s{self.config.num_stages}"
 
     def spill_key(self, arch: int) -> tuple:
-        """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS` (the same for
-        every specialisation: the run-time pruning drops a config that spills in any of them)."""
+        """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS` (the run-time
+        pruning finds its launch's specialisation with ``configs.argument_specialisation``)."""
         return spill_key(ROLE_KERNEL[self.name], self.dtype, self.precision, self.block_r, self.block_m,
-                         self.config, arch, self.rank_slots, self.multi_pass)
+                         self.config, arch, self.rank_slots, self.multi_pass, self.specialisation)
 
 
 @dataclass(frozen=True)
@@ -186,13 +186,15 @@ def _role(name: str) -> tuple:
 
 
 def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows: int, arch: int = 90,
+                      specialisation: str = "aligned",
                       without_measured_spills: bool = True) -> list[tuple[RowTiling, triton.Config]]:
     """``(row tiling, config)`` for every config the run-time pruning keeps for role ``name`` on a
-    problem of :data:`MEMBERS` members of ``rows`` rows (d = k = 4096) on ``sm_<arch>``, in autotune
-    order (``without_measured_spills=False``: also those the spill record excludes)."""
+    problem of :data:`MEMBERS` members of ``rows`` rows (d = k = 4096) on ``sm_<arch>`` in
+    ``specialisation``, in autotune order (``without_measured_spills=False``: also those the spill
+    record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
     common = {"dtype": dtype, "precision": precision, "block_r": block_r, "shared_memory": SHARED_MEMORY_LIMIT[arch],
-              "capability": arch, "without_measured_spills": without_measured_spills}
+              "capability": arch, "specialisation": specialisation, "without_measured_spills": without_measured_spills}
     if kernel is _lora_grads_kernel:
         kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, **common)
         return [(RowTiling(c.kwargs["BLOCK_M"], 1, False), c) for c in kept]
@@ -209,7 +211,7 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
 
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
-    """Every kernel role x dtype/precision x rank tile x row tiling x kept config x specialisation
+    """Every kernel role x dtype/precision x rank tile x row tiling x specialisation x kept config
     on ``sm_<arch>``, without repeats (a tiling and config kept in several row regimes is one case;
     ``one_row`` only for the tilings of one row a member)."""
     cases: dict[str, AotCase] = {}
@@ -217,11 +219,11 @@ def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotC
         for dtype, precision in VARIANTS:
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
-                    for tiling, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
-                                                            without_measured_spills):
-                        for specialisation in SPECIALISATIONS:
-                            if specialisation == "one_row" and rows != 1:
-                                continue
+                    for specialisation in SPECIALISATIONS:
+                        if specialisation == "one_row" and rows != 1:
+                            continue
+                        for tiling, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
+                                                                specialisation, without_measured_spills):
                             case = AotCase(name, dtype, precision, block_r, tiling.block_m, config, tiling.rank_slots,
                                            tiling.multi_pass, specialisation)
                             cases.setdefault(f"{case.label()} {case.config_text()}", case)

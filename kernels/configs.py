@@ -24,6 +24,7 @@ __all__ = [
     "FUSED_LORA_GEMM_GPU_CONFIGS",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
+    "argument_specialisation",
     "autotuning",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
@@ -41,6 +42,8 @@ __all__ = [
     "tf32_allowed",
 ]
 
+# Integer arguments Triton specialises by 16-divisibility besides the strides (kernels/aot.py).
+_SPECIALISED_SIZES = {"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"}
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
 
@@ -163,15 +166,28 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
 
 
 def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
-              capability: int, rank_slots: int = 1, multi_pass: bool = False) -> tuple:
+              capability: int, rank_slots: int = 1, multi_pass: bool = False, specialisation: str = "aligned") -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
     ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
-    the rank and row tiles, the rank slots of a pass and whether the kernel has more passes, warps,
-    stages and the config's other tiles."""
+    the rank and row tiles, the rank slots of a pass and whether the kernel has more passes, the
+    argument specialisation (:func:`argument_specialisation`), warps, stages and the config's other
+    tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
     return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, rank_slots, multi_pass,
-            config.num_warps, config.num_stages, *tiles)
+            specialisation, config.num_warps, config.num_stages, *tiles)
+
+
+def argument_specialisation(args: dict) -> str:
+    """Which of the AOT gate's specialisations (``kernels/aot.py``) a launch's integer arguments get
+    from Triton: ``"aligned"`` when every size and stride is 16-divisible or 1 (Triton turns 1 into
+    a constant), ``"one_row"`` when besides ``ROWS`` is 1, else ``"odd"`` (the compile with no size
+    or stride known 16-divisible: the one with the fewest vector loads and the most registers)."""
+    sizes = [v for name, v in args.items() if (name.startswith("stride_") or name in _SPECIALISED_SIZES)
+             and isinstance(v, int) and not isinstance(v, bool)]
+    if any(v % 16 and v != 1 for v in sizes):
+        return "odd"
+    return "one_row" if args.get("ROWS") == 1 else "aligned"
 
 
 def fitting_fused_lora_gemm_configs(
@@ -187,13 +203,15 @@ def fitting_fused_lora_gemm_configs(
     capability: int,
     rank_slots: int = 1,
     multi_pass: bool = False,
+    specialisation: str = "aligned",
     sum_members: bool | None = None,
     has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
     ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots`` and ``multi_pass`` from
-    the launch policy's :class:`~.launch_policy.RowTiling`).
+    the launch policy's :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
+    :func:`argument_specialisation`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
     with fewer than 64 rows (they spill kilobytes per thread); pipelined tiles beyond
@@ -201,7 +219,8 @@ def fitting_fused_lora_gemm_configs(
     accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
     forward, ``sum_members=False``: the base tile and a member's output), the rank block
     [block_m, rank_slots * block_r], and
-    the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``);
+    the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``),
+    and in the ``"odd"`` specialisation a 64-bit pointer per element of the K-loop's tiles;
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; and (``without_measured_spills``) every config in
@@ -226,11 +245,13 @@ def fitting_fused_lora_gemm_configs(
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
         if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c, capability,
-                                                 rank_slots, multi_pass) in SPILLING_CONFIGS:
+                                                 rank_slots, multi_pass, specialisation) in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         acc = output_tiles * block_m * bn + block_m * rank_width + (2 * block_m * bk if sum_members else 0)
+        if specialisation == "odd":  # no vector loads: a 64-bit pointer (2 registers) per loaded element
+            acc += 2 * (block_m * bk + bk * bn + bk * rank_width)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -247,9 +268,11 @@ def fitting_lora_grads_configs(
     block_r: int,
     shared_memory: int,
     capability: int,
+    specialisation: str = "aligned",
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
-    """The weight-gradient configs worth trying: no tile wider than the problem, pipelined tiles
+    """The weight-gradient configs worth trying (``specialisation`` as in
+    :func:`fitting_fused_lora_gemm_configs`): no tile wider than the problem, pipelined tiles
     (fp32 ``low``, ``in`` in ``dtype``) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
     accumulator within 128 registers a thread, with 3xTF32 at most a 64 x 128 tile per 4 warps,
     and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. With autotuning off only the
@@ -261,8 +284,8 @@ def fitting_lora_grads_configs(
         bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
         if tf32x3 and bm * bc > 64 * 128 * c.num_warps // 4:
             return False  # the operand split doubles the register footprint
-        if without_measured_spills and spill_key("lora_grads", dtype, precision, block_r, bm, c,
-                                                 capability) in SPILLING_CONFIGS:
+        if without_measured_spills and spill_key("lora_grads", dtype, precision, block_r, bm, c, capability,
+                                                 specialisation=specialisation) in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_r * bm * 4 + bm * bc * ELEMENT_SIZE[dtype]) * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
@@ -281,8 +304,8 @@ def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict
         configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
         precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
         shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        rank_slots=args["RANK_SLOTS"], multi_pass=args["MULTI_PASS"], sum_members=args.get("SUM_MEMBERS"),
-        has_weight=args["HAS_WEIGHT"],
+        rank_slots=args["RANK_SLOTS"], multi_pass=args["MULTI_PASS"], specialisation=argument_specialisation(args),
+        sum_members=args.get("SUM_MEMBERS"), has_weight=args["HAS_WEIGHT"],
     )
 
 
@@ -294,6 +317,7 @@ def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **k
         configs, rows=args["ROWS_PER_SPLIT"], cols=max(args["COLS_A"], args["COLS_B"]),
         dtype=DTYPE_NAMES[inp.dtype], precision=args["DOT_PRECISION"], block_r=args["BLOCK_R"],
         shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
+        specialisation=argument_specialisation(args),
     )
 
 

@@ -17,17 +17,20 @@
 # [BLOCK_K, RANK_SLOTS * BLOCK_R] operand, so the K-loop that feeds the in tile to the base dot
 # (in @ weight into a [BLOCK_M, BLOCK_N] fp32 accumulator) feeds it to ONE more dot, giving every
 # row's product with every slot's member; the entries whose column member is not the row's member
-# are zeroed and one dot with the slots' stacked expand factors [RANK_SLOTS * BLOCK_R, BLOCK_N]
-# adds each row's own update. Chosen over a loop of per-member dots inside the K-loop (the same
-# FLOPs, but a nested loop of data-dependent length that Triton's software pipeliner cannot
+# are zeroed (a select), then each member's [BLOCK_R, BLOCK_N] expand tile is dotted with its slot
+# and the result selected into its own rows (one [W, BLOCK_N] expand tile for all slots took the
+# registers of the whole block, and a product with zeros would carry one member's NaN or Inf into
+# the others' rows: 0 * NaN is NaN). Chosen over a loop of per-member dots inside the K-loop (the
+# same FLOPs, but a nested loop of data-dependent length that Triton's software pipeliner cannot
 # pipeline around the base dot): one K-loop, and the rank FLOPs it wastes on other members' columns
-# are free where the tile is memory-bound (decode: 16 members x 1 row in one 16-row tile, a
-# [16, 256] rank block at rank 16). The block is bounded (launch_policy.RANK_BLOCK_ELEMENTS);
-# members beyond RANK_SLOTS (rank >= 32 at decode) run further passes, each its own K-loop over the
-# rows of its members (masked loads: no traffic for the others) - MULTI_PASS, compiled only where
-# some tile needs it; where tiles are at least a member long (RANK_SLOTS = 1), that is the second
-# member of the few tiles that straddle a member boundary. With M a multiple of BLOCK_M every tile
-# lies in one member: one pass, the work of a per-member tiling.
+# are free where the tile is memory-bound (decode: 16 members x 1 row in one 16-row tile, two
+# passes of a [16, 128] rank block at rank 16). The block is bounded (launch_policy.RANK_BLOCK_*:
+# at most 4096 elements and 128 columns, else the [BLOCK_K, W] shrink tile spills); members beyond
+# RANK_SLOTS run further passes, each its own K-loop over the rows of its members (masked loads: no
+# traffic for the others) - MULTI_PASS, compiled only where some tile needs it; where tiles are at
+# least a member long (RANK_SLOTS = 1), that is the second member of the few tiles that straddle a
+# member boundary. With M a multiple of BLOCK_M every tile lies in one member: one pass, the work
+# of a per-member tiling.
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, P = cdiv(C, BLOCK_N) column tiles,
 # S_t the members tile t spans, sum_t S_t <= N + T - 1; tests/test_kernel_traffic.py holds it):

@@ -7,13 +7,14 @@
 # Worked example, Llama-7B-class q_proj at decode (16 members x 1 row, d = k = 4096, rank 16):
 #   block_rank(16) = 16; stacked_block_rows(1, 16, 16) = 16: the 16 stacked rows are ONE row tile,
 #   so W0 is read once for all members; row_tile_members(1, 16, 16) = 16 members in that tile, and
-#   rank_slots(1, 16, 16, 16) = 16: all of them in one pass, a [16, 16 * 16] rank block.
+#   rank_slots(1, 16, 16, 16) = 8: two passes of a [16, 8 * 16] rank block.
 # At 16 rows per member: stacked_block_rows(16, 16, 16) = 64 (4 members a tile, a [64, 64] block):
 # W0 is read 4 times instead of 16. Prefill (512 rows per member): 128-row tiles inside one member.
 """Launch policies of the Triton kernels: row tiles, rank-part member slots, weight-gradient row splits."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ __all__ = [
     "MIN_DOT_TILE",
     "POLICY_BLOCK_COLS",
     "RANK_BLOCK_ELEMENTS",
+    "RANK_BLOCK_WIDTH",
     "block_rank",
     "grad_row_splits",
     "grad_rows_per_split",
@@ -42,11 +44,15 @@ __all__ = [
 # A 16-bit tl.dot on NVIDIA needs every dimension >= 16 (the interpreter does not check it).
 MIN_DOT_TILE = 16
 MAX_BLOCK_ROWS = 128
-# fp32 elements of one pass's rank block [BLOCK_M, slots * BLOCK_R] (x A^T of the members a row tile
-# holds, before each row keeps its own member's columns): a [16, 256] block at decode, [64, 64] at
-# batch-1 ViT sizes. A single member's [BLOCK_M, BLOCK_R] is always allowed (what the row caps of
-# row_tile_cap keep from spilling).
+# One pass's rank block [BLOCK_M, slots * BLOCK_R] (x A^T of the members a row tile holds, before
+# each row keeps its own member's columns): at most this many fp32 elements and this many columns,
+# e.g. [16, 128] at decode, [64, 64] at batch-1 ViT sizes. The width bounds the [BLOCK_K, width]
+# shrink tile the K-loop loads beside the weight tile: 256 columns spilled kilobytes a thread where
+# sizes and strides are not 16-divisible (no vector loads: one pointer register pair per element).
+# A single member's [BLOCK_M, BLOCK_R] is always allowed (what the row caps of row_tile_cap keep from
+# spilling).
 RANK_BLOCK_ELEMENTS = 4096
+RANK_BLOCK_WIDTH = 128
 # The weight-gradient kernel splits its row reduction only when each range keeps at least this many
 # rows, in ranges that end on a multiple of GRAD_ROW_QUANTUM (the Triton row tiles are 16-row
 # multiples; the CUDA kernel's row tile is 32, hence its quantum of 32).
@@ -96,15 +102,20 @@ def row_tile_members(rows_per_member: int, block_m: int, members: int) -> int:
     return max(1, min(members, (last_start + block_m - 1) // m + 1))
 
 
+def _most_slots(block_m: int, block_r: int) -> int:
+    """Members one pass's rank block may hold: within RANK_BLOCK_ELEMENTS and RANK_BLOCK_WIDTH."""
+    return max(1, _floor_power_of_2(min(RANK_BLOCK_ELEMENTS // block_m, RANK_BLOCK_WIDTH) // block_r))
+
+
 def _one_pass_fits(block_m: int, block_r: int, members_in_tile: int) -> bool:
-    return members_in_tile == 1 or block_m * _next_power_of_2(members_in_tile) * block_r <= RANK_BLOCK_ELEMENTS
+    return _next_power_of_2(members_in_tile) <= _most_slots(block_m, block_r)
 
 
 def stacked_block_rows(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> int:
     """Row tile of the stacked kernel (forward and dx) over the ``members * rows_per_member`` stacked
     rows: the per-member tile (the next power of two >= the rows per member, 16 to the cap), or a
     larger one that spans several members when their rank parts fit one pass
-    (:data:`RANK_BLOCK_ELEMENTS`): fewer row tiles, so fewer reads of W0."""
+    (:data:`RANK_BLOCK_ELEMENTS`, :data:`RANK_BLOCK_WIDTH`): fewer row tiles, so fewer reads of W0."""
     cap = row_tile_cap(block_r, False, tf32x3)
     per_member = min(cap, max(MIN_DOT_TILE, _next_power_of_2(rows_per_member)))
     block_m = per_member
@@ -117,14 +128,14 @@ def stacked_block_rows(rows_per_member: int, members: int, block_r: int, tf32x3:
 
 def rank_slots(rows_per_member: int, block_m: int, block_r: int, members: int) -> int:
     """Members one pass of the stacked kernel's rank part holds (a power of two): every member a row
-    tile spans when they fit :data:`RANK_BLOCK_ELEMENTS`, else as many as fit (the others in more
+    tile spans when they fit the rank block's bounds, else as many as fit (the others in more
     passes, :func:`rank_passes`). One when tiles are at least a member long: a tile then straddles
     at most two members, and only a few tiles do, so the second runs its own pass there instead of
     every tile carrying a wider block."""
     if rows_per_member >= block_m:
         return 1
     spanned = _next_power_of_2(row_tile_members(rows_per_member, block_m, members))
-    return max(1, min(spanned, _floor_power_of_2(RANK_BLOCK_ELEMENTS // (block_m * block_r))))
+    return min(spanned, _most_slots(block_m, block_r))
 
 
 def rank_passes(members_in_tile: int, slots: int) -> int:
@@ -146,8 +157,8 @@ def shared_block_rows(rows: int, cols: int, block_r: int, sm_count: int, tf32x3:
 
 def shared_rank_slots(block_m: int, block_r: int, members: int) -> int:
     """Members one pass of the shared-input forward's rank part holds (every row needs every member):
-    all of them when they fit :data:`RANK_BLOCK_ELEMENTS`, else as many as fit."""
-    return max(1, min(_next_power_of_2(members), _floor_power_of_2(RANK_BLOCK_ELEMENTS // (block_m * block_r))))
+    all of them when they fit the rank block's bounds, else as many as fit."""
+    return min(_next_power_of_2(members), _most_slots(block_m, block_r))
 
 
 def grad_row_splits(rows: int, programs_per_split: int, sm_count: int, deterministic: bool) -> int:
@@ -174,13 +185,15 @@ class RowTiling(NamedTuple):
     multi_pass: bool
 
 
+@functools.lru_cache(maxsize=4096)
 def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
-    """The stacked kernel's :class:`RowTiling` (forward and dx)."""
+    """The stacked kernel's :class:`RowTiling` (forward and dx; cached: the launcher asks per call)."""
     block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
     slots = rank_slots(rows_per_member, block_m, block_r, members)
     return RowTiling(block_m, slots, row_tile_members(rows_per_member, block_m, members) > slots)
 
 
+@functools.lru_cache(maxsize=4096)
 def shared_tiling(rows: int, cols: int, members: int, block_r: int, sm_count: int, tf32x3: bool = False,
                   sum_members: bool = False) -> RowTiling:
     """The shared-input kernel's :class:`RowTiling`: the forward's rank passes hold

@@ -94,12 +94,12 @@ def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool)
 # (N, rows per member, d, k, r): the tilings of the headline shapes, scaled (C a multiple of BLOCK_N
 # except where noted, so that "once per row tile" is exactly the weight's size per row tile).
 SHAPES = [
-    (16, 1, 48, 64, 8),  # decode: 16 members x 1 row, one 16-row tile, 16 slots
+    (16, 1, 48, 64, 8),  # decode: 16 members x 1 row, one 16-row tile, 2 passes of 8
     (8, 2, 48, 64, 16),  # 8 members x 2 rows: one 16-row tile
     (16, 16, 32, 64, 16),  # 16 rows a member: 64-row tiles of 4 members (W0 4 times, not 16)
     (4, 50, 32, 64, 8),  # batch-1 ViT: 64-row tiles of 2-3 members
     (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (a 2nd pass); C not a multiple
-    (3, 1, 32, 64, 100),  # rank 128 tile at decode: 2 members a pass
+    (3, 1, 32, 64, 100),  # rank 128 tile at decode: one member a pass
 ]
 
 
@@ -139,9 +139,9 @@ def test_decode_reads_w0_once_for_all_members(n, m, role):
 def test_shared_input_reads_w0_once_per_row_tile_for_all_members():
     """Batch 1 with a shared input: one base GEMM for all 16 members (no member groups)."""
     counts, tiling, _, _ = run_counted(16, 9, 32, 64, 8, "forward", shared=True)
-    assert tiling.block_m == 16 and tiling.rank_slots == 16 and not tiling.multi_pass
+    assert tiling.block_m == 16 and tiling.rank_slots == 8 and tiling.multi_pass
     assert counts["weight"] == 32 * 64
-    assert counts["in"] == 2 * 9 * 32  # 2 column tiles, each reads the 9 rows once for all members
+    assert counts["in"] == 2 * 2 * 9 * 32  # 2 column tiles, each reads the 9 rows once per pass of 8 members
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])

@@ -63,13 +63,13 @@ CASES = [
     (2, 9, 33, 20, 3, torch.float32, False, ("noncontig",)),
     (2, 9, 33, 20, 3, torch.float16, True, ("noncontig",)),
     (16, 3, 16, 24, 8, torch.float16, False, ()),  # 3 rows a member: tiles start mid-member
-    (16, 1, 37, 45, 8, torch.float32, False, ()),  # decode: 16 members x 1 row, ONE row tile, 16 slots
+    (16, 1, 37, 45, 8, torch.float32, False, ()),  # decode: 16 members x 1 row, ONE row tile, 2 passes of 8
     (16, 1, 37, 45, 8, torch.float16, True, ()),
     (8, 2, 29, 47, 16, torch.float16, False, ()),  # 8 members x 2 rows: one row tile, 8 slots
     (64, 1, 19, 33, 1, torch.float32, False, ()),  # N = 64, rank 1: 4 row tiles of 16 members
-    (20, 2, 19, 33, 1, torch.float16, True, ()),  # 20 members shared: 16 members a pass, 2 passes
-    (3, 1, 21, 35, 128, torch.float32, False, ()),  # rank 128 at decode: 2 members a pass
-    (3, 5, 21, 35, 128, torch.float16, False, ()),  # rank 128, 5 rows a member: 2 passes
+    (20, 2, 19, 33, 1, torch.float16, True, ()),  # 20 members shared: 8 members a pass, 3 passes
+    (3, 1, 21, 35, 128, torch.float32, False, ()),  # rank 128 at decode: one member a pass, 3 passes
+    (3, 5, 21, 35, 128, torch.float16, False, ()),  # rank 128, 5 rows a member: 3 passes
     (3, 5, 21, 35, 128, torch.float32, True, ()),
     (3, 50, 23, 17, 8, torch.float32, False, ()),  # 50 rows a member (batch-1 ViT): 64-row tiles of 2-3
 ]
@@ -129,7 +129,7 @@ def test_vit_sized_layer_matches_reference(dtype, shared):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_rank_products_of_every_member_in_every_pass(dtype, shared):
     """``low = x A^T`` (saved for the backward) of every member when a row tile's members need
-    several passes of the rank part (rank 128 at 1 and 5 rows a member: two members a pass)."""
+    several passes of the rank part (rank 128 at 1 and 5 rows a member: one member a pass)."""
     for n, m in ((5, 1), (3, 5)):
         d, k, r, s = 21, 35, 100, 0.8
         inp = make_inputs(n, m, d, k, r, dtype=dtype, device=DEVICE, shared_input=shared, requires_grad=())
@@ -309,11 +309,11 @@ def test_row_tile_members_is_the_most_members_a_tile_spans():
 def test_launch_policy_worked_example():
     """The example in kernels/launch_policy.py: one row tile at decode, 4 members a tile at 16 rows."""
     P = launch_policy
-    assert (P.stacked_block_rows(1, 16, 16), P.row_tile_members(1, 16, 16), P.rank_slots(1, 16, 16, 16)) == (16, 16, 16)
+    assert (P.stacked_block_rows(1, 16, 16), P.row_tile_members(1, 16, 16), P.rank_slots(1, 16, 16, 16)) == (16, 16, 8)
     assert P.stacked_block_rows(16, 16, 16) == 64 and P.rank_slots(16, 64, 16, 16) == 4
     assert P.stacked_block_rows(512, 16, 16) == 128 and P.rank_slots(512, 128, 16, 16) == 1
-    # rank 128 at decode: two members a pass, eight passes
-    assert P.rank_slots(1, 16, 128, 16) == 2 and P.rank_passes(16, 2) == 8
+    # rank 128 at decode: one member a pass ([16, 128] blocks), sixteen passes
+    assert P.rank_slots(1, 16, 128, 16) == 1 and P.rank_passes(16, 1) == 16
     # batch-1 ViT, 50 rows a member: 64-row tiles hold up to 3 members, one pass of 4 slots
     assert P.stacked_block_rows(50, 16, 16) == 64
     assert P.row_tile_members(50, 64, 16) == 3 and P.rank_slots(50, 64, 16, 16) == 4
@@ -523,17 +523,18 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     stacked = [k for k in SPILLING_CONFIGS if k[1] in ("stacked", "stacked_delta")]
     assert {k[1] for k in stacked} == {"stacked", "stacked_delta"}
     for key in stacked:
-        arch, kind, dtype, precision, block_r, block_m, slots, multi_pass = key[:8]
+        arch, kind, dtype, precision, block_r, block_m, slots, multi_pass, specialisation = key[:9]
+        tiling = {"rank_slots": slots, "multi_pass": multi_pass, "specialisation": specialisation}
         config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
-                      if spill_key(kind, dtype, precision, block_r, block_m, c, arch, slots, multi_pass) == key)
+                      if spill_key(kind, dtype, precision, block_r, block_m, c, arch, **tiling) == key)
         kept = {has_weight: fitting_fused_lora_gemm_configs(
                     list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype=dtype, precision=precision,
-                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, rank_slots=slots,
-                    multi_pass=multi_pass, has_weight=has_weight)
+                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, has_weight=has_weight,
+                    **tiling)
                 for has_weight in (True, False)}
         delta = kind == "stacked_delta"
         other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch,
-                              slots, multi_pass)
+                              **tiling)
         assert config not in kept[not delta], key
         assert (config in kept[delta]) == (other_key not in SPILLING_CONFIGS), key
 
