@@ -5,10 +5,11 @@
 # the row tilings (row tile, rank slots, extra passes: kernels/launch_policy.py) of five row regimes
 # from decode to prefill, and every config the run-time pruning keeps for that problem on that
 # architecture; and in three of the argument specialisations Triton makes at run time (unit strides
-# are constexpr 1 in all of them, tuning-only arguments unspecialised): "aligned" (every other size,
-# stride and pointer 16-divisible: contiguous inputs of aligned widths), "odd" (no size or stride
-# 16-divisible: odd widths, odd member strides; the review found spills here the aligned compile did
-# not show) and "one_row" (ROWS == 1, a constant: decode). The ptxas -v log of Triton's own
+# are constexpr 1 in all of them, tuning-only arguments unspecialised): "aligned" (every pointer and
+# every size and stride that follows the layer's widths 16-divisible, those that follow the rank or
+# the rows, configs.RANK_OR_ROW_ARGS, not: contiguous inputs of aligned widths at any rank and row
+# count), "odd" (no size or stride 16-divisible: odd widths; the review found spills here the aligned
+# compile did not show) and "one_row" (aligned, with ROWS == 1 a constant: decode). The ptxas -v log of Triton's own
 # compilation gives registers and spills, the compiled kernel's metadata the shared memory.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
@@ -41,7 +42,9 @@ from triton.compiler import ASTSource
 from .configs import (
     FUSED_LORA_GEMM_GPU_CONFIGS,
     LORA_GRADS_GPU_CONFIGS,
+    RANK_OR_ROW_ARGS,
     SHARED_INPUT_GPU_CONFIGS,
+    SPECIALISED_SIZES,
     fitting_fused_lora_gemm_configs,
     fitting_lora_grads_configs,
     spill_key,
@@ -68,9 +71,7 @@ _SM_COUNT = 132
 SPECIALISATIONS = ("aligned", "odd", "one_row")
 # Width and depth of the problem the configs are pruned for: wide enough that no tile is cut.
 _LARGE_SIZE = 4096
-# Integer arguments: sizes and strides (16-divisible at run time for aligned problems), and the
-# tuning-only keys the kernels leave unspecialised.
-_SIZE_ARGS = {"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"}
+# The tuning-only keys the kernels leave unspecialised.
 _UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
 _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
@@ -294,9 +295,9 @@ def _source(case: AotCase) -> ASTSource:
             signature[arg] = "fp32"
         elif arg in _UNSPECIALISED_ARGS:
             signature[arg] = "i32"
-        elif arg.startswith("stride_") or arg in _SIZE_ARGS:
+        elif arg.startswith("stride_") or arg in SPECIALISED_SIZES:
             signature[arg] = "i32"
-            if divisible:
+            if divisible and arg not in RANK_OR_ROW_ARGS:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise ValueError(f"{case.name}: no AOT signature rule for argument {arg!r} of {fn.__name__}")

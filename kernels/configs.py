@@ -24,6 +24,8 @@ __all__ = [
     "FUSED_LORA_GEMM_GPU_CONFIGS",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
+    "RANK_OR_ROW_ARGS",
+    "SPECIALISED_SIZES",
     "argument_specialisation",
     "autotuning",
     "dot_precision",
@@ -43,7 +45,18 @@ __all__ = [
 ]
 
 # Integer arguments Triton specialises by 16-divisibility besides the strides (kernels/aot.py).
-_SPECIALISED_SIZES = {"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"}
+SPECIALISED_SIZES = frozenset({"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"})
+# Those that follow the rank or the row count rather than the layer's widths (rank 8 gives an odd
+# RANK and rank-strided factors, 50 rows an odd ROWS, whatever the widths): the AOT gate compiles
+# the "aligned" and "one_row" specialisations with these unspecialised, and a launch counts as
+# aligned whatever they are.
+RANK_OR_ROW_ARGS = frozenset({
+    "ROWS", "MEMBERS", "RANK", "ROWS_PER_SPLIT",
+    "stride_shrink_k", "stride_shrink_r", "stride_expand_r", "stride_expand_c",
+    "stride_low_n", "stride_low_m", "stride_low_r",
+    "stride_low_a_n", "stride_low_a_m", "stride_low_a_r", "stride_low_b_n", "stride_low_b_m", "stride_low_b_r",
+    "stride_grad_a_r", "stride_grad_b_r", "stride_grad_b_c",
+})
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
 
@@ -179,13 +192,14 @@ def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int,
 
 
 def argument_specialisation(args: dict) -> str:
-    """Which of the AOT gate's specialisations (``kernels/aot.py``) a launch's integer arguments get
-    from Triton: ``"aligned"`` when every size and stride is 16-divisible or 1 (Triton turns 1 into
-    a constant), ``"one_row"`` when besides ``ROWS`` is 1, else ``"odd"`` (the compile with no size
-    or stride known 16-divisible: the one with the fewest vector loads and the most registers)."""
-    sizes = [v for name, v in args.items() if (name.startswith("stride_") or name in _SPECIALISED_SIZES)
-             and isinstance(v, int) and not isinstance(v, bool)]
-    if any(v % 16 and v != 1 for v in sizes):
+    """Which of the AOT gate's specialisations (``kernels/aot.py``) covers a launch's integer
+    arguments: ``"aligned"`` when every size and stride that follows the layer's widths is
+    16-divisible or 1 (Triton turns 1 into a constant; those in :data:`RANK_OR_ROW_ARGS` may be
+    anything), ``"one_row"`` when besides ``ROWS`` is 1, else ``"odd"`` (the compile with no size or
+    stride known 16-divisible: the fewest vector loads and the most registers)."""
+    widths = [v for name, v in args.items() if (name.startswith("stride_") or name in SPECIALISED_SIZES)
+              and name not in RANK_OR_ROW_ARGS and isinstance(v, int) and not isinstance(v, bool)]
+    if any(v % 16 and v != 1 for v in widths):
         return "odd"
     return "one_row" if args.get("ROWS") == 1 else "aligned"
 
