@@ -93,10 +93,15 @@ def test_a_stopped_compile_leaves_no_worker(tmp_path):
     gate's pool workers went on compiling as orphans after its subprocess timeout)."""
     out = tmp_path / "reports.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out), "--jobs", "2",
-                           "--timeout", "1", "--only", "forward-bf16"], env=env, capture_output=True, text=True,
-                          timeout=300, start_new_session=True)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out), "--jobs", "2",
+                             "--timeout", "1", "--only", "forward-bf16"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("--timeout 1 did not stop the compile within 300 s")
+    assert proc.returncode == 3, stdout[-2000:] + stderr[-2000:]
     assert json.loads(out.read_text())["timed_out"]
     try:
         os.killpg(proc.pid, 0)  # raises when no process of its group is left
