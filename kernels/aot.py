@@ -9,15 +9,17 @@
 # every size and stride that follows the layer's widths 16-divisible, those that follow the rank or
 # the rows, configs.RANK_OR_ROW_ARGS, not: contiguous inputs of aligned widths at any rank and row
 # count), "odd" (no size or stride 16-divisible: odd widths; the review found spills here the aligned
-# compile did not show) and "one_row" (aligned, with ROWS == 1 a constant: decode). The ptxas -v log of Triton's own
-# compilation gives registers and spills, the compiled kernel's metadata the shared memory.
+# compile did not show) and "one_row" (aligned, with ROWS == 1 a constant: decode). The ptxas -v log
+# of Triton's own compilation gives registers and spills, the compiled kernel's metadata the shared
+# memory.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 80 --arch 90]`` (``TRITON_INTERPRET`` must be
 unset: the interpreter replaces the kernels by Python functions). ``--sample N`` compiles N cases per
 kernel role instead of all (a quick check); ``--timeout S`` stops the run, its worker processes
-included, after S seconds (exit status 3). Exit status 1 when a kernel fails to compile, needs more
-shared memory than the target has, or spills registers.
+included, after S seconds, and so does SIGTERM (exit status 3; ``--json`` keeps the reports so far).
+Exit status 1 when a kernel fails to compile, needs more shared memory than the target has, or
+spills registers.
 """
 
 from __future__ import annotations
@@ -342,13 +344,17 @@ def _kill_workers() -> None:
         child.join(timeout=5)
 
 
+class _Stopped(Exception):
+    """SIGTERM during a compile run: stop as on a timeout, keeping the reports so far."""
+
+
 def _stop(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+    raise _Stopped
 
 
 def _compile_all(work: list[tuple[AotCase, int]], jobs: int, timeout: float | None) -> tuple[list, bool]:
     """Compile ``work`` on ``jobs`` worker processes; stop (killing the workers) after ``timeout``
-    seconds or on SIGTERM. Returns the results so far, in order, and whether it timed out."""
+    seconds or on SIGTERM. Returns the results so far, in order, and whether it stopped early."""
     results: list[AotReport | str] = []
     pool = ProcessPoolExecutor(max_workers=jobs)
     previous = signal.signal(signal.SIGTERM, _stop)
@@ -357,7 +363,7 @@ def _compile_all(work: list[tuple[AotCase, int]], jobs: int, timeout: float | No
         for result in pool.map(_compile_in_worker, work, chunksize=4, timeout=timeout):
             results.append(result)
         finished = True
-    except TimeoutError:
+    except (TimeoutError, _Stopped):
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -411,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"triton": triton.__version__, "cases": len(work), "timed_out": timed_out,
                        "reports": [r if isinstance(r, str) else r.as_dict() for r in results]}, f, indent=1)
     if timed_out:
-        print(f"TIMEOUT after {args.timeout} s: {len(work) - len(results)} kernels not compiled", file=sys.stderr)
+        print(f"STOPPED (timeout {args.timeout} s or SIGTERM): {len(work) - len(results)} kernels not compiled",
+              file=sys.stderr)
         return 3
     return 1 if bad else 0
 
