@@ -4,14 +4,15 @@
 # and dot precision (fp32 with TF32 and 3xTF32 dots, fp16, bf16), every rank tile (16, 32, 64, 128),
 # the row tilings (row tile, rank slots, extra passes: kernels/launch_policy.py) of five row regimes
 # from decode to prefill, and every config the run-time pruning keeps for that problem on that
-# architecture; and in three of the argument specialisations Triton makes at run time (unit strides
+# architecture; and in two of the argument specialisations Triton makes at run time (unit strides
 # are constexpr 1 in all of them, tuning-only arguments unspecialised): "aligned" (every pointer and
 # every size and stride that follows the layer's widths 16-divisible, those that follow the rank or
 # the rows, configs.RANK_OR_ROW_ARGS, not: contiguous inputs of aligned widths at any rank and row
 # count), "odd" (no size or stride 16-divisible: odd widths; the review found spills here the aligned
-# compile did not show) and "one_row" (aligned, with ROWS == 1 a constant: decode). The ptxas -v log
-# of Triton's own compilation gives registers and spills, the compiled kernel's metadata the shared
-# memory.
+# compile did not show). The row, member and rank counts are never specialised (the kernels'
+# do_not_specialize: no constant 1 at decode, no extra compile), nor are the tuning-only arguments.
+# The ptxas -v log of Triton's own compilation gives registers and spills, the compiled kernel's
+# metadata the shared memory.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 80 --arch 90]`` (``TRITON_INTERPRET`` must be
@@ -70,11 +71,11 @@ ROW_REGIMES = (1, 16, 50, 1600, 4096)
 MEMBERS = 16
 # SMs of the GPU the shared-input row policy is asked about (an H100: batch-1 sizes get 16-row tiles).
 _SM_COUNT = 132
-SPECIALISATIONS = ("aligned", "odd", "one_row")
+SPECIALISATIONS = ("aligned", "odd")
 # Width and depth of the problem the configs are pruned for: wide enough that no tile is cut.
 _LARGE_SIZE = 4096
 # The tuning-only keys the kernels leave unspecialised.
-_UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"}
+_UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET", "ROWS", "MEMBERS", "RANK"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
 _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
 
@@ -215,16 +216,13 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
     """Every kernel role x dtype/precision x rank tile x row tiling x specialisation x kept config
-    on ``sm_<arch>``, without repeats (a tiling and config kept in several row regimes is one case;
-    ``one_row`` only for the tilings of one row a member)."""
+    on ``sm_<arch>``, without repeats (a tiling and config kept in several row regimes is one case)."""
     cases: dict[str, AotCase] = {}
     for name in ROLE_NAMES:
         for dtype, precision in VARIANTS:
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
                     for specialisation in SPECIALISATIONS:
-                        if specialisation == "one_row" and rows != 1:
-                            continue
                         for tiling, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
                                                                 specialisation, without_measured_spills):
                             case = AotCase(name, dtype, precision, block_r, tiling.block_m, config, tiling.rank_slots,
@@ -279,8 +277,6 @@ def _source(case: AotCase) -> ASTSource:
                   **case.config.kwargs}
     if kernel is not _lora_grads_kernel:
         constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
-    if case.specialisation == "one_row":
-        constexprs["ROWS"] = 1
     divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):

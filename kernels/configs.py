@@ -48,8 +48,8 @@ __all__ = [
 SPECIALISED_SIZES = frozenset({"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"})
 # Those that follow the rank or the row count rather than the layer's widths (rank 8 gives an odd
 # RANK and rank-strided factors, 50 rows an odd ROWS, whatever the widths): the AOT gate compiles
-# the "aligned" and "one_row" specialisations with these unspecialised, and a launch counts as
-# aligned whatever they are.
+# the "aligned" specialisation with these unspecialised, and a launch counts as aligned whatever
+# they are (ROWS, MEMBERS and RANK the kernels never specialise).
 RANK_OR_ROW_ARGS = frozenset({
     "ROWS", "MEMBERS", "RANK", "ROWS_PER_SPLIT",
     "stride_shrink_k", "stride_shrink_r", "stride_expand_r", "stride_expand_c",
@@ -195,13 +195,11 @@ def argument_specialisation(args: dict) -> str:
     """Which of the AOT gate's specialisations (``kernels/aot.py``) covers a launch's integer
     arguments: ``"aligned"`` when every size and stride that follows the layer's widths is
     16-divisible or 1 (Triton turns 1 into a constant; those in :data:`RANK_OR_ROW_ARGS` may be
-    anything), ``"one_row"`` when besides ``ROWS`` is 1, else ``"odd"`` (the compile with no size or
-    stride known 16-divisible: the fewest vector loads and the most registers)."""
+    anything), else ``"odd"`` (the compile with no size or stride known 16-divisible: the fewest
+    vector loads and the most registers)."""
     widths = [v for name, v in args.items() if (name.startswith("stride_") or name in SPECIALISED_SIZES)
               and name not in RANK_OR_ROW_ARGS and isinstance(v, int) and not isinstance(v, bool)]
-    if any(v % 16 and v != 1 for v in widths):
-        return "odd"
-    return "one_row" if args.get("ROWS") == 1 else "aligned"
+    return "odd" if any(v % 16 and v != 1 for v in widths) else "aligned"
 
 
 def fitting_fused_lora_gemm_configs(

@@ -34,8 +34,11 @@
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, P = cdiv(C, BLOCK_N) column tiles,
 # S_t the members tile t spans, sum_t S_t <= N + T - 1; tests/test_kernel_traffic.py holds it):
-#     weight  T * K * C (once per row tile)      in      P * N*M * K (+ P * N*M * K with MULTI_PASS)
+#     weight  T * K * C (once per row tile)      in      P * N*M * K (+ the rows of further passes)
 #     shrink  P * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
+# (rows and columns past the edge wrap around instead of being masked in the K-loop: the last row
+# and column tiles load min(BLOCK_M, N*M) rows and min(BLOCK_N, C) columns; benchmarks/kernel_traffic
+# counts them exactly).
 # x A^T is recomputed in every column tile (no program waits for another): shrink is re-read P
 # times, from L2 (it is N*R*K elements, R/C of W0 per member).
 #
@@ -86,8 +89,10 @@ __all__ = ["launch_fused_lora_gemm"]
 # buckets of the row and member counts.
 _TUNING_KEY = ["BLOCK_M", "RANK_SLOTS", "MULTI_PASS", "COLS", "INNER", "BLOCK_R", "DOT_PRECISION", "HAS_WEIGHT",
                "SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"]
-# Arguments read by the autotuner only: not specialised, so their values never cause a recompile.
-_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"]
+# Not specialised, so their values never cause a recompile: the arguments read by the autotuner
+# only, and the row, member and rank counts (only compared and divided by in the kernels; Triton
+# would compile another kernel for a value of 1, e.g. at decode, and for 16-divisible ones).
+_UNSPECIALISED = ["SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET", "ROWS", "MEMBERS", "RANK"]
 # Stacked rows and output tiles are counted in int32 inside the kernels.
 _MAX_ROWS = 2**31 - 1
 
@@ -238,7 +243,7 @@ def _store_tile(ptr, value, row_offsets, rows_valid, offs_c, COLS, stride_c):
 
 @triton.autotune(configs=fused_lora_gemm_configs(), key=_TUNING_KEY,
                  prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
     ROWS, MEMBERS, INNER, COLS, RANK, scaling,
@@ -306,7 +311,7 @@ def _fused_lora_gemm_kernel(
 
 @triton.autotune(configs=shared_input_configs(), key=_TUNING_KEY + ["SUM_MEMBERS"],
                  prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_shared_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
     ROWS, MEMBERS, INNER, COLS, RANK, scaling, member_sum_scale,

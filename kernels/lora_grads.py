@@ -34,8 +34,10 @@ from .launch_policy import block_rank, grad_row_splits, grad_rows_per_split
 
 __all__ = ["launch_lora_grads", "row_splits"]
 
-# Read by the autotuner only (not specialised): the device's shared memory and the row-count bucket.
-_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET"]
+# Not specialised (no recompile for their values): the autotuner's device shared memory and row-count
+# bucket, and the row and rank counts (compared against only; Triton would compile another kernel
+# for a value of 1 and for 16-divisible ones).
+_UNSPECIALISED = ["SHARED_MEMORY", "ROWS_BUCKET", "ROWS", "RANK"]
 
 
 @triton.jit
@@ -72,7 +74,7 @@ def _lora_grad_tile(
                  key=["COLS_A", "COLS_B", "BLOCK_R", "ATOMIC", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET"],
                  prune_configs_by={"early_config_prune": prune_lora_grads_configs},
                  reset_to_zero=["grad_a_ptr", "grad_b_ptr"])  # the split reduction adds into zeroed outputs
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _lora_grads_kernel(
     low_a_ptr, in_a_ptr, grad_a_ptr, low_b_ptr, in_b_ptr, grad_b_ptr,
     ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, scaling,

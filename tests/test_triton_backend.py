@@ -489,14 +489,14 @@ def test_pinned_autotune_never_benchmarks(shared, monkeypatch):
 
 def test_launch_specialisation_follows_the_widths_not_the_rank():
     """Spill records are kept per argument specialisation: rank 8 or 50 rows (odd sizes, odd
-    rank strides) keep a launch "aligned", odd widths make it "odd", one row a member "one_row"."""
+    rank strides, one row a member) keep a launch "aligned", odd widths make it "odd"."""
     from lora_ensemble.kernels.configs import argument_specialisation
 
     rank8 = dict(ROWS=50, MEMBERS=3, INNER=768, COLS=768, RANK=8, stride_in_m=768, stride_in_k=1, stride_weight_k=1,
                  stride_weight_c=768, stride_shrink_n=8 * 768, stride_shrink_r=768, stride_expand_c=8, stride_low_m=8,
                  stride_low_n=400, stride_base_n=0, HAS_WEIGHT=True, SHARED_MEMORY=232448)
     assert argument_specialisation(rank8) == "aligned"
-    assert argument_specialisation({**rank8, "ROWS": 1}) == "one_row"
+    assert argument_specialisation({**rank8, "ROWS": 1}) == "aligned"
     assert argument_specialisation({**rank8, "INNER": 100, "stride_in_m": 100}) == "odd"
 
 
