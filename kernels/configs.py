@@ -341,12 +341,13 @@ def run_autotuned(kernel: triton.runtime.Autotuner, grid, **args) -> None:
     the kept configs on a new tuning key). Off (:func:`autotuning`), the first config its pruning
     keeps, launched on the JIT function itself: no benchmarking at all, on any triton version
     (triton 3.6's autotuner still times a single kept config), and capturable in a CUDA graph on
-    the first call. The pinned config is remembered per tuning key and argument dtypes, as the
-    autotuner remembers its choice."""
+    the first call. The pinned config is remembered per tuning key, argument dtypes and
+    specialisation (the pruning's spill record depends on it), as the autotuner remembers its
+    choice per key (whose widths make odd layers' keys their own)."""
     if autotuning():
         kernel[grid](**args)
         return
-    key = (id(kernel), *(args[name] for name in kernel.keys),
+    key = (id(kernel), argument_specialisation(args), *(args[name] for name in kernel.keys),
            *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")))
     config = _PINNED_CONFIGS.get(key)
     if config is None:
