@@ -8,7 +8,8 @@
 # dx / forward kernels stored) and in [M, C] in the input dtype (x or dy): a reduction over the M
 # rows of each member.
 #
-# Tiling: grid (cdiv(d, BLOCK_C) + cdiv(k, BLOCK_C), N, SPLIT). Program (t, n, j) owns a
+# Tiling: grid ((cdiv(d, BLOCK_C) + cdiv(k, BLOCK_C)) * N, SPLIT), the members on axis 0 (no 65535
+# limit). Program (t + n * tiles, j) owns a
 # [BLOCK_R, BLOCK_C] tile of dA[n] (t < cdiv(d, BLOCK_C)) or of dB[n]^T (the other t), with the
 # whole (padded, masked) rank in one tile, and reduces rows [j * ROWS_PER_SPLIT, (j+1) *
 # ROWS_PER_SPLIT) of member n in BLOCK_M steps with an fp32 accumulator. With SPLIT = 1 the tile is
@@ -26,18 +27,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import block_rank, dot_precision, lora_grads_configs, prune_lora_grads_configs, size_bucket
+from .configs import dot_precision, lora_grads_configs, prune_lora_grads_configs, run_autotuned, size_bucket
 from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs
+from .launch_policy import block_rank, grad_row_splits, grad_rows_per_split
 
 __all__ = ["launch_lora_grads", "row_splits"]
 
-# ROWS_PER_SPLIT is a multiple of this (a row range ends on a 16-row boundary).
-_ROWS_QUANTUM = 16
-# SPLIT > 1 only when each split still reduces at least this many rows.
-_MIN_ROWS_PER_SPLIT = 512
-# Read by the autotuner only (not specialised): the device's shared memory and the row-count bucket.
-_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET"]
+# Not specialised (no recompile for their values): the autotuner's device shared memory and row-count
+# bucket, and the row and rank counts (compared against only; Triton would compile another kernel
+# for a value of 1 and for 16-divisible ones).
+_UNSPECIALISED = ["SHARED_MEMORY", "ROWS_BUCKET", "ROWS", "RANK"]
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def _lora_grad_tile(
                  key=["COLS_A", "COLS_B", "BLOCK_R", "ATOMIC", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET"],
                  prune_configs_by={"early_config_prune": prune_lora_grads_configs},
                  reset_to_zero=["grad_a_ptr", "grad_b_ptr"])  # the split reduction adds into zeroed outputs
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _lora_grads_kernel(
     low_a_ptr, in_a_ptr, grad_a_ptr, low_b_ptr, in_b_ptr, grad_b_ptr,
     ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, scaling,
@@ -86,11 +86,12 @@ def _lora_grads_kernel(
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    member = tl.program_id(1).to(tl.int64)
-    row_start = tl.program_id(2).to(tl.int64) * ROWS_PER_SPLIT
-    row_end = min(row_start + ROWS_PER_SPLIT, ROWS)
     tiles_a = tl.cdiv(COLS_A, BLOCK_C)
+    tiles = tiles_a + tl.cdiv(COLS_B, BLOCK_C)
+    tile = tl.program_id(0) % tiles
+    member = (tl.program_id(0) // tiles).to(tl.int64)
+    row_start = tl.program_id(1).to(tl.int64) * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, ROWS)
     if tile < tiles_a:
         _lora_grad_tile(
             low_a_ptr + member * stride_low_a_n, in_a_ptr + member * stride_in_a_n,
@@ -110,13 +111,12 @@ def _lora_grads_kernel(
 
 
 def row_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
-    """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless
-    the (member, column tile) programs alone leave a GPU's SMs idle and every range keeps at
-    least ``_MIN_ROWS_PER_SPLIT`` rows; always 1 under ``torch.use_deterministic_algorithms``."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+    """How many row ranges the weight-gradient reduction is split into on ``device``
+    (:func:`~.launch_policy.grad_row_splits`); 1 off CUDA and under deterministic algorithms."""
+    if device.type != "cuda":
         return 1
-    wanted = triton.cdiv(2 * multiprocessor_count(device), max(programs_per_split, 1))
-    return max(1, min(wanted, rows // _MIN_ROWS_PER_SPLIT))
+    return grad_row_splits(rows, programs_per_split, multiprocessor_count(device),
+                           torch.are_deterministic_algorithms_enabled())
 
 
 def launch_lora_grads(
@@ -145,15 +145,14 @@ def launch_lora_grads(
         ``(dA [N, R, d], dB [N, k, R])`` in grad_out's dtype.
 
     Raises:
-        ValueError: more than 65535 members or row splits (grid axes 1 and 2).
+        ValueError: more than 65535 row splits (grid axis 1).
     """
     num_members, rows, k_out = grad_out.shape
     rank, d_in = xa.shape[2], x.shape[-1]
     dtype = grad_out.dtype
-    check_grid_yz("num_members", num_members, f"grad_out shape {tuple(grad_out.shape)}")
     if splits is None:
         splits = row_splits(rows, num_members * triton.cdiv(d_in + k_out, 128), grad_out.device)
-    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), _ROWS_QUANTUM) * _ROWS_QUANTUM
+    rows_per_split = grad_rows_per_split(rows, splits)
     splits = triton.cdiv(max(rows, 1), rows_per_split)
     check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
     atomic = splits > 1
@@ -161,15 +160,16 @@ def launch_lora_grads(
     alloc = torch.zeros if (atomic or rows == 0) else torch.empty
     grad_a = alloc((num_members, rank, d_in), device=grad_out.device, dtype=out_dtype)
     grad_b = alloc((num_members, k_out, rank), device=grad_out.device, dtype=out_dtype)
-    if rows > 0:
+    if rows > 0 and num_members > 0:
         x3 = x.unsqueeze(0) if x.dim() == 2 else x
         grad_b_t = grad_b.transpose(1, 2)  # written as dB^T [N, R, k]
 
         def grid(cfg):
-            return (triton.cdiv(d_in, cfg["BLOCK_C"]) + triton.cdiv(k_out, cfg["BLOCK_C"]), num_members, splits)
+            return ((triton.cdiv(d_in, cfg["BLOCK_C"]) + triton.cdiv(k_out, cfg["BLOCK_C"])) * num_members, splits)
 
         with launch_device(grad_out):
-            _lora_grads_kernel[grid](
+            run_autotuned(
+                _lora_grads_kernel, grid,
                 low_a_ptr=dyb, in_a_ptr=x3, grad_a_ptr=grad_a, low_b_ptr=xa, in_b_ptr=grad_out, grad_b_ptr=grad_b_t,
                 ROWS=rows, RANK=rank, COLS_A=d_in, COLS_B=k_out, ROWS_PER_SPLIT=rows_per_split, scaling=float(scaling),
                 stride_low_a_n=dyb.stride(0), stride_low_a_m=dyb.stride(1), stride_low_a_r=dyb.stride(2),
