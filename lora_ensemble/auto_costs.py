@@ -196,7 +196,7 @@ def _fused(shape: ShapeClass, gpu: GpuSpec, backend: str) -> tuple[float, int]:
     """Device seconds and launches of the ``triton`` or ``cuda`` backend: forward, and with gradients
     the dx launch and the weight-gradient launch."""
     from .kernels.config_model import GemmLaunch, config_cost
-    from .kernels.configs import block_rank, block_rows
+    from .kernels.launch_policy import block_rank, shared_tiling, stacked_tiling
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, rows = _element_size(shape.dtype), n * shape.rows
@@ -213,8 +213,12 @@ def _fused(shape: ShapeClass, gpu: GpuSpec, backend: str) -> tuple[float, int]:
 
     def launch(role: str, inner: int, cols: int, dram: int) -> float:
         shared_rows = role != "stacked"
-        block_m = _CUDA_BLOCK_M if backend == "cuda" else block_rows(m, block_r, shared_rows=shared_rows,
-                                                                   tf32x3=tf32x3)
+        if backend == "cuda":
+            block_m = _CUDA_BLOCK_M
+        elif shared_rows:
+            block_m = shared_tiling(m, cols, n, block_r, gpu.sm_count, tf32x3, role == "shared_dx").block_m
+        else:
+            block_m = stacked_tiling(m, n, block_r, tf32x3).block_m
         groups = 1
         if role == "shared":  # member groups while the output tiles leave SMs idle (member_groups_for)
             groups = max(1, min(n, gpu.sm_count // (_cdiv(m, 64) * _cdiv(cols, 128))))
