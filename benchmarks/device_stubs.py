@@ -3,11 +3,12 @@ machine without a GPU, next to the composite, in the same process.
 
 What is stubbed, and so not measured:
 
-* ``triton``: Triton's JIT launch (``JITFunction.run``: argument binding, the compiled kernel lookup,
-  the driver launch) is a no-op; each autotune key picks its config once without benchmarking
-  (``Autotuner._bench`` returns equal times, so the first config the pruning keeps wins). Everything
-  before it runs as on a GPU: validation, the autograd node, the launcher (argument dict, strides,
-  grid), the heuristics and the autotuner's per-call key and argument filtering.
+* ``triton``: Triton's JIT (``JITFunction.run``: binding, compiling, launching) returns a stand-in
+  compiled kernel whose launcher is a no-op, Triton's driver is a stand-in whose current stream is 0,
+  and timing a candidate config (``triton.testing.do_bench``) returns equal times (so the cost
+  model's first wins). Everything else runs as on a GPU: validation, the autograd node, the launcher
+  (sizes, strides, the launch key and its lookup) and the bound kernel's launch call, whose last
+  step, the driver's C launcher, is the no-op. The JIT runs once per launch key (its first call).
 * ``cuda``: the extension's three ops get CPU kernels that allocate their outputs and return (compiled
   once with ``torch.utils.cpp_extension.load_inline``, about a minute, then cached). Everything before
   the op runs as on a GPU, the dispatcher included; the op body's argument checks and the CUDA launch
@@ -24,6 +25,7 @@ import contextlib
 import importlib
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 
@@ -71,6 +73,13 @@ TORCH_LIBRARY_IMPL(lora_ensemble, CPU, m) {
 """
 
 
+# A compiled kernel as the launcher binds it (kernels/launcher.py): its driver launcher does nothing.
+_COMPILED_KERNEL = SimpleNamespace(run=lambda *args: None, function=0, packed_metadata=(),
+                                   launch_metadata=lambda *args: None)
+# Triton's driver as the bound launch asks it for the current stream.
+_DRIVER = SimpleNamespace(get_current_stream=lambda device: 0, get_current_device=lambda: 0)
+
+
 def _stub_cuda_ops() -> str | None:
     """Register the CPU stubs of the extension's ops; None, or why the ``cuda`` backend cannot be stubbed."""
     try:
@@ -93,16 +102,20 @@ def _triton_launch_stubbed() -> Iterator[str | None]:
     if interpreting():
         yield "TRITON_INTERPRET=1 runs the kernels in the interpreter: unset it to stub the launch"
         return
-    from triton.runtime.autotuner import Autotuner
+    import triton.testing
+    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    saved = JITFunction.run, Autotuner._bench
-    JITFunction.run = lambda self, *args, **kwargs: None
-    Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
+    saved = JITFunction.run, triton.testing.do_bench
+    active = getattr(driver, "_active", None)  # None until a driver is asked for (none can be made here)
+    JITFunction.run = lambda self, *args, **kwargs: _COMPILED_KERNEL
+    triton.testing.do_bench = lambda fn, **kwargs: 1.0
+    driver.set_active(_DRIVER)
     try:
         yield None
     finally:
-        JITFunction.run, Autotuner._bench = saved
+        JITFunction.run, triton.testing.do_bench = saved
+        driver.set_active(active)
 
 
 @contextlib.contextmanager

@@ -74,8 +74,8 @@ _SM_COUNT = 132
 SPECIALISATIONS = ("aligned", "odd")
 # Width and depth of the problem the configs are pruned for: wide enough that no tile is cut.
 _LARGE_SIZE = 4096
-# The tuning-only keys the kernels leave unspecialised.
-_UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET", "ROWS", "MEMBERS", "RANK"}
+# The counts the kernels leave unspecialised (do_not_specialize).
+_UNSPECIALISED_ARGS = {"ROWS", "MEMBERS", "RANK"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
 _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
 

@@ -1,8 +1,8 @@
-# Launch configurations shared by the Triton kernels of this package: autotune lists for NVIDIA
+# Launch configurations shared by the Triton kernels of this package: candidate lists for NVIDIA
 # GPUs (Ampere and Hopper), the single configuration used under TRITON_INTERPRET=1 (the
-# interpreter cannot benchmark), the heuristics that fix the row and rank tiles from the shapes,
-# and the pruning that drops configs which cannot fit (shared memory) or would spill registers.
-"""Autotune configurations and tile heuristics for the kernels in :mod:`lora_ensemble.kernels`."""
+# interpreter cannot benchmark), and the pruning that drops configs which cannot fit (shared
+# memory) or would spill registers. Which of the kept ones runs is kernels/launcher.py's choice.
+"""Candidate configurations and their pruning for the kernels in :mod:`lora_ensemble.kernels`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 import torch
 import triton
 
-from .device import compute_capability
 from .launch_policy import MIN_DOT_TILE
 from .spilling_configs import SPILLING_CONFIGS
 
@@ -27,7 +26,6 @@ __all__ = [
     "RANK_OR_ROW_ARGS",
     "SPECIALISED_SIZES",
     "argument_specialisation",
-    "autotuning",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
     "fitting_lora_grads_configs",
@@ -35,9 +33,6 @@ __all__ = [
     "interpreting",
     "lora_grads_configs",
     "pipeline_buffers",
-    "prune_fused_lora_gemm_configs",
-    "prune_lora_grads_configs",
-    "run_autotuned",
     "shared_input_configs",
     "size_bucket",
     "spill_key",
@@ -87,17 +82,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or tf32_allowed() else "tf32x3"
 
 
-def autotuning() -> bool:
-    """Whether the Triton kernels benchmark their candidate configs on first use of each tuning key
-    (default). ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` runs the first config the pruning keeps instead:
-    no benchmarking, deterministic config choice (e.g. for CI time, or to compare runs)."""
-    return os.environ.get("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1") != "0"
-
-
 def size_bucket(size: int) -> int:
     """A tuning key for a size that varies per call (rows, members): its power-of-two bucket, so
-    that a config tuned for one row or member count is reused only on counts within a factor of 2."""
-    return triton.next_power_of_2(max(size, 1))
+    that a config tuned for one row or member count is reused only on counts within a factor of 2
+    (plain integer arithmetic: triton 3.8's ``next_power_of_2`` costs microseconds a call)."""
+    return 1 << max(size - 1, 0).bit_length()
 
 
 def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
@@ -147,24 +136,24 @@ INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 
 def fused_lora_gemm_configs() -> list[triton.Config]:
-    """The autotune list of the stacked fused kernel on this machine."""
+    """The candidate configs of the stacked fused kernel on this machine."""
     return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
 
 
 def shared_input_configs() -> list[triton.Config]:
-    """The autotune list of the shared-input fused kernel on this machine."""
+    """The candidate configs of the shared-input fused kernel on this machine."""
     return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(SHARED_INPUT_GPU_CONFIGS)
 
 
 def lora_grads_configs() -> list[triton.Config]:
-    """The autotune list of the weight-gradient kernel on this machine."""
+    """The candidate configs of the weight-gradient kernel on this machine."""
     return [INTERPRETER_LORA_GRADS_CONFIG] if interpreting() else list(LORA_GRADS_GPU_CONFIGS)
 
 
 def _keep_fitting(configs: list[triton.Config], limits: dict[str, int]) -> list[triton.Config]:
     """Drop configs whose tiles exceed the (power-of-two rounded) problem size; keep at least one,
     the one with the smallest tiles."""
-    bound = {name: max(MIN_DOT_TILE * 2, triton.next_power_of_2(size)) for name, size in limits.items()}
+    bound = {name: max(MIN_DOT_TILE * 2, size_bucket(size)) for name, size in limits.items()}
     kept = [c for c in configs if all(c.kwargs[name] <= bound[name] for name in bound)]
     if kept:
         return kept
@@ -238,8 +227,8 @@ def fitting_fused_lora_gemm_configs(
     shared memory counted; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel; ``has_weight=False`` its
     weightless (delta) form, which spills at configs of its own (the shared-memory and register
-    estimates keep counting the weight tile: an upper bound). With autotuning off
-    (:func:`autotuning`) only the first config left. Never empty: falls back to the smallest tiles.
+    estimates keep counting the weight tile: an upper bound). Never empty: falls back to the smallest
+    tiles.
     """
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
@@ -266,8 +255,7 @@ def fitting_fused_lora_gemm_configs(
             acc += 2 * (block_m * bk + bk * bn + bk * rank_width)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-    return fitting if autotuning() else fitting[:1]
+    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 def fitting_lora_grads_configs(
@@ -287,8 +275,7 @@ def fitting_lora_grads_configs(
     :func:`fitting_fused_lora_gemm_configs`): no tile wider than the problem, pipelined tiles
     (fp32 ``low``, ``in`` in ``dtype``) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
     accumulator within 128 registers a thread, with 3xTF32 at most a 64 x 128 tile per 4 warps,
-    and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. With autotuning off only the
-    first config left. Never empty."""
+    and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. Never empty."""
     kept = _keep_fitting(configs, {"BLOCK_M": rows, "BLOCK_C": cols})
     tf32x3 = precision == "tf32x3"
 
@@ -303,53 +290,4 @@ def fitting_lora_grads_configs(
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         return smem <= shared_memory and block_r * bc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
-    return fitting if autotuning() else fitting[:1]
-
-
-def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the fused kernels (see :func:`fitting_fused_lora_gemm_configs`).
-    The kernels are launched by keyword, so their arguments arrive in ``kwargs``."""
-    args = {**named_args, **kwargs}
-    inp = args["in_ptr"]
-    return fitting_fused_lora_gemm_configs(
-        configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
-        precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
-        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        rank_slots=args["RANK_SLOTS"], multi_pass=args["MULTI_PASS"], specialisation=argument_specialisation(args),
-        sum_members=args.get("SUM_MEMBERS"), has_weight=args["HAS_WEIGHT"],
-    )
-
-
-def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the weight-gradient kernel (see :func:`fitting_lora_grads_configs`)."""
-    args = {**named_args, **kwargs}
-    inp = args["in_a_ptr"]
-    return fitting_lora_grads_configs(
-        configs, rows=args["ROWS_PER_SPLIT"], cols=max(args["COLS_A"], args["COLS_B"]),
-        dtype=DTYPE_NAMES[inp.dtype], precision=args["DOT_PRECISION"], block_r=args["BLOCK_R"],
-        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        specialisation=argument_specialisation(args),
-    )
-
-
-_PINNED_CONFIGS: dict[tuple, triton.Config] = {}
-
-
-def run_autotuned(kernel: triton.runtime.Autotuner, grid, **args) -> None:
-    """Launch an autotuned kernel by keyword. With autotuning on, through its autotuner (benchmarks
-    the kept configs on a new tuning key). Off (:func:`autotuning`), the first config its pruning
-    keeps, launched on the JIT function itself: no benchmarking at all, on any triton version
-    (triton 3.6's autotuner still times a single kept config), and capturable in a CUDA graph on
-    the first call. The pinned config is remembered per tuning key, argument dtypes and
-    specialisation (the pruning's spill record depends on it), as the autotuner remembers its
-    choice per key (whose widths make odd layers' keys their own)."""
-    if autotuning():
-        kernel[grid](**args)
-        return
-    key = (id(kernel), argument_specialisation(args), *(args[name] for name in kernel.keys),
-           *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")))
-    config = _PINNED_CONFIGS.get(key)
-    if config is None:
-        config = _PINNED_CONFIGS[key] = kernel.early_config_prune(kernel.configs, {}, **args)[0]
-    kernel.fn[grid](**args, **config.all_kwargs())
+    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]

@@ -69,30 +69,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lora_ensemble.tuning_store import tuning_pinned
+
 from .configs import (
+    DTYPE_NAMES,
+    argument_specialisation,
     dot_precision,
+    fitting_fused_lora_gemm_configs,
     fused_lora_gemm_configs,
-    prune_fused_lora_gemm_configs,
-    run_autotuned,
     shared_input_configs,
     size_bucket,
 )
-from .device import launch_device, multiprocessor_count, shared_memory_per_program
+from .device import compute_capability, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs, split16
+from .gpu_specs import gpu_spec
+from .launch_costs import shared_launch, stacked_launch
 from .launch_policy import block_rank, shared_tiling, stacked_tiling
+from .launcher import LaunchPlan, TunedKernel
 
 __all__ = ["launch_fused_lora_gemm"]
 
-# Autotune key: tiles and sizes that change the best config, whether W0 is read (the weightless
-# delta kernels are pruned by spills of their own), the device's shared memory (configs are pruned
-# by it, so a config kept for one GPU model is never reused on another), and the power-of-two
-# buckets of the row and member counts.
-_TUNING_KEY = ["BLOCK_M", "RANK_SLOTS", "MULTI_PASS", "COLS", "INNER", "BLOCK_R", "DOT_PRECISION", "HAS_WEIGHT",
-               "SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"]
-# Not specialised, so their values never cause a recompile: the arguments read by the autotuner
-# only, and the row, member and rank counts (only compared and divided by in the kernels; Triton
-# would compile another kernel for a value of 1, e.g. at decode, and for 16-divisible ones).
-_UNSPECIALISED = ["SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET", "ROWS", "MEMBERS", "RANK"]
+# Not specialised, so their values never cause a recompile: the row, member and rank counts (only
+# compared and divided by in the kernels; Triton would compile another kernel for a value of 1,
+# e.g. at decode, and for 16-divisible ones).
+_UNSPECIALISED = ["ROWS", "MEMBERS", "RANK"]
 # Stacked rows and output tiles are counted in int32 inside the kernels.
 _MAX_ROWS = 2**31 - 1
 
@@ -241,12 +241,10 @@ def _store_tile(ptr, value, row_offsets, rows_valid, offs_c, COLS, stride_c):
     tl.store(ptr + row_offsets[:, None] + offs_c[None, :] * stride_c, value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=fused_lora_gemm_configs(), key=_TUNING_KEY,
-                 prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
-    ROWS, MEMBERS, INNER, COLS, RANK, scaling,
+    ROWS, MEMBERS, INNER, COLS, RANK,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
     stride_base_n, stride_base_m, stride_base_c,
@@ -254,7 +252,7 @@ def _fused_lora_gemm_kernel(
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
-    SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
+    scaling,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -309,12 +307,10 @@ def _fused_lora_gemm_kernel(
                 stride_out_c)
 
 
-@triton.autotune(configs=shared_input_configs(), key=_TUNING_KEY + ["SUM_MEMBERS"],
-                 prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_shared_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
-    ROWS, MEMBERS, INNER, COLS, RANK, scaling, member_sum_scale,
+    ROWS, MEMBERS, INNER, COLS, RANK,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
     stride_base_n, stride_base_m, stride_base_c,
@@ -322,7 +318,7 @@ def _fused_lora_gemm_shared_kernel(
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
-    SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
+    scaling, member_sum_scale,
     SUM_MEMBERS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr,
     MULTI_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -401,6 +397,58 @@ def _fused_lora_gemm_shared_kernel(
 
 
 
+_STACKED = TunedKernel("fused_lora_gemm", _fused_lora_gemm_kernel)
+_SHARED = TunedKernel("fused_lora_gemm_shared", _fused_lora_gemm_shared_kernel)
+# Leading runtime arguments of both kernels that are pointers (in, weight, bias, base, shrink,
+# expand, out, low), then integers: ROWS, MEMBERS, INNER, COLS, RANK and the strides.
+_POINTERS = 8
+
+
+def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str, sum_members: bool,
+          has_weight: bool, has_bias: bool, has_base: bool) -> LaunchPlan:
+    """The tiling, tuning key, candidates and cost-model view of a launch (its launch key's first)."""
+    rows, members, inner, cols, rank = args[_POINTERS:_POINTERS + 5]
+    dtype = DTYPE_NAMES[args[0].dtype]
+    block_r = block_rank(rank)
+    tf32x3 = precision == "tf32x3"
+    shared = kernel is _SHARED
+    if shared:
+        sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
+        tiling = shared_tiling(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
+        tiles = -(-rows // tiling.block_m)
+    else:
+        tiling = stacked_tiling(rows, members, block_r, tf32x3)
+        tiles = -(-(members * rows) // tiling.block_m)
+    specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
+    candidates = fitting_fused_lora_gemm_configs(
+        shared_input_configs() if shared else fused_lora_gemm_configs(), cols=cols, inner=inner, dtype=dtype,
+        precision=precision, block_m=tiling.block_m, block_r=block_r, shared_memory=shared_memory_per_program(device),
+        capability=compute_capability(device), rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
+        specialisation=specialisation, sum_members=sum_members if shared else None, has_weight=has_weight)
+    element_size = args[0].element_size()
+    if shared:
+        cost = shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, sum_members,
+                             has_weight, has_base)
+    else:
+        cost = stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
+                              has_base)
+    gpu = gpu_spec(device)
+    tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m} S{tiling.rank_slots}"
+                  f"{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols} rows{size_bucket(rows)} "
+                  f"members{size_bucket(members)}{'' if has_weight else ' delta'}"
+                  f"{(' sum' if sum_members else ' shared') if shared else ''} {gpu.name}")
+    constexprs = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_BASE=has_base, DOT_PRECISION=precision,
+                      BLOCK_R=block_r, BLOCK_M=tiling.block_m, RANK_SLOTS=tiling.rank_slots,
+                      MULTI_PASS=tiling.multi_pass)
+    if shared:
+        constexprs["SUM_MEMBERS"] = sum_members
+
+    def grid(config) -> tuple[int, ...]:
+        return (tiles * -(-cols // config.kwargs["BLOCK_N"]),)
+
+    return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu)
+
+
 def launch_fused_lora_gemm(
     inp: Tensor,
     weight: Tensor | None,
@@ -410,11 +458,14 @@ def launch_fused_lora_gemm(
     scaling: float,
     sum_members: bool = False,
     base: Tensor | None = None,
+    transposed: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``out[n] = inp[n] @ weight + bias + base[n] + scaling * (inp[n] @ shrink[n]) @ expand[n]`` for
     every member, one launch (on ``inp``'s device and its current stream).
 
-    Every tensor may have any strides (pass transposed views rather than copies).
+    Every tensor may have any strides (pass transposed views rather than copies, or ``transposed``).
+    A launch's first call with new sizes, strides, alignment or dtype chooses its config and binds the
+    compiled kernel (:mod:`.launcher`); later calls launch that kernel directly.
 
     Args:
         inp: ``[N, M, K]`` per-member rows, or ``[M, K]`` rows shared by every member.
@@ -427,6 +478,9 @@ def launch_fused_lora_gemm(
         sum_members: with ``inp [N, M, K]``, return ``out = sum_n out[n]`` (bias excluded) as
             ``[M, C]``, computing ``(sum_n inp[n]) @ weight`` once.
         base: a precomputed output to add, ``[N, M, C]`` (``[M, C]`` with shared rows), or None.
+        transposed: ``weight``, ``shrink`` and ``expand`` are given as their transposes ``[C, K]``,
+            ``[N, R, K]`` and ``[N, C, R]`` (the forward's ``W0``, ``A`` and ``B`` as the layer stores
+            them): read with swapped strides, no views made.
 
     Returns:
         ``(out, low)``: ``out [N, M, C]`` (``[M, C]`` with ``sum_members``) in inp's dtype, and
@@ -434,62 +488,64 @@ def launch_fused_lora_gemm(
 
     Raises:
         ValueError: ``sum_members`` with shared rows, a bias or a base; ``N * M`` stacked rows beyond
-            2^31 - 1.
+            2^31 - 1; a tensor in another dtype than ``inp``.
     """
-    num_members, inner, rank = shrink.shape
-    cols = expand.shape[2]
+    s_weight = (0, 0) if weight is None else weight.stride()
+    s_shrink, s_expand = shrink.stride(), expand.stride()
+    if transposed:
+        num_members, rank, inner = shrink.shape
+        cols = expand.shape[1]
+        s_weight, s_shrink, s_expand = s_weight[::-1], (s_shrink[0], s_shrink[2], s_shrink[1]), (
+            s_expand[0], s_expand[2], s_expand[1])
+    else:
+        num_members, inner, rank = shrink.shape
+        cols = expand.shape[2]
     shared_rows = inp.dim() == 2
     rows = inp.shape[-2]
+    dtype = inp.dtype
     if sum_members and (shared_rows or bias is not None or base is not None):
         raise ValueError("sum_members needs per-member rows inp [N, M, K], and no bias or base")
     if num_members * rows > _MAX_ROWS:
         raise ValueError(f"{num_members} members x {rows} rows = {num_members * rows} stacked rows exceed "
                          f"{_MAX_ROWS}, the row count the kernels index in int32 (inp shape {tuple(inp.shape)})")
-    out_shape = (rows, cols) if sum_members else (num_members, rows, cols)
-    out = torch.empty(out_shape, device=inp.device, dtype=inp.dtype)
-    low = torch.empty((num_members, rows, rank), device=inp.device, dtype=torch.float32)
+    if not (shrink.dtype == expand.dtype == dtype and (weight is None or weight.dtype == dtype)
+            and (bias is None or bias.dtype == dtype) and (base is None or base.dtype == dtype)):
+        raise ValueError(f"every tensor must be in inp's dtype {dtype}: shrink {shrink.dtype}, expand {expand.dtype}, "
+                         f"weight {getattr(weight, 'dtype', None)}, bias {getattr(bias, 'dtype', None)}, "
+                         f"base {getattr(base, 'dtype', None)}")
+    device = inp.device
+    out = torch.empty((rows, cols) if sum_members else (num_members, rows, cols), device=device, dtype=dtype)
+    low = torch.empty((num_members, rows, rank), device=device, dtype=torch.float32)
     if rows == 0 or num_members == 0:
         return out.zero_(), low
     bias = bias.contiguous() if bias is not None else None
-    inp3 = inp.unsqueeze(0) if shared_rows else inp  # member stride 0 when shared
-    out3 = out.unsqueeze(0) if sum_members else out
-    base3 = base.unsqueeze(0) if base is not None and base.dim() == 2 else base  # member stride 0 when shared
-    precision = dot_precision(inp.dtype)
-    block_r = block_rank(rank)
-    if shared_rows or sum_members:
-        sm_count = multiprocessor_count(inp.device) if inp.device.type == "cuda" else 0
-        tiling = shared_tiling(rows, cols, num_members, block_r, sm_count, precision == "tf32x3", sum_members)
-        tiles = triton.cdiv(rows, tiling.block_m)
-    else:
-        tiling = stacked_tiling(rows, num_members, block_r, precision == "tf32x3")
-        tiles = triton.cdiv(num_members * rows, tiling.block_m)
-    arguments = dict(
-        # Without a weight the kernel never reads weight_ptr: any tensor of the dtype stands in for it.
-        in_ptr=inp3, weight_ptr=weight if weight is not None else inp3, bias_ptr=bias, base_ptr=base3,
-        shrink_ptr=shrink, expand_ptr=expand, out_ptr=out3, low_ptr=low,
-        ROWS=rows, MEMBERS=num_members, INNER=inner, COLS=cols, RANK=rank, scaling=float(scaling),
-        stride_in_n=0 if shared_rows else inp3.stride(0), stride_in_m=inp3.stride(1), stride_in_k=inp3.stride(2),
-        stride_weight_k=weight.stride(0) if weight is not None else 0,
-        stride_weight_c=weight.stride(1) if weight is not None else 0,
-        stride_base_n=base.stride(0) if base is not None and base.dim() == 3 else 0,
-        stride_base_m=0 if base3 is None else base3.stride(1), stride_base_c=0 if base3 is None else base3.stride(2),
-        stride_shrink_n=shrink.stride(0), stride_shrink_k=shrink.stride(1), stride_shrink_r=shrink.stride(2),
-        stride_expand_n=expand.stride(0), stride_expand_r=expand.stride(1), stride_expand_c=expand.stride(2),
-        stride_out_n=0 if sum_members else out3.stride(0), stride_out_m=out3.stride(1), stride_out_c=out3.stride(2),
-        stride_low_n=low.stride(0), stride_low_m=low.stride(1), stride_low_r=low.stride(2),
-        SHARED_MEMORY=shared_memory_per_program(inp.device), ROWS_BUCKET=size_bucket(rows),
-        MEMBERS_BUCKET=size_bucket(num_members), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_BASE=base is not None, DOT_PRECISION=precision, BLOCK_R=block_r, BLOCK_M=tiling.block_m,
-        RANK_SLOTS=tiling.rank_slots, MULTI_PASS=tiling.multi_pass,
-    )
-
-    def grid(cfg):
-        return (tiles * triton.cdiv(cols, cfg["BLOCK_N"]),)
-
+    # Member stride 0 for shared rows, a shared base and the member sum's output.
+    s_in = inp.stride()
+    s_in = (0, *s_in) if shared_rows else s_in
+    s_out = out.stride()
+    s_out = (0, *s_out) if sum_members else s_out
+    s_base = (0, 0, 0) if base is None else ((0, *base.stride()) if base.dim() == 2 else base.stride())
+    # Without a weight the kernel never reads weight_ptr: inp stands in for it.
+    args = (inp, inp if weight is None else weight, bias, base, shrink, expand, out, low,
+            rows, num_members, inner, cols, rank, *s_in, *s_weight, *s_base, *s_shrink, *s_expand,
+            *s_out, *low.stride(), float(scaling))
+    kernel = _SHARED if (shared_rows or sum_members) else _STACKED
+    if kernel is _SHARED:
+        args = (*args, 1.0 / size_bucket(num_members))  # member_sum_scale
+    precision = dot_precision(dtype)
+    pinned = tuning_pinned()
+    misaligned = (inp.data_ptr() | shrink.data_ptr() | expand.data_ptr() | (0 if weight is None else weight.data_ptr())
+                  | (0 if bias is None else bias.data_ptr()) | (0 if base is None else base.data_ptr())) & 15
+    if misaligned:  # Triton specialises each pointer on its own 16-byte alignment
+        misaligned = tuple(0 if t is None else t.data_ptr() & 15 for t in args[:_POINTERS])
+    key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
+           misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
+    launch = kernel.bound.get(key)
     with launch_device(inp):
-        if shared_rows or sum_members:
-            run_autotuned(_fused_lora_gemm_shared_kernel, grid, member_sum_scale=1.0 / size_bucket(num_members),
-                          SUM_MEMBERS=sum_members, **arguments)
+        if launch is None:
+            plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,
+                         base is not None)
+            kernel.bind(key, args, plan, device, pinned)
         else:
-            run_autotuned(_fused_lora_gemm_kernel, grid, **arguments)
+            launch(args)
     return out, low

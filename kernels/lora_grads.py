@@ -27,17 +27,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import dot_precision, lora_grads_configs, prune_lora_grads_configs, run_autotuned, size_bucket
-from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
+from lora_ensemble.tuning_store import tuning_pinned
+
+from .configs import (
+    DTYPE_NAMES,
+    argument_specialisation,
+    dot_precision,
+    fitting_lora_grads_configs,
+    lora_grads_configs,
+    size_bucket,
+)
+from .device import (
+    check_grid_yz,
+    compute_capability,
+    launch_device,
+    multiprocessor_count,
+    shared_memory_per_program,
+)
 from .dot import dot_fp32_lhs
+from .gpu_specs import gpu_spec
+from .launch_costs import lora_grads_launch
 from .launch_policy import block_rank, grad_row_splits, grad_rows_per_split
+from .launcher import LaunchPlan, TunedKernel
 
 __all__ = ["launch_lora_grads", "row_splits"]
 
-# Not specialised (no recompile for their values): the autotuner's device shared memory and row-count
-# bucket, and the row and rank counts (compared against only; Triton would compile another kernel
-# for a value of 1 and for 16-divisible ones).
-_UNSPECIALISED = ["SHARED_MEMORY", "ROWS_BUCKET", "ROWS", "RANK"]
+# Not specialised (no recompile for their values): the row and rank counts (compared against only;
+# Triton would compile another kernel for a value of 1 and for 16-divisible ones).
+_UNSPECIALISED = ["ROWS", "RANK"]
 
 
 @triton.jit
@@ -70,19 +87,15 @@ def _lora_grad_tile(
         tl.store(grad_ptrs, acc.to(grad_ptr.dtype.element_ty), mask=grad_mask)
 
 
-@triton.autotune(configs=lora_grads_configs(),
-                 key=["COLS_A", "COLS_B", "BLOCK_R", "ATOMIC", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET"],
-                 prune_configs_by={"early_config_prune": prune_lora_grads_configs},
-                 reset_to_zero=["grad_a_ptr", "grad_b_ptr"])  # the split reduction adds into zeroed outputs
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _lora_grads_kernel(
     low_a_ptr, in_a_ptr, grad_a_ptr, low_b_ptr, in_b_ptr, grad_b_ptr,
-    ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, scaling,
+    ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT,
     stride_low_a_n, stride_low_a_m, stride_low_a_r, stride_in_a_n, stride_in_a_m, stride_in_a_c,
     stride_grad_a_n, stride_grad_a_r, stride_grad_a_c,
     stride_low_b_n, stride_low_b_m, stride_low_b_r, stride_in_b_n, stride_in_b_m, stride_in_b_c,
     stride_grad_b_n, stride_grad_b_r, stride_grad_b_c,
-    SHARED_MEMORY, ROWS_BUCKET,
+    scaling,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -119,6 +132,40 @@ def row_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
                            torch.are_deterministic_algorithms_enabled())
 
 
+_GRADS = TunedKernel("lora_grads", _lora_grads_kernel)
+_POINTERS = 6  # low_a, in_a, grad_a, low_b, in_b, grad_b; then ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, strides
+
+
+def _plan(args: tuple, device: torch.device, precision: str, atomic: bool, shared_input: bool,
+          num_members: int, splits: int) -> LaunchPlan:
+    """The tuning key, candidates and cost-model view of a launch (its launch key's first)."""
+    grad_a, grad_b = args[2], args[5]
+    rows, rank, d_in, k_out, rows_per_split = args[_POINTERS:_POINTERS + 5]
+    dtype = DTYPE_NAMES[args[1].dtype]
+    block_r = block_rank(rank)
+    specialisation = argument_specialisation(dict(zip(_GRADS.fn.arg_names[_POINTERS:], args[_POINTERS:])))
+    candidates = fitting_lora_grads_configs(
+        lora_grads_configs(), rows=rows_per_split, cols=max(d_in, k_out), dtype=dtype, precision=precision,
+        block_r=block_r, shared_memory=shared_memory_per_program(device), capability=compute_capability(device),
+        specialisation=specialisation)
+    gpu = gpu_spec(device)
+    cost = lora_grads_launch(num_members, rows, d_in, k_out, rank, block_r, splits, rows_per_split, precision,
+                             args[1].element_size(), shared_input)
+    tuning_key = (f"{dtype} {precision} {specialisation} R{block_r} d{d_in} k{k_out} rows{size_bucket(rows_per_split)}"
+                  f"{' atomic' if atomic else ''} {gpu.name}")
+
+    def grid(config) -> tuple[int, ...]:
+        block_c = config.kwargs["BLOCK_C"]
+        return ((-(-d_in // block_c) + -(-k_out // block_c)) * num_members, splits)
+
+    def reset() -> None:  # the split reduction adds into zeroed outputs
+        grad_a.zero_()
+        grad_b.zero_()
+
+    return LaunchPlan(tuning_key, candidates, cost, grid, dict(ATOMIC=atomic, DOT_PRECISION=precision, BLOCK_R=block_r),
+                      gpu, reset if atomic else None)
+
+
 def launch_lora_grads(
     grad_out: Tensor,
     x: Tensor,
@@ -128,7 +175,8 @@ def launch_lora_grads(
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``dA = scaling * dyb^T @ x`` and ``dB = scaling * grad_out^T @ xa`` for every member, one
-    launch (on ``grad_out``'s device and its current stream).
+    launch (on ``grad_out``'s device and its current stream; the compiled kernel bound per launch
+    key as in :func:`~.fused_lora_gemm.launch_fused_lora_gemm`).
 
     Every tensor may have any strides.
 
@@ -151,9 +199,9 @@ def launch_lora_grads(
     rank, d_in = xa.shape[2], x.shape[-1]
     dtype = grad_out.dtype
     if splits is None:
-        splits = row_splits(rows, num_members * triton.cdiv(d_in + k_out, 128), grad_out.device)
+        splits = row_splits(rows, num_members * (-(-d_in // 128) + -(-k_out // 128)), grad_out.device)
     rows_per_split = grad_rows_per_split(rows, splits)
-    splits = triton.cdiv(max(rows, 1), rows_per_split)
+    splits = -(-max(rows, 1) // rows_per_split)
     check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
     atomic = splits > 1
     out_dtype = torch.float32 if atomic else dtype
@@ -161,26 +209,24 @@ def launch_lora_grads(
     grad_a = alloc((num_members, rank, d_in), device=grad_out.device, dtype=out_dtype)
     grad_b = alloc((num_members, k_out, rank), device=grad_out.device, dtype=out_dtype)
     if rows > 0 and num_members > 0:
-        x3 = x.unsqueeze(0) if x.dim() == 2 else x
+        shared_input = x.dim() == 2
+        s_x = (0, *x.stride()) if shared_input else x.stride()
         grad_b_t = grad_b.transpose(1, 2)  # written as dB^T [N, R, k]
-
-        def grid(cfg):
-            return ((triton.cdiv(d_in, cfg["BLOCK_C"]) + triton.cdiv(k_out, cfg["BLOCK_C"])) * num_members, splits)
-
+        args = (dyb, x, grad_a, xa, grad_out, grad_b_t, rows, rank, d_in, k_out, rows_per_split,
+                *dyb.stride(), *s_x, *grad_a.stride(), *xa.stride(), *grad_out.stride(), *grad_b_t.stride(),
+                float(scaling))
+        precision = dot_precision(dtype)
+        pinned = tuning_pinned()
+        misaligned = (dyb.data_ptr() | x.data_ptr() | xa.data_ptr() | grad_out.data_ptr()) & 15
+        if misaligned:  # Triton specialises each pointer on its own 16-byte alignment
+            misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
+        key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, args[_POINTERS:-1])
+        launch = _GRADS.bound.get(key)
         with launch_device(grad_out):
-            run_autotuned(
-                _lora_grads_kernel, grid,
-                low_a_ptr=dyb, in_a_ptr=x3, grad_a_ptr=grad_a, low_b_ptr=xa, in_b_ptr=grad_out, grad_b_ptr=grad_b_t,
-                ROWS=rows, RANK=rank, COLS_A=d_in, COLS_B=k_out, ROWS_PER_SPLIT=rows_per_split, scaling=float(scaling),
-                stride_low_a_n=dyb.stride(0), stride_low_a_m=dyb.stride(1), stride_low_a_r=dyb.stride(2),
-                stride_in_a_n=0 if x.dim() == 2 else x3.stride(0), stride_in_a_m=x3.stride(1),
-                stride_in_a_c=x3.stride(2),
-                stride_grad_a_n=grad_a.stride(0), stride_grad_a_r=grad_a.stride(1), stride_grad_a_c=grad_a.stride(2),
-                stride_low_b_n=xa.stride(0), stride_low_b_m=xa.stride(1), stride_low_b_r=xa.stride(2),
-                stride_in_b_n=grad_out.stride(0), stride_in_b_m=grad_out.stride(1), stride_in_b_c=grad_out.stride(2),
-                stride_grad_b_n=grad_b_t.stride(0), stride_grad_b_r=grad_b_t.stride(1),
-                stride_grad_b_c=grad_b_t.stride(2),
-                SHARED_MEMORY=shared_memory_per_program(grad_out.device), ROWS_BUCKET=size_bucket(rows_per_split),
-                ATOMIC=atomic, DOT_PRECISION=dot_precision(dtype), BLOCK_R=block_rank(rank),
-            )
+            if launch is None:
+                _GRADS.bind(key, args, _plan(args, grad_out.device, precision, atomic, shared_input, num_members,
+                                             splits), grad_out.device, pinned)
+            else:
+                launch(args)
     return grad_a.to(dtype), grad_b.to(dtype)
+

@@ -34,11 +34,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "TuningStore", "cache_dir", "store_file_name", "tuning_store"]
+__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "PIN_VARIABLE", "TuningStore", "cache_dir", "store_file_name",
+           "tuning_pinned", "tuning_store"]
 
 CACHE_DIR_VARIABLE = "LORA_ENSEMBLE_CACHE_DIR"
+PIN_VARIABLE = "LORA_ENSEMBLE_TRITON_AUTOTUNE"
 FORMAT = 1
 _SECTIONS = ("triton_configs", "auto")
+
+
+def tuning_pinned() -> bool:
+    """Whether tuning is pinned: ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` or deterministic algorithms on.
+    Then nothing is timed and nothing stored is read: each Triton kernel runs the cost model's first
+    config and ``auto`` follows the cost model, so new processes compute the same bits."""
+    return os.environ.get(PIN_VARIABLE, "1") == "0" or torch.are_deterministic_algorithms_enabled()
 
 
 def cache_dir() -> Path | None:

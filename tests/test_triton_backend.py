@@ -448,43 +448,103 @@ def test_more_members_than_a_grid_y_axis_holds():
     check_against_reference(inp, "triton", tolerance(torch.float16))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
-def test_pinned_autotune_never_benchmarks(shared, monkeypatch):
-    """``LORA_ENSEMBLE_TRITON_AUTOTUNE=0``: the first config the pruning keeps runs on the JIT
-    function itself, and nothing is timed (triton 3.6's autotuner times even a single kept config);
-    with autotuning on, the same two candidates would be timed."""
-    import triton.testing
-    from triton.runtime import autotuner
+def _two_candidates(monkeypatch) -> dict:
+    """Each kernel gets two candidate configs (its interpreter config, and one with a 16-wide tile),
+    fresh tuning and launch tables, and a spy on its runs: ``{kernel name: [the varied tile of each run]}``."""
+    import triton
 
     from lora_ensemble.kernels import configs
+
+    fused, grads = configs.INTERPRETER_FUSED_LORA_GEMM_CONFIG, configs.INTERPRETER_LORA_GRADS_CONFIG
+    varied = {fused_lora_gemm._STACKED: (fused_lora_gemm, "fused_lora_gemm_configs", fused, "BLOCK_N"),
+              fused_lora_gemm._SHARED: (fused_lora_gemm, "shared_input_configs", fused, "BLOCK_K"),
+              lora_grads._GRADS: (lora_grads, "lora_grads_configs", grads, "BLOCK_C")}
+    ran = {}
+    for kernel, (module, lister, config, name) in varied.items():
+        pair = [config, triton.Config({**config.kwargs, name: 16}, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)]
+        monkeypatch.setattr(module, lister, lambda pair=pair: list(pair))
+        monkeypatch.setattr(kernel, "bound", {})
+        monkeypatch.setattr(kernel, "tunings", {})
+        ran[kernel.name] = []
+
+        def spy(*args, _run=kernel.fn.run, _name=name, _ran=ran[kernel.name], **kwargs):
+            _ran.append(kwargs[_name])
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel.fn, "run", spy)
+    return ran
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_pinned_tuning_never_benchmarks_and_runs_the_models_first(shared, monkeypatch, tmp_path):
+    """``LORA_ENSEMBLE_TRITON_AUTOTUNE=0``: each kernel runs the cost model's first candidate on the
+    JIT function, nothing is timed (triton 3.6's autotuner timed even a single kept config) and the
+    tuning file is not read; with tuning on, the same two candidates are timed."""
+    import triton.testing
+
+    from lora_ensemble.tuning_store import CACHE_DIR_VARIABLE, _store
 
     def no_benchmark(*args, **kwargs):
         raise AssertionError("a benchmark ran")
 
-    monkeypatch.setattr(autotuner.Autotuner, "_bench", no_benchmark)
     monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
-    monkeypatch.setattr(configs, "_PINNED_CONFIGS", {})
-    fused, grads = configs.INTERPRETER_FUSED_LORA_GEMM_CONFIG, configs.INTERPRETER_LORA_GRADS_CONFIG
-    varied = {fused_lora_gemm._fused_lora_gemm_kernel: (fused, "BLOCK_N"),
-              fused_lora_gemm._fused_lora_gemm_shared_kernel: (fused, "BLOCK_K"),
-              lora_grads._lora_grads_kernel: (grads, "BLOCK_C")}
-    ran = []
-    for kernel, (config, name) in varied.items():
-        monkeypatch.setattr(kernel, "configs", [config, triton.Config({**config.kwargs, name: 16})])
-
-        def spy(*args, _run=kernel.fn.run, _name=name, **kwargs):
-            ran.append(kwargs[_name])
-            return _run(*args, **kwargs)
-
-        monkeypatch.setattr(kernel.fn, "run", spy)
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    _store.cache_clear()
+    ran = _two_candidates(monkeypatch)
     inp = make_inputs(3, 5, 20, 24, 4, dtype=torch.float16, device=DEVICE, shared_input=shared)
     monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "0")
     check_against_reference(inp, "triton", tolerance(torch.float16))
-    assert ran == [32, 32, 32], f"each kernel runs its first kept config (32-wide tiles), ran {ran}"
+    for kernel in (fused_lora_gemm._SHARED if shared else fused_lora_gemm._STACKED, lora_grads._GRADS):
+        assert kernel.tunings, f"{kernel.name} never launched"
+        for tuning in kernel.tunings.values():
+            assert tuning.source == "pinned: the model's first" and not tuning.timings_us
+    # One config per kernel, the same at every run: forward (and dx) and the weight gradients.
+    ran_configs = {name: set(tiles) for name, tiles in ran.items() if tiles}
+    assert all(len(tiles) == 1 for tiles in ran_configs.values()), ran_configs
     monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1")
     with pytest.raises(AssertionError, match="a benchmark ran"):
         fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
                                    shared_input=shared, backend="triton")
+    _store.cache_clear()
+
+
+def test_a_tuned_key_is_timed_once_stored_and_read_by_a_new_process(monkeypatch, tmp_path):
+    """With tuning on, a new key's candidates are timed once (each on the call's arguments) and the
+    fastest runs and is stored; a new process (fresh tables) reads it and times nothing; later launches
+    of the key reuse the bound kernel without choosing again."""
+    import triton.testing
+
+    from lora_ensemble.tuning_store import CACHE_DIR_VARIABLE, _store
+
+    timed = []
+
+    def fake_bench(fn, **kwargs):  # the interpreter cannot time: each candidate runs once, 16-wide "faster"
+        fn()
+        timed.append(ran["fused_lora_gemm"][-1])
+        return 1.0 if timed[-1] == 16 else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.delenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", raising=False)
+    _store.cache_clear()
+    ran = _two_candidates(monkeypatch)
+    inp = make_inputs(3, 5, 20, 24, 4, dtype=torch.float16, device=DEVICE, requires_grad=())
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    assert sorted(timed) == [16, 32] and ran["fused_lora_gemm"][-1] == 16
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.source == "timed" and sorted(tuning.timings_us.values()) == [1000.0, 2000.0]
+    for _ in range(2):  # the bound kernel: no new tuning, no timing
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, backend="triton")
+    assert len(timed) == 2 and ran["fused_lora_gemm"][-3:] == [16, 16, 16]
+    # A new process: the stored winner, nothing timed.
+    _store.cache_clear()
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.source == "stored" and len(timed) == 2 and ran["fused_lora_gemm"][-1] == 16
+    _store.cache_clear()
 
 
 def test_launch_specialisation_follows_the_widths_not_the_rank():
@@ -494,20 +554,27 @@ def test_launch_specialisation_follows_the_widths_not_the_rank():
 
     rank8 = dict(ROWS=50, MEMBERS=3, INNER=768, COLS=768, RANK=8, stride_in_m=768, stride_in_k=1, stride_weight_k=1,
                  stride_weight_c=768, stride_shrink_n=8 * 768, stride_shrink_r=768, stride_expand_c=8, stride_low_m=8,
-                 stride_low_n=400, stride_base_n=0, HAS_WEIGHT=True, SHARED_MEMORY=232448)
+                 stride_low_n=400, stride_base_n=0, HAS_WEIGHT=True)
     assert argument_specialisation(rank8) == "aligned"
     assert argument_specialisation({**rank8, "ROWS": 1}) == "aligned"
     assert argument_specialisation({**rank8, "INNER": 100, "stride_in_m": 100}) == "odd"
 
 
-def test_autotune_keys_name_the_device_and_size_buckets():
+def test_tuning_keys_name_the_gpu_and_size_buckets():
     """A config chosen for one GPU model (pruned by its shared memory) or one row / member count is
-    never reused on another GPU model or on very different counts: those are part of every key."""
+    never reused on another GPU model or on very different counts: those are part of every tuning
+    key (the tuning file is also one per GPU model)."""
     from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS, fitting_fused_lora_gemm_configs
 
-    for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
-        assert {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"} <= set(kernel.keys)
-    assert {"SHARED_MEMORY", "ROWS_BUCKET"} <= set(lora_grads._lora_grads_kernel.keys)
+    for rows, members in ((5, 3), (40, 3), (5, 9)):
+        inp = make_inputs(members, rows, 20, 24, 4, device=DEVICE, requires_grad=())
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, backend="triton")
+    from lora_ensemble.kernels.gpu_specs import gpu_spec
+
+    gpu = gpu_spec(torch.device(DEVICE)).name  # the H100 the cost model assumes off the GPU
+    keys = {key for _, key, _ in fused_lora_gemm._STACKED.tunings}
+    for rows, members in ((8, 4), (64, 4), (8, 16)):
+        assert any(f"rows{rows} members{members} " in key and key.endswith(gpu) for key in keys), keys
     kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
                                                   dtype="fp32", precision="tf32", block_m=128, block_r=16,
                                                   shared_memory=smem, capability=cap)
@@ -527,7 +594,7 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     )
 
     for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
-        assert "HAS_WEIGHT" in kernel.keys
+        assert "HAS_WEIGHT" in kernel.arg_names
     kinds = {key[1] for key in SPILLING_CONFIGS}
     assert kinds <= {"stacked", "shared", "stacked_delta", "shared_delta", "lora_grads"}, kinds
     assert aot.ROLE_KERNEL["forward_shared_delta"] == "shared_delta"
