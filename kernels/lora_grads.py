@@ -220,7 +220,8 @@ def launch_lora_grads(
         misaligned = (dyb.data_ptr() | x.data_ptr() | xa.data_ptr() | grad_out.data_ptr()) & 15
         if misaligned:  # Triton specialises each pointer on its own 16-byte alignment
             misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
-        key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, args[_POINTERS:-1])
+        # num_members sets the grid but is no argument of the kernel (the strides do not say it)
+        key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, num_members, args[_POINTERS:-1])
         launch = _GRADS.bound.get(key)
         with launch_device(grad_out):
             if launch is None:

@@ -281,6 +281,17 @@ def test_empty_batch():
     assert out.shape == (0, 12)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_launches_that_differ_only_in_member_count_each_get_their_own_grid(shared):
+    """A launch key must hold everything the grid depends on: the weight-gradient kernel's grid
+    counts the members, which none of its arguments (sizes, strides) says. Member counts up and
+    down with every other size equal, each call against the reference (an unwritten gradient stays
+    NaN, an access past the members is an error of the interpreter's memcheck)."""
+    for num_members in (1, 2, 1, 3, 2):
+        case = dict(rows=1, d=33, k=1, rank=4, shared_input=shared, bias=False, scaling=1.0)
+        check_against_reference(make_inputs(num_members, device=DEVICE, dtype=torch.float16, **case), "triton")
+
+
 def test_tiles_pad_rank_and_shrink_for_few_rows():
     P = launch_policy
     assert [block_rank(r) for r in (1, 16, 17, 33, 128)] == [16, 16, 32, 64, 128]
