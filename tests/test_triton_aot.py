@@ -108,3 +108,26 @@ def test_a_stopped_compile_leaves_no_worker(tmp_path):
     except ProcessLookupError:
         return
     pytest.fail("a process of the stopped compile is still running")
+
+
+def _report(arch: int, key: tuple, spills: int) -> dict:
+    return {"arch": arch, "spill_key": list(key), "spill_stores": spills, "spill_loads": spills}
+
+
+def test_a_partial_remeasurement_updates_the_spill_record_where_it_measured(tmp_path):
+    """--write-spilling-configs with --keep-unmeasured: measured keys follow the reports (a spill is
+    added, a clean compile removes an old entry), keys no report measured stay as they were."""
+    old_clean, old_unmeasured = sorted(aot.SPILLING_CONFIGS)[:2]
+    new_spill = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, "aligned", 4, 3, 64, 64)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"triton": triton.__version__, "cases": 3, "timed_out": True, "reports": [
+        _report(old_clean[0], old_clean, 0), _report(90, new_spill, 16), "FAILED some kernel"]}))
+    record = tmp_path / "spilling_configs.py"
+    for keep in (False, True):
+        count = aot.write_spilling_configs([str(report)], str(record), keep_unmeasured=keep)
+        scope = {}
+        exec(record.read_text(), scope)
+        written = scope["SPILLING_CONFIGS"]
+        assert new_spill in written and old_clean not in written and count == len(written)
+        assert (old_unmeasured in written) == keep
+        assert f"triton {triton.__version__} sm_{old_clean[0]}/90: 2 of 3 kernels" in record.read_text()
