@@ -513,8 +513,9 @@ def launch_fused_lora_gemm(
         raise ValueError(f"every tensor must be in inp's dtype {dtype}: shrink {shrink.dtype}, expand {expand.dtype}, "
                          f"weight {getattr(weight, 'dtype', None)}, bias {getattr(bias, 'dtype', None)}, "
                          f"base {getattr(base, 'dtype', None)}")
-    out = torch.empty((rows, cols) if sum_members else (num_members, rows, cols), device=inp.device, dtype=dtype)
-    low = torch.empty((num_members, rows, rank), device=inp.device, dtype=torch.float32)
+    device = inp.device
+    out = torch.empty((rows, cols) if sum_members else (num_members, rows, cols), device=device, dtype=dtype)
+    low = torch.empty((num_members, rows, rank), device=device, dtype=torch.float32)
     if rows == 0 or num_members == 0:
         return out.zero_(), low
     bias = bias.contiguous() if bias is not None else None
@@ -540,9 +541,8 @@ def launch_fused_lora_gemm(
     key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
            misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
     launch = kernel.bound.get(key)
-    with launch_device(inp):
+    with launch_device(device):
         if launch is None:
-            device = inp.device
             plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,
                          base is not None)
             kernel.bind(key, args, plan, device, pinned)

@@ -197,17 +197,17 @@ def launch_lora_grads(
     """
     num_members, rows, k_out = grad_out.shape
     rank, d_in = xa.shape[2], x.shape[-1]
-    dtype = grad_out.dtype
+    dtype, device = grad_out.dtype, grad_out.device
     if splits is None:
-        splits = row_splits(rows, num_members * (-(-d_in // 128) + -(-k_out // 128)), grad_out.device)
+        splits = row_splits(rows, num_members * (-(-d_in // 128) + -(-k_out // 128)), device)
     rows_per_split = grad_rows_per_split(rows, splits)
     splits = -(-max(rows, 1) // rows_per_split)
     check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
     atomic = splits > 1
     out_dtype = torch.float32 if atomic else dtype
     alloc = torch.zeros if (atomic or rows == 0) else torch.empty
-    grad_a = alloc((num_members, rank, d_in), device=grad_out.device, dtype=out_dtype)
-    grad_b = alloc((num_members, k_out, rank), device=grad_out.device, dtype=out_dtype)
+    grad_a = alloc((num_members, rank, d_in), device=device, dtype=out_dtype)
+    grad_b = alloc((num_members, k_out, rank), device=device, dtype=out_dtype)
     if rows > 0 and num_members > 0:
         shared_input = x.dim() == 2
         s_x = (0, *x.stride()) if shared_input else x.stride()
@@ -222,10 +222,10 @@ def launch_lora_grads(
             misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
         key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, args[_POINTERS:-1])
         launch = _GRADS.bound.get(key)
-        with launch_device(grad_out):
+        with launch_device(device):
             if launch is None:
-                _GRADS.bind(key, args, _plan(args, grad_out.device, precision, atomic, shared_input, num_members,
-                                             splits), grad_out.device, pinned)
+                _GRADS.bind(key, args, _plan(args, device, precision, atomic, shared_input, num_members, splits),
+                            device, pinned)
             else:
                 launch(args)
     if out_dtype == dtype:  # (Tensor.to costs ~0.7 µs even when the dtype matches)
