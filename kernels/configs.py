@@ -61,15 +61,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# What torch.backends.cuda.matmul.fp32_precision and .allow_tf32 read, called directly: each fp32
+# Triton launch asks, and the attributes' Python __getattr__ costs ~1 µs a read.
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch >= 2.9
+
+
 def tf32_allowed() -> bool:
     """Whether PyTorch allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision =
     "tf32"``, or the legacy ``allow_tf32`` / ``torch.set_float32_matmul_precision("high")``)."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9
+    precision = "none" if _FP32_PRECISION is None else _FP32_PRECISION("cuda", "matmul")
     if precision != "none":
         return precision == "tf32"
     try:
-        return bool(matmul.allow_tf32)
+        return bool(torch._C._get_cublas_allow_tf32())
     except RuntimeError:  # torch refuses to read the legacy flag after a mix of old and new APIs
         return False
 

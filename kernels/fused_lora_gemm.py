@@ -541,7 +541,7 @@ def launch_fused_lora_gemm(
     key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
            misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
     launch = kernel.bound.get(key)
-    with launch_device(inp):
+    with launch_device(device):
         if launch is None:
             plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,
                          base is not None)

@@ -102,12 +102,18 @@ class _CompiledLaunch:
         self.stream = triton.runtime.driver.active.get_current_stream
 
     def __call__(self, args: tuple) -> None:
-        enter = knobs.runtime.launch_enter_hook  # a profiler's (proton) hooks see the launch as Triton's would
-        stream = self.stream(self.device)
-        launch_metadata = None if enter is None else self.kernel.launch_metadata(self.grid, stream, *args, *self.tail)
-        grid = self.grid
-        self.run(grid[0], grid[1], grid[2], stream, self.function, self.metadata, launch_metadata, enter,
-                 knobs.runtime.launch_exit_hook, *args, *self.tail)
+        stream, grid = self.stream(self.device), self.grid
+        enter = knobs.runtime.launch_enter_hook
+        if enter is None or not getattr(enter, "calls", True):
+            # No launch hooks (triton 3.8 keeps an empty HookChain): no launch metadata to build, and None
+            # spares the driver's launcher a call of each empty chain.
+            self.run(grid[0], grid[1], grid[2], stream, self.function, self.metadata, None, None, None, *args,
+                     *self.tail)
+            return
+        # A profiler's (proton's) hooks see the launch as they would Triton's own.
+        self.run(grid[0], grid[1], grid[2], stream, self.function, self.metadata,
+                 self.kernel.launch_metadata(grid, stream, *args, *self.tail), enter, knobs.runtime.launch_exit_hook,
+                 *args, *self.tail)
 
 
 class _InterpretedLaunch:

@@ -36,15 +36,17 @@ __all__ = ["HEADLINE_SHAPES", "HOST_SECONDS", "BackendEstimate", "ShapeClass", "
 
 # Eager host time of one call through the library (validation, autograd node, launcher, launches),
 # per backend and mode: "fwd" (a forward, with or without gradients recorded) and "fwd_bwd" (forward
-# plus backward). The module rows of benchmarks/results/cpu-overhead.md (this 2-core CPU under load from
-# other jobs: upper bounds; the device calls of triton and cuda stubbed), plus what the stubs leave out:
-# Triton's binder and launch, ~15 µs per launch (research/gpu-readiness-3.md, N3: 10-20 µs, a guess),
-# and the extension op's checks and cudaLaunchKernel, ~4 µs per launch (a guess); one launch forward,
-# three forward + backward. The composite's CPU kernels stand in for its launches.
+# plus backward). The module rows of a run of `python -m benchmarks.bench_overhead --stub-devices`
+# (2026-12-06 15:19 UTC; the committed run of benchmarks/results/cpu-overhead.md, 15:42, is within 1 µs
+# of it) on a 2-core CPU shared with other jobs (upper bounds; the device calls of triton and cuda
+# stubbed), plus what the stubs leave out: Triton's C launch (argument parsing, each tensor's data_ptr,
+# cuLaunchKernel; its Python launcher is measured), ~5 µs per launch, and the extension op's checks and
+# cudaLaunchKernel, ~4 µs per launch (guesses); one launch forward, three forward + backward. The
+# composite's CPU kernels stand in for its launches.
 HOST_SECONDS: dict[str, dict[str, float]] = {
-    "torch": {"fwd": 42e-6, "fwd_bwd": 195e-6},
-    "triton": {"fwd": (81 + 15) * 1e-6, "fwd_bwd": (314 + 3 * 15) * 1e-6},
-    "cuda": {"fwd": (31 + 4) * 1e-6, "fwd_bwd": (153 + 3 * 4) * 1e-6},
+    "torch": {"fwd": 36e-6, "fwd_bwd": 181e-6},
+    "triton": {"fwd": (29 + 5) * 1e-6, "fwd_bwd": (148 + 3 * 5) * 1e-6},
+    "cuda": {"fwd": (29 + 4) * 1e-6, "fwd_bwd": (152 + 3 * 4) * 1e-6},
 }
 _CUBLAS_EFFICIENCY = 0.9
 _TRITON_EFFICIENCY = 0.8
