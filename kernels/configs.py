@@ -20,6 +20,7 @@ ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 __all__ = [
     "DTYPE_NAMES",
     "ELEMENT_SIZE",
+    "FALLBACK_FUSED_LORA_GEMM_CONFIG",
     "FUSED_LORA_GEMM_GPU_CONFIGS",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
@@ -101,9 +102,7 @@ def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
 # tile the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
 # tutorial's Ampere/Hopper lists, trimmed to leave registers for the rank block (the launcher times
 # at most three kept ones per tuning key): the two near-copies (4, 5, 64, 32) and (8, 4, 256, 32) of
-# (4, 4, 64, 64) and (8, 3, 256, 64) are gone. The last, the smallest, is the pruning's fallback: at
-# 128-row tiles with rank tile 32, further passes and odd strides every wider one spills on sm_90
-# (triton 3.8 AOT, 2026-12-06), this one does not.
+# (4, 4, 64, 64) and (8, 3, 256, 64) are gone.
 FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
@@ -111,8 +110,12 @@ FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
 )
+# The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
+# warps. Every listed config spills on sm_90 at some tilings the launch policy makes (e.g. 64- and
+# 128-row tiles with rank tile 32 and further passes, fp16; triton 3.8 AOT, 2026-12-06); this one did
+# not there. The AOT gate compiles it wherever the pruning falls back to it.
+FALLBACK_FUSED_LORA_GEMM_CONFIG = _cfg(8, 3, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 # Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
 # Five, as the stacked list: (8, 3, 64, 64) and (4, 4, 64, 32) are near-copies of neighbours.
@@ -234,8 +237,8 @@ def fitting_fused_lora_gemm_configs(
     shared memory counted; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel; ``has_weight=False`` its
     weightless (delta) form, which spills at configs of its own (the shared-memory and register
-    estimates keep counting the weight tile: an upper bound). Never empty: falls back to the smallest
-    tiles.
+    estimates keep counting the weight tile: an upper bound). Never empty: where nothing is kept,
+    :data:`FALLBACK_FUSED_LORA_GEMM_CONFIG`.
     """
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
@@ -262,7 +265,7 @@ def fitting_fused_lora_gemm_configs(
             acc += 2 * (block_m * bk + bk * bn + bk * rank_width)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return [c for c in kept if fits(c)] or [FALLBACK_FUSED_LORA_GEMM_CONFIG]
 
 
 def fitting_lora_grads_configs(

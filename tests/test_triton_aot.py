@@ -130,4 +130,5 @@ def test_a_partial_remeasurement_updates_the_spill_record_where_it_measured(tmp_
         written = scope["SPILLING_CONFIGS"]
         assert new_spill in written and old_clean not in written and count == len(written)
         assert (old_unmeasured in written) == keep
-        assert f"triton {triton.__version__} sm_{old_clean[0]}/90: 2 of 3 kernels" in record.read_text()
+        assert f"triton {triton.__version__} sm_90: 1 kernels, 1 of them spilling" in record.read_text()
+        assert f"triton {triton.__version__} sm_{old_clean[0]}: 1 kernels, 0 of them spilling" in record.read_text()
