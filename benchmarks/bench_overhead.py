@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import platform
 import random
 import statistics
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from lora_ensemble import FusedLoRAEnsembleLinear, available_backends, fused_lora_ensemble_linear
 
-from .device_stubs import STUB_SUFFIX, stubbed_device_calls
+from .device_stubs import STUB_SUFFIX, STUBBED_PARTS, stubbed_device_calls
 from .measure import synchronize, synchronized_timer
 
 __all__ = ["MODES", "build_calls", "measure", "overhead_providers"]
@@ -140,6 +141,8 @@ def measure(device: torch.device, rounds: int = 30, calls_per_round: int = 200,
             results["auto"] = {d.shape.key(): f"{d.backend} ({d.why()})" for d in auto_decisions()}
     if skipped:
         results["skipped"] = dict(skipped)
+    if stubbed:
+        results["stubbed"] = {backend: STUBBED_PARTS[backend] for backend in stubbed}
     return results
 
 
@@ -170,21 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
+    load_before = os.getloadavg()
     results = measure(device, rounds=args.rounds, stub_devices=args.stub_devices)
+    load = f"1-minute load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread"
     triton_version = getattr(sys.modules.get("triton"), "__version__", "not imported")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"host cost per call (min of {args.rounds} interleaved rounds), {name}, torch {torch.__version__}, "
-          f"triton {triton_version}, {date}")
+          f"triton {triton_version}, {date}, {load}")
     print(_table(results))
     for backend, reason in results.get("skipped", {}).items():
         print(f"{backend}: not stubbed: {reason}")
     for shape, choice in results.get("auto", {}).items():
         print(f"auto: {shape} -> {choice}")
+    for backend, part in results.get("stubbed", {}).items():
+        print(f"{backend}{STUB_SUFFIX}: stubbed: {part}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "triton": triton_version, "date": date,
-                       "host": _cpu_name() if device.type == "cpu" else platform.node(), "results": results},
+                       "host": _cpu_name() if device.type == "cpu" else platform.node(), "load": load,
+                       "results": results},
                       f, indent=1)
     return 0
 

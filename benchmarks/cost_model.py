@@ -16,6 +16,8 @@ memory floor is bytes / peak bandwidth; a kernel cannot beat the larger of the t
 
 Peaks are measured on the device at the start of a run (:func:`device_peaks`); spec-sheet numbers
 of known GPUs are kept as a labelled reference (:func:`spec_peaks`).
+
+What the fused kernels themselves read, tile by tile, is :mod:`benchmarks.kernel_traffic`.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@ machine without a GPU, next to the composite, in the same process.
 
 What is stubbed, and so not measured:
 
-* ``triton``: Triton's JIT launch (``JITFunction.run``: argument binding, the compiled kernel lookup,
-  the driver launch) is a no-op; each autotune key picks its config once without benchmarking
-  (``Autotuner._bench`` returns equal times, so the first config the pruning keeps wins). Everything
-  before it runs as on a GPU: validation, the autograd node, the launcher (argument dict, strides,
-  grid), the heuristics and the autotuner's per-call key and argument filtering.
+* ``triton``: Triton's JIT (``JITFunction.run``: binding, compiling, launching) returns a stand-in
+  compiled kernel, Triton's driver is a stand-in whose current stream is 0, and timing a candidate
+  config (``triton.testing.do_bench``) returns equal times (so the cost model's first wins). The JIT
+  runs once per launch key (its first call); every later call runs as on a GPU: validation, the
+  autograd node, the launcher (sizes, strides, the launch key and its lookup), the bound kernel's
+  launch and Triton's own launcher (``CompiledKernel.run``: in triton 3.8 a Python function that
+  allocates scratch), whose last step, the C launch (argument parsing, ``cuLaunchKernel``), is the
+  no-op (where Triton's launcher cannot run so, all of ``CompiledKernel.run`` is).
 * ``cuda``: the extension's three ops get CPU kernels that allocate their outputs and return (compiled
   once with ``torch.utils.cpp_extension.load_inline``, about a minute, then cached). Everything before
   the op runs as on a GPU, the dispatcher included; the op body's argument checks and the CUDA launch
@@ -23,15 +26,23 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 
 from lora_ensemble import auto_backend, backends, functional, tuning_store
 
-__all__ = ["STUB_SUFFIX", "stubbed_device_calls"]
+__all__ = ["STUBBED_PARTS", "STUB_SUFFIX", "stubbed_device_calls"]
 
 STUB_SUFFIX = "*"  # appended to a backend name whose device calls are stubbed: "functional[triton*]"
+# What the stubs leave out, per backend (the triton entry is set when the stub is made: it depends on
+# whether this Triton's Python launcher can run on a stand-in).
+STUBBED_PARTS: dict[str, str] = {
+    "cuda": "the extension ops' bodies: their argument checks and cudaLaunchKernel (CPU kernels that allocate the "
+            "outputs stand in)",
+}
 
 _CUDA_OP_STUBS = r"""
 #include <ATen/ATen.h>
@@ -71,6 +82,36 @@ TORCH_LIBRARY_IMPL(lora_ensemble, CPU, m) {
 """
 
 
+# Triton's driver as the bound launch asks it for the current stream.
+_DRIVER = SimpleNamespace(get_current_stream=lambda device: 0, get_current_device=lambda: 0)
+
+
+def _no_op(*args: object) -> None:
+    return None
+
+
+def _driver_launcher() -> Callable[..., None]:
+    """A compiled kernel's ``run`` with only the C launch stubbed (call it with the stand-in driver
+    active): Triton's own launcher (``CudaLauncher.__call__``: triton 3.8 allocates its scratch in
+    Python there) on a stand-in whose C launch (argument parsing, ``cuLaunchKernel``) is a no-op and
+    which needs no scratch; where that launcher does not run so (another Triton), the no-op."""
+    with contextlib.suppress(ImportError, AttributeError, TypeError):
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        stand_in = SimpleNamespace(gsan_enabled=False, arg_annotations=(), kernel_signature=b"", num_ctas=1,
+                                   launch=_no_op, global_scratch_size=0, global_scratch_align=1,
+                                   profile_scratch_size=0, profile_scratch_align=1, launch_cooperative_grid=False,
+                                   launch_pdl=False)
+        run = types.MethodType(CudaLauncher.__call__, stand_in)
+        run(1, 1, 1, 0, 0, (), None, None, None, 0)  # every attribute this Triton's launcher reads is there
+        STUBBED_PARTS["triton"] = ("the JIT on a launch key's first call (equal candidate timings) and the C launch "
+                                   "(argument parsing, cuLaunchKernel); Triton's Python launcher runs")
+        return run
+    STUBBED_PARTS["triton"] = ("the JIT on a launch key's first call (equal candidate timings) and the compiled "
+                               "kernel's whole launcher (CompiledKernel.run)")
+    return _no_op
+
+
 def _stub_cuda_ops() -> str | None:
     """Register the CPU stubs of the extension's ops; None, or why the ``cuda`` backend cannot be stubbed."""
     try:
@@ -93,16 +134,22 @@ def _triton_launch_stubbed() -> Iterator[str | None]:
     if interpreting():
         yield "TRITON_INTERPRET=1 runs the kernels in the interpreter: unset it to stub the launch"
         return
-    from triton.runtime.autotuner import Autotuner
+    import triton.testing
+    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    saved = JITFunction.run, Autotuner._bench
-    JITFunction.run = lambda self, *args, **kwargs: None
-    Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
+    saved = JITFunction.run, triton.testing.do_bench
+    active = getattr(driver, "_active", None)  # None until a driver is asked for (none can be made here)
+    driver.set_active(_DRIVER)
+    # A compiled kernel as the launcher binds it (kernels/launcher.py).
+    compiled = SimpleNamespace(run=_driver_launcher(), function=0, packed_metadata=(), launch_metadata=_no_op)
+    JITFunction.run = lambda self, *args, **kwargs: compiled
+    triton.testing.do_bench = lambda fn, **kwargs: 1.0
     try:
         yield None
     finally:
-        JITFunction.run, Autotuner._bench = saved
+        JITFunction.run, triton.testing.do_bench = saved
+        driver.set_active(active)
 
 
 @contextlib.contextmanager

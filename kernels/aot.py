@@ -1,18 +1,26 @@
 # Ahead-of-time compilation of every Triton kernel of this package for NVIDIA targets on a machine
 # without a GPU: triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch,
-# 32)) runs the whole pipeline down to a cubin with ptxas. Each kernel is compiled in the argument
-# specialisation it gets at run time for contiguous inputs (unit strides as constexpr 1, other
-# strides, sizes and pointers 16-divisible, tuning-only arguments unspecialised), for every dtype and
-# dot precision (fp32 with TF32 and 3xTF32 dots, fp16, bf16), every rank tile (16, 32, 64, 128),
-# both row-tile regimes (a batch of 8 rows per member, which gets the smallest row tile, and a large
-# one) and every config the run-time pruning keeps for that problem on that architecture. The
-# ptxas -v log of Triton's own compilation gives registers and spills, the compiled kernel's
+# 32)) runs the whole pipeline down to a cubin with ptxas. Each kernel is compiled for every dtype
+# and dot precision (fp32 with TF32 and 3xTF32 dots, fp16, bf16), every rank tile (16, 32, 64, 128),
+# the row tilings (row tile, rank slots, extra passes: kernels/launch_policy.py) of five row regimes
+# from decode to prefill, and every config the run-time pruning keeps for that problem on that
+# architecture; and in two of the argument specialisations Triton makes at run time (unit strides
+# are constexpr 1 in all of them, tuning-only arguments unspecialised): "aligned" (every pointer and
+# every size and stride that follows the layer's widths 16-divisible, those that follow the rank or
+# the rows, configs.RANK_OR_ROW_ARGS, not: contiguous inputs of aligned widths at any rank and row
+# count), "odd" (no size or stride 16-divisible: odd widths; the review found spills here the aligned
+# compile did not show). The row, member and rank counts are never specialised (the kernels'
+# do_not_specialize: no constant 1 at decode, no extra compile), nor are the tuning-only arguments.
+# The ptxas -v log of Triton's own compilation gives registers and spills, the compiled kernel's
 # metadata the shared memory.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 80 --arch 90]`` (``TRITON_INTERPRET`` must be
-unset: the interpreter replaces the kernels by Python functions). Exit status 1 when a kernel fails
-to compile, needs more shared memory than the target has, or spills registers.
+unset: the interpreter replaces the kernels by Python functions). ``--sample N`` compiles N cases per
+kernel role instead of all (a quick check); ``--timeout S`` stops the run, its worker processes
+included, after S seconds, and so does SIGTERM (exit status 3; ``--json`` keeps the reports so far).
+Exit status 1 when a kernel fails to compile, needs more shared memory than the target has, or
+spills registers.
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, TimeoutError
 from dataclasses import dataclass
 
 import triton
@@ -34,16 +45,19 @@ from triton.compiler import ASTSource
 from .configs import (
     FUSED_LORA_GEMM_GPU_CONFIGS,
     LORA_GRADS_GPU_CONFIGS,
+    RANK_OR_ROW_ARGS,
     SHARED_INPUT_GPU_CONFIGS,
+    SPECIALISED_SIZES,
     fitting_fused_lora_gemm_configs,
     fitting_lora_grads_configs,
-    fused_lora_gemm_block_rows,
     spill_key,
 )
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
+from .launch_policy import RowTiling, shared_tiling, stacked_tiling
 from .lora_grads import _lora_grads_kernel
+from .spilling_configs import SPILLING_CONFIGS
 
-__all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "compile_case", "main"]
+__all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "compile_case", "main", "sample_cases"]
 
 ARCHS = (80, 90)
 # Largest dynamic shared memory per block (bytes) an NVIDIA architecture grants.
@@ -51,14 +65,18 @@ SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # (dtype, dot precision) pairs: fp32 runs one TF32 pass when PyTorch allows TF32, else 3xTF32.
 VARIANTS = (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"))
 RANK_TILES = (16, 32, 64, 128)
-# Rows per member of the two regimes: a batch small enough for the 16-row tile, and a large one.
-ROW_REGIMES = (8, 4096)
+# Rows per member of the regimes whose row tilings are compiled, at 16 members: decode (one 16-row
+# tile of 16 members), 16 rows a member (64-row tiles of 4), batch-1 ViT (50: 64-row tiles of 2-3),
+# ViT training (1600: 128-row tiles, a few straddling two members), prefill (128-row tiles in one).
+ROW_REGIMES = (1, 16, 50, 1600, 4096)
+MEMBERS = 16
+# SMs of the GPU the shared-input row policy is asked about (an H100: batch-1 sizes get 16-row tiles).
+_SM_COUNT = 132
+SPECIALISATIONS = ("aligned", "odd")
 # Width and depth of the problem the configs are pruned for: wide enough that no tile is cut.
 _LARGE_SIZE = 4096
-# Integer arguments: sizes and strides (16-divisible at run time for aligned problems), and the
-# tuning-only keys the kernels leave unspecialised.
-_SIZE_ARGS = {"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"}
-_UNSPECIALISED_ARGS = {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"}
+# The counts the kernels leave unspecialised (do_not_specialize).
+_UNSPECIALISED_ARGS = {"ROWS", "MEMBERS", "RANK"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
 _FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
 
@@ -100,27 +118,33 @@ _SPILLING_CONFIGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class AotCase:
-    """One compilation: a kernel role, its dtype and dot precision, rank and row tiles, launch config."""
+    """One compilation: a kernel role, its dtype and dot precision, rank tile, row tiling, launch
+    config and argument specialisation (:data:`SPECIALISATIONS`)."""
 
     name: str
     dtype: str
     precision: str  # the dots' input_precision: "tf32" or, for fp32, "tf32x3"
     block_r: int
-    block_m: int  # the fused kernels' row tile (from the rows per member); the lora_grads config sets its own
+    block_m: int  # the fused kernels' row tile (launch policy); the lora_grads config sets its own
     config: triton.Config
+    rank_slots: int = 1
+    multi_pass: bool = False
+    specialisation: str = "aligned"
 
     def label(self) -> str:
         dtype = f"{self.dtype}-{self.precision}" if self.dtype == "fp32" else self.dtype
-        return f"{self.name}-{dtype}-R{self.block_r}-M{self.block_m}"
+        passes = "+" if self.multi_pass else ""
+        return f"{self.name}-{dtype}-R{self.block_r}-M{self.block_m}-S{self.rank_slots}{passes}-{self.specialisation}"
 
     def config_text(self) -> str:
         kwargs = " ".join(f"{k}={v}" for k, v in self.config.kwargs.items())
         return f"{kwargs} w{self.config.num_warps} s{self.config.num_stages}"
 
     def spill_key(self, arch: int) -> tuple:
-        """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS`."""
+        """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS` (the run-time
+        pruning finds its launch's specialisation with ``configs.argument_specialisation``)."""
         return spill_key(ROLE_KERNEL[self.name], self.dtype, self.precision, self.block_r, self.block_m,
-                         self.config, arch)
+                         self.config, arch, self.rank_slots, self.multi_pass, self.specialisation)
 
 
 @dataclass(frozen=True)
@@ -151,7 +175,7 @@ class AotReport:
 
     def line(self) -> str:
         flag = ("" if self.fits else "  EXCEEDS SHARED MEMORY") + ("  SPILLS" if self.spills else "")
-        return (f"sm_{self.arch} {self.case.label():<42} {self.case.config_text():<44} regs {self.registers:>3}  "
+        return (f"sm_{self.arch} {self.case.label():<56} {self.case.config_text():<44} regs {self.registers:>3}  "
                 f"spills {self.spill_stores:>4}/{self.spill_loads:<4} smem {self.shared_bytes:>6}{flag}")
 
 
@@ -167,64 +191,101 @@ def _role(name: str) -> tuple:
 
 
 def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows: int, arch: int = 90,
-                      without_measured_spills: bool = True) -> list[tuple[int, triton.Config]]:
-    """``(block_m, config)`` for every config the run-time pruning keeps for role ``name`` on a
-    problem of ``rows`` rows per member (d = k = 4096) on ``sm_<arch>``, in autotune order
-    (``without_measured_spills=False``: also those the spill record excludes)."""
+                      specialisation: str = "aligned",
+                      without_measured_spills: bool = True) -> list[tuple[RowTiling, triton.Config]]:
+    """``(row tiling, config)`` for every config the run-time pruning keeps for role ``name`` on a
+    problem of :data:`MEMBERS` members of ``rows`` rows (d = k = 4096) on ``sm_<arch>`` in
+    ``specialisation``, in autotune order (``without_measured_spills=False``: also those the spill
+    record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
     common = {"dtype": dtype, "precision": precision, "block_r": block_r, "shared_memory": SHARED_MEMORY_LIMIT[arch],
-              "capability": arch, "without_measured_spills": without_measured_spills}
+              "capability": arch, "specialisation": specialisation, "without_measured_spills": without_measured_spills}
     if kernel is _lora_grads_kernel:
         kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, **common)
-        return [(c.kwargs["BLOCK_M"], c) for c in kept]
-    block_m = fused_lora_gemm_block_rows({"ROWS": rows, "BLOCK_R": block_r, "DOT_PRECISION": precision, **fixed})
-    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=block_m,
+        return [(RowTiling(c.kwargs["BLOCK_M"], 1, False), c) for c in kept]
+    tf32x3 = precision == "tf32x3"
+    if "SUM_MEMBERS" in fixed:
+        tiling = shared_tiling(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
+    else:
+        tiling = stacked_tiling(rows, MEMBERS, block_r, tf32x3)
+    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=tiling.block_m,
+                                           rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
                                            sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"],
                                            **common)
-    return [(block_m, c) for c in kept]
+    return [(tiling, c) for c in kept]
 
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:
-    """Every kernel role x dtype/precision x rank tile x row regime x kept config on ``sm_<arch>``,
-    without repeats (a config kept in both row regimes of the weight-gradient kernel is one case)."""
+    """Every kernel role x dtype/precision x rank tile x row tiling x specialisation x kept config
+    on ``sm_<arch>``, without repeats (a tiling and config kept in several row regimes is one case)."""
     cases: dict[str, AotCase] = {}
     for name in ROLE_NAMES:
         for dtype, precision in VARIANTS:
             for block_r in RANK_TILES:
                 for rows in ROW_REGIMES:
-                    kept = candidate_configs(name, dtype, precision, block_r, rows, arch, without_measured_spills)
-                    for block_m, config in kept:
-                        case = AotCase(name, dtype, precision, block_r, block_m, config)
-                        cases.setdefault(f"{case.label()} {case.config_text()}", case)
+                    for specialisation in SPECIALISATIONS:
+                        for tiling, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
+                                                                specialisation, without_measured_spills):
+                            case = AotCase(name, dtype, precision, block_r, tiling.block_m, config, tiling.rank_slots,
+                                           tiling.multi_pass, specialisation)
+                            cases.setdefault(f"{case.label()} {case.config_text()}", case)
     return list(cases.values())
 
 
-def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIGS_FILE) -> int:
+def sample_cases(cases: list[AotCase], per_role: int) -> list[AotCase]:
+    """``per_role`` cases of each kernel role, spread evenly over its list (a quick check that every
+    role still compiles; the full gate compiles them all)."""
+    sampled = []
+    for name in ROLE_NAMES:
+        of_role = [c for c in cases if c.name == name]
+        step = max(1, len(of_role) // per_role)
+        sampled += of_role[::step][:per_role]
+    return sampled
+
+
+def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIGS_FILE,
+                           keep_unmeasured: bool = False) -> int:
     """Write ``spilling_configs.py`` from the JSON reports of ``--all-candidates`` runs (one per
-    triton version): the union of every kernel that spilled. Returns how many there are."""
-    spilling = set()
-    versions = []
+    triton version and arch, whole or stopped early): every kernel that spilled. With
+    ``keep_unmeasured`` the record's entries that no report measured stay in it (a partial
+    re-measurement updates the record where it measured and keeps the rest). Returns how many
+    entries there are."""
+    spilling, measured, runs = set(), set(), {}
     for report_path in report_paths:
         with open(report_path) as f:
             run = json.load(f)
-        versions.append(run["triton"])
-        spilling |= {tuple(r["spill_key"]) for r in run["reports"]
-                     if not isinstance(r, str) and (r["spill_stores"] or r["spill_loads"])}
+        for report in run["reports"]:
+            if isinstance(report, str):
+                continue
+            key = tuple(report["spill_key"])
+            compiled, spilled = runs.setdefault((run["triton"], report["arch"]), (set(), set()))
+            compiled.add(key)
+            measured.add(key)
+            if report["spill_stores"] or report["spill_loads"]:
+                spilled.add(key)
+                spilling.add(key)
+    runs = [f"triton {version} sm_{arch}: {len(compiled)} kernels, {len(spilled)} of them spilling"
+            for (version, arch), (compiled, spilled) in sorted(runs.items())]
+    carried = {key for key in SPILLING_CONFIGS if key not in measured} if keep_unmeasured else set()
     lines = [
         "# Generated by `python -m lora_ensemble.kernels.aot --write-spilling-configs REPORT.json ...` from",
-        f"# `--all-candidates` runs with triton {', '.join(sorted(set(versions)))}: every kernel that spilled",
-        "# registers on sm_80 or sm_90 (the key of configs.spill_key: arch family, kernel, dtype, dot",
-        "# precision, rank tile, row tile, warps, stages, other tiles). The run-time pruning never keeps these.",
+        "# `--all-candidates` runs: every kernel that spilled registers (the key of configs.spill_key: arch",
+        "# family, kernel, dtype, dot precision, rank tile, row tile, rank slots, further passes,",
+        "# specialisation, warps, stages, other tiles). The run-time pruning never keeps these. Measured",
+        "# (distinct kernels; a spill under one triton version excludes the config under every version):",
+        *(f"#   {line}" for line in runs),
+        *([f"# and {len(carried)} entries carried over from the previous record (not measured by these runs)."]
+          if carried else []),
         '"""Launch configs measured to spill registers (see kernels/aot.py)."""',
         "",
         "SPILLING_CONFIGS: frozenset[tuple] = frozenset({",
-        *(f"    {key!r}," for key in sorted(spilling)),
+        *(f"    {key!r}," for key in sorted(spilling | carried)),
         "})",
         "",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    return len(spilling)
+    return len(spilling | carried)
 
 
 def _source(case: AotCase) -> ASTSource:
@@ -232,6 +293,9 @@ def _source(case: AotCase) -> ASTSource:
     fn = _unwrap(kernel)
     constexprs = {"BLOCK_R": case.block_r, "DOT_PRECISION": case.precision, "BLOCK_M": case.block_m, **fixed,
                   **case.config.kwargs}
+    if kernel is not _lora_grads_kernel:
+        constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
+    divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -247,9 +311,10 @@ def _source(case: AotCase) -> ASTSource:
             signature[arg] = "fp32"
         elif arg in _UNSPECIALISED_ARGS:
             signature[arg] = "i32"
-        elif arg.startswith("stride_") or arg in _SIZE_ARGS:
+        elif arg.startswith("stride_") or arg in SPECIALISED_SIZES:
             signature[arg] = "i32"
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            if divisible and arg not in RANK_OR_ROW_ARGS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise ValueError(f"{case.name}: no AOT signature rule for argument {arg!r} of {fn.__name__}")
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -285,6 +350,43 @@ def _compile_in_worker(args: tuple[AotCase, int]) -> AotReport | str:
         return f"sm_{arch} {case.label()} ({case.config_text()}): {type(exc).__name__}: {exc}"
 
 
+def _kill_workers() -> None:
+    """Kill the compile workers (children of this process) so that none outlives a stopped run."""
+    for child in multiprocessing.active_children():
+        child.kill()
+    for child in multiprocessing.active_children():
+        child.join(timeout=5)
+
+
+class _Stopped(Exception):
+    """SIGTERM during a compile run: stop as on a timeout, keeping the reports so far."""
+
+
+def _stop(signum: int, frame) -> None:
+    raise _Stopped
+
+
+def _compile_all(work: list[tuple[AotCase, int]], jobs: int, timeout: float | None) -> tuple[list, bool]:
+    """Compile ``work`` on ``jobs`` worker processes; stop (killing the workers) after ``timeout``
+    seconds or on SIGTERM. Returns the results so far, in order, and whether it stopped early."""
+    results: list[AotReport | str] = []
+    pool = ProcessPoolExecutor(max_workers=jobs)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    finished = False
+    try:
+        for result in pool.map(_compile_in_worker, work, chunksize=4, timeout=timeout):
+            results.append(result)
+        finished = True
+    except (TimeoutError, _Stopped):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not finished:
+            _kill_workers()
+        pool.shutdown(wait=finished, cancel_futures=True)
+    return results, not finished
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT),
@@ -292,22 +394,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", metavar="PATH", help="also write the reports (and failures) to PATH as JSON")
     parser.add_argument("--only", metavar="TEXT", default="", help="compile only the cases whose label contains TEXT")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="compile only N cases of each kernel role per arch (a quick check, not the gate)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="stop after SECONDS, worker processes included, with exit status 3")
     parser.add_argument("--all-candidates", action="store_true",
                         help="also compile the configs the spill record excludes (to measure it again)")
     parser.add_argument("--write-spilling-configs", nargs="+", metavar="REPORT",
                         help="write spilling_configs.py from the JSON of --all-candidates runs, and exit")
+    parser.add_argument("--keep-unmeasured", action="store_true",
+                        help="with --write-spilling-configs: keep the record's entries the reports did not measure")
     args = parser.parse_args(argv)
     if args.write_spilling_configs:
-        count = write_spilling_configs(args.write_spilling_configs)
+        count = write_spilling_configs(args.write_spilling_configs, keep_unmeasured=args.keep_unmeasured)
         print(f"{_SPILLING_CONFIGS_FILE}: {count} spilling kernels")
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
         return 2
-    work = [(case, arch) for arch in (args.arch or ARCHS)
-            for case in aot_cases(arch, without_measured_spills=not args.all_candidates) if args.only in case.label()]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(_compile_in_worker, work, chunksize=4))
+    work = []
+    for arch in args.arch or ARCHS:
+        cases = [c for c in aot_cases(arch, without_measured_spills=not args.all_candidates) if args.only in c.label()]
+        work += [(case, arch) for case in (sample_cases(cases, args.sample) if args.sample else cases)]
+    start = time.monotonic()
+    results, timed_out = _compile_all(work, args.jobs, args.timeout)
     bad = 0
     for result in results:
         if isinstance(result, str):
@@ -316,11 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(result.line())
             bad += result.spills or not result.fits
-    print(f"{len(results) - bad}/{len(results)} kernels compiled, fit and do not spill (triton {triton.__version__})")
+    print(f"{len(results) - bad}/{len(work)} kernels compiled, fit and do not spill (triton {triton.__version__}, "
+          f"{time.monotonic() - start:.0f} s on {args.jobs} jobs)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__,
+            json.dump({"triton": triton.__version__, "cases": len(work), "timed_out": timed_out,
                        "reports": [r if isinstance(r, str) else r.as_dict() for r in results]}, f, indent=1)
+    if timed_out:
+        print(f"STOPPED (timeout {args.timeout} s or SIGTERM): {len(work) - len(results)} kernels not compiled",
+              file=sys.stderr)
+        return 3
     return 1 if bad else 0
 
 

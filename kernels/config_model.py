@@ -58,14 +58,21 @@ class GemmLaunch:
         rhs_bytes: element size of the column operand ``[BK, BN]`` and of the rank operand ``[BK, rank_tile]``.
         dram_bytes: the launch's unavoidable DRAM traffic (every operand once, every result once).
         column_operand: the main loop multiplies by a ``[BK, BN]`` column tile (False: a delta kernel).
-        rank_tile: rank columns computed from the rows next to the output tile (``x A^T``); 0 for none.
-        rank_loops: K loops over the rank tile alone per program (shared-input kernels: one per member
-            of the program's group); 0 when the rank tile rides along in the main loop.
+        rank_tile: columns of the rank block computed from the row tile (``x A^T`` of the members a
+            pass holds side by side: rank slots x rank tile); 0 for none.
+        rank_in_main: the rank block rides along the main K loop (one more dot per step).
+        rank_loops: further K loops over the rank block alone per program, an average over the
+            programs (the stacked kernel's further rank passes; the shared-input dx's one per member).
         lhs_loads: row-operand tiles loaded and summed per main step (the shared-input dx sums the
             members' ``dy``).
         output_tiles: fp32 ``[tile_rows, BN]`` accumulators live at once (2 in the shared-input forward).
-        expand: the epilogue multiplies the rank tile by a ``[rank_tile, BN]`` tile, once per rank loop.
-        dot_passes: dots per product (2 where an fp32 operand meets a 16-bit one as high and low parts).
+        expands: expand dots ``[tile_rows, expand_rank] @ [expand_rank, BN]`` per program (one per
+            member the row tile holds), an average over the programs.
+        expand_rank: the rank of one expand dot (0: ``rank_tile``).
+        expand_passes: dots per expand product (2 where the fp32 rank product meets a 16-bit factor
+            as high and low parts).
+        dot_passes: dots per main and rank product (2 where an fp32 operand meets a 16-bit one as high
+            and low parts: the weight-gradient kernel).
         efficiency: fraction of the dense peak the kernel's dots reach at best.
         col_tile, inner_tile: the names of the config's column and reduction tiles.
     """
@@ -80,10 +87,13 @@ class GemmLaunch:
     dram_bytes: int
     column_operand: bool = True
     rank_tile: int = 0
-    rank_loops: int = 0
+    rank_in_main: bool = True
+    rank_loops: float = 0
     lhs_loads: int = 1
     output_tiles: int = 1
-    expand: bool = False
+    expands: float = 0
+    expand_rank: int = 0
+    expand_passes: int = 1
     dot_passes: int = 1
     efficiency: float = 0.8
     col_tile: str = "BLOCK_N"
@@ -115,7 +125,7 @@ def config_cost(config: Any, launch: GemmLaunch, gpu: GpuSpec) -> ConfigCost:
     rows = launch.tile_rows
     programs = launch.row_tiles * _cdiv(launch.cols, bn)
     k_steps = _cdiv(launch.inner, bk)
-    rank_in_main = launch.rank_tile if launch.rank_loops == 0 else 0
+    rank_in_main = launch.rank_tile if launch.rank_in_main else 0
     main_cols = (bn if launch.column_operand else 0) + rank_in_main
     main_steps = k_steps if main_cols else 0
     rank_steps = k_steps * launch.rank_loops
@@ -125,9 +135,10 @@ def config_cost(config: Any, launch: GemmLaunch, gpu: GpuSpec) -> ConfigCost:
     main_bytes = launch.lhs_loads * rows * bk * launch.lhs_bytes + bk * main_cols * launch.rhs_bytes
     rank_flops = 2 * rows * launch.rank_tile * bk * launch.dot_passes
     rank_bytes = rows * bk * launch.lhs_bytes + bk * launch.rank_tile * launch.rhs_bytes
-    expands = max(1, launch.rank_loops) if launch.expand else 0
-    expand_flops = 2 * rows * launch.rank_tile * bn * launch.dot_passes
-    expand_bytes = launch.rank_tile * bn * launch.rhs_bytes
+    expands = launch.expands
+    expand_rank = launch.expand_rank or launch.rank_tile
+    expand_flops = 2 * rows * expand_rank * bn * launch.expand_passes
+    expand_bytes = expand_rank * bn * launch.rhs_bytes
 
     flops_per_clock = gpu.dot_flops(launch.precision) / (gpu.sm_count * gpu.clock_hz) * launch.efficiency
     smem_rate = SHARED_MEMORY_BYTES_PER_CLOCK

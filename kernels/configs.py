@@ -1,8 +1,8 @@
-# Launch configurations shared by the Triton kernels of this package: autotune lists for NVIDIA
+# Launch configurations shared by the Triton kernels of this package: candidate lists for NVIDIA
 # GPUs (Ampere and Hopper), the single configuration used under TRITON_INTERPRET=1 (the
-# interpreter cannot benchmark), the heuristics that fix the row and rank tiles from the shapes,
-# and the pruning that drops configs which cannot fit (shared memory) or would spill registers.
-"""Autotune configurations and tile heuristics for the kernels in :mod:`lora_ensemble.kernels`."""
+# interpreter cannot benchmark), and the pruning that drops configs which cannot fit (shared
+# memory) or would spill registers. Which of the kept ones runs is kernels/launcher.py's choice.
+"""Candidate configurations and their pruning for the kernels in :mod:`lora_ensemble.kernels`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 
-from .device import compute_capability
+from .launch_policy import MIN_DOT_TILE
 from .spilling_configs import SPILLING_CONFIGS
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -20,30 +20,39 @@ ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 __all__ = [
     "DTYPE_NAMES",
     "ELEMENT_SIZE",
+    "FALLBACK_FUSED_LORA_GEMM_CONFIG",
     "FUSED_LORA_GEMM_GPU_CONFIGS",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
-    "autotuning",
-    "block_rank",
-    "block_rows",
+    "RANK_OR_ROW_ARGS",
+    "SPECIALISED_SIZES",
+    "argument_specialisation",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
     "fitting_lora_grads_configs",
-    "fused_lora_gemm_block_rows",
     "fused_lora_gemm_configs",
     "interpreting",
     "lora_grads_configs",
     "pipeline_buffers",
-    "prune_fused_lora_gemm_configs",
-    "prune_lora_grads_configs",
     "shared_input_configs",
     "size_bucket",
     "spill_key",
     "tf32_allowed",
 ]
 
-MIN_DOT_TILE = 16  # a 16-bit tl.dot on NVIDIA needs every dimension >= 16
-MAX_BLOCK_ROWS = 128
+# Integer arguments Triton specialises by 16-divisibility besides the strides (kernels/aot.py).
+SPECIALISED_SIZES = frozenset({"ROWS", "INNER", "COLS", "RANK", "MEMBERS", "COLS_A", "COLS_B", "ROWS_PER_SPLIT"})
+# Those that follow the rank or the row count rather than the layer's widths (rank 8 gives an odd
+# RANK and rank-strided factors, 50 rows an odd ROWS, whatever the widths): the AOT gate compiles
+# the "aligned" specialisation with these unspecialised, and a launch counts as aligned whatever
+# they are (ROWS, MEMBERS and RANK the kernels never specialise).
+RANK_OR_ROW_ARGS = frozenset({
+    "ROWS", "MEMBERS", "RANK", "ROWS_PER_SPLIT",
+    "stride_shrink_k", "stride_shrink_r", "stride_expand_r", "stride_expand_c",
+    "stride_low_n", "stride_low_m", "stride_low_r",
+    "stride_low_a_n", "stride_low_a_m", "stride_low_a_r", "stride_low_b_n", "stride_low_b_m", "stride_low_b_r",
+    "stride_grad_a_r", "stride_grad_b_r", "stride_grad_b_c",
+})
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
 
@@ -53,15 +62,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# What torch.backends.cuda.matmul.fp32_precision and .allow_tf32 read, called directly: each fp32
+# Triton launch asks, and the attributes' Python __getattr__ costs ~1 µs a read.
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch >= 2.9
+
+
 def tf32_allowed() -> bool:
     """Whether PyTorch allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision =
     "tf32"``, or the legacy ``allow_tf32`` / ``torch.set_float32_matmul_precision("high")``)."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9
+    precision = "none" if _FP32_PRECISION is None else _FP32_PRECISION("cuda", "matmul")
     if precision != "none":
         return precision == "tf32"
     try:
-        return bool(matmul.allow_tf32)
+        return bool(torch._C._get_cublas_allow_tf32())
     except RuntimeError:  # torch refuses to read the legacy flag after a mix of old and new APIs
         return False
 
@@ -74,70 +87,41 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or tf32_allowed() else "tf32x3"
 
 
-def block_rank(rank: int) -> int:
-    """Rank tile: the next power of two >= ``rank``, at least 16 (tensor-core minimum); masked."""
-    return max(MIN_DOT_TILE, triton.next_power_of_2(rank))
-
-
-def autotuning() -> bool:
-    """Whether the Triton kernels benchmark their candidate configs on first use of each tuning key
-    (default). ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` runs the first config the pruning keeps instead:
-    no benchmarking, deterministic config choice (e.g. for CI time, or to compare runs)."""
-    return os.environ.get("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1") != "0"
-
-
 def size_bucket(size: int) -> int:
     """A tuning key for a size that varies per call (rows, members): its power-of-two bucket, so
-    that a config tuned for one row or member count is reused only on counts within a factor of 2."""
-    return triton.next_power_of_2(max(size, 1))
-
-
-def block_rows(rows: int, block_r: int = MIN_DOT_TILE, shared_rows: bool = False, tf32x3: bool = False) -> int:
-    """Row tile for ``rows`` rows per member: small batches (batch-1 inference of an ensemble has
-    tens of rows per member) get a small tile instead of a mostly masked 128-row one. At most 64
-    rows for a rank tile above 64, in the shared-input kernel, and for 3xTF32 dots (which split
-    every operand in two), at most 32 for 3xTF32 at a rank tile above 32 and in the shared-input
-    kernel at a rank tile above 64, and 16 for both at once, where larger tiles leave ptxas too few
-    registers (``python -m lora_ensemble.kernels.aot`` on sm_80 and sm_90)."""
-    cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
-    if (tf32x3 and block_r > 32) or (shared_rows and block_r > 64):
-        cap = MAX_BLOCK_ROWS // 4
-    if tf32x3 and shared_rows and block_r > 64:
-        cap = MIN_DOT_TILE
-    return min(cap, max(MIN_DOT_TILE, triton.next_power_of_2(rows)))
-
-
-def fused_lora_gemm_block_rows(args: dict) -> int:
-    """``BLOCK_M`` heuristic of the fused kernels, from their launch arguments (the shared-input
-    kernel is the one with a ``SUM_MEMBERS`` argument)."""
-    return block_rows(args["ROWS"], args["BLOCK_R"], shared_rows="SUM_MEMBERS" in args,
-                      tf32x3=args["DOT_PRECISION"] == "tf32x3")
+    that a config tuned for one row or member count is reused only on counts within a factor of 2
+    (plain integer arithmetic: triton 3.8's ``next_power_of_2`` costs microseconds a call)."""
+    return 1 << max(size - 1, 0).bit_length()
 
 
 def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from block_rows(ROWS); these
+# Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from the launch policy; these
 # tile the output columns (BLOCK_N) and the reduction (BLOCK_K). Sizes follow the Triton matmul
-# tutorial's Ampere/Hopper lists, trimmed to leave registers for the [BLOCK_M, BLOCK_R] accumulator.
+# tutorial's Ampere/Hopper lists, trimmed to leave registers for the rank block (the launcher times
+# at most three kept ones per tuning key): the two near-copies (4, 5, 64, 32) and (8, 4, 256, 32) of
+# (4, 4, 64, 64) and (8, 3, 256, 64) are gone.
 FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 5, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
+# The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
+# warps. Every listed config spills on sm_90 at some tilings the launch policy makes (e.g. 64- and
+# 128-row tiles with rank tile 32 and further passes, fp16; triton 3.8 AOT, 2026-12-06); this one did
+# not there. The AOT gate compiles it wherever the pruning falls back to it.
+FALLBACK_FUSED_LORA_GEMM_CONFIG = _cfg(8, 3, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 # Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
+# Five, as the stacked list: (8, 3, 64, 64) and (4, 4, 64, 32) are near-copies of neighbours.
 SHARED_INPUT_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(8, 3, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # rank tiles 64-128: the wider 8-warp tiles spill
     _cfg(8, 3, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
@@ -146,8 +130,8 @@ INTERPRETER_FUSED_LORA_GEMM_CONFIG = _cfg(4, 2, BLOCK_N=32, BLOCK_K=32, GROUP_M=
 # The candidates for 3xTF32 dots (fp32 without TF32), which split every operand into a high and a low
 # part and so need about twice the registers: (warps, stages, BLOCK_N, BLOCK_K) of the two lists
 # above with room for that; which of them spill at which tiles is in SPILLING_CONFIGS.
-_TF32X3_STACKED = {(4, 4, 64, 64), (4, 5, 64, 32), (8, 3, 64, 32)}
-_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (4, 4, 64, 32), (8, 3, 64, 32), (8, 3, 32, 32)}
+_TF32X3_STACKED = {(4, 4, 64, 64), (8, 3, 64, 32)}
+_TF32X3_SHARED_INPUT = {(8, 4, 128, 32), (8, 3, 64, 32), (8, 3, 32, 32)}
 
 # Weight gradients: BLOCK_M tiles the reduction over rows, BLOCK_C the output columns.
 LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
@@ -162,24 +146,24 @@ INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 
 def fused_lora_gemm_configs() -> list[triton.Config]:
-    """The autotune list of the stacked fused kernel on this machine."""
+    """The candidate configs of the stacked fused kernel on this machine."""
     return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
 
 
 def shared_input_configs() -> list[triton.Config]:
-    """The autotune list of the shared-input fused kernel on this machine."""
+    """The candidate configs of the shared-input fused kernel on this machine."""
     return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(SHARED_INPUT_GPU_CONFIGS)
 
 
 def lora_grads_configs() -> list[triton.Config]:
-    """The autotune list of the weight-gradient kernel on this machine."""
+    """The candidate configs of the weight-gradient kernel on this machine."""
     return [INTERPRETER_LORA_GRADS_CONFIG] if interpreting() else list(LORA_GRADS_GPU_CONFIGS)
 
 
 def _keep_fitting(configs: list[triton.Config], limits: dict[str, int]) -> list[triton.Config]:
     """Drop configs whose tiles exceed the (power-of-two rounded) problem size; keep at least one,
     the one with the smallest tiles."""
-    bound = {name: max(MIN_DOT_TILE * 2, triton.next_power_of_2(size)) for name, size in limits.items()}
+    bound = {name: max(MIN_DOT_TILE * 2, size_bucket(size)) for name, size in limits.items()}
     kept = [c for c in configs if all(c.kwargs[name] <= bound[name] for name in bound)]
     if kept:
         return kept
@@ -194,14 +178,27 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
 
 
 def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
-              capability: int) -> tuple:
+              capability: int, rank_slots: int = 1, multi_pass: bool = False, specialisation: str = "aligned") -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
     ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
-    the rank and row tiles, warps, stages and the config's other tiles."""
+    the rank and row tiles, the rank slots of a pass and whether the kernel has more passes, the
+    argument specialisation (:func:`argument_specialisation`), warps, stages and the config's other
+    tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
-    return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, config.num_warps,
-            config.num_stages, *tiles)
+    return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, rank_slots, multi_pass,
+            specialisation, config.num_warps, config.num_stages, *tiles)
+
+
+def argument_specialisation(args: dict) -> str:
+    """Which of the AOT gate's specialisations (``kernels/aot.py``) covers a launch's integer
+    arguments: ``"aligned"`` when every size and stride that follows the layer's widths is
+    16-divisible or 1 (Triton turns 1 into a constant; those in :data:`RANK_OR_ROW_ARGS` may be
+    anything), else ``"odd"`` (the compile with no size or stride known 16-divisible: the fewest
+    vector loads and the most registers)."""
+    widths = [v for name, v in args.items() if (name.startswith("stride_") or name in SPECIALISED_SIZES)
+              and name not in RANK_OR_ROW_ARGS and isinstance(v, int) and not isinstance(v, bool)]
+    return "odd" if any(v % 16 and v != 1 for v in widths) else "aligned"
 
 
 def fitting_fused_lora_gemm_configs(
@@ -215,31 +212,39 @@ def fitting_fused_lora_gemm_configs(
     block_r: int,
     shared_memory: int,
     capability: int,
+    rank_slots: int = 1,
+    multi_pass: bool = False,
+    specialisation: str = "aligned",
     sum_members: bool | None = None,
     has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
-    ``precision`` the dots' "tf32" or "tf32x3").
+    ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots`` and ``multi_pass`` from
+    the launch policy's :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
+    :func:`argument_specialisation`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
     with fewer than 64 rows (they spill kilobytes per thread); pipelined tiles beyond
     ``shared_memory`` bytes (:func:`pipeline_buffers` copies on sm_``capability``); fp32
     accumulators beyond 128 registers a thread: [block_m, BLOCK_N] (twice in the shared-input
-    forward, ``sum_members=False``: the base tile and a member's output), [block_m, block_r], and
-    the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``);
+    forward, ``sum_members=False``: the base tile and a member's output), the rank block
+    [block_m, rank_slots * block_r], and
+    the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``),
+    and in the ``"odd"`` specialisation a 64-bit pointer per element of the K-loop's tiles;
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel; ``has_weight=False`` its
     weightless (delta) form, which spills at configs of its own (the shared-memory and register
-    estimates keep counting the weight tile: an upper bound). With autotuning off
-    (:func:`autotuning`) only the first config left. Never empty: falls back to the smallest tiles.
+    estimates keep counting the weight tile: an upper bound). Never empty: where nothing is kept,
+    :data:`FALLBACK_FUSED_LORA_GEMM_CONFIG`.
     """
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
     kind = ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
+    rank_width = rank_slots * block_r
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -250,16 +255,17 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c,
-                                                 capability) in SPILLING_CONFIGS:
+        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c, capability,
+                                                 rank_slots, multi_pass, specialisation) in SPILLING_CONFIGS:
             return False
-        tile_bytes = (block_m * bk + bk * bn + bk * block_r) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
+        tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
-        acc = output_tiles * block_m * bn + block_m * block_r + (2 * block_m * bk if sum_members else 0)
+        acc = output_tiles * block_m * bn + block_m * rank_width + (2 * block_m * bk if sum_members else 0)
+        if specialisation == "odd":  # no vector loads: a 64-bit pointer (2 registers) per loaded element
+            acc += 2 * (block_m * bk + bk * bn + bk * rank_width)
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-    return fitting if autotuning() else fitting[:1]
+    return [c for c in kept if fits(c)] or [FALLBACK_FUSED_LORA_GEMM_CONFIG]
 
 
 def fitting_lora_grads_configs(
@@ -272,13 +278,14 @@ def fitting_lora_grads_configs(
     block_r: int,
     shared_memory: int,
     capability: int,
+    specialisation: str = "aligned",
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
-    """The weight-gradient configs worth trying: no tile wider than the problem, pipelined tiles
+    """The weight-gradient configs worth trying (``specialisation`` as in
+    :func:`fitting_fused_lora_gemm_configs`): no tile wider than the problem, pipelined tiles
     (fp32 ``low``, ``in`` in ``dtype``) within ``shared_memory`` bytes, the [block_r, BLOCK_C] fp32
     accumulator within 128 registers a thread, with 3xTF32 at most a 64 x 128 tile per 4 warps,
-    and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. With autotuning off only the
-    first config left. Never empty."""
+    and (``without_measured_spills``) none in :data:`SPILLING_CONFIGS`. Never empty."""
     kept = _keep_fitting(configs, {"BLOCK_M": rows, "BLOCK_C": cols})
     tf32x3 = precision == "tf32x3"
 
@@ -286,36 +293,11 @@ def fitting_lora_grads_configs(
         bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
         if tf32x3 and bm * bc > 64 * 128 * c.num_warps // 4:
             return False  # the operand split doubles the register footprint
-        if without_measured_spills and spill_key("lora_grads", dtype, precision, block_r, bm, c,
-                                                 capability) in SPILLING_CONFIGS:
+        if without_measured_spills and spill_key("lora_grads", dtype, precision, block_r, bm, c, capability,
+                                                 specialisation=specialisation) in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_r * bm * 4 + bm * bc * ELEMENT_SIZE[dtype]) * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
         return smem <= shared_memory and block_r * bc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
-    fitting = [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
-    return fitting if autotuning() else fitting[:1]
-
-
-def prune_fused_lora_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the fused kernels (see :func:`fitting_fused_lora_gemm_configs`).
-    The kernels are launched by keyword, so their arguments arrive in ``kwargs``."""
-    args = {**named_args, **kwargs}
-    inp = args["in_ptr"]
-    return fitting_fused_lora_gemm_configs(
-        configs, cols=args["COLS"], inner=args["INNER"], dtype=DTYPE_NAMES[inp.dtype],
-        precision=args["DOT_PRECISION"], block_m=args["BLOCK_M"], block_r=args["BLOCK_R"],
-        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-        sum_members=args.get("SUM_MEMBERS"), has_weight=args["HAS_WEIGHT"],
-    )
-
-
-def prune_lora_grads_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the weight-gradient kernel (see :func:`fitting_lora_grads_configs`)."""
-    args = {**named_args, **kwargs}
-    inp = args["in_a_ptr"]
-    return fitting_lora_grads_configs(
-        configs, rows=args["ROWS_PER_SPLIT"], cols=max(args["COLS_A"], args["COLS_B"]),
-        dtype=DTYPE_NAMES[inp.dtype], precision=args["DOT_PRECISION"], block_r=args["BLOCK_R"],
-        shared_memory=args["SHARED_MEMORY"], capability=compute_capability(inp.device),
-    )
+    return [c for c in kept if fits(c)] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]

@@ -26,14 +26,14 @@ MAX_GRID_YZ = 65535
 _NO_GUARD = contextlib.nullcontext()
 
 
-def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context that makes ``tensor``'s CUDA device current for a Triton launch (a no-op when it
-    already is, or for CPU tensors under the interpreter). Triton takes the device, its stream and
-    the autotuner's benchmark device from the current device, so a model on ``cuda:1`` with
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that makes the CUDA ``device`` of a launch's tensors current for a Triton launch (a
+    no-op when it already is, or for CPU tensors under the interpreter). Triton takes the device, its
+    stream and the tuning's benchmark device from the current device, so a model on ``cuda:1`` with
     ``cuda:0`` current would otherwise run its kernels on GPU 0 with GPU 1 pointers."""
-    if tensor.device.type != "cuda" or tensor.device.index == torch.cuda.current_device():
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
         return _NO_GUARD
-    return torch.cuda.device(tensor.device)
+    return torch.cuda.device(device)
 
 
 @functools.cache

@@ -8,21 +8,51 @@
 #     forward      in = x,  weight = W0^T, shrink = A^T, expand = B^T, low = xa   (K = d, C = k)
 #     backward dx  in = dy, weight = W0,   shrink = B,   expand = A,   low = dyb  (K = k, C = d)
 #
-# Tiling (stacked kernel): grid (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N), N), the tiles of one member
-# visited in grouped (GROUP_M, tl.swizzle2d) order for L2 reuse of weight. One K-loop (_k_loop)
-# feeds the same in tile to two dots: in @ weight into a [BLOCK_M, BLOCK_N] fp32 accumulator and
-# in @ shrink into a [BLOCK_M, BLOCK_R] fp32 one (BLOCK_R: rank padded to a power of two >= 16,
-# masked). The epilogue adds scaling * low @ expand (_add_expand), then the bias, and stores once;
-# the programs of the first column tile also store low.
+# Stacked kernel: the N*M stacked rows are ONE [N*M, K] matrix to the base GEMM (W0 is read once per
+# row tile of the whole stacked batch, not once per member). Grid cdiv(N*M, BLOCK_M) * cdiv(C,
+# BLOCK_N) programs in grouped (GROUP_M, tl.swizzle2d) order; a row tile may hold rows of several
+# consecutive members (rows are member-major), each row's member is row // M. The rank part is
+# segmented per row (Punica's SGMV / S-LoRA's MBGMV, with the base GEMM fused in), block-masked:
+# the shrink factors of the RANK_SLOTS members a pass holds are loaded side by side as one
+# [BLOCK_K, RANK_SLOTS * BLOCK_R] operand, so the K-loop that feeds the in tile to the base dot
+# (in @ weight into a [BLOCK_M, BLOCK_N] fp32 accumulator) feeds it to ONE more dot, giving every
+# row's product with every slot's member; the entries whose column member is not the row's member
+# are zeroed (a select), then each member's [BLOCK_R, BLOCK_N] expand tile is dotted with its slot
+# and the result selected into its own rows (one [W, BLOCK_N] expand tile for all slots took the
+# registers of the whole block, and a product with zeros would carry one member's NaN or Inf into
+# the others' rows: 0 * NaN is NaN). Chosen over a loop of per-member dots inside the K-loop (the
+# same FLOPs, but a nested loop of data-dependent length that Triton's software pipeliner cannot
+# pipeline around the base dot): one K-loop, and the rank FLOPs it wastes on other members' columns
+# are free where the tile is memory-bound (decode: 16 members x 1 row in one 16-row tile, two
+# passes of a [16, 128] rank block at rank 16). The block is bounded (launch_policy.RANK_BLOCK_*:
+# at most 4096 elements and 128 columns, else the [BLOCK_K, W] shrink tile spills); members beyond
+# RANK_SLOTS run further passes, each its own K-loop over the rows of its members (masked loads: no
+# traffic for the others) - MULTI_PASS, compiled only where some tile needs it; where tiles are at
+# least a member long (RANK_SLOTS = 1), that is the second member of the few tiles that straddle a
+# member boundary. With M a multiple of BLOCK_M every tile lies in one member: one pass, the work
+# of a per-member tiling.
 #
-# Shared-input kernel (grid (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N), G)): the base tile in @ weight is
-# computed once per member group and each member's update is added to it in a loop over the
-# group's members (each re-runs the K-loop for its own in @ shrink[n]), so N members cost G base
-# GEMMs plus N rank-r updates. G = 1 unless the tiles alone leave the GPU mostly idle:
-#   forward, shared input (SUM_MEMBERS=False): in [M, K] read by every member, out [N, M, C];
-#   dx backward, shared input (SUM_MEMBERS=True): out [M, C] = (sum_n in[n]) @ weight
-#   + scaling * sum_n low[n] @ expand[n], the member sum of the in tiles taken in fp32 inside the
-#   K-loop (_member_sum_k_loop).
+# Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, P = cdiv(C, BLOCK_N) column tiles,
+# S_t the members tile t spans, sum_t S_t <= N + T - 1; tests/test_kernel_traffic.py holds it):
+#     weight  T * K * C (once per row tile)      in      P * N*M * K (+ the rows of further passes)
+#     shrink  P * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
+# (rows and columns past the edge wrap around instead of being masked in the K-loop: the last row
+# and column tiles load min(BLOCK_M, N*M) rows and min(BLOCK_N, C) columns; benchmarks/kernel_traffic
+# counts them exactly).
+# x A^T is recomputed in every column tile (no program waits for another): shrink is re-read P
+# times, from L2 (it is N*R*K elements, R/C of W0 per member).
+#
+# Shared-input kernel (in [M, K] read by every member; grid cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N)):
+# each program computes its base tile ONCE for all members, and small batches fill the GPU with
+# 16-row tiles (launch_policy.shared_block_rows) rather than member groups that would each
+# recompute it.
+#   forward (SUM_MEMBERS=False): the first RANK_SLOTS members' x A^T come from the base K-loop as
+#     one block-masked operand as above (every row needs every member, so nothing is zeroed), the
+#     rest in further passes; each member's slice of the block is then taken out (a reshape and a
+#     masked sum), its update added to a copy of the base tile and stored to out[n].
+#   dx (SUM_MEMBERS=True): out [M, C] = (sum_n in[n]) @ weight + scaling * sum_n low[n] @ expand[n],
+#     the member sum of the in tiles taken in fp32 inside the K-loop (_member_sum_k_loop), then one
+#     K-loop per member for its own in[n] @ shrink[n].
 #
 # Precision: every accumulator is fp32. fp32 inputs run every dot with DOT_PRECISION ("tf32" when
 # PyTorch allows TF32 matmuls, else "tf32x3": configs.dot_precision). A 16-bit operand made from an
@@ -39,54 +69,54 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lora_ensemble.tuning_store import tuning_pinned
+
 from .configs import (
-    block_rank,
+    DTYPE_NAMES,
+    argument_specialisation,
     dot_precision,
-    fused_lora_gemm_block_rows,
+    fitting_fused_lora_gemm_configs,
     fused_lora_gemm_configs,
-    prune_fused_lora_gemm_configs,
     shared_input_configs,
     size_bucket,
 )
-from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
+from .device import compute_capability, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs, split16
+from .gpu_specs import gpu_spec
+from .launch_costs import shared_launch, stacked_launch
+from .launch_policy import block_rank, shared_tiling, stacked_tiling
+from .launcher import LaunchPlan, TunedKernel
 
-__all__ = ["launch_fused_lora_gemm", "member_groups_for"]
+__all__ = ["launch_fused_lora_gemm"]
 
-# Autotune key: tiles and sizes that change the best config, whether W0 is read (the weightless
-# delta kernels are pruned by spills of their own), the device's shared memory (configs are pruned
-# by it, so a config kept for one GPU model is never reused on another), and the power-of-two
-# buckets of the row and member counts.
-_TUNING_KEY = ["BLOCK_M", "COLS", "INNER", "BLOCK_R", "DOT_PRECISION", "HAS_WEIGHT", "SHARED_MEMORY", "ROWS_BUCKET",
-               "MEMBERS_BUCKET"]
-# Arguments read by the autotuner only: not specialised, so their values never cause a recompile.
-_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"]
-@triton.jit
-def _add_expand(acc, low, expand_ptr, offs_r, offs_c, RANK, COLS, scaling, stride_expand_r, stride_expand_c,
-                DOT_PRECISION: tl.constexpr):
-    """``acc + scaling * low @ expand`` for one member: ``low`` [BLOCK_M, BLOCK_R] fp32, ``expand``
-    [RANK, COLS] (rank rows past RANK masked to zero)."""
-    mask = (offs_r[:, None] < RANK) & (offs_c[None, :] < COLS)
-    expand = tl.load(expand_ptr + offs_r[:, None] * stride_expand_r + offs_c[None, :] * stride_expand_c,
-                     mask=mask, other=0.0)
-    return dot_fp32_lhs(low * scaling, expand, acc, DOT_PRECISION)
+# Not specialised, so their values never cause a recompile: the row, member and rank counts (only
+# compared and divided by in the kernels; Triton would compile another kernel for a value of 1,
+# e.g. at decode, and for 16-divisible ones).
+_UNSPECIALISED = ["ROWS", "MEMBERS", "RANK"]
+# Stacked rows and output tiles are counted in int32 inside the kernels.
+_MAX_ROWS = 2**31 - 1
 
 
 @triton.jit
 def _k_loop(in_ptrs, weight_ptrs, shrink_ptrs, acc, low, INNER, stride_in_k, stride_weight_k, stride_shrink_k,
-            offs_k, r_mask, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, WITH_BASE: tl.constexpr,
-            WITH_LOW: tl.constexpr):
+            offs_k, row_mask, slot_mask, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, WITH_BASE: tl.constexpr,
+            WITH_LOW: tl.constexpr, ROWS_MASKED: tl.constexpr):
     """One pass over the reduction: ``acc += in @ weight`` (WITH_BASE) and ``low += in @ shrink``
-    (WITH_LOW), both fed by the same ``in`` tile. The pointers address the first K step:
-    ``in_ptrs`` [BLOCK_M, BLOCK_K], ``weight_ptrs`` [BLOCK_K, BLOCK_N], ``shrink_ptrs`` [BLOCK_K, BLOCK_R]."""
+    (WITH_LOW), both fed by the same ``in`` tile, whose rows are loaded only where ``row_mask``
+    (ROWS_MASKED; else all). The pointers address the first K step: ``in_ptrs`` [BLOCK_M, BLOCK_K],
+    ``weight_ptrs`` [BLOCK_K, BLOCK_N], ``shrink_ptrs`` [BLOCK_K, W] (``slot_mask`` [W]: its
+    columns that exist)."""
     for k0 in range(0, INNER, BLOCK_K):
         k_mask = offs_k < INNER - k0
-        tile = tl.load(in_ptrs, mask=k_mask[None, :], other=0.0)
+        if ROWS_MASKED:
+            tile = tl.load(in_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(in_ptrs, mask=k_mask[None, :], other=0.0)
         if WITH_BASE:
             w = tl.load(weight_ptrs, mask=k_mask[:, None], other=0.0)
             acc = tl.dot(tile, w, acc, input_precision=DOT_PRECISION)
         if WITH_LOW:
-            s = tl.load(shrink_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            s = tl.load(shrink_ptrs, mask=k_mask[:, None] & slot_mask[None, :], other=0.0)
             low = tl.dot(tile, s, low, input_precision=DOT_PRECISION)
         in_ptrs += BLOCK_K * stride_in_k
         weight_ptrs += BLOCK_K * stride_weight_k
@@ -120,6 +150,82 @@ def _member_sum_k_loop(in_ptrs, weight_ptrs, acc, INNER, MEMBERS, member_sum_sca
 
 
 @triton.jit
+def _slots(first_member, last_member, RANK, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr):
+    """The columns of a pass's rank block [.., RANK_SLOTS * BLOCK_R]: each one's member (from
+    ``first_member`` on), rank index, and whether it exists (rank < RANK, member <= last_member)."""
+    offs_w = tl.arange(0, RANK_SLOTS * BLOCK_R)
+    member = first_member + (offs_w // BLOCK_R).to(tl.int64)
+    rank = offs_w % BLOCK_R
+    return member, rank, (rank < RANK) & (member <= last_member)
+
+
+@triton.jit
+def _rank_pass_k_loop(in_ptrs, weight_ptrs, shrink_ptr, acc, first_member, last_member, INNER, RANK, stride_in_k,
+                      stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, row_mask,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr, WITH_BASE: tl.constexpr,
+                      ROWS_MASKED: tl.constexpr):
+    """The K-loop of one rank pass over members ``first_member`` .. (at most RANK_SLOTS, none past
+    ``last_member``), with the base dot into ``acc`` (WITH_BASE). Returns ``acc``, the rank block
+    ``in @ [shrink of each slot]`` [BLOCK_M, RANK_SLOTS * BLOCK_R] and the slots (:func:`_slots`)."""
+    slot_member, slot_rank, slot_mask = _slots(first_member, last_member, RANK, BLOCK_R, RANK_SLOTS)
+    shrink_ptrs = (shrink_ptr + slot_member[None, :] * stride_shrink_n + offs_k[:, None] * stride_shrink_k
+                   + slot_rank[None, :] * stride_shrink_r)
+    acc, low = _k_loop(in_ptrs, weight_ptrs, shrink_ptrs, acc,
+                       tl.zeros((BLOCK_M, RANK_SLOTS * BLOCK_R), dtype=tl.float32), INNER, stride_in_k,
+                       stride_weight_k, stride_shrink_k, offs_k, row_mask, slot_mask, DOT_PRECISION, BLOCK_K,
+                       WITH_BASE=WITH_BASE, WITH_LOW=True, ROWS_MASKED=ROWS_MASKED)
+    return acc, low, slot_member, slot_rank, slot_mask
+
+
+@triton.jit
+def _slot_of(low_slots, slot, RANK_SLOTS: tl.constexpr):
+    """Slot ``slot``'s columns [BLOCK_M, BLOCK_R] of a rank block viewed as [BLOCK_M, RANK_SLOTS,
+    BLOCK_R] (a select and a sum: register tensors have no slices)."""
+    if RANK_SLOTS == 1:
+        return tl.sum(low_slots, axis=1)
+    return tl.sum(tl.where(tl.arange(0, RANK_SLOTS)[None, :, None] == slot, low_slots, 0.0), axis=1)
+
+
+@triton.jit
+def _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid, slot_member, slot_rank,
+                    slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr, offs_c, COLS, RANK,
+                    scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr):
+    """The end of a stacked rank pass over members ``first_member`` .. ``last_member``: keep each
+    row's own member's columns of the rank block ``low`` [BLOCK_M, W], store them to ``low``
+    (``store_low``: the programs of the first column tile; ``row_low`` is each row's offset within
+    its member), then add ``scaling * low[n] @ expand[n]`` to the rows of each member n, one member
+    at a time: a [BLOCK_R, BLOCK_N] expand tile each (one [W, BLOCK_N] tile would take the
+    registers of the whole block), and a select, not a product with zeros, keeps each member's
+    update (and a NaN or Inf in its factors, 0 * NaN being NaN) out of the other members' rows."""
+    own = row_member[:, None] == slot_member[None, :]
+    low = tl.where(own, low, 0.0)
+    if store_low:
+        tl.store(low_ptr + row_member[:, None] * stride_low_n + row_low[:, None] + slot_rank[None, :] * stride_low_r,
+                 low, mask=own & slot_mask[None, :] & rows_valid[:, None])
+    low_slots = tl.reshape(low, (BLOCK_M, RANK_SLOTS, BLOCK_R))
+    offs_r = tl.arange(0, BLOCK_R)
+    for slot in range(0, tl.minimum(RANK_SLOTS, last_member - first_member + 1)):
+        member = first_member + slot
+        update = _add_expand(acc, _slot_of(low_slots, slot, RANK_SLOTS), expand_ptr + member * stride_expand_n,
+                             offs_r, offs_c, RANK, COLS, scaling, stride_expand_r, stride_expand_c, DOT_PRECISION)
+        acc = tl.where((row_member == member)[:, None], update, acc)
+    return acc
+
+
+@triton.jit
+def _add_expand(acc, low, expand_ptr, offs_r, offs_c, RANK, COLS, scaling, stride_expand_r, stride_expand_c,
+                DOT_PRECISION: tl.constexpr):
+    """``acc + scaling * low @ expand`` for one member: ``low`` [BLOCK_M, BLOCK_R] fp32, ``expand``
+    [RANK, COLS] (rank rows past RANK masked to zero)."""
+    mask = (offs_r[:, None] < RANK) & (offs_c[None, :] < COLS)
+    expand = tl.load(expand_ptr + offs_r[:, None] * stride_expand_r + offs_c[None, :] * stride_expand_c,
+                     mask=mask, other=0.0)
+    return dot_fp32_lhs(low * scaling, expand, acc, DOT_PRECISION)
+
+
+@triton.jit
 def _tile_of(pid, ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Row and column tile of program ``pid`` in grouped order: GROUP_M row tiles sweep the columns
     together, so a column strip of ``weight`` stays in L2 while they use it."""
@@ -128,25 +234,17 @@ def _tile_of(pid, ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
-def _load_rows(ptr, rows, cols, stride_m, stride_c):
-    """The [BLOCK_M, BLOCK_C] tile at (wrapped, in-range) ``rows``, ``cols`` of a matrix, in fp32."""
-    return tl.load(ptr + rows[:, None] * stride_m + cols[None, :] * stride_c).to(tl.float32)
+def _store_tile(ptr, value, row_offsets, rows_valid, offs_c, COLS, stride_c):
+    """Store ``value`` [BLOCK_M, BLOCK_C] at element offsets ``row_offsets`` (rows) and columns
+    ``offs_c``, where the row is valid and the column < COLS."""
+    mask = rows_valid[:, None] & (offs_c[None, :] < COLS)
+    tl.store(ptr + row_offsets[:, None] + offs_c[None, :] * stride_c, value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _store_rows(ptr, value, offs_m, offs_c, ROWS, COLS, stride_m, stride_c):
-    """Store ``value`` [BLOCK_M, BLOCK_C] at rows ``offs_m``, columns ``offs_c`` of a [ROWS, COLS] matrix."""
-    mask = (offs_m[:, None] < ROWS) & (offs_c[None, :] < COLS)
-    tl.store(ptr + offs_m[:, None] * stride_m + offs_c[None, :] * stride_c, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.heuristics({"BLOCK_M": fused_lora_gemm_block_rows})
-@triton.autotune(configs=fused_lora_gemm_configs(), key=_TUNING_KEY,
-                 prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
-    ROWS, INNER, COLS, RANK, scaling,
+    ROWS, MEMBERS, INNER, COLS, RANK,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
     stride_base_n, stride_base_m, stride_base_c,
@@ -154,49 +252,65 @@ def _fused_lora_gemm_kernel(
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
-    SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
+    scaling,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    member = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = _tile_of(tl.program_id(0), ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    stacked_rows = MEMBERS * ROWS
+    pid_m, pid_n = _tile_of(tl.program_id(0), stacked_rows, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_start = pid_m.to(tl.int64) * BLOCK_M
+    offs_g = tile_start + tl.arange(0, BLOCK_M)
     offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge wrap around (their results are never stored); the rank
-    # columns past RANK are masked to zero so that they add nothing to the update.
-    rows = offs_m % ROWS
+    # Rows and columns past the edge wrap around (their results are never stored). Each stacked row
+    # g is row g % M of member g // M.
+    rows_valid = offs_g < stacked_rows
+    g = offs_g % stacked_rows
+    row_member = g // ROWS
+    row_in_member = g % ROWS
     cols = offs_c % COLS
-    r_mask = offs_r < RANK
+    first_member = tile_start // ROWS
+    last_member = (tl.minimum(tile_start + BLOCK_M, stacked_rows) - 1) // ROWS
+    store_low = pid_n == 0
 
-    acc, low = _k_loop(
-        in_ptr + member * stride_in_n + rows[:, None] * stride_in_m + offs_k[None, :] * stride_in_k,
-        weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c,
-        shrink_ptr + member * stride_shrink_n + offs_k[:, None] * stride_shrink_k + offs_r[None, :] * stride_shrink_r,
-        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-        INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION, BLOCK_K,
-        WITH_BASE=HAS_WEIGHT, WITH_LOW=True,
-    )
-    if pid_n == 0:
-        _store_rows(low_ptr + member * stride_low_n, low, offs_m, offs_r, ROWS, RANK, stride_low_m, stride_low_r)
-    acc = _add_expand(acc, low, expand_ptr + member * stride_expand_n, offs_r, offs_c, RANK, COLS, scaling,
-                      stride_expand_r, stride_expand_c, DOT_PRECISION)
+    # Pass 0: the base tile and the rank block of the tile's first RANK_SLOTS members, one K-loop.
+    in_tile = (in_ptr + row_member[:, None] * stride_in_n + row_in_member[:, None] * stride_in_m
+               + offs_k[None, :] * stride_in_k)
+    weight_tile = weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c
+    acc, low, slot_member, slot_rank, slot_mask = _rank_pass_k_loop(
+        in_tile, weight_tile, shrink_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), first_member, last_member,
+        INNER, RANK, stride_in_k, stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k,
+        rows_valid, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=HAS_WEIGHT, ROWS_MASKED=False)
+    row_low = row_in_member * stride_low_m
+    acc = _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid, slot_member,
+                          slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr, offs_c,
+                          COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION,
+                          BLOCK_M, BLOCK_R, RANK_SLOTS)
+    if MULTI_PASS:  # the tile's members beyond the first RANK_SLOTS, RANK_SLOTS at a time
+        for pass_first in range(first_member + RANK_SLOTS, last_member + 1, RANK_SLOTS):
+            pass_rows = rows_valid & (row_member >= pass_first) & (row_member < pass_first + RANK_SLOTS)
+            _, low, slot_member, slot_rank, slot_mask = _rank_pass_k_loop(
+                in_tile, weight_tile, shrink_ptr, acc, pass_first, last_member, INNER, RANK, stride_in_k,
+                stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, pass_rows, DOT_PRECISION,
+                BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=False, ROWS_MASKED=True)
+            acc = _add_own_update(acc, low, pass_first, last_member, row_member, row_low, rows_valid, slot_member,
+                                  slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr,
+                                  offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c,
+                                  DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     if HAS_BASE:
-        acc += _load_rows(base_ptr + member * stride_base_n, rows, cols, stride_base_m, stride_base_c)
-    _store_rows(out_ptr + member * stride_out_n, acc, offs_m, offs_c, ROWS, COLS, stride_out_m, stride_out_c)
+        acc += tl.load(base_ptr + row_member[:, None] * stride_base_n + row_in_member[:, None] * stride_base_m
+                       + cols[None, :] * stride_base_c).to(tl.float32)
+    _store_tile(out_ptr, acc, row_member * stride_out_n + row_in_member * stride_out_m, rows_valid, offs_c, COLS,
+                stride_out_c)
 
 
-@triton.heuristics({"BLOCK_M": fused_lora_gemm_block_rows})
-@triton.autotune(configs=shared_input_configs(), key=_TUNING_KEY + ["SUM_MEMBERS"],
-                 prune_configs_by={"early_config_prune": prune_fused_lora_gemm_configs})
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_shared_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
-    ROWS, INNER, COLS, RANK, MEMBERS, scaling, member_sum_scale,
+    ROWS, MEMBERS, INNER, COLS, RANK,
     stride_in_n, stride_in_m, stride_in_k,
     stride_weight_k, stride_weight_c,
     stride_base_n, stride_base_m, stride_base_c,
@@ -204,81 +318,135 @@ def _fused_lora_gemm_shared_kernel(
     stride_expand_n, stride_expand_r, stride_expand_c,
     stride_out_n, stride_out_m, stride_out_c,
     stride_low_n, stride_low_m, stride_low_r,
-    SHARED_MEMORY, ROWS_BUCKET, MEMBERS_BUCKET,
+    scaling, member_sum_scale,
     SUM_MEMBERS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr,
+    MULTI_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_of(tl.program_id(0), ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
+    rows_valid = offs_m < ROWS
     rows = offs_m % ROWS
     cols = offs_c % COLS
-    r_mask = offs_r < RANK
+    store_low = pid_n == 0
     in_tile = in_ptr + rows[:, None] * stride_in_m + offs_k[None, :] * stride_in_k
     weight_tile = weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c
-    shrink_tile = shrink_ptr + offs_k[:, None] * stride_shrink_k + offs_r[None, :] * stride_shrink_r
+    base_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # The base tile, once: in @ weight, or (sum_n in[n]) @ weight; or the given base output's tile.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_WEIGHT:
-        if SUM_MEMBERS:
+    if SUM_MEMBERS:
+        # out = (sum_n in[n]) @ weight + scaling * sum_n (in[n] @ shrink[n]) @ expand[n], one member at a time.
+        acc = base_acc
+        if HAS_WEIGHT:
             acc = _member_sum_k_loop(in_tile, weight_tile, acc, INNER, MEMBERS, member_sum_scale, stride_in_n,
                                      stride_in_k, stride_weight_k, offs_k, DOT_PRECISION, BLOCK_M, BLOCK_K)
             acc = acc * (1.0 / member_sum_scale)
-        else:
-            acc, _ = _k_loop(in_tile, weight_tile, shrink_tile, acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-                             INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION,
-                             BLOCK_K, WITH_BASE=True, WITH_LOW=False)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if HAS_BASE:
-        acc += _load_rows(base_ptr, rows, cols, stride_base_m, stride_base_c)
-
-    # The low-rank update of each member of this program's group on top of it (grid axis 1 splits
-    # the members into groups; one group when SUM_MEMBERS). The member pointers advance by one
-    # member stride per iteration (pointer arithmetic, so no 32-bit offset overflow).
-    members_per_group = tl.cdiv(MEMBERS, tl.num_programs(1))
-    first_member = tl.program_id(1) * members_per_group
-    last_member = min(first_member + members_per_group, MEMBERS)
-    first = first_member.to(tl.int64)
-    in_member = in_tile + first * stride_in_n
-    shrink_member = shrink_tile + first * stride_shrink_n
-    expand_member = expand_ptr + first * stride_expand_n
-    low_member = low_ptr + first * stride_low_n
-    out_member = out_ptr + first * stride_out_n
-    for _ in range(first_member, last_member):
-        _, low = _k_loop(in_member, weight_tile, shrink_member, acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-                         INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, r_mask, DOT_PRECISION,
-                         BLOCK_K, WITH_BASE=False, WITH_LOW=True)
-        if pid_n == 0:
-            _store_rows(low_member, low, offs_m, offs_r, ROWS, RANK, stride_low_m, stride_low_r)
-        if SUM_MEMBERS:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < RANK
+        shrink_tile = shrink_ptr + offs_k[:, None] * stride_shrink_k + offs_r[None, :] * stride_shrink_r
+        # The member pointers advance by one member stride per iteration (no 32-bit offset overflow).
+        in_member = in_tile
+        shrink_member = shrink_tile
+        expand_member = expand_ptr
+        low_member = low_ptr
+        for _ in range(0, MEMBERS):
+            _, low = _k_loop(in_member, weight_tile, shrink_member, acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                             INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k, rows_valid, r_mask,
+                             DOT_PRECISION, BLOCK_K, WITH_BASE=False, WITH_LOW=True, ROWS_MASKED=False)
+            if store_low:
+                _store_tile(low_member, low, rows * stride_low_m, rows_valid, offs_r, RANK, stride_low_r)
             acc = _add_expand(acc, low, expand_member, offs_r, offs_c, RANK, COLS, scaling, stride_expand_r,
                               stride_expand_c, DOT_PRECISION)
-        else:
-            out = _add_expand(acc, low, expand_member, offs_r, offs_c, RANK, COLS, scaling, stride_expand_r,
-                              stride_expand_c, DOT_PRECISION)
-            _store_rows(out_member, out, offs_m, offs_c, ROWS, COLS, stride_out_m, stride_out_c)
-        in_member += stride_in_n
-        shrink_member += stride_shrink_n
-        expand_member += stride_expand_n
-        low_member += stride_low_n
-        out_member += stride_out_n
-    if SUM_MEMBERS:
-        _store_rows(out_ptr, acc, offs_m, offs_c, ROWS, COLS, stride_out_m, stride_out_c)
+            in_member += stride_in_n
+            shrink_member += stride_shrink_n
+            expand_member += stride_expand_n
+            low_member += stride_low_n
+        _store_tile(out_ptr, acc, rows * stride_out_m, rows_valid, offs_c, COLS, stride_out_c)
+    else:
+        # The base tile once, with the first RANK_SLOTS members' rank block in the same K-loop.
+        base_acc, low, _, _, _ = _rank_pass_k_loop(
+            in_tile, weight_tile, shrink_ptr, base_acc, 0, MEMBERS - 1, INNER, RANK, stride_in_k, stride_weight_k,
+            stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, rows_valid, DOT_PRECISION, BLOCK_M, BLOCK_K,
+            BLOCK_R, RANK_SLOTS, WITH_BASE=HAS_WEIGHT, ROWS_MASKED=False)
+        if HAS_BIAS:
+            base_acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if HAS_BASE:
+            base_acc += tl.load(base_ptr + rows[:, None] * stride_base_m + cols[None, :] * stride_base_c).to(tl.float32)
+        offs_r = tl.arange(0, BLOCK_R)
+        members_end = 1  # one pass unless MULTI_PASS
+        if MULTI_PASS:
+            members_end = MEMBERS
+        for pass_first in range(0, members_end, RANK_SLOTS):
+            if pass_first > 0:  # MULTI_PASS: the next RANK_SLOTS members' rank block
+                _, low, _, _, _ = _rank_pass_k_loop(
+                    in_tile, weight_tile, shrink_ptr, base_acc, pass_first, MEMBERS - 1, INNER, RANK, stride_in_k,
+                    stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, rows_valid,
+                    DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=False, ROWS_MASKED=False)
+            low_slots = tl.reshape(low, (BLOCK_M, RANK_SLOTS, BLOCK_R))
+            for slot in range(0, tl.minimum(RANK_SLOTS, MEMBERS - pass_first)):
+                n = tl.full([], 0, tl.int64) + pass_first + slot
+                member_low = _slot_of(low_slots, slot, RANK_SLOTS)
+                if store_low:
+                    _store_tile(low_ptr + n * stride_low_n, member_low, rows * stride_low_m, rows_valid, offs_r,
+                                RANK, stride_low_r)
+                out = _add_expand(base_acc, member_low, expand_ptr + n * stride_expand_n, offs_r, offs_c, RANK, COLS,
+                                  scaling, stride_expand_r, stride_expand_c, DOT_PRECISION)
+                _store_tile(out_ptr + n * stride_out_n, out, rows * stride_out_m, rows_valid, offs_c, COLS,
+                            stride_out_c)
 
 
-def member_groups_for(rows: int, cols: int, num_members: int, device: torch.device) -> int:
-    """Member groups of the shared-input forward: 1 (one base GEMM) while the output tiles fill
-    the GPU; for small batches (fewer 64 x 128 tiles than SMs) enough groups to occupy every SM,
-    trading a recomputed base tile for parallelism."""
-    if device.type != "cuda":
-        return 1
-    tiles = triton.cdiv(rows, 64) * triton.cdiv(cols, 128)
-    return max(1, min(num_members, multiprocessor_count(device) // tiles))
+
+_STACKED = TunedKernel("fused_lora_gemm", _fused_lora_gemm_kernel)
+_SHARED = TunedKernel("fused_lora_gemm_shared", _fused_lora_gemm_shared_kernel)
+# Leading runtime arguments of both kernels that are pointers (in, weight, bias, base, shrink,
+# expand, out, low), then integers: ROWS, MEMBERS, INNER, COLS, RANK and the strides.
+_POINTERS = 8
+
+
+def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str, sum_members: bool,
+          has_weight: bool, has_bias: bool, has_base: bool) -> LaunchPlan:
+    """The tiling, tuning key, candidates and cost-model view of a launch (its launch key's first)."""
+    rows, members, inner, cols, rank = args[_POINTERS:_POINTERS + 5]
+    dtype = DTYPE_NAMES[args[0].dtype]
+    block_r = block_rank(rank)
+    tf32x3 = precision == "tf32x3"
+    shared = kernel is _SHARED
+    if shared:
+        sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
+        tiling = shared_tiling(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
+        tiles = -(-rows // tiling.block_m)
+    else:
+        tiling = stacked_tiling(rows, members, block_r, tf32x3)
+        tiles = -(-(members * rows) // tiling.block_m)
+    specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
+    candidates = fitting_fused_lora_gemm_configs(
+        shared_input_configs() if shared else fused_lora_gemm_configs(), cols=cols, inner=inner, dtype=dtype,
+        precision=precision, block_m=tiling.block_m, block_r=block_r, shared_memory=shared_memory_per_program(device),
+        capability=compute_capability(device), rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
+        specialisation=specialisation, sum_members=sum_members if shared else None, has_weight=has_weight)
+    element_size = args[0].element_size()
+    if shared:
+        cost = shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, sum_members,
+                             has_weight, has_base)
+    else:
+        cost = stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
+                              has_base)
+    gpu = gpu_spec(device)
+    tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m} S{tiling.rank_slots}"
+                  f"{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols} rows{size_bucket(rows)} "
+                  f"members{size_bucket(members)}{'' if has_weight else ' delta'}"
+                  f"{(' sum' if sum_members else ' shared') if shared else ''} {gpu.name}")
+    constexprs = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_BASE=has_base, DOT_PRECISION=precision,
+                      BLOCK_R=block_r, BLOCK_M=tiling.block_m, RANK_SLOTS=tiling.rank_slots,
+                      MULTI_PASS=tiling.multi_pass)
+    if shared:
+        constexprs["SUM_MEMBERS"] = sum_members
+
+    def grid(config) -> tuple[int, ...]:
+        return (tiles * -(-cols // config.kwargs["BLOCK_N"]),)
+
+    return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu)
 
 
 def launch_fused_lora_gemm(
@@ -289,13 +457,15 @@ def launch_fused_lora_gemm(
     bias: Tensor | None,
     scaling: float,
     sum_members: bool = False,
-    member_groups: int | None = None,
     base: Tensor | None = None,
+    transposed: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``out[n] = inp[n] @ weight + bias + base[n] + scaling * (inp[n] @ shrink[n]) @ expand[n]`` for
     every member, one launch (on ``inp``'s device and its current stream).
 
-    Every tensor may have any strides (pass transposed views rather than copies).
+    Every tensor may have any strides (pass transposed views rather than copies, or ``transposed``).
+    A launch's first call with new sizes, strides, alignment or dtype chooses its config and binds the
+    compiled kernel (:mod:`.launcher`); later calls launch that kernel directly.
 
     Args:
         inp: ``[N, M, K]`` per-member rows, or ``[M, K]`` rows shared by every member.
@@ -307,71 +477,75 @@ def launch_fused_lora_gemm(
         scaling: the factor of the low-rank update.
         sum_members: with ``inp [N, M, K]``, return ``out = sum_n out[n]`` (bias excluded) as
             ``[M, C]``, computing ``(sum_n inp[n]) @ weight`` once.
-        member_groups: with shared rows ``inp [M, K]``, how many groups of members get their own
-            programs, each computing ``inp @ weight`` once for its group; None picks it from the
-            shapes and the GPU (:func:`member_groups_for`). Always 1 with ``sum_members``.
         base: a precomputed output to add, ``[N, M, C]`` (``[M, C]`` with shared rows), or None.
+        transposed: ``weight``, ``shrink`` and ``expand`` are given as their transposes ``[C, K]``,
+            ``[N, R, K]`` and ``[N, C, R]`` (the forward's ``W0``, ``A`` and ``B`` as the layer stores
+            them): read with swapped strides, no views made.
 
     Returns:
         ``(out, low)``: ``out [N, M, C]`` (``[M, C]`` with ``sum_members``) in inp's dtype, and
         ``low = inp @ shrink [N, M, R]`` in float32.
 
     Raises:
-        ValueError: ``sum_members`` with shared rows, a bias or a base; more than 65535 members in the
-            stacked layout (grid axis 1).
+        ValueError: ``sum_members`` with shared rows, a bias or a base; ``N * M`` stacked rows beyond
+            2^31 - 1; a tensor in another dtype than ``inp``.
     """
-    num_members, inner, rank = shrink.shape
-    cols = expand.shape[2]
+    s_weight = (0, 0) if weight is None else weight.stride()
+    s_shrink, s_expand = shrink.stride(), expand.stride()
+    if transposed:
+        num_members, rank, inner = shrink.shape
+        cols = expand.shape[1]
+        s_weight, s_shrink, s_expand = s_weight[::-1], (s_shrink[0], s_shrink[2], s_shrink[1]), (
+            s_expand[0], s_expand[2], s_expand[1])
+    else:
+        num_members, inner, rank = shrink.shape
+        cols = expand.shape[2]
     shared_rows = inp.dim() == 2
     rows = inp.shape[-2]
+    dtype = inp.dtype
     if sum_members and (shared_rows or bias is not None or base is not None):
         raise ValueError("sum_members needs per-member rows inp [N, M, K], and no bias or base")
-    if not (shared_rows or sum_members):
-        check_grid_yz("num_members", num_members, f"shrink shape {tuple(shrink.shape)}, stacked layout")
-    out_shape = (rows, cols) if sum_members else (num_members, rows, cols)
-    out = torch.empty(out_shape, device=inp.device, dtype=inp.dtype)
-    low = torch.empty((num_members, rows, rank), device=inp.device, dtype=torch.float32)
-    if rows == 0:
+    if num_members * rows > _MAX_ROWS:
+        raise ValueError(f"{num_members} members x {rows} rows = {num_members * rows} stacked rows exceed "
+                         f"{_MAX_ROWS}, the row count the kernels index in int32 (inp shape {tuple(inp.shape)})")
+    if not (shrink.dtype == expand.dtype == dtype and (weight is None or weight.dtype == dtype)
+            and (bias is None or bias.dtype == dtype) and (base is None or base.dtype == dtype)):
+        raise ValueError(f"every tensor must be in inp's dtype {dtype}: shrink {shrink.dtype}, expand {expand.dtype}, "
+                         f"weight {getattr(weight, 'dtype', None)}, bias {getattr(bias, 'dtype', None)}, "
+                         f"base {getattr(base, 'dtype', None)}")
+    device = inp.device
+    out = torch.empty((rows, cols) if sum_members else (num_members, rows, cols), device=device, dtype=dtype)
+    low = torch.empty((num_members, rows, rank), device=device, dtype=torch.float32)
+    if rows == 0 or num_members == 0:
         return out.zero_(), low
     bias = bias.contiguous() if bias is not None else None
-    inp3 = inp.unsqueeze(0) if shared_rows else inp  # member stride 0 when shared
-    out3 = out.unsqueeze(0) if sum_members else out
-    base3 = base.unsqueeze(0) if base is not None and base.dim() == 2 else base  # member stride 0 when shared
-    arguments = dict(
-        # Without a weight the kernel never reads weight_ptr: any tensor of the dtype stands in for it.
-        in_ptr=inp3, weight_ptr=weight if weight is not None else inp3, bias_ptr=bias, base_ptr=base3,
-        shrink_ptr=shrink, expand_ptr=expand, out_ptr=out3, low_ptr=low,
-        ROWS=rows, INNER=inner, COLS=cols, RANK=rank, scaling=float(scaling),
-        stride_in_n=0 if shared_rows else inp3.stride(0), stride_in_m=inp3.stride(1), stride_in_k=inp3.stride(2),
-        stride_weight_k=weight.stride(0) if weight is not None else 0,
-        stride_weight_c=weight.stride(1) if weight is not None else 0,
-        stride_base_n=base.stride(0) if base is not None and base.dim() == 3 else 0,
-        stride_base_m=0 if base3 is None else base3.stride(1), stride_base_c=0 if base3 is None else base3.stride(2),
-        stride_shrink_n=shrink.stride(0), stride_shrink_k=shrink.stride(1), stride_shrink_r=shrink.stride(2),
-        stride_expand_n=expand.stride(0), stride_expand_r=expand.stride(1), stride_expand_c=expand.stride(2),
-        stride_out_n=0 if sum_members else out3.stride(0), stride_out_m=out3.stride(1), stride_out_c=out3.stride(2),
-        stride_low_n=low.stride(0), stride_low_m=low.stride(1), stride_low_r=low.stride(2),
-        SHARED_MEMORY=shared_memory_per_program(inp.device), ROWS_BUCKET=size_bucket(rows),
-        MEMBERS_BUCKET=size_bucket(num_members), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_BASE=base is not None, DOT_PRECISION=dot_precision(inp.dtype), BLOCK_R=block_rank(rank),
-    )
-    with launch_device(inp):
-        if shared_rows or sum_members:
-            if sum_members:
-                member_groups = 1
-            elif member_groups is None:
-                member_groups = member_groups_for(rows, cols, num_members, inp.device)
-            groups = max(1, min(member_groups, num_members))
-
-            def grid(cfg):
-                return (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]), groups)
-
-            _fused_lora_gemm_shared_kernel[grid](
-                MEMBERS=num_members, member_sum_scale=1.0 / size_bucket(num_members), SUM_MEMBERS=sum_members,
-                **arguments)
+    # Member stride 0 for shared rows, a shared base and the member sum's output.
+    s_in = inp.stride()
+    s_in = (0, *s_in) if shared_rows else s_in
+    s_out = out.stride()
+    s_out = (0, *s_out) if sum_members else s_out
+    s_base = (0, 0, 0) if base is None else ((0, *base.stride()) if base.dim() == 2 else base.stride())
+    # Without a weight the kernel never reads weight_ptr: inp stands in for it.
+    args = (inp, inp if weight is None else weight, bias, base, shrink, expand, out, low,
+            rows, num_members, inner, cols, rank, *s_in, *s_weight, *s_base, *s_shrink, *s_expand,
+            *s_out, *low.stride(), float(scaling))
+    kernel = _SHARED if (shared_rows or sum_members) else _STACKED
+    if kernel is _SHARED:
+        args = (*args, 1.0 / size_bucket(num_members))  # member_sum_scale
+    precision = dot_precision(dtype)
+    pinned = tuning_pinned()
+    misaligned = (inp.data_ptr() | shrink.data_ptr() | expand.data_ptr() | (0 if weight is None else weight.data_ptr())
+                  | (0 if bias is None else bias.data_ptr()) | (0 if base is None else base.data_ptr())) & 15
+    if misaligned:  # Triton specialises each pointer on its own 16-byte alignment
+        misaligned = tuple(0 if t is None else t.data_ptr() & 15 for t in args[:_POINTERS])
+    key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
+           misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
+    launch = kernel.bound.get(key)
+    with launch_device(device):
+        if launch is None:
+            plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,
+                         base is not None)
+            kernel.bind(key, args, plan, device, pinned)
         else:
-            def grid(cfg):
-                return (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]), num_members)
-
-            _fused_lora_gemm_kernel[grid](**arguments)
+            launch(args)
     return out, low

@@ -8,7 +8,8 @@
 # dx / forward kernels stored) and in [M, C] in the input dtype (x or dy): a reduction over the M
 # rows of each member.
 #
-# Tiling: grid (cdiv(d, BLOCK_C) + cdiv(k, BLOCK_C), N, SPLIT). Program (t, n, j) owns a
+# Tiling: grid ((cdiv(d, BLOCK_C) + cdiv(k, BLOCK_C)) * N, SPLIT), the members on axis 0 (no 65535
+# limit). Program (t + n * tiles, j) owns a
 # [BLOCK_R, BLOCK_C] tile of dA[n] (t < cdiv(d, BLOCK_C)) or of dB[n]^T (the other t), with the
 # whole (padded, masked) rank in one tile, and reduces rows [j * ROWS_PER_SPLIT, (j+1) *
 # ROWS_PER_SPLIT) of member n in BLOCK_M steps with an fp32 accumulator. With SPLIT = 1 the tile is
@@ -26,18 +27,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import block_rank, dot_precision, lora_grads_configs, prune_lora_grads_configs, size_bucket
-from .device import check_grid_yz, launch_device, multiprocessor_count, shared_memory_per_program
+from lora_ensemble.tuning_store import tuning_pinned
+
+from .configs import (
+    DTYPE_NAMES,
+    argument_specialisation,
+    dot_precision,
+    fitting_lora_grads_configs,
+    lora_grads_configs,
+    size_bucket,
+)
+from .device import (
+    check_grid_yz,
+    compute_capability,
+    launch_device,
+    multiprocessor_count,
+    shared_memory_per_program,
+)
 from .dot import dot_fp32_lhs
+from .gpu_specs import gpu_spec
+from .launch_costs import lora_grads_launch
+from .launch_policy import block_rank, grad_row_splits, grad_rows_per_split
+from .launcher import LaunchPlan, TunedKernel
 
 __all__ = ["launch_lora_grads", "row_splits"]
 
-# ROWS_PER_SPLIT is a multiple of this (a row range ends on a 16-row boundary).
-_ROWS_QUANTUM = 16
-# SPLIT > 1 only when each split still reduces at least this many rows.
-_MIN_ROWS_PER_SPLIT = 512
-# Read by the autotuner only (not specialised): the device's shared memory and the row-count bucket.
-_TUNING_ONLY = ["SHARED_MEMORY", "ROWS_BUCKET"]
+# Not specialised (no recompile for their values): the row and rank counts (compared against only;
+# Triton would compile another kernel for a value of 1 and for 16-divisible ones).
+_UNSPECIALISED = ["ROWS", "RANK"]
 
 
 @triton.jit
@@ -70,27 +87,24 @@ def _lora_grad_tile(
         tl.store(grad_ptrs, acc.to(grad_ptr.dtype.element_ty), mask=grad_mask)
 
 
-@triton.autotune(configs=lora_grads_configs(),
-                 key=["COLS_A", "COLS_B", "BLOCK_R", "ATOMIC", "DOT_PRECISION", "SHARED_MEMORY", "ROWS_BUCKET"],
-                 prune_configs_by={"early_config_prune": prune_lora_grads_configs},
-                 reset_to_zero=["grad_a_ptr", "grad_b_ptr"])  # the split reduction adds into zeroed outputs
-@triton.jit(do_not_specialize=_TUNING_ONLY)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _lora_grads_kernel(
     low_a_ptr, in_a_ptr, grad_a_ptr, low_b_ptr, in_b_ptr, grad_b_ptr,
-    ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, scaling,
+    ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT,
     stride_low_a_n, stride_low_a_m, stride_low_a_r, stride_in_a_n, stride_in_a_m, stride_in_a_c,
     stride_grad_a_n, stride_grad_a_r, stride_grad_a_c,
     stride_low_b_n, stride_low_b_m, stride_low_b_r, stride_in_b_n, stride_in_b_m, stride_in_b_c,
     stride_grad_b_n, stride_grad_b_r, stride_grad_b_c,
-    SHARED_MEMORY, ROWS_BUCKET,
+    scaling,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    member = tl.program_id(1).to(tl.int64)
-    row_start = tl.program_id(2).to(tl.int64) * ROWS_PER_SPLIT
-    row_end = min(row_start + ROWS_PER_SPLIT, ROWS)
     tiles_a = tl.cdiv(COLS_A, BLOCK_C)
+    tiles = tiles_a + tl.cdiv(COLS_B, BLOCK_C)
+    tile = tl.program_id(0) % tiles
+    member = (tl.program_id(0) // tiles).to(tl.int64)
+    row_start = tl.program_id(1).to(tl.int64) * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, ROWS)
     if tile < tiles_a:
         _lora_grad_tile(
             low_a_ptr + member * stride_low_a_n, in_a_ptr + member * stride_in_a_n,
@@ -110,13 +124,46 @@ def _lora_grads_kernel(
 
 
 def row_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
-    """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless
-    the (member, column tile) programs alone leave a GPU's SMs idle and every range keeps at
-    least ``_MIN_ROWS_PER_SPLIT`` rows; always 1 under ``torch.use_deterministic_algorithms``."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+    """How many row ranges the weight-gradient reduction is split into on ``device``
+    (:func:`~.launch_policy.grad_row_splits`); 1 off CUDA and under deterministic algorithms."""
+    if device.type != "cuda":
         return 1
-    wanted = triton.cdiv(2 * multiprocessor_count(device), max(programs_per_split, 1))
-    return max(1, min(wanted, rows // _MIN_ROWS_PER_SPLIT))
+    return grad_row_splits(rows, programs_per_split, multiprocessor_count(device),
+                           torch.are_deterministic_algorithms_enabled())
+
+
+_GRADS = TunedKernel("lora_grads", _lora_grads_kernel)
+_POINTERS = 6  # low_a, in_a, grad_a, low_b, in_b, grad_b; then ROWS, RANK, COLS_A, COLS_B, ROWS_PER_SPLIT, strides
+
+
+def _plan(args: tuple, device: torch.device, precision: str, atomic: bool, shared_input: bool,
+          num_members: int, splits: int) -> LaunchPlan:
+    """The tuning key, candidates and cost-model view of a launch (its launch key's first)."""
+    grad_a, grad_b = args[2], args[5]
+    rows, rank, d_in, k_out, rows_per_split = args[_POINTERS:_POINTERS + 5]
+    dtype = DTYPE_NAMES[args[1].dtype]
+    block_r = block_rank(rank)
+    specialisation = argument_specialisation(dict(zip(_GRADS.fn.arg_names[_POINTERS:], args[_POINTERS:])))
+    candidates = fitting_lora_grads_configs(
+        lora_grads_configs(), rows=rows_per_split, cols=max(d_in, k_out), dtype=dtype, precision=precision,
+        block_r=block_r, shared_memory=shared_memory_per_program(device), capability=compute_capability(device),
+        specialisation=specialisation)
+    gpu = gpu_spec(device)
+    cost = lora_grads_launch(num_members, rows, d_in, k_out, rank, block_r, splits, rows_per_split, precision,
+                             args[1].element_size(), shared_input)
+    tuning_key = (f"{dtype} {precision} {specialisation} R{block_r} d{d_in} k{k_out} rows{size_bucket(rows_per_split)}"
+                  f"{' atomic' if atomic else ''} {gpu.name}")
+
+    def grid(config) -> tuple[int, ...]:
+        block_c = config.kwargs["BLOCK_C"]
+        return ((-(-d_in // block_c) + -(-k_out // block_c)) * num_members, splits)
+
+    def reset() -> None:  # the split reduction adds into zeroed outputs
+        grad_a.zero_()
+        grad_b.zero_()
+
+    return LaunchPlan(tuning_key, candidates, cost, grid, dict(ATOMIC=atomic, DOT_PRECISION=precision, BLOCK_R=block_r),
+                      gpu, reset if atomic else None)
 
 
 def launch_lora_grads(
@@ -128,7 +175,8 @@ def launch_lora_grads(
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``dA = scaling * dyb^T @ x`` and ``dB = scaling * grad_out^T @ xa`` for every member, one
-    launch (on ``grad_out``'s device and its current stream).
+    launch (on ``grad_out``'s device and its current stream; the compiled kernel bound per launch
+    key as in :func:`~.fused_lora_gemm.launch_fused_lora_gemm`).
 
     Every tensor may have any strides.
 
@@ -145,42 +193,43 @@ def launch_lora_grads(
         ``(dA [N, R, d], dB [N, k, R])`` in grad_out's dtype.
 
     Raises:
-        ValueError: more than 65535 members or row splits (grid axes 1 and 2).
+        ValueError: more than 65535 row splits (grid axis 1).
     """
     num_members, rows, k_out = grad_out.shape
     rank, d_in = xa.shape[2], x.shape[-1]
-    dtype = grad_out.dtype
-    check_grid_yz("num_members", num_members, f"grad_out shape {tuple(grad_out.shape)}")
+    dtype, device = grad_out.dtype, grad_out.device
     if splits is None:
-        splits = row_splits(rows, num_members * triton.cdiv(d_in + k_out, 128), grad_out.device)
-    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), _ROWS_QUANTUM) * _ROWS_QUANTUM
-    splits = triton.cdiv(max(rows, 1), rows_per_split)
+        splits = row_splits(rows, num_members * (-(-d_in // 128) + -(-k_out // 128)), device)
+    rows_per_split = grad_rows_per_split(rows, splits)
+    splits = -(-max(rows, 1) // rows_per_split)
     check_grid_yz("splits", splits, f"{rows} rows in ranges of {rows_per_split}")
     atomic = splits > 1
     out_dtype = torch.float32 if atomic else dtype
     alloc = torch.zeros if (atomic or rows == 0) else torch.empty
-    grad_a = alloc((num_members, rank, d_in), device=grad_out.device, dtype=out_dtype)
-    grad_b = alloc((num_members, k_out, rank), device=grad_out.device, dtype=out_dtype)
-    if rows > 0:
-        x3 = x.unsqueeze(0) if x.dim() == 2 else x
-        grad_b_t = grad_b.transpose(1, 2)  # written as dB^T [N, R, k]
-
-        def grid(cfg):
-            return (triton.cdiv(d_in, cfg["BLOCK_C"]) + triton.cdiv(k_out, cfg["BLOCK_C"]), num_members, splits)
-
-        with launch_device(grad_out):
-            _lora_grads_kernel[grid](
-                low_a_ptr=dyb, in_a_ptr=x3, grad_a_ptr=grad_a, low_b_ptr=xa, in_b_ptr=grad_out, grad_b_ptr=grad_b_t,
-                ROWS=rows, RANK=rank, COLS_A=d_in, COLS_B=k_out, ROWS_PER_SPLIT=rows_per_split, scaling=float(scaling),
-                stride_low_a_n=dyb.stride(0), stride_low_a_m=dyb.stride(1), stride_low_a_r=dyb.stride(2),
-                stride_in_a_n=0 if x.dim() == 2 else x3.stride(0), stride_in_a_m=x3.stride(1),
-                stride_in_a_c=x3.stride(2),
-                stride_grad_a_n=grad_a.stride(0), stride_grad_a_r=grad_a.stride(1), stride_grad_a_c=grad_a.stride(2),
-                stride_low_b_n=xa.stride(0), stride_low_b_m=xa.stride(1), stride_low_b_r=xa.stride(2),
-                stride_in_b_n=grad_out.stride(0), stride_in_b_m=grad_out.stride(1), stride_in_b_c=grad_out.stride(2),
-                stride_grad_b_n=grad_b_t.stride(0), stride_grad_b_r=grad_b_t.stride(1),
-                stride_grad_b_c=grad_b_t.stride(2),
-                SHARED_MEMORY=shared_memory_per_program(grad_out.device), ROWS_BUCKET=size_bucket(rows_per_split),
-                ATOMIC=atomic, DOT_PRECISION=dot_precision(dtype), BLOCK_R=block_rank(rank),
-            )
+    grad_a = alloc((num_members, rank, d_in), device=device, dtype=out_dtype)
+    grad_b = alloc((num_members, k_out, rank), device=device, dtype=out_dtype)
+    if rows > 0 and num_members > 0:
+        shared_input = x.dim() == 2
+        s_x = (0, *x.stride()) if shared_input else x.stride()
+        s_grad_b = grad_b.stride()  # written as dB^T [N, R, k]: its strides swapped, no view made
+        args = (dyb, x, grad_a, xa, grad_out, grad_b, rows, rank, d_in, k_out, rows_per_split,
+                *dyb.stride(), *s_x, *grad_a.stride(), *xa.stride(), *grad_out.stride(), s_grad_b[0], s_grad_b[2],
+                s_grad_b[1], float(scaling))
+        precision = dot_precision(dtype)
+        pinned = tuning_pinned()
+        misaligned = (dyb.data_ptr() | x.data_ptr() | xa.data_ptr() | grad_out.data_ptr()) & 15
+        if misaligned:  # Triton specialises each pointer on its own 16-byte alignment
+            misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
+        # num_members sets the grid but is no argument of the kernel (the strides do not say it)
+        key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, num_members, args[_POINTERS:-1])
+        launch = _GRADS.bound.get(key)
+        with launch_device(device):
+            if launch is None:
+                _GRADS.bind(key, args, _plan(args, device, precision, atomic, shared_input, num_members, splits),
+                            device, pinned)
+            else:
+                launch(args)
+    if out_dtype == dtype:  # (Tensor.to costs ~0.7 µs even when the dtype matches)
+        return grad_a, grad_b
     return grad_a.to(dtype), grad_b.to(dtype)
+

@@ -35,9 +35,11 @@ from torch import Tensor
 
 from .auto_costs import ShapeClass, estimate_backend, rows_bucket
 from .backends import auto_candidates, get_backend
+from .tuning_store import PIN_VARIABLE, tuning_pinned, tuning_store
 
 __all__ = [
     "MEASURE_VARIABLE",
+    "PIN_VARIABLE",
     "AutoDecision",
     "auto_backend",
     "auto_decisions",
@@ -50,17 +52,10 @@ __all__ = [
 logger = logging.getLogger("lora_ensemble.auto")
 
 MEASURE_VARIABLE = "LORA_ENSEMBLE_AUTO_MEASURE"
-PIN_VARIABLE = "LORA_ENSEMBLE_TRITON_AUTOTUNE"
 _WARMUP_CALLS = 2
 _TIMED_ROUNDS = 5
 _CALLS_PER_ROUND = 10
 _MAX_CHOICES = 4096  # exact call shapes remembered before the per-call table starts over
-
-
-def tuning_pinned() -> bool:
-    """Whether tuning is pinned: ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` or deterministic algorithms on.
-    Then nothing is timed and nothing stored is read: ``auto`` follows the cost model."""
-    return os.environ.get(PIN_VARIABLE, "1") == "0" or torch.are_deterministic_algorithms_enabled()
 
 
 @dataclass(frozen=True)
@@ -151,8 +146,6 @@ def decide(device: torch.device, shape: ShapeClass, candidates: tuple[str, ...],
         return _modelled(device, shape, candidates, True, ("while torch.compile traces",))
     if tuning_pinned():
         return _modelled(device, shape, candidates, False, ("tuning pinned: nothing measured or read",))
-    from .tuning_store import tuning_store
-
     store = tuning_store(device)
     stored = store.auto_choice(shape.key())
     if stored is not None and stored.get("backend") in candidates:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from .kernels.config_model import GemmLaunch
     from .kernels.gpu_specs import GpuSpec
 
 __all__ = ["HEADLINE_SHAPES", "HOST_SECONDS", "BackendEstimate", "ShapeClass", "estimate_backend", "format_estimates",
@@ -35,26 +36,28 @@ __all__ = ["HEADLINE_SHAPES", "HOST_SECONDS", "BackendEstimate", "ShapeClass", "
 
 # Eager host time of one call through the library (validation, autograd node, launcher, launches),
 # per backend and mode: "fwd" (a forward, with or without gradients recorded) and "fwd_bwd" (forward
-# plus backward). The module rows of benchmarks/results/cpu-overhead.md (this 2-core CPU under load from
-# other jobs: upper bounds; the device calls of triton and cuda stubbed), plus what the stubs leave out:
-# Triton's binder and launch, ~15 µs per launch (research/gpu-readiness-3.md, N3: 10-20 µs, a guess),
-# and the extension op's checks and cudaLaunchKernel, ~4 µs per launch (a guess); one launch forward,
-# three forward + backward. The composite's CPU kernels stand in for its launches.
+# plus backward). The module rows of a run of `python -m benchmarks.bench_overhead --stub-devices`
+# (2026-12-06 15:19 UTC; the committed run of benchmarks/results/cpu-overhead.md, 15:42, is within 1 µs
+# of it) on a 2-core CPU shared with other jobs (upper bounds; the device calls of triton and cuda
+# stubbed), plus what the stubs leave out: Triton's C launch (argument parsing, each tensor's data_ptr,
+# cuLaunchKernel; its Python launcher is measured), ~5 µs per launch, and the extension op's checks and
+# cudaLaunchKernel, ~4 µs per launch (guesses); one launch forward, three forward + backward. The
+# composite's CPU kernels stand in for its launches.
 HOST_SECONDS: dict[str, dict[str, float]] = {
-    "torch": {"fwd": 42e-6, "fwd_bwd": 195e-6},
-    "triton": {"fwd": (81 + 15) * 1e-6, "fwd_bwd": (314 + 3 * 15) * 1e-6},
-    "cuda": {"fwd": (31 + 4) * 1e-6, "fwd_bwd": (153 + 3 * 4) * 1e-6},
+    "torch": {"fwd": 36e-6, "fwd_bwd": 181e-6},
+    "triton": {"fwd": (29 + 5) * 1e-6, "fwd_bwd": (148 + 3 * 5) * 1e-6},
+    "cuda": {"fwd": (29 + 4) * 1e-6, "fwd_bwd": (152 + 3 * 4) * 1e-6},
 }
 _CUBLAS_EFFICIENCY = 0.9
 _TRITON_EFFICIENCY = 0.8
-_WMMA_EFFICIENCY = {True: 0.4, False: 0.65}  # sm_90 and newer (no wgmma), Ampere / Ada
+_WMMA_EFFICIENCY = {True: 0.31, False: 0.65}  # sm_90 and newer (WMMA, no wgmma: ~330 TFLOP/s on an H100), Ampere / Ada
 _FMA_EFFICIENCY = 0.7
 # Skinny batched GEMMs (rank r columns) and elementwise passes: bandwidth-bound at this fraction of DRAM speed.
 _PASS_EFFICIENCY = 0.8
 _CUBLAS_TILES = tuple(SimpleNamespace(kwargs={"BLOCK_N": n, "BLOCK_K": 64}, num_warps=8, num_stages=4, rows=m)
                       for m in (64, 128) for n in (64, 128, 256))
-_CUDA_BLOCK_M, _CUDA_BLOCK_N, _CUDA_GRAD_BLOCK_C, _CUDA_GRAD_BLOCK_ROWS = 64, 128, 128, 32
-_MIN_ROWS_PER_SPLIT = 512  # both weight-gradient kernels split rows only above this many per range
+_CUDA_BLOCK_N, _CUDA_GRAD_BLOCK_C, _CUDA_GRAD_BLOCK_ROWS = 128, 128, 32
+_GRAD_BLOCK_COLS = 128  # the column tile both weight-gradient launchers count their programs with
 
 
 def rows_bucket(rows: int) -> int:
@@ -164,93 +167,154 @@ def _composite(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     return sum(kernels), len(kernels)
 
 
-def _triton_configs(role: str, shape: ShapeClass, gpu: GpuSpec, block_m: int, block_r: int, cols: int, inner: int,
-                    rows: int) -> list:
-    from .kernels import configs
+def _best(configs: list, launch: GemmLaunch, gpu: GpuSpec) -> float:
+    """Seconds of ``launch`` under the config the cost model ranks first (what a pinned launch runs
+    and where tuning starts)."""
+    from .kernels.config_model import config_cost
 
-    dtype, precision = configs.DTYPE_NAMES[shape.dtype], _precision(shape.dtype, "triton")
-    if role == "grads":
-        return configs.fitting_lora_grads_configs(list(configs.LORA_GRADS_GPU_CONFIGS), rows=rows, cols=cols,
-                                                  dtype=dtype, precision=precision, block_r=block_r,
-                                                  shared_memory=gpu.shared_memory_per_program,
-                                                  capability=gpu.capability)
-    sum_members = {"stacked": None, "shared": False, "shared_dx": True}[role]
-    candidates = configs.FUSED_LORA_GEMM_GPU_CONFIGS if sum_members is None else configs.SHARED_INPUT_GPU_CONFIGS
-    return configs.fitting_fused_lora_gemm_configs(
-        list(candidates), cols=cols, inner=inner, dtype=dtype, precision=precision, block_m=block_m,
-        block_r=block_r, shared_memory=gpu.shared_memory_per_program, capability=gpu.capability,
-        sum_members=sum_members, has_weight=shape.op == "linear")
+    return min(config_cost(c, launch, gpu).seconds for c in configs)
 
 
-def _grad_splits(n: int, m: int, d: int, k: int, cols_tile: int, quantum: int, gpu: GpuSpec) -> tuple[int, int]:
-    """Row splits and rows per split of a weight-gradient launch (both backends' policy)."""
-    splits = 1
-    if not torch.are_deterministic_algorithms_enabled():
-        programs = n * (_cdiv(d, cols_tile) + _cdiv(k, cols_tile))
-        splits = max(1, min(_cdiv(2 * gpu.sm_count, programs), m // _MIN_ROWS_PER_SPLIT))
-    per_split = _cdiv(_cdiv(max(m, 1), splits), quantum) * quantum
-    return _cdiv(max(m, 1), per_split), per_split
-
-
-def _fused(shape: ShapeClass, gpu: GpuSpec, backend: str) -> tuple[float, int]:
-    """Device seconds and launches of the ``triton`` or ``cuda`` backend: forward, and with gradients
-    the dx launch and the weight-gradient launch."""
-    from .kernels.config_model import GemmLaunch, config_cost
-    from .kernels.configs import block_rank, block_rows
+def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
+    """Device seconds and launches of the ``triton`` backend (kernels/fused_lora_gemm.py,
+    kernels/lora_grads.py) as :mod:`lora_ensemble.kernels.launch_costs` describes them, each under
+    the best config the pruning keeps ("aligned" widths): the forward, and with gradients the dx
+    launch and the weight-gradient launch (and, when its rows are split, the zeroing and the cast of
+    dA and dB)."""
+    from .kernels import configs, launch_costs
+    from .kernels.launch_policy import block_rank, grad_row_splits, grad_rows_per_split, shared_tiling, stacked_tiling
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
-    e, rows = _element_size(shape.dtype), n * shape.rows
-    weight = shape.op == "linear"
-    precision = _precision(shape.dtype, backend)
-    block_r = block_rank(r)
-    tf32x3 = precision == "tf32x3"
-    if backend == "cuda":
-        efficiency = _FMA_EFFICIENCY if precision == "fp32" else _WMMA_EFFICIENCY[gpu.capability >= 90]
-        cuda_tile = SimpleNamespace(kwargs={"BLOCK_N": _CUDA_BLOCK_N, "BLOCK_K": 32 if e == 2 else 16},
-                                    num_warps=8, num_stages=3)
-    else:
-        efficiency = _TRITON_EFFICIENCY
+    e, weight, dtype = _element_size(shape.dtype), shape.op == "linear", configs.DTYPE_NAMES[shape.dtype]
+    precision = _precision(shape.dtype, "triton")
+    block_r, tf32x3 = block_rank(r), precision == "tf32x3"
+    common = dict(dtype=dtype, precision=precision, block_r=block_r, shared_memory=gpu.shared_memory_per_program,
+                  capability=gpu.capability)
 
-    def launch(role: str, inner: int, cols: int, dram: int) -> float:
-        shared_rows = role != "stacked"
-        block_m = _CUDA_BLOCK_M if backend == "cuda" else block_rows(m, block_r, shared_rows=shared_rows,
-                                                                   tf32x3=tf32x3)
-        groups = 1
-        if role == "shared":  # member groups while the output tiles leave SMs idle (member_groups_for)
-            groups = max(1, min(n, gpu.sm_count // (_cdiv(m, 64) * _cdiv(cols, 128))))
-        members_per_program = _cdiv(n, groups)
-        plan = GemmLaunch(
-            tile_rows=block_m, row_tiles=_cdiv(m, block_m) * (n if role == "stacked" else groups), cols=cols,
-            inner=inner, precision=precision, lhs_bytes=e, rhs_bytes=e, dram_bytes=dram,
-            column_operand=weight, rank_tile=block_r, rank_loops=0 if role == "stacked" else members_per_program,
-            lhs_loads=n if role == "shared_dx" else 1, output_tiles=2 if role == "shared" else 1, expand=True,
-            efficiency=efficiency)
-        configs = [cuda_tile] if backend == "cuda" else _triton_configs(role, shape, gpu, block_m, block_r, cols,
-                                                                        inner, m)
-        return min(config_cost(c, plan, gpu).seconds for c in configs)
+    def fused(inner: int, cols: int, sum_members: bool | None, has_base: bool) -> float:
+        if sum_members is None:
+            tiling = stacked_tiling(m, n, block_r, tf32x3)
+            launch = launch_costs.stacked_launch(n, m, inner, cols, r, block_r, tiling, precision, e, weight, has_base,
+                                                 _TRITON_EFFICIENCY)
+            candidates = configs.FUSED_LORA_GEMM_GPU_CONFIGS
+        else:
+            tiling = shared_tiling(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members)
+            launch = launch_costs.shared_launch(n, m, inner, cols, r, block_r, tiling, precision, e, sum_members,
+                                                weight, has_base, _TRITON_EFFICIENCY)
+            candidates = configs.SHARED_INPUT_GPU_CONFIGS
+        kept = configs.fitting_fused_lora_gemm_configs(
+            list(candidates), cols=cols, inner=inner, block_m=tiling.block_m, rank_slots=tiling.rank_slots,
+            multi_pass=tiling.multi_pass, sum_members=sum_members, has_weight=weight, **common)
+        return _best(kept, launch, gpu)
 
-    x_rows = m if shape.shared else rows
-    xa_bytes = 4 * rows * r
-    factor_bytes = e * n * r * (d + k)
-    base_bytes = 0 if weight else e * rows * k
-    seconds = launch("shared" if shape.shared else "stacked", d, k,
-                     e * (x_rows * d + (d * k if weight else 0) + rows * k + k) + factor_bytes + xa_bytes + base_bytes)
+    seconds = fused(d, k, False if shape.shared else None, shape.op == "delta")
     launches = 1
     if shape.grad:
-        # The CUDA shared-input dx runs one dy[n] W0 GEMM per member: as much work as the stacked dx.
-        dx_role = "stacked" if not shape.shared or backend == "cuda" else "shared_dx"
-        seconds += launch(dx_role, k, d, e * (rows * k + (d * k if weight else 0) + x_rows * d) + factor_bytes
-                          + xa_bytes)
-        cols_tile = _CUDA_GRAD_BLOCK_C if backend == "cuda" else 128
-        splits, per_split = _grad_splits(n, m, d, k, cols_tile, 32 if backend == "cuda" else 16, gpu)
-        grads = GemmLaunch(
-            tile_rows=block_r, row_tiles=n * splits, cols=d + k, inner=per_split, precision=precision, lhs_bytes=4,
-            rhs_bytes=e, dram_bytes=2 * xa_bytes + e * (x_rows * d + rows * k) + factor_bytes,
-            dot_passes=2 if e == 2 else 1, efficiency=efficiency, col_tile="BLOCK_C", inner_tile="BLOCK_M")
-        grad_configs = ([SimpleNamespace(kwargs={"BLOCK_C": _CUDA_GRAD_BLOCK_C, "BLOCK_M": _CUDA_GRAD_BLOCK_ROWS},
-                                         num_warps=8, num_stages=3)] if backend == "cuda" else
-                        _triton_configs("grads", shape, gpu, 0, block_r, max(d, k), 0, per_split))
-        seconds += min(config_cost(c, grads, gpu).seconds for c in grad_configs)
+        seconds += fused(k, d, True if shape.shared else None, False)
+        programs = n * (_cdiv(d, _GRAD_BLOCK_COLS) + _cdiv(k, _GRAD_BLOCK_COLS))
+        splits = grad_row_splits(m, programs, gpu.sm_count, torch.are_deterministic_algorithms_enabled())
+        per_split = grad_rows_per_split(m, splits)
+        splits = _cdiv(max(m, 1), per_split)
+        grads = launch_costs.lora_grads_launch(n, m, d, k, r, block_r, splits, per_split, precision, e, shape.shared,
+                                               _TRITON_EFFICIENCY)
+        kept = configs.fitting_lora_grads_configs(list(configs.LORA_GRADS_GPU_CONFIGS), rows=per_split,
+                                                  cols=max(d, k), **common)
+        seconds += _best(kept, grads, gpu)
+        launches += 2
+        if splits > 1:  # dA and dB zeroed in fp32 before, and cast to the dtype after
+            seconds += 2 * _pass(4 * n * r * (d + k) // 2, gpu) + (2 * _pass(6 * n * r * (d + k) // 2, gpu)
+                                                                    if e == 2 else 0)
+            launches += 4 if e == 2 else 2
+    return seconds, launches
+
+
+def _cuda_stacked_plan(members: int, rows: int, inner: int, rank_pad: int, cols: int, e: int,
+                       gpu: GpuSpec) -> tuple[int, int, int, int, int]:
+    """``(block_rows, tile_rows, row_tiles, k_splits, k_per_split)`` of a stacked CUDA fused launch, as
+    ``csrc/cuda/make_params.cuh`` plans it with ``csrc/cuda/launch_policy.cuh`` (16- or 64-row tiles
+    spanning members while their shrink slices fit, else whole members; split-K while the CTAs fill
+    less than the SMs) and the tile shapes of ``csrc/cuda/fused_tile.cuh`` (members per tile: 16 at
+    16 rows up to rank tile 32, 8 at 64, 4 at 128; 4 at 64 rows up to rank tile 32, else 2)."""
+    from .kernels.launch_policy import row_tile_members
+
+    small_members = 16 if rank_pad <= 32 else (8 if rank_pad == 64 else 4)
+    large_members = 4 if rank_pad <= 32 else 2
+    block_rows = 64 if row_tile_members(rows, 64, members) <= large_members else 16
+    tile_members = large_members if block_rows == 64 else small_members
+    tile_rows = block_rows
+    if row_tile_members(rows, block_rows, members) > tile_members:
+        tile_rows = max(1, min(tile_members, block_rows // max(rows, 1))) * rows
+    row_tiles = _cdiv(members * rows, tile_rows)
+    block_k = 32 if e == 2 else 16
+    programs = row_tiles * _cdiv(cols, _CUDA_BLOCK_N)
+    splits = min(gpu.sm_count // max(programs, 1), inner // 128, 16)
+    per_split = inner
+    if splits > 1:
+        per_split = _cdiv(_cdiv(inner, splits), block_k) * block_k
+        splits = _cdiv(inner, per_split)
+    return block_rows, tile_rows, row_tiles, max(splits, 1), per_split
+
+
+def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
+    """Device seconds and launches of the ``cuda`` backend (csrc/cuda): the fused forward and dx with
+    the extension's fixed tiles (BM 16 or 64 x BN 128, 8 warps, 3 stages; WMMA tensor cores for 16-bit
+    inputs, exact fp32 FMAs for fp32) and its split-K, and the weight-gradient launch (128-column,
+    32-row tiles)."""
+    from .kernels import launch_costs
+    from .kernels.config_model import KERNEL_OVERHEAD_S, GemmLaunch, config_cost
+    from .kernels.launch_policy import block_rank, grad_row_splits
+
+    n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
+    e, weight = _element_size(shape.dtype), shape.op == "linear"
+    precision = _precision(shape.dtype, "cuda")
+    efficiency = _FMA_EFFICIENCY if precision == "fp32" else _WMMA_EFFICIENCY[gpu.capability >= 90]
+    rank_pad = block_rank(r)
+
+    def fused(inner: int, cols: int, dx: bool) -> float:
+        tile = SimpleNamespace(kwargs={"BLOCK_N": _CUDA_BLOCK_N, "BLOCK_K": 32 if e == 2 else 16}, num_warps=8,
+                               num_stages=3)
+        if shape.shared:  # one pass of every member per CTA at 16 rows, member groups / passes otherwise
+            block_rows = 16 if m < 64 or _cdiv(m, 64) * _cdiv(cols, _CUDA_BLOCK_N) < gpu.sm_count else 64
+            row_tiles, held, splits, per_split = _cdiv(m, block_rows), n, 1, inner
+            programs = row_tiles * _cdiv(cols, _CUDA_BLOCK_N)
+            wanted = min(gpu.sm_count // max(programs, 1), inner // 128, 16)
+            if wanted > 1:
+                per_split = _cdiv(_cdiv(inner, wanted), tile.kwargs["BLOCK_K"]) * tile.kwargs["BLOCK_K"]
+                splits = _cdiv(inner, per_split)
+            pairs = n * block_rows // 16
+            in_rows, out_rows = (n * m, m) if dx else (m, n * m)
+        else:
+            block_rows, tile_rows, row_tiles, splits, per_split = _cuda_stacked_plan(n, m, inner, rank_pad, cols, e,
+                                                                                      gpu)
+            _, held_total, _ = launch_costs.stacked_tile_members(n, m, tile_rows, 1)
+            held = held_total / row_tiles
+            pairs = held if block_rows == 16 else min(block_rows // 16 + held - 1, 4 * held)
+            in_rows = out_rows = n * m
+        dram = (e * (in_rows * inner + (inner * cols if weight else 0) + n * r * (inner + cols) + out_rows * cols)
+                + 4 * n * m * r)
+        launch = GemmLaunch(
+            tile_rows=block_rows, row_tiles=row_tiles * splits, cols=cols, inner=per_split, precision=precision,
+            lhs_bytes=e, rhs_bytes=e, dram_bytes=dram, column_operand=weight,
+            rank_tile=round(pairs * rank_pad * 16 / block_rows), lhs_loads=n if (shape.shared and dx) else 1,
+            expands=held, expand_rank=rank_pad, expand_passes=2 if e == 2 else 1, efficiency=efficiency)
+        seconds = config_cost(tile, launch, gpu).seconds
+        if splits > 1:  # the fp32 partials of every range, written and summed by the last CTA of a tile
+            seconds += _pass(2 * 4 * splits * out_rows * cols, gpu) - KERNEL_OVERHEAD_S
+        return seconds
+
+    seconds = fused(d, k, False)
+    launches = 1
+    if shape.grad:
+        seconds += fused(k, d, True)
+        programs = n * (_cdiv(d, _CUDA_GRAD_BLOCK_C) + _cdiv(k, _CUDA_GRAD_BLOCK_C))
+        splits = grad_row_splits(m, programs, gpu.sm_count, torch.are_deterministic_algorithms_enabled())
+        per_split = _cdiv(_cdiv(max(m, 1), splits), _CUDA_GRAD_BLOCK_ROWS) * _CUDA_GRAD_BLOCK_ROWS  # its row quantum
+        splits = _cdiv(max(m, 1), per_split)
+        grads = launch_costs.lora_grads_launch(n, m, d, k, r, rank_pad, splits, per_split, precision, e, shape.shared,
+                                               efficiency)
+        tile = SimpleNamespace(kwargs={"BLOCK_C": _CUDA_GRAD_BLOCK_C, "BLOCK_M": _CUDA_GRAD_BLOCK_ROWS}, num_warps=8,
+                               num_stages=3)
+        seconds += config_cost(tile, grads, gpu).seconds
         launches += 2
         if splits > 1 and e == 2:  # the fp32 sums cast to the dtype
             seconds += 2 * _pass(6 * n * r * (d + k) // 2, gpu)
@@ -262,8 +326,10 @@ def estimate_backend(backend: str, shape: ShapeClass, gpu: GpuSpec) -> BackendEs
     """The modelled cost of ``backend`` (``"torch"``, ``"triton"`` or ``"cuda"``) for ``shape`` on ``gpu``."""
     if backend == "torch":
         device_s, kernels = _composite(shape, gpu)
-    elif backend in ("triton", "cuda"):
-        device_s, kernels = _fused(shape, gpu, backend)
+    elif backend == "triton":
+        device_s, kernels = _triton(shape, gpu)
+    elif backend == "cuda":
+        device_s, kernels = _cuda(shape, gpu)
     else:
         raise ValueError(f"backend: no cost model for {backend!r}; choose one of 'torch', 'triton', 'cuda'")
     host_s = HOST_SECONDS[backend]["fwd_bwd" if shape.grad else "fwd"]

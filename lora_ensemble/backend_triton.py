@@ -31,9 +31,9 @@ def forward(
     base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
-    # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k] (views, no copies).
-    return launch_fused_lora_gemm(x, weight.t() if weight is not None else None, lora_A.transpose(1, 2),
-                                  lora_B.transpose(1, 2), bias, scaling, base=base)
+    # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k]: given as W0, A, B
+    # (transposed=True: read with swapped strides, no views made per call).
+    return launch_fused_lora_gemm(x, weight, lora_A, lora_B, bias, scaling, base=base, transposed=True)
 
 
 def backward_dx(

@@ -34,11 +34,32 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "TuningStore", "cache_dir", "store_file_name", "tuning_store"]
+__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "PIN_VARIABLE", "TuningStore", "cache_dir", "store_file_name",
+           "tuning_pinned", "tuning_store"]
 
 CACHE_DIR_VARIABLE = "LORA_ENSEMBLE_CACHE_DIR"
+PIN_VARIABLE = "LORA_ENSEMBLE_TRITON_AUTOTUNE"
 FORMAT = 1
 _SECTIONS = ("triton_configs", "auto")
+
+
+# The pin variable as os.environ stores it (bytes on POSIX): each Triton launch reads it, and
+# os.environ.get costs ~1 µs a call (the key's encoding and the value's decoding) where a lookup in
+# the mapping os.environ keeps up to date costs ~0.05 µs.
+_ENVIRON = getattr(os.environ, "_data", None)
+if _ENVIRON is not None:
+    _PIN_KEY, _PINNED_VALUE = os.environ.encodekey(PIN_VARIABLE), os.environ.encodevalue("0")
+
+
+def tuning_pinned() -> bool:
+    """Whether tuning is pinned: ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` or deterministic algorithms on.
+    Then nothing is timed and nothing stored is read: each Triton kernel runs the cost model's first
+    config and ``auto`` follows the cost model, so new processes compute the same bits."""
+    if _ENVIRON is not None:
+        pinned = _ENVIRON.get(_PIN_KEY) == _PINNED_VALUE
+    else:
+        pinned = os.environ.get(PIN_VARIABLE, "1") == "0"
+    return pinned or torch.are_deterministic_algorithms_enabled()
 
 
 def cache_dir() -> Path | None:

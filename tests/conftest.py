@@ -12,6 +12,9 @@ that a kernel forgets to store then stays NaN and fails the comparison with the 
 fresh memory would often have held zeros or a stale correct value by chance. ``torch`` itself,
 the tests' own tensors and allocations made in C++ (the CUDA extension's ``at::empty``) are left
 alone; the CUDA kernels' host-emulation tests surround their buffers with NaN themselves.
+
+Under the interpreter every load, store and atomic of every kernel is also checked to stay inside
+its launch's tensor arguments (tests/interpreter_memcheck.py, the interpreter's memcheck).
 """
 
 import functools
@@ -24,6 +27,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        from .interpreter_memcheck import install as install_interpreter_memcheck
+    except ImportError:  # no triton: nothing is interpreted
+        pass
+    else:
+        install_interpreter_memcheck()
 
 # The allocators whose memory is left uninitialised; ``Tensor.new_empty`` is not patched (it is a
 # method of every tensor, so it cannot be changed for one module): the library uses it for fake

@@ -21,7 +21,7 @@ from lora_ensemble.auto_costs import (
     format_estimates,
     rows_bucket,
 )
-from lora_ensemble.kernels.gpu_specs import H100_SXM
+from lora_ensemble.kernels.gpu_specs import H100_SXM, gpu_spec
 from lora_ensemble.reference import lora_ensemble_reference
 
 CPU = torch.device("cpu")
@@ -110,6 +110,56 @@ def test_estimates_table_has_a_row_per_shape_with_the_models_choices():
         assert cells[0] == f"{label} ({case.key()})"
         assert cells[4] == min(estimates, key=lambda b: estimates[b].eager_s)
         assert cells[5] == min(estimates, key=lambda b: estimates[b].device_s)
+
+
+# The model's choice on an H100 (kernels/gpu_specs.py) per headline shape, eager and under a compiled
+# graph, as benchmarks/NOTES.md predicts: the fused Triton kernels where the device time is theirs (ViT
+# batch 32: W0 once per 128-row tile, one launch against the composite's four; "Row tiles that span
+# members"), the composite at prefill (Triton predicted 13% slower, CUDA's WMMA at half of cuBLAS's
+# rate: the issue-21 CUDA section), CUDA at decode (W0 once in 16-row tiles, split-K; a little under
+# the composite and Triton), never CUDA from 16 rows a member on. At batch 1 every backend is host-bound
+# in eager mode: the choice follows HOST_SECONDS (within ~3 µs of each other).
+def headline(rows: int, grad: bool = False, llama: bool = False) -> ShapeClass:
+    """The class ``auto`` files a call under (rows per member in their power-of-two bucket)."""
+    d, rank = (4096, 16) if llama else (768, 8)
+    return ab.shape_class("linear", torch.bfloat16, 16, rows, d, d, rank, False, grad)
+
+
+HEADLINE_CHOICES = {  # shape: (eager, compiled)
+    headline(1600, grad=True): ("triton", "triton"),
+    headline(1600): ("triton", "triton"),
+    headline(50, grad=True): ("triton", "triton"),
+    headline(50): ("cuda", "triton"),
+    headline(1, llama=True): ("cuda", "cuda"),
+    headline(16, llama=True): ("triton", "triton"),
+    headline(512, llama=True): ("torch", "torch"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADLINE_CHOICES), ids=lambda case: case.key())
+def test_model_picks_per_headline_shape_on_an_h100_as_the_notes_predict(fresh_auto, monkeypatch, case):
+    assert gpu_spec(CPU) is H100_SXM  # what the model assumes off a GPU
+    monkeypatch.setenv(ab.PIN_VARIABLE, "0")  # the model alone
+    candidates = ("triton", "cuda", "torch")
+    eager = ab.decide(CPU, case, candidates)
+    compiled = ab.decide(CPU, case, candidates, compiled=True)
+    assert (eager.backend, compiled.backend) == HEADLINE_CHOICES[case], (eager.why(), compiled.why())
+    assert "NVIDIA H100" in eager.why() and "max(host, device)" in eager.why()
+    assert "device time" in compiled.why()
+    # Never slower than the composite, by the model.
+    assert eager.times_us[eager.backend] <= eager.times_us["torch"]
+    assert compiled.times_us[compiled.backend] <= compiled.times_us["torch"]
+
+
+def test_measured_and_stored_choices_override_the_model(fresh_auto):
+    prefill = headline(512, llama=True)  # the model: the composite
+    assert ab.decide(CPU, prefill, ("triton", "torch"), compiled=True).backend == "torch"
+    measured = ab.decide(CPU, prefill, ("triton", "torch"), lambda: {"triton": fast, "torch": slow})
+    assert (measured.backend, measured.source) == ("triton", "measured")
+    decode = headline(1, llama=True)  # the model: cuda
+    tuning_store.tuning_store(CPU).record_auto_choice(decode.key(), "torch", {"torch": 1.0, "cuda": 2.0})
+    stored = ab.decide(CPU, decode, ("triton", "cuda", "torch"), lambda: pytest.fail("measured a stored shape"))
+    assert (stored.backend, stored.source) == ("torch", "stored")
 
 
 def fast() -> None:

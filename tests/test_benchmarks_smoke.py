@@ -182,7 +182,7 @@ def test_report_renders_committed_run(path: Path, tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     if "benchmarks" not in data:
         assert {"device", "torch", "results"} <= set(data) <= {"device", "torch", "triton", "date", "host",
-                                                              "results"}, (
+                                                              "load", "results"}, (
             f"{path.name}: neither a benchmark run nor an overhead table")
         baseline = {"F.linear", "composite", "module[torch]", "functional[torch]"}
         for mode in OVERHEAD_MODES:

@@ -26,7 +26,7 @@ def cfg(warps: int, stages: int, n: int, k: int) -> SimpleNamespace:
 
 def fused_launch(members: int, rows: int, d: int, k: int, rank_tile: int, block_m: int, row_tiles: int) -> GemmLaunch:
     dram = 2 * (members * rows * (d + k) + d * k + members * rank_tile * (d + k))
-    return GemmLaunch(block_m, row_tiles, k, d, "16bit", 2, 2, dram, rank_tile=rank_tile, expand=True)
+    return GemmLaunch(block_m, row_tiles, k, d, "16bit", 2, 2, dram, rank_tile=rank_tile, expands=1)
 
 
 def test_gpu_spec_from_properties_gives_the_h100_spec_sheet():

@@ -2,13 +2,21 @@
 in every config the run-time pruning keeps, fits the shared memory and spills no register.
 
 ``python -m lora_ensemble.kernels.aot`` runs triton.compile for GPUTarget("cuda", arch, 32) down to a
-cubin (ptxas included) for every kernel role, dtype and dot precision, rank tile and row-tile regime,
-with every config the pruning keeps there (about 1350 kernels per arch); it runs in a subprocess because
-the interpreter (TRITON_INTERPRET=1, set for the other tests) replaces the kernels by Python functions.
+cubin (ptxas included) for every kernel role, dtype and dot precision, rank tile, row tiling and
+argument specialisation, with every config the pruning keeps there (about 2500 kernels per arch);
+it runs in a subprocess because the interpreter (TRITON_INTERPRET=1, set for the other tests)
+replaces the kernels by Python functions.
+
+By default this file compiles a sample (``--sample``: a few cases of every kernel role on both
+archs, about a minute on 2 cores with an empty Triton cache). The full gate, for CI as a step of
+its own: ``LORA_ENSEMBLE_AOT_GATE=full python -m pytest tests/test_triton_aot.py``. Either way the
+compile runs in a session of its own and is killed as a process group when it runs out of time,
+so no worker outlives it.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,40 +25,110 @@ import triton
 
 from lora_ensemble.kernels import aot
 
+FULL = os.environ.get("LORA_ENSEMBLE_AOT_GATE", "sample") == "full"
+SAMPLE_PER_ROLE = 2
+# The full gate: ~5000 kernels at ~1 s of CPU each (triton 3.8, 2026-12); the sample: ~40.
+TIMEOUT_S = 2 * 3600 if FULL else 600
+
 
 @pytest.fixture(scope="module")
 def aot_reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "reports.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=3000)
-    assert out.exists(), f"the AOT compile did not run:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    command = [sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out), "--timeout", str(TIMEOUT_S - 60)]
+    if not FULL:
+        command += ["--sample", str(SAMPLE_PER_ROLE)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the compile and every worker it started
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the AOT compile ran past {TIMEOUT_S} s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert out.exists(), f"the AOT compile did not run:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     run = json.loads(out.read_text())
     assert run["triton"] == triton.__version__
-    return run["reports"], proc
+    assert not run["timed_out"], stderr[-4000:]
+    return run, proc.returncode, stdout + stderr
 
 
 def test_every_kernel_compiles_for_every_arch(aot_reports):
-    reports, proc = aot_reports
+    run, _, _ = aot_reports
+    reports = run["reports"]
     failures = [r for r in reports if isinstance(r, str)]
     assert not failures, "\n".join(failures)
     seen = {(r["arch"], r["case"].split("-")[0]) for r in reports}
     assert seen == {(arch, role) for arch in aot.ARCHS for role in aot.ROLE_NAMES}
-    cases = {r["case"] for r in reports}
-    for rank_tile in aot.RANK_TILES:
-        for dtype in ("fp32-tf32-", "fp32-tf32x3-", "fp16-", "bf16-"):
-            assert any(f"-{dtype}R{rank_tile}-" in c for c in cases), (dtype, rank_tile)
-    assert any(c.endswith("-M16") for c in cases) and any(c.endswith("-M128") for c in cases)
-    assert len(reports) == sum(len(aot.aot_cases(arch)) for arch in aot.ARCHS)
+    expected = [aot.aot_cases(arch) for arch in aot.ARCHS]
+    if not FULL:
+        expected = [aot.sample_cases(cases, SAMPLE_PER_ROLE) for cases in expected]
+    assert len(reports) == run["cases"] == sum(map(len, expected))
+    if FULL:
+        cases = {r["case"] for r in reports}
+        for rank_tile in aot.RANK_TILES:
+            for dtype in ("fp32-tf32-", "fp32-tf32x3-", "fp16-", "bf16-"):
+                assert any(f"-{dtype}R{rank_tile}-" in c for c in cases), (dtype, rank_tile)
+        for block_m in (16, 32, 64, 128):
+            assert any(f"-M{block_m}-" in c for c in cases), block_m
+        for specialisation in aot.SPECIALISATIONS:
+            assert any(c.endswith(f"-{specialisation}") for c in cases), specialisation
+        assert any("+-" in c for c in cases), "a kernel with further rank passes"
 
 
 def test_every_kept_config_fits_without_spills(aot_reports):
-    reports, proc = aot_reports
-    compiled = [r for r in reports if not isinstance(r, str)]
+    run, returncode, output = aot_reports
+    compiled = [r for r in run["reports"] if not isinstance(r, str)]
     too_big = [f"sm_{r['arch']} {r['case']} ({r['config']}): {r['shared_bytes']} > {r['shared_limit']} bytes"
                for r in compiled if not r["fits"]]
     assert not too_big, "shared memory exceeded:\n" + "\n".join(too_big)
     spilling = [f"sm_{r['arch']} {r['case']} ({r['config']}): {r['spill_stores']}/{r['spill_loads']} bytes spilled, "
                 f"{r['registers']} registers" for r in compiled if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"{len(spilling)} kernels spill registers:\n" + "\n".join(spilling)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert returncode == 0, output[-4000:]
+
+
+def test_a_stopped_compile_leaves_no_worker(tmp_path):
+    """``--timeout`` stops the run with exit status 3 and kills its compile workers (the earlier
+    gate's pool workers went on compiling as orphans after its subprocess timeout)."""
+    out = tmp_path / "reports.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out), "--jobs", "2",
+                             "--timeout", "1", "--only", "forward-bf16"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("--timeout 1 did not stop the compile within 300 s")
+    assert proc.returncode == 3, stdout[-2000:] + stderr[-2000:]
+    assert json.loads(out.read_text())["timed_out"]
+    try:
+        os.killpg(proc.pid, 0)  # raises when no process of its group is left
+    except ProcessLookupError:
+        return
+    pytest.fail("a process of the stopped compile is still running")
+
+
+def _report(arch: int, key: tuple, spills: int) -> dict:
+    return {"arch": arch, "spill_key": list(key), "spill_stores": spills, "spill_loads": spills}
+
+
+def test_a_partial_remeasurement_updates_the_spill_record_where_it_measured(tmp_path):
+    """--write-spilling-configs with --keep-unmeasured: measured keys follow the reports (a spill is
+    added, a clean compile removes an old entry), keys no report measured stay as they were."""
+    old_clean, old_unmeasured = sorted(aot.SPILLING_CONFIGS)[:2]
+    new_spill = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, "aligned", 4, 3, 64, 64)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"triton": triton.__version__, "cases": 3, "timed_out": True, "reports": [
+        _report(old_clean[0], old_clean, 0), _report(90, new_spill, 16), "FAILED some kernel"]}))
+    record = tmp_path / "spilling_configs.py"
+    for keep in (False, True):
+        count = aot.write_spilling_configs([str(report)], str(record), keep_unmeasured=keep)
+        scope = {}
+        exec(record.read_text(), scope)
+        written = scope["SPILLING_CONFIGS"]
+        assert new_spill in written and old_clean not in written and count == len(written)
+        assert (old_unmeasured in written) == keep
+        assert f"triton {triton.__version__} sm_90: 1 kernels, 1 of them spilling" in record.read_text()
+        assert f"triton {triton.__version__} sm_{old_clean[0]}: 1 kernels, 0 of them spilling" in record.read_text()

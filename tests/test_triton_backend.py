@@ -7,15 +7,17 @@ because the interpreter is slow. With a GPU the same tests run the compiled kern
 ``gpu``-marked tests add bf16, TF32, CUDA graphs and larger shapes.
 """
 
+import math
 import os
 
 import pytest
 import torch
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
-from lora_ensemble.kernels import fused_lora_gemm, lora_grads
-from lora_ensemble.kernels.configs import block_rank, block_rows, dot_precision, tf32_allowed
+from lora_ensemble.kernels import fused_lora_gemm, launch_policy, lora_grads
+from lora_ensemble.kernels.configs import dot_precision, tf32_allowed
 from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
+from lora_ensemble.kernels.launch_policy import block_rank
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 from lora_ensemble.reference import lora_ensemble_reference
 
@@ -43,14 +45,16 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 # (N, rows per member, d, k, r, dtype, shared_input, options); options: "nobias", "noncontig", a lead tuple.
+# The stacked kernels tile the N*M stacked rows as one matrix (a row tile may span members); the
+# row tile, rank slots and passes each case gets are in the comments (launch_policy).
 CASES = [
-    (4, 33, 67, 45, 1, torch.float32, False, ()),
+    (4, 33, 67, 45, 1, torch.float32, False, ()),  # 64-row tiles of 2-3 members, one pass of 4 slots
     (4, 33, 67, 45, 1, torch.float32, True, ()),
-    (3, 17, 40, 70, 33, torch.float32, False, ()),
-    (3, 17, 40, 70, 33, torch.float16, True, ()),
-    (2, 130, 20, 70, 3, torch.float32, False, ()),  # two row tiles, three column tiles: grouped order
+    (3, 17, 40, 70, 33, torch.float32, False, ()),  # rank tile 64: one member a pass, up to 3 passes
+    (3, 17, 40, 70, 33, torch.float16, True, ()),  # two members a pass: 2 passes
+    (2, 130, 20, 70, 3, torch.float32, False, ()),  # 128-row tiles, one straddles the members: a 2nd pass
     (2, 130, 20, 40, 3, torch.float16, True, ()),
-    (1, 1, 19, 23, 4, torch.float16, False, ()),
+    (1, 1, 19, 23, 4, torch.float16, False, ()),  # N = 1, one row
     (1, 1, 19, 23, 4, torch.float32, True, ()),
     (2, 5, 32, 16, 16, torch.float16, False, ("nobias",)),
     (2, 5, 32, 16, 8, torch.float32, True, ("nobias",)),
@@ -58,7 +62,16 @@ CASES = [
     (3, 6, 24, 31, 2, torch.float16, True, ((2, 3),)),
     (2, 9, 33, 20, 3, torch.float32, False, ("noncontig",)),
     (2, 9, 33, 20, 3, torch.float16, True, ("noncontig",)),
-    (16, 3, 16, 24, 8, torch.float16, False, ()),
+    (16, 3, 16, 24, 8, torch.float16, False, ()),  # 3 rows a member: tiles start mid-member
+    (16, 1, 37, 45, 8, torch.float32, False, ()),  # decode: 16 members x 1 row, ONE row tile, 2 passes of 8
+    (16, 1, 37, 45, 8, torch.float16, True, ()),
+    (8, 2, 29, 47, 16, torch.float16, False, ()),  # 8 members x 2 rows: one row tile, 8 slots
+    (64, 1, 19, 33, 1, torch.float32, False, ()),  # N = 64, rank 1: 4 row tiles of 16 members
+    (20, 2, 19, 33, 1, torch.float16, True, ()),  # 20 members shared: 8 members a pass, 3 passes
+    (3, 1, 21, 35, 128, torch.float32, False, ()),  # rank 128 at decode: one member a pass, 3 passes
+    (3, 5, 21, 35, 128, torch.float16, False, ()),  # rank 128, 5 rows a member: 3 passes
+    (3, 5, 21, 35, 128, torch.float32, True, ()),
+    (3, 50, 23, 17, 8, torch.float32, False, ()),  # 50 rows a member (batch-1 ViT): 64-row tiles of 2-3
 ]
 
 
@@ -112,18 +125,24 @@ def test_vit_sized_layer_matches_reference(dtype, shared):
         check_against_reference(inp, "triton", tolerance(dtype))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_shared_forward_in_member_groups(dtype):
-    """The shared-input forward split into member groups (used on the GPU for small batches)."""
-    n, m, d, k, r, s = 5, 9, 24, 40, 3, 0.8
-    inp = make_inputs(n, m, d, k, r, dtype=dtype, device=DEVICE, shared_input=True, requires_grad=())
-    want = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared_input=True)
-    want_xa = inp.x.double() @ inp.lora_A.double().transpose(1, 2)
-    for groups in (2, 5):
-        out, xa = launch_fused_lora_gemm(inp.x, inp.weight.t(), inp.lora_A.transpose(1, 2), inp.lora_B.transpose(1, 2),
-                                       inp.bias, s, member_groups=groups)
-        assert_close_named(f"out (groups={groups})", out.reshape(n * m, k), want, dtype, tolerance(dtype))
-        assert_close_named(f"xa (groups={groups})", xa, want_xa, dtype, tolerance(dtype))
+def test_rank_products_of_every_member_in_every_pass(dtype, shared):
+    """``low = x A^T`` (saved for the backward) of every member when a row tile's members need
+    several passes of the rank part (rank 128 at 1 and 5 rows a member: one member a pass)."""
+    for n, m in ((5, 1), (3, 5)):
+        d, k, r, s = 21, 35, 100, 0.8
+        inp = make_inputs(n, m, d, k, r, dtype=dtype, device=DEVICE, shared_input=shared, requires_grad=())
+        x = inp.x if shared else inp.x.reshape(n, m, d)
+        tiling = (launch_policy.shared_tiling(m, k, n, block_rank(r), 0) if shared
+                  else launch_policy.stacked_tiling(m, n, block_rank(r)))
+        assert tiling.multi_pass, tiling
+        out, xa = launch_fused_lora_gemm(x, inp.weight.t(), inp.lora_A.transpose(1, 2), inp.lora_B.transpose(1, 2),
+                                         inp.bias, s)
+        want = lora_ensemble_reference(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, s, shared_input=shared)
+        want_xa = x.double() @ inp.lora_A.double().transpose(1, 2)
+        assert_close_named(f"out (N={n}, M={m})", out.reshape(n * m, k), want, dtype, tolerance(dtype))
+        assert_close_named(f"xa (N={n}, M={m})", xa, want_xa, dtype, tolerance(dtype))
 
 
 def _set_tf32(allowed: bool):
@@ -222,6 +241,39 @@ def test_nan_stays_in_its_row():
     assert nan_rows.sum() == 1, f"NaN leaked into rows {nan_rows.nonzero().flatten().tolist()}"
 
 
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_factor_of_one_member_stays_in_its_rows(factor, bad):
+    """At decode all 16 members share one row tile and one rank block: a NaN or Inf in member 5's
+    A or B reaches its own row of out and dx (as IEEE says) and no other member's, bit for bit."""
+    n, d, k, r = 16, 24, 20, 4
+    inp = make_inputs(n, 1, d, k, r, device=DEVICE, requires_grad=("x",))
+    grad_out = torch.randn(n, k, device=DEVICE)
+
+    def run():
+        out = fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                         backend="triton")
+        (dx,) = torch.autograd.grad(out, inp.x, grad_out)
+        return out.detach(), dx
+
+    clean_out, clean_dx = run()
+    with torch.no_grad():
+        if factor == "lora_B":
+            inp.lora_B[5, 3, 2] = bad  # member 5, output column 3: out[5, 3]; dy B, so all of dx[5]
+        else:
+            inp.lora_A[5, 2, 7] = bad  # member 5, input column 7: x A^T, so all of out[5]; dx[5, 7]
+    out, dx = run()
+    others = [i for i in range(n) if i != 5]
+    torch.testing.assert_close(out[others], clean_out[others], rtol=0, atol=0)
+    torch.testing.assert_close(dx[others], clean_dx[others], rtol=0, atol=0)
+    hit_out, hit_dx = ([3], list(range(d))) if factor == "lora_B" else (list(range(k)), [7])
+    assert not torch.isfinite(out[5, hit_out]).any() and not torch.isfinite(dx[5, hit_dx]).any()
+    if bad == float("inf") and factor == "lora_B":
+        assert torch.isinf(out[5, 3]), "Inf times a finite rank product is Inf, not NaN"
+    assert torch.isfinite(out[5, [c for c in range(k) if c not in hit_out]]).all()
+    assert torch.isfinite(dx[5, [c for c in range(d) if c not in hit_dx]]).all()
+
+
 def test_empty_batch():
     inp = make_inputs(3, 1, 16, 12, 2, device=DEVICE, requires_grad=())
     x = inp.x[:0]
@@ -229,13 +281,56 @@ def test_empty_batch():
     assert out.shape == (0, 12)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_launches_that_differ_only_in_member_count_each_get_their_own_grid(shared):
+    """A launch key must hold everything the grid depends on: the weight-gradient kernel's grid
+    counts the members, which none of its arguments (sizes, strides) says. Member counts up and
+    down with every other size equal, each call against the reference (an unwritten gradient stays
+    NaN, an access past the members is an error of the interpreter's memcheck)."""
+    for num_members in (1, 2, 1, 3, 2):
+        case = dict(rows=1, d=33, k=1, rank=4, shared_input=shared, bias=False, scaling=1.0)
+        check_against_reference(make_inputs(num_members, device=DEVICE, dtype=torch.float16, **case), "triton")
+
+
 def test_tiles_pad_rank_and_shrink_for_few_rows():
+    P = launch_policy
     assert [block_rank(r) for r in (1, 16, 17, 33, 128)] == [16, 16, 32, 64, 128]
-    assert [block_rows(m) for m in (1, 17, 50, 800)] == [16, 32, 64, 128]
-    assert block_rows(800, block_r=128) == 64
-    assert block_rows(800, shared_rows=True) == 64
-    assert block_rows(800, tf32x3=True) == 64
-    assert block_rows(800, block_r=64, tf32x3=True) == 32
+    assert [P.stacked_block_rows(m, 1, 16) for m in (1, 17, 50, 800)] == [16, 32, 64, 128]
+    assert P.stacked_block_rows(800, 1, 128) == 64
+    assert P.shared_block_rows(800, 768, 16, sm_count=0) == 64
+    assert P.stacked_block_rows(800, 1, 16, tf32x3=True) == 64
+    assert P.stacked_block_rows(800, 1, 64, tf32x3=True) == 32
+    # shared input at batch-1 sizes: 16-row tiles when 64 x 128 ones would leave SMs idle
+    assert P.shared_block_rows(197, 768, 16, sm_count=132) == 16
+    assert P.shared_block_rows(4096, 768, 16, sm_count=132) == 64
+
+
+def test_row_tile_members_is_the_most_members_a_tile_spans():
+    for m in (1, 2, 3, 5, 16, 17, 50, 64, 100, 1600):
+        for block_m in (16, 32, 64, 128):
+            for n in (1, 3, 16, 64):
+                total = n * m
+                most = max(len({row // m for row in range(start, min(start + block_m, total))})
+                           for start in range(0, total, block_m))
+                assert launch_policy.row_tile_members(m, block_m, n) >= most, (m, block_m, n)
+                if -(-total // block_m) >= m // math.gcd(m, block_m):  # tiles start at every offset they can
+                    assert launch_policy.row_tile_members(m, block_m, n) == most, (m, block_m, n)
+
+
+def test_launch_policy_worked_example():
+    """The example in kernels/launch_policy.py: one row tile at decode, 4 members a tile at 16 rows."""
+    P = launch_policy
+    assert (P.stacked_block_rows(1, 16, 16), P.row_tile_members(1, 16, 16), P.rank_slots(1, 16, 16, 16)) == (16, 16, 8)
+    assert P.stacked_block_rows(16, 16, 16) == 64 and P.rank_slots(16, 64, 16, 16) == 4
+    assert P.stacked_block_rows(512, 16, 16) == 128 and P.rank_slots(512, 128, 16, 16) == 1
+    # rank 128 at decode: one member a pass ([16, 128] blocks), sixteen passes
+    assert P.rank_slots(1, 16, 128, 16) == 1 and P.rank_passes(16, 1) == 16
+    # batch-1 ViT, 50 rows a member: 64-row tiles hold up to 3 members, one pass of 4 slots
+    assert P.stacked_block_rows(50, 16, 16) == 64
+    assert P.row_tile_members(50, 64, 16) == 3 and P.rank_slots(50, 64, 16, 16) == 4
+    assert P.grad_row_splits(4096, 16, 132, deterministic=False) == 8
+    assert P.grad_row_splits(4096, 16, 132, deterministic=True) == 1
+    assert P.grad_rows_per_split(1000, 3) == 336
 
 
 def test_opcheck_fused_linear():
@@ -345,28 +440,152 @@ def test_fp16_shared_input_dx_with_member_sum_beyond_fp16_range():
     assert_close_named("dyb", dyb, dyb_64, torch.float16, (1e-5, 1e-5))
 
 
-def test_more_members_than_grid_axis_1_allows_is_a_clear_error():
-    """Members go on grid axis 1 (at most 65535 programs): the launcher refuses more, naming them,
-    before it allocates or launches anything."""
-    n = 65536
-    x = torch.randn(n, 1, 16, device=DEVICE)
-    weight = torch.randn(8, 16, device=DEVICE)
-    lora_a, lora_b = torch.randn(n, 1, 16, device=DEVICE), torch.randn(n, 8, 1, device=DEVICE)
-    with pytest.raises(ValueError, match="num_members=65536 exceeds 65535"):
-        fused_lora_ensemble_linear(x.reshape(n, 16), weight, None, lora_a, lora_b, backend="triton")
-    with pytest.raises(ValueError, match="num_members=65536 exceeds 65535"):
-        launch_lora_grads(torch.randn(n, 1, 8, device=DEVICE), x, torch.randn(n, 1, 1, device=DEVICE),
-                          torch.randn(n, 1, 1, device=DEVICE), 1.0)
+def test_stacked_rows_beyond_int32_are_a_clear_error():
+    """The kernels count the N*M stacked rows in int32: the launcher refuses more, naming them,
+    before it allocates or launches anything (broadcast views: nothing that large exists)."""
+    n, m = 2**16, 2**15
+    x = torch.zeros(1, 1, 16, device=DEVICE).expand(n, m, 16)
+    shrink = torch.zeros(1, 16, 2, device=DEVICE).expand(n, 16, 2)
+    expand = torch.zeros(1, 2, 8, device=DEVICE).expand(n, 2, 8)
+    with pytest.raises(ValueError, match="65536 members x 32768 rows = 2147483648 stacked rows exceed"):
+        launch_fused_lora_gemm(x, torch.zeros(16, 8, device=DEVICE), shrink, expand, None, 1.0)
 
 
-def test_autotune_keys_name_the_device_and_size_buckets():
+@pytest.mark.gpu
+def test_more_members_than_a_grid_y_axis_holds():
+    """Members are on grid axis 0 in every kernel, so 65536 members (beyond CUDA's 65535 of axes 1
+    and 2) run, forward and backward."""
+    inp = make_inputs(65536, 1, 16, 8, 1, dtype=torch.float16, device=DEVICE)
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+
+
+def _two_candidates(monkeypatch) -> dict:
+    """Each kernel gets two candidate configs (its interpreter config, and one with a 16-wide tile),
+    fresh tuning and launch tables, and a spy on its runs: ``{kernel name: [the varied tile of each run]}``."""
+    import triton
+
+    from lora_ensemble.kernels import configs
+
+    fused, grads = configs.INTERPRETER_FUSED_LORA_GEMM_CONFIG, configs.INTERPRETER_LORA_GRADS_CONFIG
+    varied = {fused_lora_gemm._STACKED: (fused_lora_gemm, "fused_lora_gemm_configs", fused, "BLOCK_N"),
+              fused_lora_gemm._SHARED: (fused_lora_gemm, "shared_input_configs", fused, "BLOCK_K"),
+              lora_grads._GRADS: (lora_grads, "lora_grads_configs", grads, "BLOCK_C")}
+    ran = {}
+    for kernel, (module, lister, config, name) in varied.items():
+        pair = [config, triton.Config({**config.kwargs, name: 16}, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)]
+        monkeypatch.setattr(module, lister, lambda pair=pair: list(pair))
+        monkeypatch.setattr(kernel, "bound", {})
+        monkeypatch.setattr(kernel, "tunings", {})
+        ran[kernel.name] = []
+
+        def spy(*args, _run=kernel.fn.run, _name=name, _ran=ran[kernel.name], **kwargs):
+            _ran.append(kwargs[_name])
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel.fn, "run", spy)
+    return ran
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_pinned_tuning_never_benchmarks_and_runs_the_models_first(shared, monkeypatch, tmp_path):
+    """``LORA_ENSEMBLE_TRITON_AUTOTUNE=0``: each kernel runs the cost model's first candidate on the
+    JIT function, nothing is timed (triton 3.6's autotuner timed even a single kept config) and the
+    tuning file is not read; with tuning on, the same two candidates are timed."""
+    import triton.testing
+
+    from lora_ensemble.tuning_store import CACHE_DIR_VARIABLE, _store
+
+    def no_benchmark(*args, **kwargs):
+        raise AssertionError("a benchmark ran")
+
+    monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    _store.cache_clear()
+    ran = _two_candidates(monkeypatch)
+    inp = make_inputs(3, 5, 20, 24, 4, dtype=torch.float16, device=DEVICE, shared_input=shared)
+    monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "0")
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    for kernel in (fused_lora_gemm._SHARED if shared else fused_lora_gemm._STACKED, lora_grads._GRADS):
+        assert kernel.tunings, f"{kernel.name} never launched"
+        for tuning in kernel.tunings.values():
+            assert tuning.source == "pinned: the model's first" and not tuning.timings_us
+    # One config per kernel, the same at every run: forward (and dx) and the weight gradients.
+    ran_configs = {name: set(tiles) for name, tiles in ran.items() if tiles}
+    assert all(len(tiles) == 1 for tiles in ran_configs.values()), ran_configs
+    monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "1")
+    with pytest.raises(AssertionError, match="a benchmark ran"):
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling,
+                                   shared_input=shared, backend="triton")
+    _store.cache_clear()
+
+
+def test_a_tuned_key_is_timed_once_stored_and_read_by_a_new_process(monkeypatch, tmp_path):
+    """With tuning on, a new key's candidates are timed once (each on the call's arguments) and the
+    fastest runs and is stored; a new process (fresh tables) reads it and times nothing; later launches
+    of the key reuse the bound kernel without choosing again."""
+    import triton.testing
+
+    from lora_ensemble.tuning_store import CACHE_DIR_VARIABLE, _store
+
+    timed = []
+
+    def fake_bench(fn, **kwargs):  # the interpreter cannot time: each candidate runs once, 16-wide "faster"
+        fn()
+        timed.append(ran["fused_lora_gemm"][-1])
+        return 1.0 if timed[-1] == 16 else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.delenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", raising=False)
+    _store.cache_clear()
+    ran = _two_candidates(monkeypatch)
+    inp = make_inputs(3, 5, 20, 24, 4, dtype=torch.float16, device=DEVICE, requires_grad=())
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    assert sorted(timed) == [16, 32] and ran["fused_lora_gemm"][-1] == 16
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.source == "timed" and sorted(tuning.timings_us.values()) == [1000.0, 2000.0]
+    for _ in range(2):  # the bound kernel: no new tuning, no timing
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, backend="triton")
+    assert len(timed) == 2 and ran["fused_lora_gemm"][-3:] == [16, 16, 16]
+    # A new process: the stored winner, nothing timed.
+    _store.cache_clear()
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    check_against_reference(inp, "triton", tolerance(torch.float16))
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.source == "stored" and len(timed) == 2 and ran["fused_lora_gemm"][-1] == 16
+    _store.cache_clear()
+
+
+def test_launch_specialisation_follows_the_widths_not_the_rank():
+    """Spill records are kept per argument specialisation: rank 8 or 50 rows (odd sizes, odd
+    rank strides, one row a member) keep a launch "aligned", odd widths make it "odd"."""
+    from lora_ensemble.kernels.configs import argument_specialisation
+
+    rank8 = dict(ROWS=50, MEMBERS=3, INNER=768, COLS=768, RANK=8, stride_in_m=768, stride_in_k=1, stride_weight_k=1,
+                 stride_weight_c=768, stride_shrink_n=8 * 768, stride_shrink_r=768, stride_expand_c=8, stride_low_m=8,
+                 stride_low_n=400, stride_base_n=0, HAS_WEIGHT=True)
+    assert argument_specialisation(rank8) == "aligned"
+    assert argument_specialisation({**rank8, "ROWS": 1}) == "aligned"
+    assert argument_specialisation({**rank8, "INNER": 100, "stride_in_m": 100}) == "odd"
+
+
+def test_tuning_keys_name_the_gpu_and_size_buckets():
     """A config chosen for one GPU model (pruned by its shared memory) or one row / member count is
-    never reused on another GPU model or on very different counts: those are part of every key."""
+    never reused on another GPU model or on very different counts: those are part of every tuning
+    key (the tuning file is also one per GPU model)."""
     from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS, fitting_fused_lora_gemm_configs
 
-    for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
-        assert {"SHARED_MEMORY", "ROWS_BUCKET", "MEMBERS_BUCKET"} <= set(kernel.fn.keys)
-    assert {"SHARED_MEMORY", "ROWS_BUCKET"} <= set(lora_grads._lora_grads_kernel.keys)
+    for rows, members in ((5, 3), (40, 3), (5, 9)):
+        inp = make_inputs(members, rows, 20, 24, 4, device=DEVICE, requires_grad=())
+        fused_lora_ensemble_linear(inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, backend="triton")
+    from lora_ensemble.kernels.gpu_specs import gpu_spec
+
+    gpu = gpu_spec(torch.device(DEVICE)).name  # the H100 the cost model assumes off the GPU
+    keys = {key for _, key, _ in fused_lora_gemm._STACKED.tunings}
+    for rows, members in ((8, 4), (64, 4), (8, 16)):
+        assert any(f"rows{rows} members{members} " in key and key.endswith(gpu) for key in keys), keys
     kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
                                                   dtype="fp32", precision="tf32", block_m=128, block_r=16,
                                                   shared_memory=smem, capability=cap)
@@ -386,7 +605,7 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     )
 
     for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
-        assert "HAS_WEIGHT" in kernel.fn.keys
+        assert "HAS_WEIGHT" in kernel.arg_names
     kinds = {key[1] for key in SPILLING_CONFIGS}
     assert kinds <= {"stacked", "shared", "stacked_delta", "shared_delta", "lora_grads"}, kinds
     assert aot.ROLE_KERNEL["forward_shared_delta"] == "shared_delta"
@@ -395,15 +614,18 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     stacked = [k for k in SPILLING_CONFIGS if k[1] in ("stacked", "stacked_delta")]
     assert {k[1] for k in stacked} == {"stacked", "stacked_delta"}
     for key in stacked:
-        arch, kind, dtype, precision, block_r, block_m = key[:6]
+        arch, kind, dtype, precision, block_r, block_m, slots, multi_pass, specialisation = key[:9]
+        tiling = {"rank_slots": slots, "multi_pass": multi_pass, "specialisation": specialisation}
         config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
-                      if spill_key(kind, dtype, precision, block_r, block_m, c, arch) == key)
+                      if spill_key(kind, dtype, precision, block_r, block_m, c, arch, **tiling) == key)
         kept = {has_weight: fitting_fused_lora_gemm_configs(
                     list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype=dtype, precision=precision,
-                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, has_weight=has_weight)
+                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, has_weight=has_weight,
+                    **tiling)
                 for has_weight in (True, False)}
         delta = kind == "stacked_delta"
-        other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch)
+        other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch,
+                              **tiling)
         assert config not in kept[not delta], key
         assert (config in kept[delta]) == (other_key not in SPILLING_CONFIGS), key
 

@@ -1,0 +1,203 @@
+# Launch policies of the Triton kernels, in one place: the row tile of each kernel, how many members
+# one pass of the stacked kernel's rank part holds, and how the weight-gradient reduction is split
+# over rows. Pure functions of plain ints (rows, columns, members, rank, SM count), so that tests,
+# the AOT gate and csrc/cuda/launch_policy.cuh (the CUDA kernels' policies, under the same names
+# where a policy exists in both languages) can compare them without a GPU.
+#
+# Worked example, Llama-7B-class q_proj at decode (16 members x 1 row, d = k = 4096, rank 16):
+#   block_rank(16) = 16; stacked_block_rows(1, 16, 16) = 16: the 16 stacked rows are ONE row tile,
+#   so W0 is read once for all members; row_tile_members(1, 16, 16) = 16 members in that tile, and
+#   rank_slots(1, 16, 16, 16) = 8: two passes of a [16, 8 * 16] rank block.
+# At 16 rows per member: stacked_block_rows(16, 16, 16) = 64 (4 members a tile, a [64, 64] block):
+# W0 is read 4 times instead of 16. Prefill (512 rows per member): 128-row tiles inside one member.
+"""Launch policies of the Triton kernels: row tiles, rank-part member slots, weight-gradient row splits."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+__all__ = [
+    "RowTiling",
+    "GRAD_MIN_ROWS_PER_SPLIT",
+    "GRAD_ROW_QUANTUM",
+    "MAX_BLOCK_ROWS",
+    "MIN_DOT_TILE",
+    "POLICY_BLOCK_COLS",
+    "RANK_BLOCK_ELEMENTS",
+    "RANK_BLOCK_WIDTH",
+    "block_rank",
+    "grad_row_splits",
+    "grad_rows_per_split",
+    "rank_passes",
+    "rank_slots",
+    "row_tile_cap",
+    "row_tile_members",
+    "shared_block_rows",
+    "shared_rank_slots",
+    "shared_tiling",
+    "stacked_block_rows",
+    "stacked_tiling",
+]
+
+# A 16-bit tl.dot on NVIDIA needs every dimension >= 16 (the interpreter does not check it).
+MIN_DOT_TILE = 16
+MAX_BLOCK_ROWS = 128
+# One pass's rank block [BLOCK_M, slots * BLOCK_R] (x A^T of the members a row tile holds, before
+# each row keeps its own member's columns): at most this many fp32 elements and this many columns,
+# e.g. [16, 128] at decode, [64, 64] at batch-1 ViT sizes. The width bounds the [BLOCK_K, width]
+# shrink tile the K-loop loads beside the weight tile: 256 columns spilled kilobytes a thread where
+# sizes and strides are not 16-divisible (no vector loads: one pointer register pair per element).
+# A single member's [BLOCK_M, BLOCK_R] is always allowed (what the row caps of row_tile_cap keep from
+# spilling).
+RANK_BLOCK_ELEMENTS = 4096
+RANK_BLOCK_WIDTH = 128
+# The weight-gradient kernel splits its row reduction only when each range keeps at least this many
+# rows, in ranges that end on a multiple of GRAD_ROW_QUANTUM (the Triton row tiles are 16-row
+# multiples; the CUDA kernel's row tile is 32, hence its quantum of 32).
+GRAD_MIN_ROWS_PER_SPLIT = 512
+GRAD_ROW_QUANTUM = 16
+# The column tile the policies assume when they count a kernel's programs (the autotuner picks the
+# real one; 128 is the widest tile most configs run).
+POLICY_BLOCK_COLS = 128
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _floor_power_of_2(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n >= 1 else 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_rank(rank: int) -> int:
+    """Rank tile: the next power of two >= ``rank``, at least 16 (tensor-core minimum); masked."""
+    return max(MIN_DOT_TILE, _next_power_of_2(rank))
+
+
+def row_tile_cap(block_r: int, shared_rows: bool = False, tf32x3: bool = False) -> int:
+    """Largest row tile before ptxas runs out of registers (``python -m lora_ensemble.kernels.aot``
+    on sm_80 and sm_90): 64 for a rank tile above 64, the shared-input kernel (it holds the base
+    tile and a member's output) and 3xTF32 dots (every operand split in two); 32 for 3xTF32 at a
+    rank tile above 32 and for the shared-input kernel above 64; 16 for both at once."""
+    cap = MAX_BLOCK_ROWS // 2 if (block_r > 64 or shared_rows or tf32x3) else MAX_BLOCK_ROWS
+    if (tf32x3 and block_r > 32) or (shared_rows and block_r > 64):
+        cap = MAX_BLOCK_ROWS // 4
+    if tf32x3 and shared_rows and block_r > 64:
+        cap = MIN_DOT_TILE
+    return cap
+
+
+def row_tile_members(rows_per_member: int, block_m: int, members: int) -> int:
+    """The most members one row tile of the stacked rows ``[members * rows_per_member]`` spans
+    (tiles start at multiples of ``block_m``; rows are member-major): 1 when ``block_m`` divides
+    ``rows_per_member``, ``block_m / rows_per_member`` when that divides ``block_m``."""
+    m = max(rows_per_member, 1)
+    last_start = m - math.gcd(block_m, m)  # the latest offset in a member a tile can start at
+    return max(1, min(members, (last_start + block_m - 1) // m + 1))
+
+
+def _most_slots(block_m: int, block_r: int) -> int:
+    """Members one pass's rank block may hold: within RANK_BLOCK_ELEMENTS and RANK_BLOCK_WIDTH."""
+    return max(1, _floor_power_of_2(min(RANK_BLOCK_ELEMENTS // block_m, RANK_BLOCK_WIDTH) // block_r))
+
+
+def _one_pass_fits(block_m: int, block_r: int, members_in_tile: int) -> bool:
+    return _next_power_of_2(members_in_tile) <= _most_slots(block_m, block_r)
+
+
+def stacked_block_rows(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> int:
+    """Row tile of the stacked kernel (forward and dx) over the ``members * rows_per_member`` stacked
+    rows: the per-member tile (the next power of two >= the rows per member, 16 to the cap), or a
+    larger one that spans several members when their rank parts fit one pass
+    (:data:`RANK_BLOCK_ELEMENTS`, :data:`RANK_BLOCK_WIDTH`): fewer row tiles, so fewer reads of W0."""
+    cap = row_tile_cap(block_r, False, tf32x3)
+    per_member = min(cap, max(MIN_DOT_TILE, _next_power_of_2(rows_per_member)))
+    block_m = per_member
+    limit = min(cap, max(MIN_DOT_TILE, _next_power_of_2(members * rows_per_member)))
+    while block_m * 2 <= limit and _one_pass_fits(
+            block_m * 2, block_r, row_tile_members(rows_per_member, block_m * 2, members)):
+        block_m *= 2
+    return block_m
+
+
+def rank_slots(rows_per_member: int, block_m: int, block_r: int, members: int) -> int:
+    """Members one pass of the stacked kernel's rank part holds (a power of two): every member a row
+    tile spans when they fit the rank block's bounds, else as many as fit (the others in more
+    passes, :func:`rank_passes`). One when tiles are at least a member long: a tile then straddles
+    at most two members, and only a few tiles do, so the second runs its own pass there instead of
+    every tile carrying a wider block."""
+    if rows_per_member >= block_m:
+        return 1
+    spanned = _next_power_of_2(row_tile_members(rows_per_member, block_m, members))
+    return min(spanned, _most_slots(block_m, block_r))
+
+
+def rank_passes(members_in_tile: int, slots: int) -> int:
+    """Passes of the rank part for a tile holding ``members_in_tile`` members, ``slots`` at a time."""
+    return _cdiv(members_in_tile, slots)
+
+
+def shared_block_rows(rows: int, cols: int, block_r: int, sm_count: int, tf32x3: bool = False) -> int:
+    """Row tile of the shared-input kernels (forward and dx; one program computes the base tile once
+    for every member): the next power of two >= ``rows`` up to the cap, or 16 rows when the
+    ``[block_m, POLICY_BLOCK_COLS]`` output tiles would leave SMs idle (batch-1 sizes): more, narrower programs
+    instead of member groups that would each recompute the base."""
+    cap = row_tile_cap(block_r, True, tf32x3)
+    block_m = min(cap, max(MIN_DOT_TILE, _next_power_of_2(rows)))
+    if _cdiv(rows, block_m) * _cdiv(cols, POLICY_BLOCK_COLS) < sm_count:
+        return MIN_DOT_TILE
+    return block_m
+
+
+def shared_rank_slots(block_m: int, block_r: int, members: int) -> int:
+    """Members one pass of the shared-input forward's rank part holds (every row needs every member):
+    all of them when they fit the rank block's bounds, else as many as fit."""
+    return min(_next_power_of_2(members), _most_slots(block_m, block_r))
+
+
+def grad_row_splits(rows: int, programs_per_split: int, sm_count: int, deterministic: bool) -> int:
+    """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless the
+    (member, column tile) programs alone leave SMs idle (fewer than two per SM) and every range keeps
+    at least :data:`GRAD_MIN_ROWS_PER_SPLIT` rows; always 1 under deterministic algorithms."""
+    if deterministic:
+        return 1
+    wanted = _cdiv(2 * sm_count, max(programs_per_split, 1))
+    return max(1, min(wanted, rows // GRAD_MIN_ROWS_PER_SPLIT))
+
+
+def grad_rows_per_split(rows: int, splits: int) -> int:
+    """Rows each split reduces: an equal share rounded up to :data:`GRAD_ROW_QUANTUM`."""
+    return _cdiv(_cdiv(max(rows, 1), max(splits, 1)), GRAD_ROW_QUANTUM) * GRAD_ROW_QUANTUM
+
+
+class RowTiling(NamedTuple):
+    """The row tile of a fused kernel and its rank part: ``rank_slots`` members a pass, and whether
+    some tile needs more than one pass (``multi_pass``: the kernel compiles the pass loop)."""
+
+    block_m: int
+    rank_slots: int
+    multi_pass: bool
+
+
+@functools.lru_cache(maxsize=4096)
+def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
+    """The stacked kernel's :class:`RowTiling` (forward and dx; cached: the launcher asks per call)."""
+    block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
+    slots = rank_slots(rows_per_member, block_m, block_r, members)
+    return RowTiling(block_m, slots, row_tile_members(rows_per_member, block_m, members) > slots)
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_tiling(rows: int, cols: int, members: int, block_r: int, sm_count: int, tf32x3: bool = False,
+                  sum_members: bool = False) -> RowTiling:
+    """The shared-input kernel's :class:`RowTiling`: the forward's rank passes hold
+    :func:`shared_rank_slots` members; the dx (``sum_members``) runs one member a pass."""
+    block_m = shared_block_rows(rows, cols, block_r, sm_count, tf32x3)
+    slots = 1 if sum_members else shared_rank_slots(block_m, block_r, members)
+    return RowTiling(block_m, slots, members > slots)

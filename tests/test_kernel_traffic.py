@@ -1,0 +1,158 @@
+"""What the fused Triton kernels read, load by load, under the interpreter.
+
+Every ``tl.load`` the interpreter runs is intercepted (``InterpreterBuilder.create_masked_load``), its
+unmasked addresses attributed to the operand whose storage holds them (W0, x or dy, A, B, bias), and
+the distinct elements of each load summed per operand over one launch. The counts must equal the
+tile-by-tile model :func:`benchmarks.kernel_traffic.fused_kernel_traffic` (which ``benchmarks/NOTES.md``
+uses for the headline shapes) and stay within the design's budget
+:func:`benchmarks.kernel_traffic.traffic_budget`: W0 once per row tile of a plain GEMM over the N*M
+stacked rows, so once in all at decode (16 members x 1 row, 8 x 2 rows). Forward and dx, stacked and
+shared input; the shapes are scaled down (the interpreter is slow) but keep the tilings of the
+headline ones (one row tile at decode, 64-row tiles of several members, tiles straddling members).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from triton.runtime import interpreter
+
+from benchmarks.kernel_traffic import fused_kernel_traffic, lora_grads_traffic, traffic_budget
+from lora_ensemble.kernels.configs import (
+    INTERPRETER_FUSED_LORA_GEMM_CONFIG,
+    INTERPRETER_LORA_GRADS_CONFIG,
+    dot_precision,
+)
+from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
+from lora_ensemble.kernels.launch_policy import block_rank, shared_tiling, stacked_tiling
+from lora_ensemble.kernels.lora_grads import launch_lora_grads
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
+                                reason="counts the loads of Triton's CPU interpreter")
+
+BLOCK_N = INTERPRETER_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]
+
+
+@contextlib.contextmanager
+def counted_loads(operands: dict[str, torch.Tensor]):
+    """Count, per named operand, the distinct elements each interpreted ``tl.load`` reads from its
+    storage (summed over the loads of the block). Yields the Counter; a load from no named operand
+    fails."""
+    spans = {name: (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+             for name, t in operands.items()}
+    counts: Counter[str] = Counter()
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, *args, **kwargs):
+        addresses = np.unique(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+        for name, (begin, end) in spans.items():  # an element's first byte address counts it once
+            inside = (addresses >= begin) & (addresses < end)
+            counts[name] += int(inside.sum())
+            addresses = addresses[~inside]
+        assert addresses.size == 0, f"{addresses.size} elements loaded from no operand"
+        return original(self, ptrs, mask, *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_masked_load = counting_load
+    try:
+        yield counts
+    finally:
+        interpreter.InterpreterBuilder.create_masked_load = original
+
+
+def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool):
+    """One launch of the forward (``role="forward"``) or dx kernel on random fp32 operands; returns
+    the counts by kernel role (weight, in, shrink, expand) and the tiling it ran with."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(k, d, generator=g)
+    lora_a, lora_b = torch.randn(n, r, d, generator=g), torch.randn(n, k, r, generator=g)
+    if role == "forward":
+        inp = torch.randn((m, d) if shared else (n, m, d), generator=g)
+        bias = torch.randn(k, generator=g)
+        operands = {"weight": weight, "in": inp, "shrink": lora_a, "expand": lora_b, "bias": bias}
+        call = (inp, weight.t(), lora_a.transpose(1, 2), lora_b.transpose(1, 2), bias, 0.5)
+        inner, cols, sum_members = d, k, False
+    else:
+        inp = torch.randn(n, m, k, generator=g)
+        operands = {"weight": weight, "in": inp, "shrink": lora_b, "expand": lora_a}
+        call = (inp, weight, lora_b, lora_a, None, 0.5)
+        inner, cols, sum_members = k, d, shared
+    tf32x3 = dot_precision(torch.float32) == "tf32x3"
+    if shared:
+        tiling = shared_tiling(m, cols, n, block_rank(r), 0, tf32x3, sum_members)
+    else:
+        tiling = stacked_tiling(m, n, block_rank(r), tf32x3)
+    with counted_loads(operands) as counts:
+        launch_fused_lora_gemm(*call, sum_members=sum_members)
+    return counts, tiling, inner, cols
+
+
+# (N, rows per member, d, k, r): the tilings of the headline shapes, scaled (C a multiple of BLOCK_N
+# except where noted, so that "once per row tile" is exactly the weight's size per row tile).
+SHAPES = [
+    (16, 1, 48, 64, 8),  # decode: 16 members x 1 row, one 16-row tile, 2 passes of 8
+    (8, 2, 48, 64, 16),  # 8 members x 2 rows: one 16-row tile
+    (16, 16, 32, 64, 16),  # 16 rows a member: 64-row tiles of 4 members (W0 4 times, not 16)
+    (4, 50, 32, 64, 8),  # batch-1 ViT: 64-row tiles of 2-3 members
+    (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (a 2nd pass); C not a multiple
+    (3, 1, 32, 64, 100),  # rank 128 tile at decode: one member a pass
+]
+
+
+def shape_id(shape) -> str:
+    n, m, d, k, r = shape
+    return f"N{n}-M{m}-d{d}-k{k}-r{r}"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("role", ["forward", "dx"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
+def test_loads_match_the_model_and_the_budget(shape, role, shared):
+    n, m, d, k, r = shape
+    counts, tiling, inner, cols = run_counted(n, m, d, k, r, role, shared)
+    layout = {"shared_input": shared and role == "forward", "sum_members": shared and role == "dx"}
+    model = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots, **layout)
+    budget = traffic_budget(n, m, inner, cols, r, tiling.block_m, BLOCK_N, **layout)
+    for operand in ("weight", "in", "shrink", "expand"):
+        assert counts[operand] == model[operand], (operand, dict(counts), model, tiling)
+        assert counts[operand] <= budget[operand], (operand, dict(counts), budget, tiling)
+
+
+@pytest.mark.parametrize("role", ["forward", "dx"])
+@pytest.mark.parametrize("n,m", [(16, 1), (8, 2)], ids=["16x1", "8x2"])
+def test_decode_reads_w0_once_for_all_members(n, m, role):
+    """The issue's measurement: at decode the old tiling read W0 once per member (16 and 8 times)."""
+    d, k = 96, 64  # both multiples of BLOCK_N: whole column tiles
+    counts, tiling, _, _ = run_counted(n, m, d, k, 8, role, shared=False)
+    assert tiling.block_m == 16 and n * m <= tiling.block_m
+    assert counts["weight"] == d * k, f"W0 read {counts['weight'] / (d * k):g} times"
+    # x A^T is recomputed in every column tile: A is read once per column tile, B once.
+    shrink, expand = (n * 8 * d, n * k * 8) if role == "forward" else (n * k * 8, n * 8 * d)
+    col_tiles = -(-(k if role == "forward" else d) // BLOCK_N)
+    assert counts["shrink"] == col_tiles * shrink and counts["expand"] == expand
+
+
+def test_shared_input_reads_w0_once_per_row_tile_for_all_members():
+    """Batch 1 with a shared input: one base GEMM for all 16 members (no member groups)."""
+    counts, tiling, _, _ = run_counted(16, 9, 32, 64, 8, "forward", shared=True)
+    assert tiling.block_m == 16 and tiling.rank_slots == 8 and tiling.multi_pass
+    assert counts["weight"] == 32 * 64
+    assert counts["in"] == 2 * 2 * 9 * 32  # 2 column tiles, each reads the 9 rows once per pass of 8 members
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_weight_gradient_loads_match_the_model(splits, shared):
+    """dA and dB: x and dy read once, the fp32 rank products once per column tile of dA and dB."""
+    n, m, d, k, r = 3, 40, 48, 40, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((m, d) if shared else (n, m, d), generator=g)
+    dy = torch.randn(n, m, k, generator=g)
+    xa, dyb = torch.randn(n, m, r, generator=g), torch.randn(n, m, r, generator=g)
+    with counted_loads({"x": x, "dy": dy, "xa": xa, "dyb": dyb}) as counts:
+        launch_lora_grads(dy, x, xa, dyb, 0.5, splits=splits)
+    assert dict(counts) == lora_grads_traffic(n, m, d, k, r, INTERPRETER_LORA_GRADS_CONFIG.kwargs["BLOCK_C"])
