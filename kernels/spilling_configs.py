@@ -803,7 +803,6 @@ SPILLING_CONFIGS: frozenset[tuple] = frozenset({
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 4, 4, 32, 128),
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 4, 4, 64, 32),
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 4, 4, 64, 64),
-    (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 8, 3, 32, 32),
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 8, 3, 32, 64),
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 8, 3, 64, 128),
     (90, 'stacked', 'fp16', 'tf32', 32, 64, 2, True, 'aligned', 8, 3, 64, 256),
