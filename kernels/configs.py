@@ -112,9 +112,10 @@ FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
 )
 # The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
-# warps. Every listed config spills on sm_90 at some tilings the launch policy makes (e.g. 64- and
-# 128-row tiles with rank tile 32 and further passes, fp16; triton 3.8 AOT, 2026-12-06); this one did
-# not there. The AOT gate compiles it wherever the pruning falls back to it.
+# warps. Every listed config spills at some tilings the launch policy makes (mostly the kernels with
+# further rank passes at rank tiles >= 32); this one spills less, and not at all in about 60% of the
+# cases that fall back to it (triton 3.8 AOT, 2026-12-06: benchmarks/NOTES.md, "Compile-time
+# reports"). The AOT gate compiles it wherever the pruning falls back to it.
 FALLBACK_FUSED_LORA_GEMM_CONFIG = _cfg(8, 3, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 # Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
