@@ -260,7 +260,7 @@ def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIG
     ``keep_unmeasured`` the record's entries that no report measured stay in it (a partial
     re-measurement updates the record where it measured and keeps the rest, and its header the
     earlier runs). Returns how many entries there are."""
-    spilling, measured, runs = set(), set(), {}
+    runs: dict[tuple[str, int], tuple[set, set]] = {}  # (triton, arch): (keys compiled, keys that spilled)
     for report_path in report_paths:
         with open(report_path) as f:
             run = json.load(f)
@@ -270,14 +270,14 @@ def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIG
             key = tuple(report["spill_key"])
             compiled, spilled = runs.setdefault((run["triton"], report["arch"]), (set(), set()))
             compiled.add(key)
-            measured.add(key)
             if report["spill_stores"] or report["spill_loads"]:
                 spilled.add(key)
-                spilling.add(key)
-    runs = [f"triton {version} sm_{arch}: {len(compiled)} kernels, {len(spilled)} of them spilling"
-            for (version, arch), (compiled, spilled) in sorted(runs.items())]
+    measured = set().union(*(compiled for compiled, _ in runs.values()))
+    spilling = set().union(*(spilled for _, spilled in runs.values()))
+    run_lines = [f"triton {version} sm_{arch}: {len(compiled)} kernels, {len(spilled)} of them spilling"
+                 for (version, arch), (compiled, spilled) in sorted(runs.items())]
     carried = {key for key in SPILLING_CONFIGS if key not in measured} if keep_unmeasured else set()
-    earlier = [line for line in _measured_runs(_SPILLING_CONFIGS_FILE) if line not in runs] if carried else []
+    earlier = [line for line in _measured_runs(_SPILLING_CONFIGS_FILE) if line not in run_lines] if carried else []
     # Only configs that can still run (a kernel's candidates, or the fused kernels' fallback): the
     # kernel and the config's part of a key, (kind, warps, stages, tiles).
     def kernel_config(key: tuple) -> tuple:
@@ -295,7 +295,7 @@ def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIG
         "# family, kernel, dtype, dot precision, rank tile, row tile, rank slots, further passes,",
         "# specialisation, warps, stages, other tiles). The run-time pruning never keeps these. Measured",
         "# (distinct kernels; a spill under one triton version excludes the config under every version):",
-        *(f"#   {line}" for line in runs),
+        *(f"#   {line}" for line in run_lines),
         *([f"# and {len(carried)} entries carried over from the previous record (not measured by these runs),"
            " whose runs were:"] if carried else []),
         *(f"#   {line}" for line in earlier),
