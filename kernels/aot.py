@@ -53,6 +53,7 @@ from .configs import (
     fitting_fused_lora_gemm_configs,
     fitting_lora_grads_configs,
     spill_key,
+    spill_key_config,
 )
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
 from .launch_policy import RowTiling, shared_tiling, stacked_tiling
@@ -281,7 +282,7 @@ def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIG
     # Only configs that can still run (a kernel's candidates, or the fused kernels' fallback): the
     # kernel and the config's part of a key, (kind, warps, stages, tiles).
     def kernel_config(key: tuple) -> tuple:
-        return (key[1], *key[9:])
+        return (key[1], *spill_key_config(key))
 
     fallback = (FALLBACK_FUSED_LORA_GEMM_CONFIG,)
     runnable = {kernel_config(spill_key(ROLE_KERNEL[name], "", "", 0, 0, config, 0))

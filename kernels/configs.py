@@ -37,6 +37,7 @@ __all__ = [
     "shared_input_configs",
     "size_bucket",
     "spill_key",
+    "spill_key_config",
     "tf32_allowed",
 ]
 
@@ -189,6 +190,12 @@ def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int,
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
     return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, rank_slots, multi_pass,
             specialisation, config.num_warps, config.num_stages, *tiles)
+
+
+def spill_key_config(key: tuple) -> tuple:
+    """The launch config's part of a :func:`spill_key` (warps, stages, the config's other tiles):
+    what two keys of one config share whatever the problem."""
+    return key[9:]
 
 
 def argument_specialisation(args: dict) -> str:

@@ -603,6 +603,7 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
         SPILLING_CONFIGS,
         fitting_fused_lora_gemm_configs,
         spill_key,
+        spill_key_config,
     )
 
     for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
@@ -616,7 +617,7 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     assert {k[1] for k in stacked} == {"stacked", "stacked_delta"}
     for key in stacked:
         arch, kind, dtype, precision, block_r, block_m, slots, multi_pass, specialisation = key[:9]
-        if key[9:] == spill_key(kind, "", "", 0, 0, FALLBACK_FUSED_LORA_GEMM_CONFIG, 0)[9:]:
+        if spill_key_config(key) == spill_key_config(spill_key(kind, "", "", 0, 0, FALLBACK_FUSED_LORA_GEMM_CONFIG, 0)):
             continue  # the fallback is no candidate: nothing prunes it
         tiling = {"rank_slots": slots, "multi_pass": multi_pass, "specialisation": specialisation}
         config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
