@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -228,3 +233,22 @@ def test_llm_providers_compute_the_same_members() -> None:
     member_probs = probs["peft_sequential"]  # [N, B, answers]
     assert member_probs.shape == (shape.num_members, shape.batch, len(ANSWER_TOKENS))
     torch.testing.assert_close(probs["ensemble"], member_probs.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_c_launch_reaches_the_stand_in_driver() -> None:
+    """benchmarks/triton_c_launch.py times Triton's C launch against a stand-in libcuda.so.1: every timed
+    call goes through argument parsing to cuLaunchKernelEx (counted by the stand-in). In a new process:
+    the stand-in must not be the libcuda.so.1 of this one."""
+    from benchmarks import triton_c_launch
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite runs interpreted
+    with mock.patch.dict(os.environ, env, clear=True):
+        reason = triton_c_launch.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_c_launch", "--rounds", "2", "--calls", "5"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"C launch .*: \d+\.\d+ µs a launch", done.stdout), done.stdout
+    assert "11 launches reached cuLaunchKernelEx" in done.stdout, done.stdout  # 1 warm-up + 2 rounds x 5
