@@ -1,17 +1,18 @@
 """Host time of Triton's C launch on a CPU: the part of a launch that ``benchmarks/device_stubs.py`` stubs.
 
-Triton's CUDA launcher ends in ``launchKernel`` of its ``driver.c`` (the tuple of kernel arguments
-parsed, each tensor's ``data_ptr`` called and checked with ``cuPointerGetAttribute``, the parameters
-packed, ``cuLaunchKernelEx``). Here that C file is built, with Triton's own build helper, against a
+Triton's CUDA launcher ends in a C function (triton 3.8: ``launchKernel`` of its ``driver.c``; 3.6: the
+``launch`` of a module it generates per kernel signature) that parses the tuple of kernel arguments,
+calls each tensor's ``data_ptr`` and checks it with ``cuPointerGetAttribute``, packs the parameters and
+calls ``cuLaunchKernelEx``. Here that C code is built, with Triton's own build helper, against a
 stand-in ``libcuda.so.1`` whose functions return success at once (generated from the CUDA header's
-prototypes of the functions ``driver.c`` names), and timed on the package's stacked forward kernel with
+prototypes of the functions that C code names), and timed on the package's stacked forward kernel with
 the arguments of a ViT-B/32 ``attn.qkv`` launch at batch 1 (16 members x 50 rows, 768 -> 2304, rank 8).
 What it leaves out is the driver's own work in those calls (``cuLaunchKernelEx`` queues the launch;
 the pointer queries), which only a GPU can time: the GPU pass measures whole launches.
 
 Run as ``python -m benchmarks.triton_c_launch [--rounds N]`` on a machine without a CUDA device (with
 one, the real ``libcuda.so.1`` is loaded and the stand-in would not be used) that has a C compiler;
-Triton's launcher of the 3.8 kind (``build_signature_metadata``) is needed.
+triton 3.6 (a launcher generated per kernel signature) or 3.8 (``driver.c`` and a C signature).
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def unavailable_reason() -> str | None:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         return f"triton {triton.__version__} has no NVIDIA backend"
-    from triton.runtime import build
+    from triton.backends.nvidia import driver
 
-    if (not hasattr(build, "compile_module_from_file")
-            or "build_signature_metadata" not in open(os.path.join(_nvidia_driver_dir(), "driver.c")).read()):
-        return f"triton {triton.__version__}'s launcher is not the 3.8 kind (no build_signature_metadata)"
+    if not (hasattr(driver, "make_launcher")  # triton 3.6: a launcher generated per kernel signature
+            or "build_signature_metadata" in open(os.path.join(_nvidia_driver_dir(), "driver.c")).read()):
+        return f"triton {triton.__version__}'s launcher is neither the 3.6 kind nor the 3.8 kind"
     compiler = sysconfig.get_config_var("CC") or "cc"
     if subprocess.run([compiler.split()[0], "--version"], capture_output=True).returncode != 0:
         return f"no C compiler ({compiler})"
@@ -89,6 +90,8 @@ class CLaunch:
     launch: object
     stand_in: ctypes.CDLL
     arguments: tuple
+    kernel_arguments: int
+    kind: str  # which C launcher
 
     def __call__(self) -> None:
         self.launch(*self.arguments)
@@ -100,41 +103,60 @@ class CLaunch:
 
 
 def build_c_launch(folder: str) -> CLaunch:
-    """Build the stand-in ``libcuda.so.1`` and Triton's ``driver.c`` against it in ``folder`` (a
-    process loads one stand-in: call once), and the arguments of the timed launch."""
-    driver_dir = _nvidia_driver_dir()
-    include = os.path.join(driver_dir, "include")
-    with open(os.path.join(driver_dir, "driver.c")) as f, open(os.path.join(include, "cuda.h")) as h:
-        source = stand_in_libcuda_source(f.read(), h.read())
-    with open(os.path.join(folder, "libcuda.c"), "w") as f:
-        f.write(source)
-    library = os.path.join(folder, "libcuda.so.1")
-    subprocess.run([(sysconfig.get_config_var("CC") or "cc").split()[0], "-shared", "-fPIC", "-O2", f"-I{include}",
-                    "-Wl,-soname,libcuda.so.1", "-o", library, os.path.join(folder, "libcuda.c")], check=True)
-    stand_in = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # what driver.c's module and its dlopen then find
+    """Build, in ``folder``, the stand-in ``libcuda.so.1`` and Triton's C launcher against it (triton
+    3.8: ``driver.c``; 3.6: the launcher it generates per kernel signature), and the arguments of the
+    timed launch: the stacked forward as the package launches it (AOT signature of :data:`_CASE`, its
+    constexprs in place, CPU tensors for the pointers). A process loads one stand-in: call once."""
     from triton.backends.nvidia import driver
-    from triton.runtime.build import compile_module_from_file
+    from triton.runtime import build
 
-    with triton.knobs.cache.scope():
-        triton.knobs.cache.dir = folder  # the build stays out of Triton's cache
-        module = compile_module_from_file(src_path=os.path.join(driver_dir, "driver.c"), name="cuda_utils",
-                                          library_dirs=[folder], include_dirs=driver.include_dirs,
-                                          libraries=["libcuda.so.1"])
-    return CLaunch(module.launch, stand_in, _launch_arguments(module))
-
-
-def _launch_arguments(module) -> tuple:
-    """``launchKernel``'s arguments for the stacked forward as the package launches it (AOT signature of
-    :data:`_CASE`, its constexprs in place, CPU tensors for the pointers)."""
     from lora_ensemble.kernels import aot
-    from lora_ensemble.kernels.fused_lora_gemm import _fused_lora_gemm_kernel
 
     case = next(c for c in aot.aot_cases(90) if c.label() == _CASE)
     source = aot._source(case)
-    types = list(source.signature.values())
-    annotations = [module.PyKernelArg(nested_tuple=None, type=module.ARG_CONSTEXPR if t == "constexpr"
-                                      else module.ARG_KERNEL) for t in types]
-    kernel_signature = module.build_signature_metadata([t for t in types if t != "constexpr"])
+    per_signature = hasattr(driver, "make_launcher")
+    if per_signature:
+        launcher = driver.make_launcher(source.constants, dict(source.signature), None)
+    else:
+        with open(os.path.join(_nvidia_driver_dir(), "driver.c")) as f:
+            launcher = f.read()
+    include = os.path.join(_nvidia_driver_dir(), "include")
+    with open(os.path.join(include, "cuda.h")) as h:
+        stand_in_source = stand_in_libcuda_source(launcher, h.read())
+    with open(os.path.join(folder, "libcuda.c"), "w") as f:
+        f.write(stand_in_source)
+    library = os.path.join(folder, "libcuda.so.1")
+    subprocess.run([(sysconfig.get_config_var("CC") or "cc").split()[0], "-shared", "-fPIC", "-O2", f"-I{include}",
+                    "-Wl,-soname,libcuda.so.1", "-o", library, os.path.join(folder, "libcuda.c")], check=True)
+    stand_in = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # what the launcher module and its dlopen find
+    linking = {"library_dirs": [folder], "include_dirs": driver.include_dirs, "libraries": ["libcuda.so.1"]}
+    with triton.knobs.cache.scope():
+        triton.knobs.cache.dir = folder  # the build stays out of Triton's cache
+        if per_signature:
+            module = build.compile_module_from_src(src=launcher, name="__triton_launcher", **linking)
+        else:
+            module = build.compile_module_from_file(src_path=os.path.join(_nvidia_driver_dir(), "driver.c"),
+                                                    name="cuda_utils", **linking)
+    values = _kernel_arguments(source)
+    grid = (-(-MEMBERS * ROWS // case.block_m) * -(-OUT_FEATURES // case.config.kwargs["BLOCK_N"]), 1, 1)
+    packed_metadata = (case.config.num_warps, 1, 0)  # num_warps, num_ctas, shared memory
+    if per_signature:  # grid, stream, function, cooperative, pdl, scratches, metadata, hooks, the arguments
+        arguments = (*grid, 0, 0, False, False, None, None, packed_metadata, None, None, None, *values)
+    else:  # ..., the metadata, hooks, scratches, the arguments' annotations and C signature, the arguments
+        types = list(source.signature.values())
+        annotations = [module.PyKernelArg(nested_tuple=None, type=module.ARG_CONSTEXPR if t == "constexpr"
+                                          else module.ARG_KERNEL) for t in types]
+        kernel_signature = module.build_signature_metadata([t for t in types if t != "constexpr"])
+        arguments = (*grid, 0, 0, False, False, packed_metadata, None, None, None, None, None, annotations,
+                     kernel_signature, values)
+    kind = "the launch generated for the kernel's signature" if per_signature else "driver.c launchKernel"
+    return CLaunch(module.launch, stand_in, arguments, len(values), kind)
+
+
+def _kernel_arguments(source) -> list:
+    """The stacked forward's arguments in order for the launch of the module docstring, constexprs included."""
+    from lora_ensemble.kernels.fused_lora_gemm import _fused_lora_gemm_kernel
+
     bf16 = {"dtype": torch.bfloat16}
     tensors = {"in_ptr": torch.randn(MEMBERS, ROWS, IN_FEATURES, **bf16),
                "weight_ptr": torch.randn(OUT_FEATURES, IN_FEATURES, **bf16),
@@ -152,10 +174,7 @@ def _launch_arguments(module) -> tuple:
             values.append(source.constants[(names.index(name),)])
         else:  # sizes and strides: any int of the kind (only parsed), the scaling a float
             values.append(1.0 if kind == "fp32" else 16)
-    grid = (-(-MEMBERS * ROWS // case.block_m) * -(-OUT_FEATURES // case.config.kwargs["BLOCK_N"]), 1, 1)
-    packed_metadata = (case.config.num_warps, 1, 0)  # num_warps, num_ctas, shared memory
-    return (*grid, 0, 0, False, False, packed_metadata, None, None, None, None, None, annotations, kernel_signature,
-            values)
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = min(timeit.repeat(c_launch, number=args.calls, repeat=args.rounds)) / args.calls
         gc.enable()
         load = os.getloadavg()[0]
-        print(f"triton {triton.__version__} C launch (driver.c launchKernel, a stand-in libcuda.so.1): "
+        print(f"triton {triton.__version__} C launch ({c_launch.kind}, a stand-in libcuda.so.1): "
               f"{seconds * 1e6:.2f} µs a launch, min of {args.rounds} rounds of {args.calls} "
               f"({c_launch.launches} launches reached cuLaunchKernelEx; 1-minute load {load:.2f}); "
-              f"{len(c_launch.arguments[-1])} kernel arguments with the constexprs")
+              f"{c_launch.kernel_arguments} kernel arguments with the constexprs")
     return 0
 
 

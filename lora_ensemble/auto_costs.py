@@ -40,7 +40,7 @@ __all__ = ["HEADLINE_SHAPES", "HOST_SECONDS", "BackendEstimate", "ShapeClass", "
 # (2026-12-06 15:19 UTC; the committed run of benchmarks/results/cpu-overhead.md, 15:42, is within 1 µs
 # of it) on a 2-core CPU shared with other jobs (upper bounds; the device calls of triton and cuda
 # stubbed), plus what the stubs leave out: Triton's C launch, ~5 µs per launch (its own part, argument
-# parsing and each tensor's data_ptr, measured at 1.2 µs by benchmarks/triton_c_launch.py against a
+# parsing and each tensor's data_ptr, measured at 1.2-1.3 µs by benchmarks/triton_c_launch.py against a
 # stand-in driver; the driver's cuLaunchKernelEx and pointer queries a guess), and the extension op's
 # checks and cudaLaunchKernel, ~4 µs per launch (a guess); one launch forward, three forward + backward. The
 # composite's CPU kernels stand in for its launches.
