@@ -45,6 +45,11 @@ def _nvidia_driver_dir() -> str:
     return os.path.dirname(nvidia.__file__)
 
 
+def _c_compiler() -> str:
+    """The C compiler Python was built with (its first word: ``CC`` may carry flags), else ``cc``."""
+    return (sysconfig.get_config_var("CC") or "cc").split()[0]
+
+
 def unavailable_reason() -> str | None:
     """Why the C launch cannot be timed here, or None."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -53,17 +58,15 @@ def unavailable_reason() -> str | None:
         return ("a CUDA device is present: its libcuda.so.1 would be used, not the stand-in "
                 "(the GPU pass times launches)")
     try:
-        import triton.backends.nvidia  # noqa: F401
+        from triton.backends.nvidia import driver
     except ImportError:
         return f"triton {triton.__version__} has no NVIDIA backend"
-    from triton.backends.nvidia import driver
-
-    if not (hasattr(driver, "make_launcher")  # triton 3.6: a launcher generated per kernel signature
-            or "build_signature_metadata" in open(os.path.join(_nvidia_driver_dir(), "driver.c")).read()):
-        return f"triton {triton.__version__}'s launcher is neither the 3.6 kind nor the 3.8 kind"
-    compiler = sysconfig.get_config_var("CC") or "cc"
-    if subprocess.run([compiler.split()[0], "--version"], capture_output=True).returncode != 0:
-        return f"no C compiler ({compiler})"
+    if not hasattr(driver, "make_launcher"):  # triton 3.6: a launcher generated per kernel signature
+        with open(os.path.join(_nvidia_driver_dir(), "driver.c")) as f:
+            if "build_signature_metadata" not in f.read():  # triton 3.8: driver.c with a C signature
+                return f"triton {triton.__version__}'s launcher is neither the 3.6 kind nor the 3.8 kind"
+    if subprocess.run([_c_compiler(), "--version"], capture_output=True).returncode != 0:
+        return f"no C compiler ({_c_compiler()})"
     return None
 
 
@@ -85,7 +88,7 @@ def stand_in_libcuda_source(driver_source: str, cuda_header: str) -> str:
 
 @dataclass
 class CLaunch:
-    """Triton's ``launchKernel`` built against the stand-in, with one launch's arguments ready."""
+    """Triton's C launcher built against the stand-in, with one launch's arguments ready."""
 
     launch: object
     stand_in: ctypes.CDLL
@@ -126,8 +129,8 @@ def build_c_launch(folder: str) -> CLaunch:
     with open(os.path.join(folder, "libcuda.c"), "w") as f:
         f.write(stand_in_source)
     library = os.path.join(folder, "libcuda.so.1")
-    subprocess.run([(sysconfig.get_config_var("CC") or "cc").split()[0], "-shared", "-fPIC", "-O2", f"-I{include}",
-                    "-Wl,-soname,libcuda.so.1", "-o", library, os.path.join(folder, "libcuda.c")], check=True)
+    subprocess.run([_c_compiler(), "-shared", "-fPIC", "-O2", f"-I{include}", "-Wl,-soname,libcuda.so.1", "-o",
+                    library, os.path.join(folder, "libcuda.c")], check=True)
     stand_in = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # what the launcher module and its dlopen find
     linking = {"library_dirs": [folder], "include_dirs": driver.include_dirs, "libraries": ["libcuda.so.1"]}
     with triton.knobs.cache.scope():
