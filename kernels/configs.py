@@ -180,22 +180,23 @@ def pipeline_buffers(num_stages: int, capability: int) -> int:
 
 
 def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int, config: triton.Config,
-              capability: int, rank_slots: int = 1, multi_pass: bool = False, specialisation: str = "aligned") -> tuple:
+              capability: int, rank_slots: int = 1, multi_pass: bool = False, specialisation: str = "aligned",
+              member_tiles: bool = False) -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
     ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
-    the rank and row tiles, the rank slots of a pass and whether the kernel has more passes, the
-    argument specialisation (:func:`argument_specialisation`), warps, stages and the config's other
-    tiles."""
+    the rank and row tiles, the rank slots of a pass, whether the kernel has more passes and whether
+    it tiles each member's rows on their own (the launch policy's ``RowTiling``), the argument
+    specialisation (:func:`argument_specialisation`), warps, stages and the config's other tiles."""
     tiles = tuple(v for k, v in sorted(config.kwargs.items()) if k not in ("BLOCK_M", "GROUP_M"))
     return (90 if capability >= 90 else 80, kind, dtype, precision, block_r, block_m, rank_slots, multi_pass,
-            specialisation, config.num_warps, config.num_stages, *tiles)
+            member_tiles, specialisation, config.num_warps, config.num_stages, *tiles)
 
 
 def spill_key_config(key: tuple) -> tuple:
     """The launch config's part of a :func:`spill_key` (warps, stages, the config's other tiles):
     what two keys of one config share whatever the problem."""
-    return key[9:]
+    return key[10:]
 
 
 def argument_specialisation(args: dict) -> str:
@@ -222,14 +223,15 @@ def fitting_fused_lora_gemm_configs(
     capability: int,
     rank_slots: int = 1,
     multi_pass: bool = False,
+    member_tiles: bool = False,
     specialisation: str = "aligned",
     sum_members: bool | None = None,
     has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
-    ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots`` and ``multi_pass`` from
-    the launch policy's :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
+    ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots``, ``multi_pass`` and
+    ``member_tiles`` from the launch policy's :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
     :func:`argument_specialisation`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
@@ -263,8 +265,9 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        if without_measured_spills and spill_key(kind, dtype, precision, block_r, block_m, c, capability,
-                                                 rank_slots, multi_pass, specialisation) in SPILLING_CONFIGS:
+        key = spill_key(kind, dtype, precision, block_r, block_m, c, capability, rank_slots, multi_pass,
+                        specialisation, member_tiles)
+        if without_measured_spills and key in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes

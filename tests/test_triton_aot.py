@@ -120,8 +120,8 @@ def test_a_partial_remeasurement_updates_the_spill_record_where_it_measured(tmp_
     added, a clean compile removes an old entry), keys no report measured stay as they were, and
     configs that are no candidate any more are left out."""
     old_clean, old_unmeasured = sorted(aot.SPILLING_CONFIGS)[:2]
-    new_spill = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, "aligned", 4, 4, 64, 64)  # a listed config
-    gone = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, "aligned", 4, 3, 64, 64)  # no such candidate
+    new_spill = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, False, "aligned", 4, 4, 64, 64)  # a listed config
+    gone = (90, "stacked", "bf16", "tf32", 16, 16, 8, True, False, "aligned", 4, 3, 64, 64)  # no such candidate
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"triton": triton.__version__, "cases": 3, "timed_out": True, "reports": [
         _report(old_clean[0], old_clean, 0), _report(90, new_spill, 16), _report(90, gone, 8), "FAILED some kernel"]}))

@@ -616,10 +616,11 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     stacked = [k for k in SPILLING_CONFIGS if k[1] in ("stacked", "stacked_delta")]
     assert {k[1] for k in stacked} == {"stacked", "stacked_delta"}
     for key in stacked:
-        arch, kind, dtype, precision, block_r, block_m, slots, multi_pass, specialisation = key[:9]
+        arch, kind, dtype, precision, block_r, block_m, slots, multi_pass, member_tiles, specialisation = key[:10]
         if spill_key_config(key) == spill_key_config(spill_key(kind, "", "", 0, 0, FALLBACK_FUSED_LORA_GEMM_CONFIG, 0)):
             continue  # the fallback is no candidate: nothing prunes it
-        tiling = {"rank_slots": slots, "multi_pass": multi_pass, "specialisation": specialisation}
+        tiling = {"rank_slots": slots, "multi_pass": multi_pass, "member_tiles": member_tiles,
+                  "specialisation": specialisation}
         config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
                       if spill_key(kind, dtype, precision, block_r, block_m, c, arch, **tiling) == key)
         kept = {has_weight: fitting_fused_lora_gemm_configs(
