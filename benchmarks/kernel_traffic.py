@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_ensemble.kernels.launch_policy import block_rank, grad_row_splits, stacked_tiling
+from lora_ensemble.kernels.launch_policy import (
+    MEMBER_TILE_PADDING,
+    block_rank,
+    grad_row_splits,
+    stacked_row_tiles,
+    stacked_tiling,
+)
 
 __all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "lora_grads_traffic", "main", "traffic_budget"]
 
@@ -28,8 +34,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _stacked_tiles(members: int, rows: int, block_m: int):
-    """``(start, end, first member, last member)`` of each row tile of the stacked rows."""
+def _stacked_tiles(members: int, rows: int, block_m: int, member_tiles: bool = False):
+    """``(start, end, first member, last member)`` of each row tile of the stacked rows (with
+    ``member_tiles``, of each member's rows on their own)."""
+    if member_tiles:
+        for member in range(members):
+            for start in range(member * rows, (member + 1) * rows, block_m):
+                yield start, min(start + block_m, (member + 1) * rows), member, member
+        return
     stacked = members * rows
     for start in range(0, stacked, block_m):
         end = min(start + block_m, stacked)
@@ -37,12 +49,13 @@ def _stacked_tiles(members: int, rows: int, block_m: int):
 
 
 def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
-                         rank_slots: int, shared_input: bool = False, sum_members: bool = False) -> dict[str, int]:
+                         rank_slots: int, shared_input: bool = False, sum_members: bool = False,
+                         member_tiles: bool = False) -> dict[str, int]:
     """Elements one launch of the fused Triton kernel loads from each operand role, tile by tile as
     ``kernels/fused_lora_gemm.py`` runs (its header states the same totals): ``members`` x ``rows``
     rows of ``inner`` (K) in, ``cols`` (C) out, row tile ``block_m``, column tile ``block_n``,
-    ``rank_slots`` members a rank pass (the launch policy's ``RowTiling``). Layouts: stacked
-    (forward and dx), ``shared_input`` forward, ``sum_members`` (the shared-input dx).
+    ``rank_slots`` members a rank pass and ``member_tiles`` (the launch policy's ``RowTiling``).
+    Layouts: stacked (forward and dx), ``shared_input`` forward, ``sum_members`` (the shared-input dx).
 
     Rows and columns past the edge wrap around (a tile loads ``min(block_m, rows)`` distinct rows
     and ``min(block_n, cols)`` distinct columns); rank columns past ``rank`` and slots past a tile's
@@ -56,13 +69,13 @@ def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: i
         in_reads = (2 * members if sum_members else _cdiv(members, rank_slots)) * tile_rows * k
         return {"weight": row_tiles * strip * k, "in": row_tiles * col_tiles * in_reads,
                 "shrink": row_tiles * col_tiles * members * r * k, "expand": row_tiles * members * r * c}
-    stacked = members * rows
+    tile_rows = min(block_m, rows if member_tiles else members * rows)  # rows a tile loads, wrapped
     traffic = {"weight": 0, "in": 0, "shrink": 0, "expand": 0}
-    for start, end, first, last in _stacked_tiles(members, rows, block_m):
+    for start, end, first, last in _stacked_tiles(members, rows, block_m, member_tiles):
         span = last - first + 1
         later_rows = max(0, end - max(start, (first + rank_slots) * rows))  # rows of further passes
         traffic["weight"] += strip * k
-        traffic["in"] += col_tiles * (min(block_m, stacked) + later_rows) * k
+        traffic["in"] += col_tiles * (tile_rows + later_rows) * k
         traffic["shrink"] += col_tiles * span * r * k
         traffic["expand"] += span * r * c
     return traffic
@@ -78,14 +91,16 @@ def lora_grads_traffic(members: int, rows: int, d: int, k: int, rank: int, block
 
 
 def traffic_budget(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
-                   shared_input: bool = False, sum_members: bool = False) -> dict[str, int]:
+                   shared_input: bool = False, sum_members: bool = False, member_tiles: bool = False) -> dict[str, int]:
     """The most elements a fused kernel with ``block_m`` x ``block_n`` output tiles may load from
     each operand role per launch (the design's promise; :func:`fused_kernel_traffic` is what the
     Triton kernel loads):
 
     - ``weight`` (W0): once per row tile of a plain GEMM over the stacked rows with the same
       ``block_m`` (``T = cdiv(N*M, block_m)`` tiles; ``cdiv(M, block_m)`` with a shared input),
-      in whole column tiles: 1x W0 at decode (16 x 1 rows, 8 x 2 rows, one 16-row tile);
+      in whole column tiles: 1x W0 at decode (16 x 1 rows, 8 x 2 rows, one 16-row tile); with
+      ``member_tiles`` (each member's rows tiled on their own, the last tile padded) at most
+      1 / ``MEMBER_TILE_PADDING`` more, the padding the launch policy allows;
     - ``in``: each column tile reads its rows, at most twice (once more for further rank passes);
       with a shared input once per pass (at most N), and the dx twice per member;
     - ``shrink``: recomputed in every column tile (``P = cdiv(C, block_n)``), once per member a row
@@ -102,7 +117,8 @@ def traffic_budget(members: int, rows: int, inner: int, cols: int, rank: int, bl
                 "shrink": row_tiles * col_tiles * members * r * k, "expand": row_tiles * members * r * c}
     row_tiles = _cdiv(members * rows, block_m)
     members_held = members + row_tiles - 1
-    return {"weight": row_tiles * strip, "in": 2 * row_tiles * col_tiles * min(block_m, members * rows) * k,
+    weight_tiles = row_tiles + (row_tiles // MEMBER_TILE_PADDING if member_tiles else 0)
+    return {"weight": weight_tiles * strip, "in": 2 * weight_tiles * col_tiles * min(block_m, members * rows) * k,
             "shrink": col_tiles * members_held * r * k, "expand": members_held * r * c}
 
 
@@ -164,14 +180,14 @@ class Launch:
 
 
 def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, block_m: int, block_n: int,
-                  rank_slots: int, split16: bool) -> float:
+                  rank_slots: int, split16: bool, member_tiles: bool) -> float:
     """Tensor-core FLOPs of one stacked launch as it runs: the base dot over padded row tiles and
     whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column tile, and
     one [block_m, block_r] x [block_r, block_n] expand dot per member a tile holds (two for a
     16-bit factor: the fp32 rank product is split in a high and a low half)."""
     col_tiles = _cdiv(cols, block_n)
     flops = 0
-    for _, _, first, last in _stacked_tiles(members, rows, block_m):
+    for _, _, first, last in _stacked_tiles(members, rows, block_m, member_tiles):
         span = last - first + 1
         flops += 2 * block_m * inner * col_tiles * (block_n + _cdiv(span, rank_slots) * rank_slots * block_r)
         flops += (2 if split16 else 1) * 2 * block_m * block_r * block_n * col_tiles * span
@@ -184,12 +200,14 @@ def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, bl
     writes out and the fp32 rank product."""
     block_r = block_rank(r)
     tiling = stacked_tiling(m, n, block_r)
-    loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots)
+    loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
+                                 member_tiles=tiling.member_tiles)
     writes = n * m * cols * e + n * m * r * 4
     hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + writes
     return Launch(name, {key: value * e for key, value in loads.items()}, writes, hbm,
-                  _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2),
-                  _cdiv(n * m, tiling.block_m) * _cdiv(cols, block_n), model.triton_flops_per_s[tiling.block_m])
+                  _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2,
+                                tiling.member_tiles),
+                  stacked_row_tiles(m, n, tiling) * _cdiv(cols, block_n), model.triton_flops_per_s[tiling.block_m])
 
 
 def _lora_grads_launches(n: int, m: int, d: int, k: int, r: int, e: int, model: DeviceModel) -> list[Launch]:
@@ -282,7 +300,8 @@ def main() -> None:
             refs = reference_launches(n, m, d, k, r, mode)
             fused, limit, composite = (predicted_us(x) for x in (launches, refs["limit"], refs["composite"]))
             reads = launches[0].reads
-            print(f"| {label} N{n} M{m} r{r} (BM {tiling.block_m}, {tiling.rank_slots} slots) | {mode} | {best} | "
+            tiles = f"BM {tiling.block_m}{' member tiles' if tiling.member_tiles else ''}, {tiling.rank_slots} slots"
+            print(f"| {label} N{n} M{m} r{r} ({tiles}) | {mode} | {best} | "
                   f"{reads['weight'] * mb:.1f} / {reads['in'] * mb:.1f} / {reads['shrink'] * mb:.1f} / "
                   f"{reads['expand'] * mb:.2f} | {sum(x.l2 for x in launches) * mb:.0f} | "
                   f"{sum(x.hbm for x in launches) * mb:.0f} | {sum(x.flops for x in launches) * 1e-9:.1f} | "

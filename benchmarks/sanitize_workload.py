@@ -9,7 +9,8 @@ its end is seen instead of landing in a neighbour inside a cached segment::
 Shapes: ragged tile edges everywhere (N=3, M=37, d=72, k=100, r=8), d and k not multiples of 8 with
 rank 33 (the element-wise fallback and the rank tile of 64), an input at an odd storage offset (not
 16-byte aligned), one member with one row at rank 1, rank 128 (the largest tile), a long member
-(M=1100 rows: the weight-gradient kernels' row split), decode (16 members of one row each) and 8
+(M=1100 rows: the weight-gradient kernels' row split, and the Triton kernels' member tiles, 9 a
+member, the last one's rows wrapping inside the member), decode (16 members of one row each) and 8
 members of 3 rows (row tiles that span members straddle their boundaries), in both layouts and all
 three dtypes; then the delta op (the weightless kernels, over a given base output) on
 :data:`DELTA_SHAPES`. Every output and gradient must be finite; a kernel fault or a sanitizer report

@@ -2,8 +2,8 @@
 # without a GPU: triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch,
 # 32)) runs the whole pipeline down to a cubin with ptxas. Each kernel is compiled for every dtype
 # and dot precision (fp32 with TF32 and 3xTF32 dots, fp16, bf16), every rank tile (16, 32, 64, 128),
-# the row tilings (row tile, rank slots, extra passes: kernels/launch_policy.py) of five row regimes
-# from decode to prefill, and every config the run-time pruning keeps for that problem on that
+# the row tilings (row tile, rank slots, extra passes, member tiles: kernels/launch_policy.py) of six
+# row regimes from decode to prefill, and every config the run-time pruning keeps for that problem on that
 # architecture; and in two of the argument specialisations Triton makes at run time (unit strides
 # are constexpr 1 in all of them, tuning-only arguments unspecialised): "aligned" (every pointer and
 # every size and stride that follows the layer's widths 16-divisible, those that follow the rank or
@@ -69,9 +69,10 @@ SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 VARIANTS = (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"))
 RANK_TILES = (16, 32, 64, 128)
 # Rows per member of the regimes whose row tilings are compiled, at 16 members: decode (one 16-row
-# tile of 16 members), 16 rows a member (64-row tiles of 4), batch-1 ViT (50: 64-row tiles of 2-3),
-# ViT training (1600: 128-row tiles, a few straddling two members), prefill (128-row tiles in one).
-ROW_REGIMES = (1, 16, 50, 1600, 4096)
+# tile of 16 members), 16 rows a member (64-row tiles of 4), batch-1 ViT-B/32 (50: 64-row tiles of
+# 2-3), batch-1 ViT-B/16 (197: 128-row tiles, some straddling two members), ViT-B/32 training (1600:
+# 128-row tiles over each member's rows, 13 a member), prefill (4096: 128-row tiles in one member).
+ROW_REGIMES = (1, 16, 50, 197, 1600, 4096)
 MEMBERS = 16
 # SMs of the GPU the shared-input row policy is asked about (an H100: batch-1 sizes get 16-row tiles).
 _SM_COUNT = 132
@@ -133,11 +134,16 @@ class AotCase:
     rank_slots: int = 1
     multi_pass: bool = False
     specialisation: str = "aligned"
+    member_tiles: bool = False
 
     def label(self) -> str:
+        """E.g. ``forward-bf16-R16-M128m-S1-aligned``: ``m`` after the row tile for member tiles,
+        ``+`` after the rank slots for further passes."""
         dtype = f"{self.dtype}-{self.precision}" if self.dtype == "fp32" else self.dtype
         passes = "+" if self.multi_pass else ""
-        return f"{self.name}-{dtype}-R{self.block_r}-M{self.block_m}-S{self.rank_slots}{passes}-{self.specialisation}"
+        tiles = "m" if self.member_tiles else ""
+        return (f"{self.name}-{dtype}-R{self.block_r}-M{self.block_m}{tiles}-S{self.rank_slots}{passes}-"
+                f"{self.specialisation}")
 
     def config_text(self) -> str:
         kwargs = " ".join(f"{k}={v}" for k, v in self.config.kwargs.items())
@@ -147,7 +153,7 @@ class AotCase:
         """This case's key in :data:`lora_ensemble.kernels.configs.SPILLING_CONFIGS` (the run-time
         pruning finds its launch's specialisation with ``configs.argument_specialisation``)."""
         return spill_key(ROLE_KERNEL[self.name], self.dtype, self.precision, self.block_r, self.block_m,
-                         self.config, arch, self.rank_slots, self.multi_pass, self.specialisation)
+                         self.config, arch, self.rank_slots, self.multi_pass, self.specialisation, self.member_tiles)
 
 
 @dataclass(frozen=True)
@@ -213,8 +219,8 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
         tiling = stacked_tiling(rows, MEMBERS, block_r, tf32x3)
     kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=tiling.block_m,
                                            rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
-                                           sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"],
-                                           **common)
+                                           member_tiles=tiling.member_tiles, sum_members=fixed.get("SUM_MEMBERS"),
+                                           has_weight=fixed["HAS_WEIGHT"], **common)
     return [(tiling, c) for c in kept]
 
 
@@ -230,7 +236,7 @@ def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotC
                         for tiling, config in candidate_configs(name, dtype, precision, block_r, rows, arch,
                                                                 specialisation, without_measured_spills):
                             case = AotCase(name, dtype, precision, block_r, tiling.block_m, config, tiling.rank_slots,
-                                           tiling.multi_pass, specialisation)
+                                           tiling.multi_pass, specialisation, tiling.member_tiles)
                             cases.setdefault(f"{case.label()} {case.config_text()}", case)
     return list(cases.values())
 
@@ -319,6 +325,8 @@ def _source(case: AotCase) -> ASTSource:
                   **case.config.kwargs}
     if kernel is not _lora_grads_kernel:
         constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
+    if kernel is _fused_lora_gemm_kernel:
+        constexprs["MEMBER_TILES"] = case.member_tiles
     divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):

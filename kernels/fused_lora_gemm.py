@@ -29,11 +29,14 @@
 # RANK_SLOTS run further passes, each its own K-loop over the rows of its members (masked loads: no
 # traffic for the others) - MULTI_PASS, compiled only where some tile needs it; where tiles are at
 # least a member long (RANK_SLOTS = 1), that is the second member of the few tiles that straddle a
-# member boundary. With M a multiple of BLOCK_M every tile lies in one member: one pass, the work
-# of a per-member tiling.
+# member boundary. MEMBER_TILES (launch_policy.uses_member_tiles: tiles at least a member long whose
+# padding adds at most 1/8 of the rows, and always where BLOCK_M divides M) tiles each member's rows
+# on their own instead, N * cdiv(M, BLOCK_M) tiles (the last of each member's padded): no tile
+# straddles, one pass, the further pass's registers never needed.
 #
-# Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, P = cdiv(C, BLOCK_N) column tiles,
-# S_t the members tile t spans, sum_t S_t <= N + T - 1; tests/test_kernel_traffic.py holds it):
+# Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
+# P = cdiv(C, BLOCK_N) column tiles, S_t the members tile t spans, sum_t S_t <= N + T - 1;
+# tests/test_kernel_traffic.py holds it):
 #     weight  T * K * C (once per row tile)      in      P * N*M * K (+ the rows of further passes)
 #     shrink  P * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
 # (rows and columns past the edge wrap around instead of being masked in the K-loop: the last row
@@ -84,7 +87,7 @@ from .device import compute_capability, launch_device, multiprocessor_count, sha
 from .dot import dot_fp32_lhs, split16
 from .gpu_specs import gpu_spec
 from .launch_costs import shared_launch, stacked_launch
-from .launch_policy import block_rank, shared_tiling, stacked_tiling
+from .launch_policy import block_rank, shared_tiling, stacked_row_tiles, stacked_tiling
 from .launcher import LaunchPlan, TunedKernel
 
 __all__ = ["launch_fused_lora_gemm"]
@@ -255,23 +258,37 @@ def _fused_lora_gemm_kernel(
     scaling,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    stacked_rows = MEMBERS * ROWS
-    pid_m, pid_n = _tile_of(tl.program_id(0), stacked_rows, COLS, BLOCK_M, BLOCK_N, GROUP_M)
-    tile_start = pid_m.to(tl.int64) * BLOCK_M
-    offs_g = tile_start + tl.arange(0, BLOCK_M)
-    offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge wrap around (their results are never stored). Each stacked row
-    # g is row g % M of member g // M.
-    rows_valid = offs_g < stacked_rows
-    g = offs_g % stacked_rows
-    row_member = g // ROWS
-    row_in_member = g % ROWS
-    cols = offs_c % COLS
-    first_member = tile_start // ROWS
-    last_member = (tl.minimum(tile_start + BLOCK_M, stacked_rows) - 1) // ROWS
+    if MEMBER_TILES:  # cdiv(M, BLOCK_M) row tiles a member, each inside its member (RANK_SLOTS = 1)
+        member_tiles = tl.cdiv(ROWS, BLOCK_M)
+        pid_m, pid_n = _tile_of(tl.program_id(0), MEMBERS * member_tiles * BLOCK_M, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+        first_member = (pid_m // member_tiles).to(tl.int64)
+        last_member = first_member
+        offs_m = (pid_m % member_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Rows past the member's last and columns past the edge wrap around (never stored).
+        rows_valid = offs_m < ROWS
+        row_member = tl.full((BLOCK_M,), 0, tl.int64) + first_member
+        row_in_member = offs_m % ROWS
+        cols = offs_c % COLS
+    else:  # row tiles over the stacked rows
+        stacked_rows = MEMBERS * ROWS
+        pid_m, pid_n = _tile_of(tl.program_id(0), stacked_rows, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_start = pid_m.to(tl.int64) * BLOCK_M
+        offs_g = tile_start + tl.arange(0, BLOCK_M)
+        offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Rows and columns past the edge wrap around (their results are never stored). Each stacked
+        # row g is row g % M of member g // M.
+        rows_valid = offs_g < stacked_rows
+        g = offs_g % stacked_rows
+        row_member = g // ROWS
+        row_in_member = g % ROWS
+        cols = offs_c % COLS
+        first_member = tile_start // ROWS
+        last_member = (tl.minimum(tile_start + BLOCK_M, stacked_rows) - 1) // ROWS
     store_low = pid_n == 0
 
     # Pass 0: the base tile and the rank block of the tile's first RANK_SLOTS members, one K-loop.
@@ -418,13 +435,14 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
         tiles = -(-rows // tiling.block_m)
     else:
         tiling = stacked_tiling(rows, members, block_r, tf32x3)
-        tiles = -(-(members * rows) // tiling.block_m)
+        tiles = stacked_row_tiles(rows, members, tiling)
     specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
     candidates = fitting_fused_lora_gemm_configs(
         shared_input_configs() if shared else fused_lora_gemm_configs(), cols=cols, inner=inner, dtype=dtype,
         precision=precision, block_m=tiling.block_m, block_r=block_r, shared_memory=shared_memory_per_program(device),
         capability=compute_capability(device), rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
-        specialisation=specialisation, sum_members=sum_members if shared else None, has_weight=has_weight)
+        member_tiles=tiling.member_tiles, specialisation=specialisation, sum_members=sum_members if shared else None,
+        has_weight=has_weight)
     element_size = args[0].element_size()
     if shared:
         cost = shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, sum_members,
@@ -433,15 +451,17 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
         cost = stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
                               has_base)
     gpu = gpu_spec(device)
-    tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m} S{tiling.rank_slots}"
-                  f"{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols} rows{size_bucket(rows)} "
-                  f"members{size_bucket(members)}{'' if has_weight else ' delta'}"
+    tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m}{' member' if tiling.member_tiles else ''}"
+                  f" S{tiling.rank_slots}{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols}"
+                  f" rows{size_bucket(rows)} members{size_bucket(members)}{'' if has_weight else ' delta'}"
                   f"{(' sum' if sum_members else ' shared') if shared else ''} {gpu.name}")
     constexprs = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_BASE=has_base, DOT_PRECISION=precision,
                       BLOCK_R=block_r, BLOCK_M=tiling.block_m, RANK_SLOTS=tiling.rank_slots,
                       MULTI_PASS=tiling.multi_pass)
     if shared:
         constexprs["SUM_MEMBERS"] = sum_members
+    else:
+        constexprs["MEMBER_TILES"] = tiling.member_tiles
 
     def grid(config) -> tuple[int, ...]:
         return (tiles * -(-cols // config.kwargs["BLOCK_N"]),)

@@ -5,7 +5,8 @@
 # backend's launches with it (lora_ensemble/auto_costs.py).
 #
 # Stacked kernel (forward: in = x, K = d, C = k; dx: in = dy, K = k, C = d): T = cdiv(N*M, BLOCK_M)
-# row tiles over the stacked rows (a tile may hold several members), the rank block [BLOCK_M,
+# row tiles over the stacked rows (a tile may hold several members; with member tiles N * cdiv(M,
+# BLOCK_M) tiles of one member each), the rank block [BLOCK_M,
 # RANK_SLOTS * BLOCK_R] computed in the base K loop, one more K loop over it for each further pass a
 # tile needs, one [BLOCK_M, BLOCK_R] x [BLOCK_R, BN] expand dot per member a tile holds. Per-program
 # counts are averages over the T tiles (kernels/fused_lora_gemm.py's header: sum_t S_t members held,
@@ -33,10 +34,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def stacked_tile_members(members: int, rows: int, block_m: int, rank_slots: int) -> tuple[int, int, int]:
+def stacked_tile_members(members: int, rows: int, block_m: int, rank_slots: int,
+                         member_tiles: bool = False) -> tuple[int, int, int]:
     """``(T, sum_t S_t, sum_t passes_t)`` of the stacked kernel over ``members * rows`` rows in tiles of
     ``block_m``: the row tiles, the members they hold (one (tile, member) pair per member with rows
-    in the tile) and the rank passes they run (``ceil(S_t / rank_slots)`` each)."""
+    in the tile) and the rank passes they run (``ceil(S_t / rank_slots)`` each). With
+    ``member_tiles`` every tile holds one member in one pass."""
+    if member_tiles:
+        tiles = members * _cdiv(rows, block_m)
+        return tiles, tiles, tiles
     stacked = members * max(rows, 1)
     tiles = _cdiv(stacked, block_m)
     if tiles > _MAX_COUNTED_TILES:
@@ -56,7 +62,7 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
     """One stacked fused launch (forward or dx) of ``members`` x ``rows`` rows, ``inner`` -> ``cols``,
     rank ``rank`` (tile ``block_r``) under ``tiling``, in ``element_size``-byte inputs."""
     e = element_size
-    tiles, held, passes = stacked_tile_members(members, rows, tiling.block_m, tiling.rank_slots)
+    tiles, held, passes = stacked_tile_members(members, rows, tiling.block_m, tiling.rank_slots, tiling.member_tiles)
     stacked = members * rows
     dram = (e * (stacked * inner + (inner * cols if has_weight else 0) + members * rank * (inner + cols)
                  + stacked * cols * (2 if has_base else 1)) + 4 * stacked * rank)

@@ -10,6 +10,8 @@
 #   rank_slots(1, 16, 16, 16) = 8: two passes of a [16, 8 * 16] rank block.
 # At 16 rows per member: stacked_block_rows(16, 16, 16) = 64 (4 members a tile, a [64, 64] block):
 # W0 is read 4 times instead of 16. Prefill (512 rows per member): 128-row tiles inside one member.
+# ViT-B/32 training (1600 rows per member): 128-row tiles over each member's rows on their own
+# (member_tiles, 13 a member, the last one padded: 4% more rows), so that none straddles two members.
 """Launch policies of the Triton kernels: row tiles, rank-part member slots, weight-gradient row splits."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "GRAD_MIN_ROWS_PER_SPLIT",
     "GRAD_ROW_QUANTUM",
     "MAX_BLOCK_ROWS",
+    "MEMBER_TILE_PADDING",
     "MIN_DOT_TILE",
     "POLICY_BLOCK_COLS",
     "RANK_BLOCK_ELEMENTS",
@@ -38,7 +41,9 @@ __all__ = [
     "shared_rank_slots",
     "shared_tiling",
     "stacked_block_rows",
+    "stacked_row_tiles",
     "stacked_tiling",
+    "uses_member_tiles",
 ]
 
 # A 16-bit tl.dot on NVIDIA needs every dimension >= 16 (the interpreter does not check it).
@@ -58,6 +63,12 @@ RANK_BLOCK_WIDTH = 128
 # multiples; the CUDA kernel's row tile is 32, hence its quantum of 32).
 GRAD_MIN_ROWS_PER_SPLIT = 512
 GRAD_ROW_QUANTUM = 16
+# Where row tiles are at least a member long, the stacked kernel may tile each member's rows on their
+# own (its last tile padded) instead of the stacked rows: then no tile straddles two members, so none
+# needs the further rank pass whose second K-loop over in and shrink overflows the registers at rank
+# tiles >= 32 (benchmarks/NOTES.md, "Compile-time reports"). Taken where the padding adds at most
+# 1 / MEMBER_TILE_PADDING of the rows (always where the row tile divides the rows per member).
+MEMBER_TILE_PADDING = 8
 # The column tile the policies assume when they count a kernel's programs (the autotuner picks the
 # real one; 128 is the widest tile most configs run).
 POLICY_BLOCK_COLS = 128
@@ -126,6 +137,14 @@ def stacked_block_rows(rows_per_member: int, members: int, block_r: int, tf32x3:
     return block_m
 
 
+def uses_member_tiles(rows_per_member: int, block_m: int) -> bool:
+    """Whether the stacked kernel tiles each member's rows on their own (``cdiv(rows_per_member,
+    block_m)`` tiles a member, none straddling two): tiles at least a member long whose padding adds
+    at most 1 / :data:`MEMBER_TILE_PADDING` of the rows."""
+    padded = _cdiv(rows_per_member, block_m) * block_m
+    return rows_per_member >= block_m and padded * MEMBER_TILE_PADDING <= rows_per_member * (MEMBER_TILE_PADDING + 1)
+
+
 def rank_slots(rows_per_member: int, block_m: int, block_r: int, members: int) -> int:
     """Members one pass of the stacked kernel's rank part holds (a power of two): every member a row
     tile spans when they fit the rank block's bounds, else as many as fit (the others in more
@@ -177,20 +196,33 @@ def grad_rows_per_split(rows: int, splits: int) -> int:
 
 
 class RowTiling(NamedTuple):
-    """The row tile of a fused kernel and its rank part: ``rank_slots`` members a pass, and whether
-    some tile needs more than one pass (``multi_pass``: the kernel compiles the pass loop)."""
+    """The row tile of a fused kernel and its rank part: ``rank_slots`` members a pass, whether some
+    tile needs more than one pass (``multi_pass``: the kernel compiles the pass loop), and whether the
+    stacked kernel tiles each member's rows on their own (``member_tiles``, :func:`uses_member_tiles`)."""
 
     block_m: int
     rank_slots: int
     multi_pass: bool
+    member_tiles: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
 def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
     """The stacked kernel's :class:`RowTiling` (forward and dx; cached: the launcher asks per call)."""
     block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
+    padded_rows = members * _cdiv(rows_per_member, block_m) * block_m  # the kernel counts them in int32
+    if uses_member_tiles(rows_per_member, block_m) and padded_rows < 2**31:
+        return RowTiling(block_m, 1, False, True)
     slots = rank_slots(rows_per_member, block_m, block_r, members)
     return RowTiling(block_m, slots, row_tile_members(rows_per_member, block_m, members) > slots)
+
+
+def stacked_row_tiles(rows_per_member: int, members: int, tiling: RowTiling) -> int:
+    """Row tiles of a stacked launch: ``cdiv(members * rows_per_member, block_m)`` over the stacked
+    rows, or ``members * cdiv(rows_per_member, block_m)`` with :attr:`RowTiling.member_tiles`."""
+    if tiling.member_tiles:
+        return members * _cdiv(rows_per_member, tiling.block_m)
+    return _cdiv(members * rows_per_member, tiling.block_m)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -6,9 +6,11 @@ the distinct elements of each load summed per operand over one launch. The count
 tile-by-tile model :func:`benchmarks.kernel_traffic.fused_kernel_traffic` (which ``benchmarks/NOTES.md``
 uses for the headline shapes) and stay within the design's budget
 :func:`benchmarks.kernel_traffic.traffic_budget`: W0 once per row tile of a plain GEMM over the N*M
-stacked rows, so once in all at decode (16 members x 1 row, 8 x 2 rows). Forward and dx, stacked and
+stacked rows (at most 1/8 more where each member's rows are tiled on their own), so once in all at
+decode (16 members x 1 row, 8 x 2 rows). Forward and dx, stacked and
 shared input; the shapes are scaled down (the interpreter is slow) but keep the tilings of the
-headline ones (one row tile at decode, 64-row tiles of several members, tiles straddling members).
+headline ones (one row tile at decode, 64-row tiles of several members, tiles straddling members, member
+tiles).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ SHAPES = [
     (16, 16, 32, 64, 16),  # 16 rows a member: 64-row tiles of 4 members (W0 4 times, not 16)
     (4, 50, 32, 64, 8),  # batch-1 ViT: 64-row tiles of 2-3 members
     (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (a 2nd pass); C not a multiple
+    (2, 1030, 32, 40, 3),  # member tiles: 9 128-row tiles a member, the last padded (1/8 more W0 at most)
     (3, 1, 32, 64, 100),  # rank 128 tile at decode: one member a pass
 ]
 
@@ -114,7 +117,8 @@ def shape_id(shape) -> str:
 def test_loads_match_the_model_and_the_budget(shape, role, shared):
     n, m, d, k, r = shape
     counts, tiling, inner, cols = run_counted(n, m, d, k, r, role, shared)
-    layout = {"shared_input": shared and role == "forward", "sum_members": shared and role == "dx"}
+    layout = {"shared_input": shared and role == "forward", "sum_members": shared and role == "dx",
+              "member_tiles": tiling.member_tiles}
     model = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots, **layout)
     budget = traffic_budget(n, m, inner, cols, r, tiling.block_m, BLOCK_N, **layout)
     for operand in ("weight", "in", "shrink", "expand"):

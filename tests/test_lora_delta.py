@@ -21,6 +21,7 @@ CASES = [
     (2, 6, 17, 33, 33, torch.float16, False, (2, 3)),  # 3-D input, rank tile 64
     (4, 5, 16, 24, 4, torch.float16, True, (5,)),
     (2, 9, 40, 24, 3, torch.float64, False, None),
+    (2, 1030, 19, 21, 5, torch.float32, False, None),  # Triton: member tiles, 9 a member, the last padded
 ]
 
 

@@ -74,6 +74,7 @@ def test_every_kernel_compiles_for_every_arch(aot_reports):
         for specialisation in aot.SPECIALISATIONS:
             assert any(c.endswith(f"-{specialisation}") for c in cases), specialisation
         assert any("+-" in c for c in cases), "a kernel with further rank passes"
+        assert any("m-S1-" in c for c in cases), "a kernel with member tiles"
 
 
 def test_every_kept_config_fits_without_spills(aot_reports):

@@ -72,6 +72,9 @@ CASES = [
     (3, 5, 21, 35, 128, torch.float16, False, ()),  # rank 128, 5 rows a member: 3 passes
     (3, 5, 21, 35, 128, torch.float32, True, ()),
     (3, 50, 23, 17, 8, torch.float32, False, ()),  # 50 rows a member (batch-1 ViT): 64-row tiles of 2-3
+    (2, 128, 20, 40, 3, torch.float16, False, ()),  # member tiles: one 128-row tile a member
+    (2, 1030, 19, 21, 5, torch.float32, False, ("noncontig",)),  # member tiles: 9 a member, the last padded
+    (3, 520, 21, 35, 128, torch.float16, False, ()),  # rank tile 128: 64-row member tiles, 9 a member
 ]
 
 
@@ -317,12 +320,32 @@ def test_row_tile_members_is_the_most_members_a_tile_spans():
                     assert launch_policy.row_tile_members(m, block_m, n) == most, (m, block_m, n)
 
 
+def test_member_tiles_where_tiles_are_a_member_long_and_pad_little():
+    """Tiles at least a member long tile each member's rows on their own where that pads at most 1/8 of
+    the rows (no tile straddles two members, so no further rank pass); elsewhere the stacked rows."""
+    P = launch_policy
+    for m in (*range(1, 300), 520, 1030, 1600, 4096):
+        for block_m in (16, 32, 64, 128):
+            padded = -(-m // block_m) * block_m
+            assert P.uses_member_tiles(m, block_m) == (m >= block_m and 8 * padded <= 9 * m), (m, block_m)
+    # ViT-B/32 training, 1600 rows: 13 128-row tiles a member (the last 64 rows), one pass.
+    vit = P.stacked_tiling(1600, 16, 16)
+    assert vit == P.RowTiling(128, 1, False, True) and P.stacked_row_tiles(1600, 16, vit) == 16 * 13
+    # ViT-B/16 batch 1, 197 rows: a member's two tiles would be 23% padding, so the stacked rows (a
+    # tile straddling two members runs a second pass).
+    assert P.stacked_tiling(197, 16, 16) == P.RowTiling(128, 1, True, False)
+    assert P.stacked_row_tiles(197, 16, P.stacked_tiling(197, 16, 16)) == -(-16 * 197 // 128)
+    # Tiles spanning members (fewer rows than a tile) never use member tiles.
+    assert not any(P.stacked_tiling(m, 16, 16).member_tiles for m in (1, 16, 50))
+
+
 def test_launch_policy_worked_example():
     """The example in kernels/launch_policy.py: one row tile at decode, 4 members a tile at 16 rows."""
     P = launch_policy
     assert (P.stacked_block_rows(1, 16, 16), P.row_tile_members(1, 16, 16), P.rank_slots(1, 16, 16, 16)) == (16, 16, 8)
     assert P.stacked_block_rows(16, 16, 16) == 64 and P.rank_slots(16, 64, 16, 16) == 4
     assert P.stacked_block_rows(512, 16, 16) == 128 and P.rank_slots(512, 128, 16, 16) == 1
+    assert P.stacked_tiling(512, 16, 16).member_tiles
     # rank 128 at decode: one member a pass ([16, 128] blocks), sixteen passes
     assert P.rank_slots(1, 16, 128, 16) == 1 and P.rank_passes(16, 1) == 16
     # batch-1 ViT, 50 rows a member: 64-row tiles hold up to 3 members, one pass of 4 slots
