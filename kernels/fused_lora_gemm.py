@@ -37,7 +37,7 @@
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
 # P = cdiv(C, BLOCK_N) column tiles, S_t the members tile t spans, sum_t S_t <= N + T - 1;
 # tests/test_kernel_traffic.py holds it):
-#     weight  T * K * C (once per row tile)      in      P * N*M * K (+ the rows of further passes)
+#     weight  T * K * C (once per row tile)      in      P * N*M * K (+ padded rows, + rows of further passes)
 #     shrink  P * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
 # (rows and columns past the edge wrap around instead of being masked in the K-loop: the last row
 # and column tiles load min(BLOCK_M, N*M) rows and min(BLOCK_N, C) columns; benchmarks/kernel_traffic
