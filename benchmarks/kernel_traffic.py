@@ -19,6 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_ensemble.kernels.configs import (
+    FALLBACK_FUSED_LORA_GEMM_CONFIG,
+    FUSED_LORA_GEMM_GPU_CONFIGS,
+    fitting_fused_lora_gemm_configs,
+)
 from lora_ensemble.kernels.launch_policy import (
     MEMBER_TILE_PADDING,
     block_rank,
@@ -27,7 +32,8 @@ from lora_ensemble.kernels.launch_policy import (
     stacked_tiling,
 )
 
-__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "lora_grads_traffic", "main", "traffic_budget"]
+__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "kept_block_cols", "lora_grads_traffic", "main",
+           "traffic_budget"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -159,7 +165,27 @@ HEADLINE_SHAPES = (
     ("llama_q_16_rows", 16, 16, 4096, 4096, 16, ("fwd",)),
     ("llama_q_prefill", 16, 512, 4096, 4096, 16, ("fwd",)),
 )
-BLOCK_N_CHOICES = (32, 64, 128, 256)  # column tiles the autotuner may pick (256 only with >= 64 rows)
+# What the predictions assume of the H100's launches: sm_90's shared memory per block, arguments in the
+# AOT gate's "aligned" specialisation (the headline widths are multiples of 16).
+H100_CAPABILITY, H100_SHARED_MEMORY = 90, 232448
+
+
+def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[int]:
+    """The column tiles (BLOCK_N) of the bf16 configs the run-time pruning keeps on an H100 for the
+    forward and, with ``mode="fwd_bwd"``, also for the dx kernel (the spill record included): the
+    tiles a prediction may assume the autotuner picks from."""
+    tiling = stacked_tiling(m, n, block_rank(r))
+    roles = [(d, k)] + ([(k, d)] if mode == "fwd_bwd" else [])
+    kept = None
+    for inner, cols in roles:
+        configs = fitting_fused_lora_gemm_configs(
+            list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=cols, inner=inner, dtype="bf16", precision="tf32",
+            block_m=tiling.block_m, block_r=block_rank(r), shared_memory=H100_SHARED_MEMORY,
+            capability=H100_CAPABILITY, rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
+            member_tiles=tiling.member_tiles)
+        cols_kept = {c.kwargs["BLOCK_N"] for c in configs}
+        kept = cols_kept if kept is None else kept & cols_kept
+    return sorted(kept) or [FALLBACK_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]]
 
 
 @dataclass(frozen=True)
@@ -294,7 +320,7 @@ def main() -> None:
     for label, n, m, d, k, r, modes in HEADLINE_SHAPES:
         for mode in modes:
             tiling = stacked_tiling(m, n, block_rank(r))
-            choices = [bn for bn in BLOCK_N_CHOICES if bn <= 128 or tiling.block_m >= 64]
+            choices = kept_block_cols(n, m, d, k, r, mode)
             best = min(choices, key=lambda bn: predicted_us(fused_launches(n, m, d, k, r, mode, bn)))
             launches = fused_launches(n, m, d, k, r, mode, best)
             refs = reference_launches(n, m, d, k, r, mode)

@@ -160,3 +160,20 @@ def test_weight_gradient_loads_match_the_model(splits, shared):
     with counted_loads({"x": x, "dy": dy, "xa": xa, "dyb": dyb}) as counts:
         launch_lora_grads(dy, x, xa, dyb, 0.5, splits=splits)
     assert dict(counts) == lora_grads_traffic(n, m, d, k, r, INTERPRETER_LORA_GRADS_CONFIG.kwargs["BLOCK_C"])
+
+
+def test_predictions_assume_column_tiles_the_pruning_keeps():
+    """The NOTES table's column tile comes from the configs the run-time pruning keeps on an H100 (it
+    once assumed 256-wide tiles that are pruned): at decode's 16-row tiles never 256 wide, and for
+    fwd_bwd only tiles kept for the dx kernel too."""
+    from benchmarks.kernel_traffic import HEADLINE_SHAPES, kept_block_cols
+    from lora_ensemble.kernels.configs import FALLBACK_FUSED_LORA_GEMM_CONFIG, FUSED_LORA_GEMM_GPU_CONFIGS
+
+    listed = {c.kwargs["BLOCK_N"] for c in (*FUSED_LORA_GEMM_GPU_CONFIGS, FALLBACK_FUSED_LORA_GEMM_CONFIG)}
+    for _, n, m, d, k, r, modes in HEADLINE_SHAPES:
+        for mode in modes:
+            cols = kept_block_cols(n, m, d, k, r, mode)
+            assert cols and set(cols) <= listed, (n, m, mode, cols)
+            if mode == "fwd_bwd":
+                assert set(cols) <= set(kept_block_cols(n, m, d, k, r, "fwd")), (n, m, cols)
+    assert 256 not in kept_block_cols(16, 1, 4096, 4096, 16, "fwd")
