@@ -11,7 +11,8 @@ rank 33 (the element-wise fallback and the rank tile of 64), an input at an odd 
 16-byte aligned), one member with one row at rank 1, rank 128 (the largest tile), a long member
 (M=1100 rows: the weight-gradient kernels' row split, and the Triton kernels' member tiles, 9 a
 member, the last one's rows wrapping inside the member), decode (16 members of one row each) and 8
-members of 3 rows (row tiles that span members straddle their boundaries), in both layouts and all
+members of 3 rows (row tiles that span members straddle their boundaries), 2 members of 130 rows (a
+128-row tile straddling both, held in one pass of 2 slots), in both layouts and all
 three dtypes; then the delta op (the weightless kernels, over a given base output) on
 :data:`DELTA_SHAPES`. Every output and gradient must be finite; a kernel fault or a sanitizer report
 fails the run. On the CPU (``--device cpu``, the Triton interpreter) the same workload is a quick
@@ -39,6 +40,7 @@ SHAPES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
     ("long-member", 2, 1100, 64, 96, 16, 0),
     ("decode", 16, 1, 40, 24, 16, 0),
     ("straddle", 8, 3, 40, 24, 8, 0),
+    ("straddle-long", 2, 130, 40, 24, 8, 0),
 )
 DELTA_SHAPES = tuple(shape for shape in SHAPES if shape[0] in ("ragged", "unaligned-rank33", "decode"))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

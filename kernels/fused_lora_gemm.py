@@ -28,11 +28,12 @@
 # at most 4096 elements and 128 columns, else the [BLOCK_K, W] shrink tile spills); members beyond
 # RANK_SLOTS run further passes, each its own K-loop over the rows of its members (masked loads: no
 # traffic for the others) - MULTI_PASS, compiled only where some tile needs it; where tiles are at
-# least a member long (RANK_SLOTS = 1), that is the second member of the few tiles that straddle a
-# member boundary. MEMBER_TILES (launch_policy.uses_member_tiles: tiles at least a member long whose
-# padding adds at most 1/8 of the rows, and always where BLOCK_M divides M) tiles each member's rows
-# on their own instead, N * cdiv(M, BLOCK_M) tiles (the last of each member's padded): no tile
-# straddles, one pass, the further pass's registers never needed.
+# least a member long a tile straddles at most two members, held in one pass of 2 slots where the
+# block has room (else RANK_SLOTS = 1 and the second member's pass). MEMBER_TILES
+# (launch_policy.uses_member_tiles: tiles at least a member long whose padding adds at most 1/8 of
+# the rows, and always where BLOCK_M divides M) tiles each member's rows on their own instead,
+# N * cdiv(M, BLOCK_M) tiles (the last of each member's padded): no tile straddles, one pass, the
+# further pass's registers never needed.
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
 # P = cdiv(C, BLOCK_N) column tiles, S_t the members tile t spans, sum_t S_t <= N + T - 1;

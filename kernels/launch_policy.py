@@ -148,11 +148,13 @@ def uses_member_tiles(rows_per_member: int, block_m: int) -> bool:
 def rank_slots(rows_per_member: int, block_m: int, block_r: int, members: int) -> int:
     """Members one pass of the stacked kernel's rank part holds (a power of two): every member a row
     tile spans when they fit the rank block's bounds, else as many as fit (the others in more
-    passes, :func:`rank_passes`). One when tiles are at least a member long: a tile then straddles
-    at most two members, and only a few tiles do, so the second runs its own pass there instead of
-    every tile carrying a wider block."""
+    passes, :func:`rank_passes`). Where tiles are at least a member long a tile straddles at most two
+    members: two slots where the rank block holds them (one pass: the further pass's second K-loop
+    is what overflows the registers), else one and a further pass for the straddling tiles' second
+    member. (Long members, whose tiles seldom straddle, get member tiles instead: :func:`stacked_tiling`.)"""
     if rows_per_member >= block_m:
-        return 1
+        straddles = members > 1 and rows_per_member % block_m != 0
+        return 2 if straddles and _most_slots(block_m, block_r) >= 2 else 1
     spanned = _next_power_of_2(row_tile_members(rows_per_member, block_m, members))
     return min(spanned, _most_slots(block_m, block_r))
 

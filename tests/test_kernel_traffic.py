@@ -100,7 +100,8 @@ SHAPES = [
     (8, 2, 48, 64, 16),  # 8 members x 2 rows: one 16-row tile
     (16, 16, 32, 64, 16),  # 16 rows a member: 64-row tiles of 4 members (W0 4 times, not 16)
     (4, 50, 32, 64, 8),  # batch-1 ViT: 64-row tiles of 2-3 members
-    (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (a 2nd pass); C not a multiple
+    (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (2 slots); C not a multiple
+    (2, 130, 32, 40, 20),  # the same at rank tile 32: 1 slot, a 2nd pass in the straddling tile
     (2, 1030, 32, 40, 3),  # member tiles: 9 128-row tiles a member, the last padded (1/8 more W0 at most)
     (3, 1, 32, 64, 100),  # rank 128 tile at decode: one member a pass
 ]

@@ -52,7 +52,8 @@ CASES = [
     (4, 33, 67, 45, 1, torch.float32, True, ()),
     (3, 17, 40, 70, 33, torch.float32, False, ()),  # rank tile 64: one member a pass, up to 3 passes
     (3, 17, 40, 70, 33, torch.float16, True, ()),  # two members a pass: 2 passes
-    (2, 130, 20, 70, 3, torch.float32, False, ()),  # 128-row tiles, one straddles the members: a 2nd pass
+    (2, 130, 20, 70, 3, torch.float32, False, ()),  # 128-row tiles, one straddles the members: 2 slots
+    (2, 130, 20, 70, 20, torch.float16, False, ()),  # the same at rank tile 32: 1 slot and a 2nd pass
     (2, 130, 20, 40, 3, torch.float16, True, ()),
     (1, 1, 19, 23, 4, torch.float16, False, ()),  # N = 1, one row
     (1, 1, 19, 23, 4, torch.float32, True, ()),
@@ -331,10 +332,14 @@ def test_member_tiles_where_tiles_are_a_member_long_and_pad_little():
     # ViT-B/32 training, 1600 rows: 13 128-row tiles a member (the last 64 rows), one pass.
     vit = P.stacked_tiling(1600, 16, 16)
     assert vit == P.RowTiling(128, 1, False, True) and P.stacked_row_tiles(1600, 16, vit) == 16 * 13
-    # ViT-B/16 batch 1, 197 rows: a member's two tiles would be 23% padding, so the stacked rows (a
-    # tile straddling two members runs a second pass).
-    assert P.stacked_tiling(197, 16, 16) == P.RowTiling(128, 1, True, False)
+    # ViT-B/16 batch 1, 197 rows: a member's two tiles would be 30% padding, so the stacked rows.
+    assert P.stacked_tiling(197, 16, 16) == P.RowTiling(128, 2, False, False)
     assert P.stacked_row_tiles(197, 16, P.stacked_tiling(197, 16, 16)) == -(-16 * 197 // 128)
+    # Straddling tiles hold both members in one pass where the rank block has room for two (a [128, 32]
+    # block at rank tile 16), else the second member runs a further pass.
+    assert P.rank_slots(197, 128, 16, 16) == 2 and P.rank_slots(197, 128, 32, 16) == 1
+    assert P.stacked_tiling(197, 16, 32) == P.RowTiling(128, 1, True, False)
+    assert P.rank_slots(197, 128, 16, 1) == 1  # one member: nothing to straddle
     # Tiles spanning members (fewer rows than a tile) never use member tiles.
     assert not any(P.stacked_tiling(m, 16, 16).member_tiles for m in (1, 16, 50))
 
