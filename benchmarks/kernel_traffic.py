@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_ensemble.kernels.aot import SHARED_MEMORY_LIMIT
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
@@ -165,9 +166,9 @@ HEADLINE_SHAPES = (
     ("llama_q_16_rows", 16, 16, 4096, 4096, 16, ("fwd",)),
     ("llama_q_prefill", 16, 512, 4096, 4096, 16, ("fwd",)),
 )
-# What the predictions assume of the H100's launches: sm_90's shared memory per block, arguments in the
-# AOT gate's "aligned" specialisation (the headline widths are multiples of 16).
-H100_CAPABILITY, H100_SHARED_MEMORY = 90, 232448
+# The predictions' launches run on sm_90, in the AOT gate's "aligned" specialisation (the headline
+# widths are multiples of 16).
+H100_CAPABILITY = 90
 
 
 def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[int]:
@@ -180,7 +181,7 @@ def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[i
     for inner, cols in roles:
         configs = fitting_fused_lora_gemm_configs(
             list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=cols, inner=inner, dtype="bf16", precision="tf32",
-            block_m=tiling.block_m, block_r=block_rank(r), shared_memory=H100_SHARED_MEMORY,
+            block_m=tiling.block_m, block_r=block_rank(r), shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
             capability=H100_CAPABILITY, rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
             member_tiles=tiling.member_tiles)
         cols_kept = {c.kwargs["BLOCK_N"] for c in configs}

@@ -70,7 +70,8 @@ VARIANTS = (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf
 RANK_TILES = (16, 32, 64, 128)
 # Rows per member of the regimes whose row tilings are compiled, at 16 members: decode (one 16-row
 # tile of 16 members), 16 rows a member (64-row tiles of 4), batch-1 ViT-B/32 (50: 64-row tiles of
-# 2-3), batch-1 ViT-B/16 (197: 128-row tiles, some straddling two members), ViT-B/32 training (1600:
+# 2-3), batch-1 ViT-B/16 (197: 128-row tiles, some straddling two members: 2 slots a pass where the
+# rank block has room, else a further pass), ViT-B/32 training (1600:
 # 128-row tiles over each member's rows, 13 a member), prefill (4096: 128-row tiles in one member).
 ROW_REGIMES = (1, 16, 50, 197, 1600, 4096)
 MEMBERS = 16
