@@ -340,6 +340,10 @@ def test_member_tiles_where_tiles_are_a_member_long_and_pad_little():
     assert P.rank_slots(197, 128, 16, 16) == 2 and P.rank_slots(197, 128, 32, 16) == 1
     assert P.stacked_tiling(197, 16, 32) == P.RowTiling(128, 1, True, False)
     assert P.rank_slots(197, 128, 16, 1) == 1  # one member: nothing to straddle
+    # The kernel counts the padded rows in int32: no member tiles where they would reach 2**31.
+    # (1030 rows: 9 128-row tiles, 1152 rows a member; 1.9M members stack 1.96e9 rows, pad to 2.19e9.)
+    assert P.stacked_tiling(1030, 1_800_000, 16).member_tiles
+    assert not P.stacked_tiling(1030, 1_900_000, 16).member_tiles
     # Tiles spanning members (fewer rows than a tile) never use member tiles.
     assert not any(P.stacked_tiling(m, 16, 16).member_tiles for m in (1, 16, 50))
 
