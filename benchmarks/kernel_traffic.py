@@ -181,9 +181,8 @@ def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[i
     for inner, cols in roles:
         configs = fitting_fused_lora_gemm_configs(
             list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=cols, inner=inner, dtype="bf16", precision="tf32",
-            block_m=tiling.block_m, block_r=block_rank(r), shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
-            capability=H100_CAPABILITY, rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
-            member_tiles=tiling.member_tiles)
+            tiling=tiling, block_r=block_rank(r), shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
+            capability=H100_CAPABILITY)
         cols_kept = {c.kwargs["BLOCK_N"] for c in configs}
         kept = cols_kept if kept is None else kept & cols_kept
     return sorted(kept) or [FALLBACK_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]]

@@ -218,10 +218,9 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
         tiling = shared_tiling(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
     else:
         tiling = stacked_tiling(rows, MEMBERS, block_r, tf32x3)
-    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, block_m=tiling.block_m,
-                                           rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
-                                           member_tiles=tiling.member_tiles, sum_members=fixed.get("SUM_MEMBERS"),
-                                           has_weight=fixed["HAS_WEIGHT"], **common)
+    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, tiling=tiling,
+                                           sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"],
+                                           **common)
     return [(tiling, c) for c in kept]
 
 

@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 
-from .launch_policy import MIN_DOT_TILE
+from .launch_policy import MIN_DOT_TILE, RowTiling
 from .spilling_configs import SPILLING_CONFIGS
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -217,21 +217,18 @@ def fitting_fused_lora_gemm_configs(
     inner: int,
     dtype: str,
     precision: str,
-    block_m: int,
+    tiling: RowTiling,
     block_r: int,
     shared_memory: int,
     capability: int,
-    rank_slots: int = 1,
-    multi_pass: bool = False,
-    member_tiles: bool = False,
     specialisation: str = "aligned",
     sum_members: bool | None = None,
     has_weight: bool = True,
     without_measured_spills: bool = True,
 ) -> list[triton.Config]:
     """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
-    ``precision`` the dots' "tf32" or "tf32x3"; ``block_m``, ``rank_slots``, ``multi_pass`` and
-    ``member_tiles`` from the launch policy's :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
+    ``precision`` the dots' "tf32" or "tf32x3"; ``tiling`` the launch policy's
+    :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
     :func:`argument_specialisation`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
@@ -254,7 +251,8 @@ def fitting_fused_lora_gemm_configs(
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
     kind = ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
-    rank_width = rank_slots * block_r
+    block_m = tiling.block_m
+    rank_width = tiling.rank_slots * block_r
 
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -265,8 +263,8 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        key = spill_key(kind, dtype, precision, block_r, block_m, c, capability, rank_slots, multi_pass,
-                        specialisation, member_tiles)
+        key = spill_key(kind, dtype, precision, block_r, block_m, c, capability, tiling.rank_slots,
+                        tiling.multi_pass, specialisation, tiling.member_tiles)
         if without_measured_spills and key in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)

@@ -261,6 +261,8 @@ def _fused_lora_gemm_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
     MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # offs_c, offs_k and cols are spelled in both branches on purpose: the else branch is, op for op, the
+    # kernel before member tiles, so it compiles to the same PTX and the spill record stays valid for it.
     if MEMBER_TILES:  # cdiv(M, BLOCK_M) row tiles a member, each inside its member (RANK_SLOTS = 1)
         member_tiles = tl.cdiv(ROWS, BLOCK_M)
         pid_m, pid_n = _tile_of(tl.program_id(0), MEMBERS * member_tiles * BLOCK_M, COLS, BLOCK_M, BLOCK_N, GROUP_M)
@@ -440,10 +442,9 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
     candidates = fitting_fused_lora_gemm_configs(
         shared_input_configs() if shared else fused_lora_gemm_configs(), cols=cols, inner=inner, dtype=dtype,
-        precision=precision, block_m=tiling.block_m, block_r=block_r, shared_memory=shared_memory_per_program(device),
-        capability=compute_capability(device), rank_slots=tiling.rank_slots, multi_pass=tiling.multi_pass,
-        member_tiles=tiling.member_tiles, specialisation=specialisation, sum_members=sum_members if shared else None,
-        has_weight=has_weight)
+        precision=precision, tiling=tiling, block_r=block_r, shared_memory=shared_memory_per_program(device),
+        capability=compute_capability(device), specialisation=specialisation,
+        sum_members=sum_members if shared else None, has_weight=has_weight)
     element_size = args[0].element_size()
     if shared:
         cost = shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, sum_members,

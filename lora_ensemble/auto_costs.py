@@ -204,9 +204,8 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
                                                 weight, has_base, _TRITON_EFFICIENCY)
             candidates = configs.SHARED_INPUT_GPU_CONFIGS
         kept = configs.fitting_fused_lora_gemm_configs(
-            list(candidates), cols=cols, inner=inner, block_m=tiling.block_m, rank_slots=tiling.rank_slots,
-            multi_pass=tiling.multi_pass, member_tiles=tiling.member_tiles, sum_members=sum_members,
-            has_weight=weight, **common)
+            list(candidates), cols=cols, inner=inner, tiling=tiling, sum_members=sum_members, has_weight=weight,
+            **common)
         return _best(kept, launch, gpu)
 
     seconds = fused(d, k, False if shape.shared else None, shape.op == "delta")

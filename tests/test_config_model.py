@@ -18,6 +18,7 @@ from lora_ensemble.kernels.config_model import (
     rank_configs,
 )
 from lora_ensemble.kernels.gpu_specs import H100_SXM, arch_rates, gpu_spec_from_properties
+from lora_ensemble.kernels.launch_policy import stacked_tiling
 
 
 def cfg(warps: int, stages: int, n: int, k: int) -> SimpleNamespace:
@@ -124,12 +125,13 @@ def test_few_row_tiles_prefer_narrow_columns_and_large_batches_large_tiles():
     few = GemmLaunch(128, 4, 768, 4096, "fp32", 4, 4, 0)
     first = best_configs(list(configs.FUSED_LORA_GEMM_GPU_CONFIGS), few, H100_SXM)[0]
     assert first.kwargs["BLOCK_N"] <= 64
-    # Llama prefill (16 x 512 rows, 128-row tiles), among the configs the pruning keeps there: the
-    # 128 x 128 tile on 8 warps comes first.
+    # Llama prefill (16 x 512 rows, 128-row member tiles), among the configs the pruning keeps there:
+    # the 128 x 128 tile on 8 warps comes first.
     prefill = fused_launch(16, 512, 4096, 4096, 16, block_m=128, row_tiles=64)
     kept = configs.fitting_fused_lora_gemm_configs(
         list(configs.FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype="bf16", precision="tf32",
-        block_m=128, block_r=16, shared_memory=H100_SXM.shared_memory_per_program, capability=90)
+        tiling=stacked_tiling(512, 16, 16), block_r=16, shared_memory=H100_SXM.shared_memory_per_program,
+        capability=90)
     first = best_configs(kept, prefill, H100_SXM)[0]
     assert (first.kwargs["BLOCK_N"], first.num_warps) == (128, 8)
 

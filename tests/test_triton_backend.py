@@ -619,7 +619,8 @@ def test_tuning_keys_name_the_gpu_and_size_buckets():
     for rows, members in ((8, 4), (64, 4), (8, 16)):
         assert any(f"rows{rows} members{members} " in key and key.endswith(gpu) for key in keys), keys
     kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
-                                                  dtype="fp32", precision="tf32", block_m=128, block_r=16,
+                                                  dtype="fp32", precision="tf32",
+                                                  tiling=launch_policy.RowTiling(128, 1, False), block_r=16,
                                                   shared_memory=smem, capability=cap)
             for smem, cap in ((232448, 90), (101376, 86))}  # H100, RTX 3090
     assert len(kept[101376]) < len(kept[232448])
@@ -657,8 +658,8 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
                       if spill_key(kind, dtype, precision, block_r, block_m, c, arch, **tiling) == key)
         kept = {has_weight: fitting_fused_lora_gemm_configs(
                     list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype=dtype, precision=precision,
-                    block_m=block_m, block_r=block_r, shared_memory=232448, capability=arch, has_weight=has_weight,
-                    **tiling)
+                    tiling=launch_policy.RowTiling(block_m, slots, multi_pass, member_tiles), block_r=block_r,
+                    shared_memory=232448, capability=arch, specialisation=specialisation, has_weight=has_weight)
                 for has_weight in (True, False)}
         delta = kind == "stacked_delta"
         other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch,
