@@ -34,6 +34,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dot_key(precision: str, element_size: int) -> str:
+    """The config model's dot rate (``GpuSpec.dot_flops``) of a kernel's dots: 16-bit inputs run
+    16-bit tensor-core dots whatever ``precision`` the kernel names (``configs.dot_precision`` gives
+    "tf32" for them: exact products accumulated in fp32)."""
+    return "16bit" if element_size == 2 else precision
+
+
 def stacked_tile_members(members: int, rows: int, block_m: int, rank_slots: int,
                          member_tiles: bool = False) -> tuple[int, int, int]:
     """``(T, sum_t S_t, sum_t passes_t)`` of the stacked kernel over ``members * rows`` rows in tiles of
@@ -67,8 +74,8 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
     dram = (e * (stacked * inner + (inner * cols if has_weight else 0) + members * rank * (inner + cols)
                  + stacked * cols * (2 if has_base else 1)) + 4 * stacked * rank)
     return GemmLaunch(
-        tile_rows=tiling.block_m, row_tiles=tiles, cols=cols, inner=inner, precision=precision, lhs_bytes=e,
-        rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=tiling.rank_slots * block_r,
+        tile_rows=tiling.block_m, row_tiles=tiles, cols=cols, inner=inner, precision=_dot_key(precision, e),
+        lhs_bytes=e, rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=tiling.rank_slots * block_r,
         rank_loops=(passes - tiles) / tiles, expands=held / tiles, expand_rank=block_r,
         expand_passes=2 if e == 2 else 1, efficiency=efficiency)
 
@@ -90,10 +97,11 @@ def shared_launch(members: int, rows: int, inner: int, cols: int, rank: int, blo
         rank_tile, rank_in_main = tiling.rank_slots * block_r, True
         rank_loops = _cdiv(members, tiling.rank_slots) - 1
     return GemmLaunch(
-        tile_rows=tiling.block_m, row_tiles=tiles, cols=cols, inner=inner, precision=precision, lhs_bytes=e,
-        rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=rank_tile, rank_in_main=rank_in_main,
-        rank_loops=rank_loops, lhs_loads=members if sum_members else 1, output_tiles=1 if sum_members else 2,
-        expands=members, expand_rank=block_r, expand_passes=2 if e == 2 else 1, efficiency=efficiency)
+        tile_rows=tiling.block_m, row_tiles=tiles, cols=cols, inner=inner, precision=_dot_key(precision, e),
+        lhs_bytes=e, rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=rank_tile,
+        rank_in_main=rank_in_main, rank_loops=rank_loops, lhs_loads=members if sum_members else 1,
+        output_tiles=1 if sum_members else 2, expands=members, expand_rank=block_r, expand_passes=2 if e == 2 else 1,
+        efficiency=efficiency)
 
 
 def lora_grads_launch(members: int, rows: int, d: int, k: int, rank: int, block_r: int, splits: int,
@@ -106,6 +114,6 @@ def lora_grads_launch(members: int, rows: int, d: int, k: int, rank: int, block_
     x_rows = rows if shared_input else members * rows
     dram = 2 * 4 * members * rows * rank + e * (x_rows * d + members * rows * k) + 4 * members * rank * (d + k)
     return GemmLaunch(
-        tile_rows=block_r, row_tiles=members * splits, cols=d + k, inner=rows_per_split, precision=precision,
-        lhs_bytes=4, rhs_bytes=e, dram_bytes=dram, dot_passes=2 if e == 2 else 1, efficiency=efficiency,
-        col_tile="BLOCK_C", inner_tile="BLOCK_M")
+        tile_rows=block_r, row_tiles=members * splits, cols=d + k, inner=rows_per_split,
+        precision=_dot_key(precision, e), lhs_bytes=4, rhs_bytes=e, dram_bytes=dram, dot_passes=2 if e == 2 else 1,
+        efficiency=efficiency, col_tile="BLOCK_C", inner_tile="BLOCK_M")

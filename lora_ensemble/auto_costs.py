@@ -112,14 +112,9 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _precision(dtype: torch.dtype, backend: str) -> str:
-    if dtype != torch.float32:
-        return "16bit"
-    if backend == "cuda":
-        return "fp32"
-    from .kernels.configs import dot_precision
-
-    return dot_precision(dtype)
+def _cuda_precision(dtype: torch.dtype) -> str:
+    """The config model's dot rate of the CUDA kernels: 16-bit tensor-core dots, or fp32 FMA."""
+    return "16bit" if dtype != torch.float32 else "fp32"
 
 
 def _cublas_gemm(rows: int, inner: int, cols: int, e: int, gpu: GpuSpec, dtype: torch.dtype) -> float:
@@ -187,7 +182,7 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, weight, dtype = _element_size(shape.dtype), shape.op == "linear", configs.DTYPE_NAMES[shape.dtype]
-    precision = _precision(shape.dtype, "triton")
+    precision = configs.dot_precision(shape.dtype)  # what the kernels and the spill record name
     block_r, tf32x3 = block_rank(r), precision == "tf32x3"
     common = dict(dtype=dtype, precision=precision, block_r=block_r, shared_memory=gpu.shared_memory_per_program,
                   capability=gpu.capability)
@@ -267,7 +262,7 @@ def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, weight = _element_size(shape.dtype), shape.op == "linear"
-    precision = _precision(shape.dtype, "cuda")
+    precision = _cuda_precision(shape.dtype)
     efficiency = _FMA_EFFICIENCY if precision == "fp32" else _WMMA_EFFICIENCY[gpu.capability >= 90]
     rank_pad = block_rank(r)
 
