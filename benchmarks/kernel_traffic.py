@@ -20,21 +20,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_ensemble.kernels.aot import SHARED_MEMORY_LIMIT
+from lora_ensemble.kernels.config_model import cheapest_tiling
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
-    fitting_fused_lora_gemm_configs,
+    unspilled_tilings,
 )
+from lora_ensemble.kernels.gpu_specs import H100_SXM
+from lora_ensemble.kernels.launch_costs import stacked_launch
 from lora_ensemble.kernels.launch_policy import (
     MEMBER_TILE_PADDING,
+    RowTiling,
     block_rank,
     grad_row_splits,
     stacked_row_tiles,
-    stacked_tiling,
+    stacked_tilings,
 )
 
-__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "kept_block_cols", "lora_grads_traffic", "main",
-           "traffic_budget"]
+__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "h100_stacked_tiling", "kept_block_cols",
+           "lora_grads_traffic", "main", "traffic_budget"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -171,19 +175,28 @@ HEADLINE_SHAPES = (
 H100_CAPABILITY = 90
 
 
+def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[RowTiling, list]:
+    """The row tiling and the configs the launcher runs a stacked bf16 launch (``inner`` -> ``cols``)
+    with on an H100: of the launch policy's tilings whose configs do not all spill (the spill record),
+    the one the config model ranks cheapest (``configs.unspilled_tilings``,
+    ``config_model.cheapest_tiling``)."""
+    block_r = block_rank(r)
+    options = unspilled_tilings(
+        list(FUSED_LORA_GEMM_GPU_CONFIGS), stacked_tilings(m, n, block_r), cols=cols, inner=inner, dtype="bf16",
+        precision="tf32", block_r=block_r, shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
+        capability=H100_CAPABILITY)
+    return cheapest_tiling(options, lambda tiling: stacked_launch(n, m, inner, cols, r, block_r, tiling, "tf32", 2),
+                           H100_SXM)
+
+
 def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[int]:
     """The column tiles (BLOCK_N) of the bf16 configs the run-time pruning keeps on an H100 for the
     forward and, with ``mode="fwd_bwd"``, also for the dx kernel (the spill record included): the
     tiles a prediction may assume the autotuner picks from."""
-    tiling = stacked_tiling(m, n, block_rank(r))
     roles = [(d, k)] + ([(k, d)] if mode == "fwd_bwd" else [])
     kept = None
     for inner, cols in roles:
-        configs = fitting_fused_lora_gemm_configs(
-            list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=cols, inner=inner, dtype="bf16", precision="tf32",
-            tiling=tiling, block_r=block_rank(r), shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
-            capability=H100_CAPABILITY)
-        cols_kept = {c.kwargs["BLOCK_N"] for c in configs}
+        cols_kept = {c.kwargs["BLOCK_N"] for c in h100_stacked_tiling(n, m, inner, cols, r)[1]}
         kept = cols_kept if kept is None else kept & cols_kept
     return sorted(kept) or [FALLBACK_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]]
 
@@ -225,7 +238,7 @@ def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, bl
     """The stacked forward (in = x) or dx (in = dy) kernel: loads by :func:`fused_kernel_traffic`,
     writes out and the fp32 rank product."""
     block_r = block_rank(r)
-    tiling = stacked_tiling(m, n, block_r)
+    tiling = h100_stacked_tiling(n, m, inner, cols, r)[0]
     loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
                                  member_tiles=tiling.member_tiles)
     writes = n * m * cols * e + n * m * r * 4
@@ -319,7 +332,7 @@ def main() -> None:
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, n, m, d, k, r, modes in HEADLINE_SHAPES:
         for mode in modes:
-            tiling = stacked_tiling(m, n, block_rank(r))
+            tiling = h100_stacked_tiling(n, m, d, k, r)[0]
             choices = kept_block_cols(n, m, d, k, r, mode)
             best = min(choices, key=lambda bn: predicted_us(fused_launches(n, m, d, k, r, mode, bn)))
             launches = fused_launches(n, m, d, k, r, mode, best)

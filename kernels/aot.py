@@ -50,13 +50,13 @@ from .configs import (
     RANK_OR_ROW_ARGS,
     SHARED_INPUT_GPU_CONFIGS,
     SPECIALISED_SIZES,
-    fitting_fused_lora_gemm_configs,
     fitting_lora_grads_configs,
     spill_key,
     spill_key_config,
+    unspilled_tilings,
 )
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
-from .launch_policy import RowTiling, shared_tiling, stacked_tiling
+from .launch_policy import RowTiling, shared_tilings, stacked_tilings
 from .lora_grads import _lora_grads_kernel
 from .spilling_configs import SPILLING_CONFIGS
 
@@ -205,8 +205,9 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
                       without_measured_spills: bool = True) -> list[tuple[RowTiling, triton.Config]]:
     """``(row tiling, config)`` for every config the run-time pruning keeps for role ``name`` on a
     problem of :data:`MEMBERS` members of ``rows`` rows (d = k = 4096) on ``sm_<arch>`` in
-    ``specialisation``, in autotune order (``without_measured_spills=False``: also those the spill
-    record excludes)."""
+    ``specialisation``, in autotune order, at every row tiling the launcher may run
+    (``configs.unspilled_tilings``: which one it runs depends on the widths; ``without_measured_spills
+    =False``: the policy's own, with the configs the spill record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
     common = {"dtype": dtype, "precision": precision, "block_r": block_r, "shared_memory": SHARED_MEMORY_LIMIT[arch],
               "capability": arch, "specialisation": specialisation, "without_measured_spills": without_measured_spills}
@@ -215,13 +216,12 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
         return [(RowTiling(c.kwargs["BLOCK_M"], 1, False), c) for c in kept]
     tf32x3 = precision == "tf32x3"
     if "SUM_MEMBERS" in fixed:
-        tiling = shared_tiling(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
+        tilings = shared_tilings(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
     else:
-        tiling = stacked_tiling(rows, MEMBERS, block_r, tf32x3)
-    kept = fitting_fused_lora_gemm_configs(list(configs), cols=_LARGE_SIZE, inner=_LARGE_SIZE, tiling=tiling,
-                                           sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"],
-                                           **common)
-    return [(tiling, c) for c in kept]
+        tilings = stacked_tilings(rows, MEMBERS, block_r, tf32x3)
+    options = unspilled_tilings(list(configs), tilings, cols=_LARGE_SIZE, inner=_LARGE_SIZE,
+                                sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"], **common)
+    return [(tiling, c) for tiling, kept in options for c in kept]
 
 
 def aot_cases(arch: int = 90, without_measured_spills: bool = True) -> list[AotCase]:

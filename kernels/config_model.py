@@ -20,13 +20,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .gpu_specs import SHARED_MEMORY_BYTES_PER_CLOCK, GpuSpec
 
-__all__ = ["KERNEL_OVERHEAD_S", "ConfigCost", "GemmLaunch", "best_configs", "config_cost", "rank_configs"]
+__all__ = ["KERNEL_OVERHEAD_S", "ConfigCost", "GemmLaunch", "best_configs", "cheapest_tiling", "config_cost",
+           "rank_configs"]
 
 # Clocks of one K step's global loads (an L2 hit plus queueing), hidden by the stages in flight.
 ITER_LATENCY_CLOCKS = 600
@@ -189,3 +190,13 @@ def best_configs(configs: Sequence[Any], launch: GemmLaunch, gpu: GpuSpec, keep:
     """The ``keep`` configs the model ranks fastest, fastest first: the ones worth compiling and timing
     (the first is the one to run without timing anything). Never empty for a non-empty list."""
     return [config for config, _ in rank_configs(configs, launch, gpu)[:max(1, keep)]]
+
+
+def cheapest_tiling(options: Sequence[tuple[Any, Sequence[Any]]], launch_of: Callable[[Any], GemmLaunch],
+                    gpu: GpuSpec) -> tuple[Any, Sequence[Any]]:
+    """Of ``options``, ``(row tiling, its candidate configs)`` pairs (``configs.unspilled_tilings``),
+    the one whose best config the model ranks fastest (``launch_of(tiling)``: the launch under that
+    tiling); the earliest on a tie, so the launch policy's own tiling where it is as good."""
+    if len(options) == 1:
+        return options[0]
+    return min(options, key=lambda option: min(config_cost(c, launch_of(option[0]), gpu).seconds for c in option[1]))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -39,6 +40,7 @@ __all__ = [
     "spill_key",
     "spill_key_config",
     "tf32_allowed",
+    "unspilled_tilings",
 ]
 
 # Integer arguments Triton specialises by 16-divisibility besides the strides (kernels/aot.py).
@@ -114,9 +116,9 @@ FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
 )
 # The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
 # warps. Every listed config spills at some tilings the launch policy makes (mostly the kernels with
-# further rank passes at rank tiles >= 32); this one spills less, and not at all in about 60% of the
-# cases that fall back to it (triton 3.8 AOT, 2026-12-06: benchmarks/NOTES.md, "Compile-time
-# reports"). The AOT gate compiles it wherever the pruning falls back to it.
+# further rank passes at rank tiles >= 32); this one spills less. Where it spills too, the launcher
+# takes a smaller row tile if one keeps a config that does not (unspilled_tilings); the AOT gate
+# compiles it wherever the pruning falls back to it (benchmarks/NOTES.md, "Compile-time reports").
 FALLBACK_FUSED_LORA_GEMM_CONFIG = _cfg(8, 3, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 # Shared-input kernel: it keeps the base tile live across the member loop next to the member's own
 # accumulators, so it runs on 8 warps (4 only for small rank tiles and narrow columns).
@@ -250,7 +252,7 @@ def fitting_fused_lora_gemm_configs(
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
-    kind = ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
+    kind = _fused_kind(sum_members, has_weight)
     block_m = tiling.block_m
     rank_width = tiling.rank_slots * block_r
 
@@ -263,9 +265,8 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        key = spill_key(kind, dtype, precision, block_r, block_m, c, capability, tiling.rank_slots,
-                        tiling.multi_pass, specialisation, tiling.member_tiles)
-        if without_measured_spills and key in SPILLING_CONFIGS:
+        if without_measured_spills and _tiling_spill_key(kind, dtype, precision, block_r, tiling, c, capability,
+                                                         specialisation) in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
@@ -275,6 +276,55 @@ def fitting_fused_lora_gemm_configs(
         return smem <= shared_memory and acc <= _ACCUMULATOR_REGISTERS * 32 * c.num_warps
 
     return [c for c in kept if fits(c)] or [FALLBACK_FUSED_LORA_GEMM_CONFIG]
+
+
+def _fused_kind(sum_members: bool | None, has_weight: bool) -> str:
+    return ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
+
+
+def _tiling_spill_key(kind: str, dtype: str, precision: str, block_r: int, tiling: RowTiling, config: triton.Config,
+                      capability: int, specialisation: str) -> tuple:
+    return spill_key(kind, dtype, precision, block_r, tiling.block_m, config, capability, tiling.rank_slots,
+                     tiling.multi_pass, specialisation, tiling.member_tiles)
+
+
+def unspilled_tilings(
+    configs: list[triton.Config],
+    tilings: Sequence[RowTiling],
+    *,
+    cols: int,
+    inner: int,
+    dtype: str,
+    precision: str,
+    block_r: int,
+    shared_memory: int,
+    capability: int,
+    specialisation: str = "aligned",
+    sum_members: bool | None = None,
+    has_weight: bool = True,
+    without_measured_spills: bool = True,
+) -> list[tuple[RowTiling, list[triton.Config]]]:
+    """A fused kernel's row tilings worth trying, each with the configs worth trying for it
+    (:func:`fitting_fused_lora_gemm_configs`, the same keywords): those of ``tilings`` (the launch
+    policy's, its own first: ``launch_policy.stacked_tilings`` or ``shared_tilings``) for which the
+    pruning keeps more than a fallback measured to spill (:data:`SPILLING_CONFIGS`); the first alone
+    where every one's spills, or where the measured spills are not excluded
+    (``without_measured_spills=False``). Where the policy's tiling spans more members than one pass
+    holds, every config can spill (the further pass); a smaller row tile reads W0 more often without
+    the spill."""
+    problem = dict(cols=cols, inner=inner, dtype=dtype, precision=precision, block_r=block_r,
+                   shared_memory=shared_memory, capability=capability, specialisation=specialisation,
+                   sum_members=sum_members, has_weight=has_weight, without_measured_spills=without_measured_spills)
+    options = [(tiling, fitting_fused_lora_gemm_configs(configs, tiling=tiling, **problem))
+               for tiling in (tilings if without_measured_spills else tilings[:1])]
+    kind = _fused_kind(sum_members, has_weight)
+
+    def spills(tiling: RowTiling, kept: list[triton.Config]) -> bool:
+        return kept == [FALLBACK_FUSED_LORA_GEMM_CONFIG] and _tiling_spill_key(
+            kind, dtype, precision, block_r, tiling, FALLBACK_FUSED_LORA_GEMM_CONFIG, capability,
+            specialisation) in SPILLING_CONFIGS
+
+    return [option for option in options if not spills(*option)] or options[:1]
 
 
 def fitting_lora_grads_configs(

@@ -75,23 +75,24 @@ from torch import Tensor
 
 from lora_ensemble.tuning_store import tuning_pinned
 
+from .config_model import GemmLaunch, cheapest_tiling
 from .configs import (
     DTYPE_NAMES,
     argument_specialisation,
     dot_precision,
-    fitting_fused_lora_gemm_configs,
     fused_lora_gemm_configs,
     shared_input_configs,
     size_bucket,
+    unspilled_tilings,
 )
 from .device import compute_capability, launch_device, multiprocessor_count, shared_memory_per_program
 from .dot import dot_fp32_lhs, split16
 from .gpu_specs import gpu_spec
 from .launch_costs import shared_launch, stacked_launch
-from .launch_policy import block_rank, shared_tiling, stacked_row_tiles, stacked_tiling
+from .launch_policy import RowTiling, block_rank, shared_tilings, stacked_row_tiles, stacked_tilings
 from .launcher import LaunchPlan, TunedKernel
 
-__all__ = ["launch_fused_lora_gemm"]
+__all__ = ["fused_tiling", "launch_fused_lora_gemm"]
 
 # Not specialised, so their values never cause a recompile: the row, member and rank counts (only
 # compared and divided by in the kernels; Triton would compile another kernel for a value of 1,
@@ -424,34 +425,50 @@ _SHARED = TunedKernel("fused_lora_gemm_shared", _fused_lora_gemm_shared_kernel)
 _POINTERS = 8
 
 
+def fused_tiling(shared: bool, rows: int, members: int, inner: int, cols: int, rank: int, dtype: torch.dtype,
+                 precision: str, device: torch.device, specialisation: str = "aligned", sum_members: bool = False,
+                 has_weight: bool = True, has_base: bool = False) -> tuple[RowTiling, list, GemmLaunch]:
+    """The row tiling a fused launch runs on ``device`` (``shared``: the shared-input kernel over
+    ``rows`` rows, else the stacked kernel over ``members`` x ``rows``), with the configs worth trying
+    for it and the config model's view of the launch: of the launch policy's tilings
+    (``launch_policy.stacked_tilings`` / ``shared_tilings``) whose configs do not all spill
+    (``configs.unspilled_tilings``), the one the config model ranks cheapest."""
+    block_r = block_rank(rank)
+    tf32x3 = precision == "tf32x3"
+    if shared:
+        sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
+        tilings = shared_tilings(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
+    else:
+        tilings = stacked_tilings(rows, members, block_r, tf32x3)
+    options = unspilled_tilings(
+        shared_input_configs() if shared else fused_lora_gemm_configs(), tilings, cols=cols, inner=inner,
+        dtype=DTYPE_NAMES[dtype], precision=precision, block_r=block_r, shared_memory=shared_memory_per_program(device),
+        capability=compute_capability(device), specialisation=specialisation,
+        sum_members=sum_members if shared else None, has_weight=has_weight)
+    element_size = dtype.itemsize
+
+    def launch_of(tiling: RowTiling) -> GemmLaunch:
+        if shared:
+            return shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size,
+                                 sum_members, has_weight, has_base)
+        return stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
+                              has_base)
+
+    tiling, candidates = cheapest_tiling(options, launch_of, gpu_spec(device))
+    return tiling, candidates, launch_of(tiling)
+
+
 def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str, sum_members: bool,
           has_weight: bool, has_bias: bool, has_base: bool) -> LaunchPlan:
     """The tiling, tuning key, candidates and cost-model view of a launch (its launch key's first)."""
     rows, members, inner, cols, rank = args[_POINTERS:_POINTERS + 5]
     dtype = DTYPE_NAMES[args[0].dtype]
     block_r = block_rank(rank)
-    tf32x3 = precision == "tf32x3"
     shared = kernel is _SHARED
-    if shared:
-        sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
-        tiling = shared_tiling(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
-        tiles = -(-rows // tiling.block_m)
-    else:
-        tiling = stacked_tiling(rows, members, block_r, tf32x3)
-        tiles = stacked_row_tiles(rows, members, tiling)
     specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
-    candidates = fitting_fused_lora_gemm_configs(
-        shared_input_configs() if shared else fused_lora_gemm_configs(), cols=cols, inner=inner, dtype=dtype,
-        precision=precision, tiling=tiling, block_r=block_r, shared_memory=shared_memory_per_program(device),
-        capability=compute_capability(device), specialisation=specialisation,
-        sum_members=sum_members if shared else None, has_weight=has_weight)
-    element_size = args[0].element_size()
-    if shared:
-        cost = shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, sum_members,
-                             has_weight, has_base)
-    else:
-        cost = stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
-                              has_base)
+    tiling, candidates, cost = fused_tiling(shared, rows, members, inner, cols, rank, args[0].dtype, precision, device,
+                                            specialisation, sum_members, has_weight, has_base)
+    tiles = -(-rows // tiling.block_m) if shared else stacked_row_tiles(rows, members, tiling)
     gpu = gpu_spec(device)
     tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m}{' member' if tiling.member_tiles else ''}"
                   f" S{tiling.rank_slots}{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols}"

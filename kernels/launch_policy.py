@@ -12,6 +12,10 @@
 # W0 is read 4 times instead of 16. Prefill (512 rows per member): 128-row tiles inside one member.
 # ViT-B/32 training (1600 rows per member): 128-row tiles over each member's rows on their own
 # (member_tiles, 13 a member, the last one padded: 4% more rows), so that none straddles two members.
+# Where the policy's tile needs a further rank pass (batch-1 ViT at rank 32: 64-row tiles of 3
+# members, 2 slots), stacked_tilings also offers the policy at each halved tile (32 rows: 2 members,
+# one pass), and the launcher runs the one of them the config model ranks cheapest among those whose
+# configs do not all spill (kernels/configs.py, kernels/config_model.py).
 """Launch policies of the Triton kernels: row tiles, rank-part member slots, weight-gradient row splits."""
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ __all__ = [
     "shared_block_rows",
     "shared_rank_slots",
     "shared_tiling",
+    "shared_tilings",
     "stacked_block_rows",
     "stacked_row_tiles",
     "stacked_tiling",
+    "stacked_tilings",
     "uses_member_tiles",
 ]
 
@@ -208,15 +214,38 @@ class RowTiling(NamedTuple):
     member_tiles: bool = False
 
 
-@functools.lru_cache(maxsize=4096)
-def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
-    """The stacked kernel's :class:`RowTiling` (forward and dx; cached: the launcher asks per call)."""
-    block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
+def _stacked_tiling_at(rows_per_member: int, members: int, block_r: int, block_m: int) -> RowTiling:
     padded_rows = members * _cdiv(rows_per_member, block_m) * block_m  # the kernel counts them in int32
     if uses_member_tiles(rows_per_member, block_m) and padded_rows < 2**31:
         return RowTiling(block_m, 1, False, True)
     slots = rank_slots(rows_per_member, block_m, block_r, members)
     return RowTiling(block_m, slots, row_tile_members(rows_per_member, block_m, members) > slots)
+
+
+@functools.lru_cache(maxsize=4096)
+def stacked_tiling(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> RowTiling:
+    """The stacked kernel's :class:`RowTiling` (forward and dx): the row tile of
+    :func:`stacked_block_rows`, member tiles where :func:`uses_member_tiles`, else
+    :func:`rank_slots` members a pass."""
+    block_m = stacked_block_rows(rows_per_member, members, block_r, tf32x3)
+    return _stacked_tiling_at(rows_per_member, members, block_r, block_m)
+
+
+@functools.lru_cache(maxsize=4096)
+def stacked_tilings(rows_per_member: int, members: int, block_r: int, tf32x3: bool = False) -> tuple[RowTiling, ...]:
+    """The stacked kernel's tilings to choose from (cached: the launcher asks per launch key):
+    :func:`stacked_tiling` and, where it needs a further rank pass, the same policy at each smaller
+    row tile down to :data:`MIN_DOT_TILE` (more reads of W0, fewer members a tile: fewer passes, one,
+    or member tiles). The further pass (a second K-loop over x and A, in every column tile) is what
+    spills (``benchmarks/NOTES.md``), so the launcher takes, of the tilings whose configs do not all
+    spill (``configs.unspilled_tilings``), the one the config model ranks cheapest
+    (``config_model.cheapest_tiling``). Where the policy's tiling is one pass the model ranks it
+    first at every shape tabled in NOTES, so it is the only one."""
+    first = stacked_tiling(rows_per_member, members, block_r, tf32x3)
+    if not first.multi_pass:
+        return (first,)
+    return (first, *(_stacked_tiling_at(rows_per_member, members, block_r, first.block_m >> halvings)
+                     for halvings in range(1, (first.block_m // MIN_DOT_TILE).bit_length())))
 
 
 def stacked_row_tiles(rows_per_member: int, members: int, tiling: RowTiling) -> int:
@@ -233,5 +262,22 @@ def shared_tiling(rows: int, cols: int, members: int, block_r: int, sm_count: in
     """The shared-input kernel's :class:`RowTiling`: the forward's rank passes hold
     :func:`shared_rank_slots` members; the dx (``sum_members``) runs one member a pass."""
     block_m = shared_block_rows(rows, cols, block_r, sm_count, tf32x3)
+    return _shared_tiling_at(block_m, block_r, members, sum_members)
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_tilings(rows: int, cols: int, members: int, block_r: int, sm_count: int, tf32x3: bool = False,
+                   sum_members: bool = False) -> tuple[RowTiling, ...]:
+    """The shared-input kernel's tilings to choose from, as :func:`stacked_tilings`:
+    :func:`shared_tiling` and, where it needs further passes, the same at each smaller row tile (more
+    members a pass in the forward; in the dx, one member a pass at any tile, a smaller member sum)."""
+    first = shared_tiling(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
+    if not first.multi_pass:
+        return (first,)
+    return (first, *(_shared_tiling_at(first.block_m >> halvings, block_r, members, sum_members)
+                     for halvings in range(1, (first.block_m // MIN_DOT_TILE).bit_length())))
+
+
+def _shared_tiling_at(block_m: int, block_r: int, members: int, sum_members: bool) -> RowTiling:
     slots = 1 if sum_members else shared_rank_slots(block_m, block_r, members)
     return RowTiling(block_m, slots, members > slots)

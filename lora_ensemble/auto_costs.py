@@ -173,12 +173,20 @@ def _best(configs: list, launch: GemmLaunch, gpu: GpuSpec) -> float:
 
 def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     """Device seconds and launches of the ``triton`` backend (kernels/fused_lora_gemm.py,
-    kernels/lora_grads.py) as :mod:`lora_ensemble.kernels.launch_costs` describes them, each under
-    the best config the pruning keeps ("aligned" widths): the forward, and with gradients the dx
-    launch and the weight-gradient launch (and, when its rows are split, the zeroing and the cast of
-    dA and dB)."""
+    kernels/lora_grads.py) as :mod:`lora_ensemble.kernels.launch_costs` describes them, each at the
+    row tiling the launcher runs and under the best config the pruning keeps ("aligned" widths): the
+    forward, and with gradients the dx launch and the weight-gradient launch (and, when its rows are
+    split, the zeroing and the cast of dA and dB)."""
     from .kernels import configs, launch_costs
-    from .kernels.launch_policy import block_rank, grad_row_splits, grad_rows_per_split, shared_tiling, stacked_tiling
+    from .kernels.config_model import cheapest_tiling
+    from .kernels.launch_policy import (
+        RowTiling,
+        block_rank,
+        grad_row_splits,
+        grad_rows_per_split,
+        shared_tilings,
+        stacked_tilings,
+    )
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, weight, dtype = _element_size(shape.dtype), shape.op == "linear", configs.DTYPE_NAMES[shape.dtype]
@@ -188,20 +196,22 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
                   capability=gpu.capability)
 
     def fused(inner: int, cols: int, sum_members: bool | None, has_base: bool) -> float:
-        if sum_members is None:
-            tiling = stacked_tiling(m, n, block_r, tf32x3)
-            launch = launch_costs.stacked_launch(n, m, inner, cols, r, block_r, tiling, precision, e, weight, has_base,
-                                                 _TRITON_EFFICIENCY)
-            candidates = configs.FUSED_LORA_GEMM_GPU_CONFIGS
-        else:
-            tiling = shared_tiling(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members)
-            launch = launch_costs.shared_launch(n, m, inner, cols, r, block_r, tiling, precision, e, sum_members,
-                                                weight, has_base, _TRITON_EFFICIENCY)
-            candidates = configs.SHARED_INPUT_GPU_CONFIGS
-        kept = configs.fitting_fused_lora_gemm_configs(
-            list(candidates), cols=cols, inner=inner, tiling=tiling, sum_members=sum_members, has_weight=weight,
-            **common)
-        return _best(kept, launch, gpu)
+        stacked = sum_members is None
+        options = configs.unspilled_tilings(
+            list(configs.FUSED_LORA_GEMM_GPU_CONFIGS if stacked else configs.SHARED_INPUT_GPU_CONFIGS),
+            stacked_tilings(m, n, block_r, tf32x3) if stacked
+            else shared_tilings(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members),
+            cols=cols, inner=inner, sum_members=sum_members, has_weight=weight, **common)
+
+        def launch_of(tiling: RowTiling) -> GemmLaunch:
+            if stacked:
+                return launch_costs.stacked_launch(n, m, inner, cols, r, block_r, tiling, precision, e, weight,
+                                                   has_base, _TRITON_EFFICIENCY)
+            return launch_costs.shared_launch(n, m, inner, cols, r, block_r, tiling, precision, e, sum_members,
+                                              weight, has_base, _TRITON_EFFICIENCY)
+
+        tiling, kept = cheapest_tiling(options, launch_of, gpu)
+        return _best(kept, launch_of(tiling), gpu)
 
     seconds = fused(d, k, False if shape.shared else None, shape.op == "delta")
     launches = 1

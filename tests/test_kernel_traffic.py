@@ -30,8 +30,7 @@ from lora_ensemble.kernels.configs import (
     INTERPRETER_LORA_GRADS_CONFIG,
     dot_precision,
 )
-from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
-from lora_ensemble.kernels.launch_policy import block_rank, shared_tiling, stacked_tiling
+from lora_ensemble.kernels.fused_lora_gemm import fused_tiling, launch_fused_lora_gemm
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
@@ -83,11 +82,8 @@ def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool)
         operands = {"weight": weight, "in": inp, "shrink": lora_b, "expand": lora_a}
         call = (inp, weight, lora_b, lora_a, None, 0.5)
         inner, cols, sum_members = k, d, shared
-    tf32x3 = dot_precision(torch.float32) == "tf32x3"
-    if shared:
-        tiling = shared_tiling(m, cols, n, block_rank(r), 0, tf32x3, sum_members)
-    else:
-        tiling = stacked_tiling(m, n, block_rank(r), tf32x3)
+    tiling, _, _ = fused_tiling(shared, m, n, inner, cols, r, torch.float32, dot_precision(torch.float32),
+                                torch.device("cpu"), sum_members=sum_members)
     with counted_loads(operands) as counts:
         launch_fused_lora_gemm(*call, sum_members=sum_members)
     return counts, tiling, inner, cols
@@ -100,8 +96,8 @@ SHAPES = [
     (8, 2, 48, 64, 16),  # 8 members x 2 rows: one 16-row tile
     (16, 16, 32, 64, 16),  # 16 rows a member: 64-row tiles of 4 members (W0 4 times, not 16)
     (4, 50, 32, 64, 8),  # batch-1 ViT: 64-row tiles of 2-3 members
-    (2, 130, 32, 40, 3),  # 128-row tiles, one straddling the members (2 slots); C not a multiple
-    (2, 130, 32, 40, 20),  # the same at rank tile 32: 1 slot, a 2nd pass in the straddling tile
+    (2, 130, 32, 40, 3),  # 64-row tiles (3xTF32), one straddling the members (2 slots); C not a multiple
+    (2, 130, 32, 40, 20),  # the same at rank tile 32 (fp32 3xTF32 caps the tile at 64 rows: 2 slots)
     (2, 1030, 32, 40, 3),  # member tiles: 9 128-row tiles a member, the last padded (1/8 more W0 at most)
     (3, 1, 32, 64, 100),  # rank 128 tile at decode: one member a pass
 ]

@@ -53,7 +53,8 @@ CASES = [
     (3, 17, 40, 70, 33, torch.float32, False, ()),  # rank tile 64: one member a pass, up to 3 passes
     (3, 17, 40, 70, 33, torch.float16, True, ()),  # two members a pass: 2 passes
     (2, 130, 20, 70, 3, torch.float32, False, ()),  # 128-row tiles, one straddles the members: 2 slots
-    (2, 130, 20, 70, 20, torch.float16, False, ()),  # the same at rank tile 32: 1 slot and a 2nd pass
+    (2, 130, 20, 70, 20, torch.float16, False, ()),  # the same at rank tile 32: the model's 64-row tiles, 2 slots
+    (2, 130, 20, 70, 20, torch.float16, False, ("policy_tiling",)),  # the policy's 128: 1 slot and a 2nd pass
     (2, 130, 20, 40, 3, torch.float16, True, ()),
     (1, 1, 19, 23, 4, torch.float16, False, ()),  # N = 1, one row
     (1, 1, 19, 23, 4, torch.float32, True, ()),
@@ -93,8 +94,20 @@ def inputs_for(case):
                        lead=lead, noncontiguous="noncontig" in options)
 
 
+def run_the_policys_tiling(monkeypatch) -> None:
+    """Make the launchers run the launch policy's own row tiling, none of the smaller ones the config
+    model may prefer (``launch_policy.stacked_tilings``), with launch tables of their own."""
+    monkeypatch.setattr(fused_lora_gemm, "stacked_tilings", lambda *args: launch_policy.stacked_tilings(*args)[:1])
+    monkeypatch.setattr(fused_lora_gemm, "shared_tilings", lambda *args: launch_policy.shared_tilings(*args)[:1])
+    for kernel in (fused_lora_gemm._STACKED, fused_lora_gemm._SHARED):
+        monkeypatch.setattr(kernel, "bound", {})
+        monkeypatch.setattr(kernel, "tunings", {})
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_forward_backward_match_reference(case):
+def test_forward_backward_match_reference(case, monkeypatch):
+    if "policy_tiling" in case[7]:
+        run_the_policys_tiling(monkeypatch)
     check_against_reference(inputs_for(case), "triton", tolerance(case[5]))
 
 
@@ -346,6 +359,94 @@ def test_member_tiles_where_tiles_are_a_member_long_and_pad_little():
     assert not P.stacked_tiling(1030, 1_900_000, 16).member_tiles
     # Tiles spanning members (fewer rows than a tile) never use member tiles.
     assert not any(P.stacked_tiling(m, 16, 16).member_tiles for m in (1, 16, 50))
+
+
+class _SpillsAtRowTiles:
+    """A spill record in which every config at the row tiles ``block_ms`` spills (at every tile: None),
+    and nothing else."""
+
+    def __init__(self, *block_ms: int) -> None:
+        self.block_ms = block_ms
+
+    def __contains__(self, key: tuple) -> bool:
+        return not self.block_ms or key[5] in self.block_ms
+
+
+def test_smaller_row_tiles_where_the_policys_tile_needs_a_further_pass(monkeypatch):
+    """Where a row tile spans more members than one pass holds, the further pass can spill with every
+    config (the spill record says where) and costs a second K-loop: the launcher then chooses among
+    the policy's tiling and the same policy at each halved tile (``launch_policy.stacked_tilings``)
+    those whose configs do not all spill (``configs.unspilled_tilings``), the one the config model
+    ranks cheapest (``config_model.cheapest_tiling``)."""
+    from lora_ensemble.kernels import configs as C
+    from lora_ensemble.kernels.config_model import cheapest_tiling, config_cost
+    from lora_ensemble.kernels.gpu_specs import H100_SXM
+    from lora_ensemble.kernels.launch_costs import stacked_launch
+
+    P, T = launch_policy, launch_policy.RowTiling
+    # batch-1 ViT at rank tile 32: 64-row tiles of 3 members need a further pass; 32-row tiles hold their
+    # 2 members in one pass of 2 slots. One-pass tilings (rank tile 16) and decode have no alternative.
+    assert P.stacked_tilings(50, 16, 32) == (T(64, 2, True), T(32, 2, False), T(16, 2, False))
+    assert P.stacked_tilings(50, 16, 16) == (P.stacked_tiling(50, 16, 16),)
+    assert P.stacked_tilings(1, 16, 32) == (P.stacked_tiling(1, 16, 32),)  # 16 rows is the least
+    for m, r in ((50, 64), (197, 32), (197, 128)):
+        tilings = P.stacked_tilings(m, 16, r)
+        assert tilings[0] == P.stacked_tiling(m, 16, r) and tilings[0].multi_pass
+        assert [t.block_m for t in tilings] == [tilings[0].block_m >> i for i in range(len(tilings))]
+        assert tilings[-1].block_m == P.MIN_DOT_TILE
+    shared = P.shared_tilings(4096, 4096, 16, 64, 132)
+    assert shared[0] == P.shared_tiling(4096, 4096, 16, 64, 132) and [t.block_m for t in shared] == [64, 32, 16]
+    assert P.shared_tilings(4096, 4096, 1, 64, 132) == (P.shared_tiling(4096, 4096, 1, 64, 132),)  # one member
+
+    # ViT-B/16 batch 1 (197 rows) at rank 64, bf16 on sm_80: the 128-row tile's second pass spills with
+    # every config, the fallback too (the record); the smaller tiles keep configs that do not.
+    gpu_configs = list(C.FUSED_LORA_GEMM_GPU_CONFIGS)
+    common = dict(cols=4096, inner=4096, dtype="bf16", precision="tf32", block_r=64, shared_memory=166912,
+                  capability=80)
+    tilings = P.stacked_tilings(197, 16, 64)
+    assert tilings[0] == T(128, 1, True)
+    assert C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tilings[0], **common) == [
+        C.FALLBACK_FUSED_LORA_GEMM_CONFIG]
+    assert C.spill_key("stacked", "bf16", "tf32", 64, 128, C.FALLBACK_FUSED_LORA_GEMM_CONFIG, 80, 1,
+                       True) in C.SPILLING_CONFIGS
+    options = C.unspilled_tilings(gpu_configs, tilings, **common)
+    assert options and tilings[0] not in dict(options)
+    for tiling, kept in options:
+        assert kept == C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tiling, **common)
+        assert not any(C.spill_key("stacked", "bf16", "tf32", 64, tiling.block_m, c, 80, tiling.rank_slots,
+                                   tiling.multi_pass, member_tiles=tiling.member_tiles) in C.SPILLING_CONFIGS
+                       for c in kept)
+
+    def launch_of(tiling):
+        return stacked_launch(16, 197, 4096, 4096, 64, 64, tiling, "tf32", 2)
+
+    def best(option):
+        return min(config_cost(c, launch_of(option[0]), H100_SXM).seconds for c in option[1])
+
+    assert cheapest_tiling(options, launch_of, H100_SXM) == min(options, key=best)
+    assert cheapest_tiling([options[0], options[0]], launch_of, H100_SXM) is options[0]
+    # The measured spills not excluded: the policy's tiling alone; so where every tiling's configs spill.
+    assert C.unspilled_tilings(gpu_configs, tilings, without_measured_spills=False, **common) == [
+        (tilings[0], C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tilings[0], without_measured_spills=False,
+                                                       **common))]
+    monkeypatch.setattr(C, "SPILLING_CONFIGS", _SpillsAtRowTiles())
+    assert C.unspilled_tilings(gpu_configs, tilings, **common) == [(tilings[0], [C.FALLBACK_FUSED_LORA_GEMM_CONFIG])]
+
+
+def test_the_launcher_runs_a_smaller_row_tile_where_the_policys_spills(monkeypatch):
+    """End to end: with every config at 64- and 16-row tiles recorded as spilling, a batch-1-like launch
+    (4 members of 50 rows, rank tile 32: 64-row tiles of 3 members, two slots a pass) runs 32-row tiles
+    of 2 members in one pass, forward and backward, against the float64 reference."""
+    from lora_ensemble.kernels import configs as C
+
+    monkeypatch.setattr(C, "SPILLING_CONFIGS", _SpillsAtRowTiles(64, 16))
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    assert launch_policy.stacked_tiling(50, 4, 32) == launch_policy.RowTiling(64, 2, True)
+    check_against_reference(make_inputs(4, 50, 24, 40, 20, device=DEVICE, dtype=torch.float32), "triton",
+                            tolerance(torch.float32))
+    keys = [key for _, key, _ in fused_lora_gemm._STACKED.tunings]
+    assert keys and all(" BM32 S2 R32 " in key for key in keys), keys
 
 
 def test_launch_policy_worked_example():
