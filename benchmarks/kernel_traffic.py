@@ -24,6 +24,7 @@ from lora_ensemble.kernels.config_model import cheapest_tiling
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
+    FusedProblem,
     unspilled_tilings,
 )
 from lora_ensemble.kernels.gpu_specs import H100_SXM
@@ -181,10 +182,8 @@ def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[
     the one the config model ranks cheapest (``configs.unspilled_tilings``,
     ``config_model.cheapest_tiling``)."""
     block_r = block_rank(r)
-    options = unspilled_tilings(
-        list(FUSED_LORA_GEMM_GPU_CONFIGS), stacked_tilings(m, n, block_r), cols=cols, inner=inner, dtype="bf16",
-        precision="tf32", block_r=block_r, shared_memory=SHARED_MEMORY_LIMIT[H100_CAPABILITY],
-        capability=H100_CAPABILITY)
+    problem = FusedProblem(cols, inner, "bf16", "tf32", block_r, SHARED_MEMORY_LIMIT[H100_CAPABILITY], H100_CAPABILITY)
+    options = unspilled_tilings(list(FUSED_LORA_GEMM_GPU_CONFIGS), problem, stacked_tilings(m, n, block_r))
     return cheapest_tiling(options, lambda tiling: stacked_launch(n, m, inner, cols, r, block_r, tiling, "tf32", 2),
                            H100_SXM)
 

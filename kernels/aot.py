@@ -50,6 +50,7 @@ from .configs import (
     RANK_OR_ROW_ARGS,
     SHARED_INPUT_GPU_CONFIGS,
     SPECIALISED_SIZES,
+    FusedProblem,
     fitting_lora_grads_configs,
     spill_key,
     spill_key_config,
@@ -209,18 +210,20 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
     (``configs.unspilled_tilings``: which one it runs depends on the widths; ``without_measured_spills
     =False``: the policy's own, with the configs the spill record excludes)."""
     _, kernel, _, fixed, configs = _role(name)
-    common = {"dtype": dtype, "precision": precision, "block_r": block_r, "shared_memory": SHARED_MEMORY_LIMIT[arch],
-              "capability": arch, "specialisation": specialisation, "without_measured_spills": without_measured_spills}
     if kernel is _lora_grads_kernel:
-        kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, **common)
+        kept = fitting_lora_grads_configs(list(configs), rows=rows, cols=_LARGE_SIZE, dtype=dtype, precision=precision,
+                                          block_r=block_r, shared_memory=SHARED_MEMORY_LIMIT[arch], capability=arch,
+                                          specialisation=specialisation,
+                                          without_measured_spills=without_measured_spills)
         return [(RowTiling(c.kwargs["BLOCK_M"], 1, False), c) for c in kept]
     tf32x3 = precision == "tf32x3"
     if "SUM_MEMBERS" in fixed:
         tilings = shared_tilings(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
     else:
         tilings = stacked_tilings(rows, MEMBERS, block_r, tf32x3)
-    options = unspilled_tilings(list(configs), tilings, cols=_LARGE_SIZE, inner=_LARGE_SIZE,
-                                sum_members=fixed.get("SUM_MEMBERS"), has_weight=fixed["HAS_WEIGHT"], **common)
+    problem = FusedProblem(_LARGE_SIZE, _LARGE_SIZE, dtype, precision, block_r, SHARED_MEMORY_LIMIT[arch], arch,
+                           specialisation, fixed.get("SUM_MEMBERS"), fixed["HAS_WEIGHT"])
+    options = unspilled_tilings(list(configs), problem, tilings, without_measured_spills)
     return [(tiling, c) for tiling, kept in options for c in kept]
 
 

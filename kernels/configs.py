@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,6 +24,7 @@ __all__ = [
     "ELEMENT_SIZE",
     "FALLBACK_FUSED_LORA_GEMM_CONFIG",
     "FUSED_LORA_GEMM_GPU_CONFIGS",
+    "FusedProblem",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
     "RANK_OR_ROW_ARGS",
@@ -212,26 +214,36 @@ def argument_specialisation(args: dict) -> str:
     return "odd" if any(v % 16 and v != 1 for v in widths) else "aligned"
 
 
-def fitting_fused_lora_gemm_configs(
-    configs: list[triton.Config],
-    *,
-    cols: int,
-    inner: int,
-    dtype: str,
-    precision: str,
-    tiling: RowTiling,
-    block_r: int,
-    shared_memory: int,
-    capability: int,
-    specialisation: str = "aligned",
-    sum_members: bool | None = None,
-    has_weight: bool = True,
-    without_measured_spills: bool = True,
-) -> list[triton.Config]:
-    """The fused-kernel configs worth trying for one problem (``dtype`` "fp32", "fp16" or "bf16",
-    ``precision`` the dots' "tf32" or "tf32x3"; ``tiling`` the launch policy's
-    :class:`~.launch_policy.RowTiling`; ``specialisation`` of the arguments,
-    :func:`argument_specialisation`).
+class FusedProblem(NamedTuple):
+    """One fused-kernel launch as the config pruning sees it.
+
+    Attributes:
+        cols: output columns; inner: the reduction length.
+        dtype: the inputs' "fp32", "fp16" or "bf16"; precision: the dots' "tf32" or "tf32x3"
+            (:func:`dot_precision`).
+        block_r: the rank tile (``launch_policy.block_rank``).
+        shared_memory: bytes a program may use; capability: ``10 * major + minor`` of the GPU.
+        specialisation: the arguments' :func:`argument_specialisation`.
+        sum_members: None for the stacked kernel; the shared-input kernel's forward (False) or dx (True).
+        has_weight: False for the weightless (delta) form.
+    """
+
+    cols: int
+    inner: int
+    dtype: str
+    precision: str
+    block_r: int
+    shared_memory: int
+    capability: int
+    specialisation: str = "aligned"
+    sum_members: bool | None = None
+    has_weight: bool = True
+
+
+def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: FusedProblem, tiling: RowTiling,
+                                    without_measured_spills: bool = True) -> list[triton.Config]:
+    """The fused-kernel configs worth trying for ``problem`` under ``tiling`` (the launch policy's
+    :class:`~.launch_policy.RowTiling`).
 
     Drops configs with a column or reduction tile wider than the matrix; 256-wide column tiles
     with fewer than 64 rows (they spill kilobytes per thread); pipelined tiles beyond
@@ -244,15 +256,14 @@ def fitting_fused_lora_gemm_configs(
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; and (``without_measured_spills``) every config in
-    :data:`SPILLING_CONFIGS`. ``sum_members=None`` is the stacked kernel; ``has_weight=False`` its
-    weightless (delta) form, which spills at configs of its own (the shared-memory and register
-    estimates keep counting the weight tile: an upper bound). Never empty: where nothing is kept,
-    :data:`FALLBACK_FUSED_LORA_GEMM_CONFIG`.
+    :data:`SPILLING_CONFIGS`. The weightless (delta) form spills at configs of its own (the
+    shared-memory and register estimates keep counting the weight tile: an upper bound). Never
+    empty: where nothing is kept, :data:`FALLBACK_FUSED_LORA_GEMM_CONFIG`.
     """
+    cols, inner, dtype, precision, block_r, shared_memory, capability, specialisation, sum_members, _ = problem
     kept = _keep_fitting(configs, {"BLOCK_N": cols, "BLOCK_K": inner})
     output_tiles = 2 if sum_members is False else 1
     tf32x3 = precision == "tf32x3"
-    kind = _fused_kind(sum_members, has_weight)
     block_m = tiling.block_m
     rank_width = tiling.rank_slots * block_r
 
@@ -265,8 +276,7 @@ def fitting_fused_lora_gemm_configs(
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
-        if without_measured_spills and _tiling_spill_key(kind, dtype, precision, block_r, tiling, c, capability,
-                                                         specialisation) in SPILLING_CONFIGS:
+        if without_measured_spills and _tiling_spill_key(problem, tiling, c) in SPILLING_CONFIGS:
             return False
         tile_bytes = (block_m * bk + bk * bn + bk * rank_width) * ELEMENT_SIZE[dtype] * (1.25 if tf32x3 else 1)
         smem = pipeline_buffers(c.num_stages, capability) * tile_bytes
@@ -278,51 +288,31 @@ def fitting_fused_lora_gemm_configs(
     return [c for c in kept if fits(c)] or [FALLBACK_FUSED_LORA_GEMM_CONFIG]
 
 
-def _fused_kind(sum_members: bool | None, has_weight: bool) -> str:
-    return ("stacked" if sum_members is None else "shared") + ("" if has_weight else "_delta")
+def _fused_kind(problem: FusedProblem) -> str:
+    return ("stacked" if problem.sum_members is None else "shared") + ("" if problem.has_weight else "_delta")
 
 
-def _tiling_spill_key(kind: str, dtype: str, precision: str, block_r: int, tiling: RowTiling, config: triton.Config,
-                      capability: int, specialisation: str) -> tuple:
-    return spill_key(kind, dtype, precision, block_r, tiling.block_m, config, capability, tiling.rank_slots,
-                     tiling.multi_pass, specialisation, tiling.member_tiles)
+def _tiling_spill_key(problem: FusedProblem, tiling: RowTiling, config: triton.Config) -> tuple:
+    return spill_key(_fused_kind(problem), problem.dtype, problem.precision, problem.block_r, tiling.block_m, config,
+                     problem.capability, tiling.rank_slots, tiling.multi_pass, problem.specialisation,
+                     tiling.member_tiles)
 
 
-def unspilled_tilings(
-    configs: list[triton.Config],
-    tilings: Sequence[RowTiling],
-    *,
-    cols: int,
-    inner: int,
-    dtype: str,
-    precision: str,
-    block_r: int,
-    shared_memory: int,
-    capability: int,
-    specialisation: str = "aligned",
-    sum_members: bool | None = None,
-    has_weight: bool = True,
-    without_measured_spills: bool = True,
-) -> list[tuple[RowTiling, list[triton.Config]]]:
-    """A fused kernel's row tilings worth trying, each with the configs worth trying for it
-    (:func:`fitting_fused_lora_gemm_configs`, the same keywords): those of ``tilings`` (the launch
-    policy's, its own first: ``launch_policy.stacked_tilings`` or ``shared_tilings``) for which the
-    pruning keeps more than a fallback measured to spill (:data:`SPILLING_CONFIGS`); the first alone
-    where every one's spills, or where the measured spills are not excluded
-    (``without_measured_spills=False``). Where the policy's tiling spans more members than one pass
-    holds, every config can spill (the further pass); a smaller row tile reads W0 more often without
-    the spill."""
-    problem = dict(cols=cols, inner=inner, dtype=dtype, precision=precision, block_r=block_r,
-                   shared_memory=shared_memory, capability=capability, specialisation=specialisation,
-                   sum_members=sum_members, has_weight=has_weight, without_measured_spills=without_measured_spills)
-    options = [(tiling, fitting_fused_lora_gemm_configs(configs, tiling=tiling, **problem))
+def unspilled_tilings(configs: list[triton.Config], problem: FusedProblem, tilings: Sequence[RowTiling],
+                      without_measured_spills: bool = True) -> list[tuple[RowTiling, list[triton.Config]]]:
+    """A fused kernel's row tilings worth trying for ``problem``, each with the configs worth trying
+    for it (:func:`fitting_fused_lora_gemm_configs`): those of ``tilings`` (the launch policy's, its
+    own first: ``launch_policy.stacked_tilings`` or ``shared_tilings``) for which the pruning keeps
+    more than a fallback measured to spill (:data:`SPILLING_CONFIGS`); the first alone where every
+    one's spills, or where the measured spills are not excluded (``without_measured_spills=False``).
+    Where the policy's tiling spans more members than one pass holds, every config can spill (the
+    further pass); a smaller row tile reads W0 more often without the spill."""
+    options = [(tiling, fitting_fused_lora_gemm_configs(configs, problem, tiling, without_measured_spills))
                for tiling in (tilings if without_measured_spills else tilings[:1])]
-    kind = _fused_kind(sum_members, has_weight)
 
     def spills(tiling: RowTiling, kept: list[triton.Config]) -> bool:
-        return kept == [FALLBACK_FUSED_LORA_GEMM_CONFIG] and _tiling_spill_key(
-            kind, dtype, precision, block_r, tiling, FALLBACK_FUSED_LORA_GEMM_CONFIG, capability,
-            specialisation) in SPILLING_CONFIGS
+        return (kept == [FALLBACK_FUSED_LORA_GEMM_CONFIG]
+                and _tiling_spill_key(problem, tiling, FALLBACK_FUSED_LORA_GEMM_CONFIG) in SPILLING_CONFIGS)
 
     return [option for option in options if not spills(*option)] or options[:1]
 

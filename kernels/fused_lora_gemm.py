@@ -78,6 +78,7 @@ from lora_ensemble.tuning_store import tuning_pinned
 from .config_model import GemmLaunch, cheapest_tiling
 from .configs import (
     DTYPE_NAMES,
+    FusedProblem,
     argument_specialisation,
     dot_precision,
     fused_lora_gemm_configs,
@@ -440,11 +441,9 @@ def fused_tiling(shared: bool, rows: int, members: int, inner: int, cols: int, r
         tilings = shared_tilings(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
     else:
         tilings = stacked_tilings(rows, members, block_r, tf32x3)
-    options = unspilled_tilings(
-        shared_input_configs() if shared else fused_lora_gemm_configs(), tilings, cols=cols, inner=inner,
-        dtype=DTYPE_NAMES[dtype], precision=precision, block_r=block_r, shared_memory=shared_memory_per_program(device),
-        capability=compute_capability(device), specialisation=specialisation,
-        sum_members=sum_members if shared else None, has_weight=has_weight)
+    problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, shared_memory_per_program(device),
+                           compute_capability(device), specialisation, sum_members if shared else None, has_weight)
+    options = unspilled_tilings(shared_input_configs() if shared else fused_lora_gemm_configs(), problem, tilings)
     element_size = dtype.itemsize
 
     def launch_of(tiling: RowTiling) -> GemmLaunch:

@@ -192,16 +192,15 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     e, weight, dtype = _element_size(shape.dtype), shape.op == "linear", configs.DTYPE_NAMES[shape.dtype]
     precision = configs.dot_precision(shape.dtype)  # what the kernels and the spill record name
     block_r, tf32x3 = block_rank(r), precision == "tf32x3"
-    common = dict(dtype=dtype, precision=precision, block_r=block_r, shared_memory=gpu.shared_memory_per_program,
-                  capability=gpu.capability)
 
     def fused(inner: int, cols: int, sum_members: bool | None, has_base: bool) -> float:
         stacked = sum_members is None
         options = configs.unspilled_tilings(
             list(configs.FUSED_LORA_GEMM_GPU_CONFIGS if stacked else configs.SHARED_INPUT_GPU_CONFIGS),
+            configs.FusedProblem(cols, inner, dtype, precision, block_r, gpu.shared_memory_per_program,
+                                 gpu.capability, sum_members=sum_members, has_weight=weight),
             stacked_tilings(m, n, block_r, tf32x3) if stacked
-            else shared_tilings(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members),
-            cols=cols, inner=inner, sum_members=sum_members, has_weight=weight, **common)
+            else shared_tilings(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members))
 
         def launch_of(tiling: RowTiling) -> GemmLaunch:
             if stacked:
@@ -224,7 +223,9 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
         grads = launch_costs.lora_grads_launch(n, m, d, k, r, block_r, splits, per_split, precision, e, shape.shared,
                                                _TRITON_EFFICIENCY)
         kept = configs.fitting_lora_grads_configs(list(configs.LORA_GRADS_GPU_CONFIGS), rows=per_split,
-                                                  cols=max(d, k), **common)
+                                                  cols=max(d, k), dtype=dtype, precision=precision, block_r=block_r,
+                                                  shared_memory=gpu.shared_memory_per_program,
+                                                  capability=gpu.capability)
         seconds += _best(kept, grads, gpu)
         launches += 2
         if splits > 1:  # dA and dB zeroed in fp32 before, and cast to the dtype after

@@ -129,9 +129,9 @@ def test_few_row_tiles_prefer_narrow_columns_and_large_batches_large_tiles():
     # the 128 x 128 tile on 8 warps comes first.
     prefill = fused_launch(16, 512, 4096, 4096, 16, block_m=128, row_tiles=64)
     kept = configs.fitting_fused_lora_gemm_configs(
-        list(configs.FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype="bf16", precision="tf32",
-        tiling=stacked_tiling(512, 16, 16), block_r=16, shared_memory=H100_SXM.shared_memory_per_program,
-        capability=90)
+        list(configs.FUSED_LORA_GEMM_GPU_CONFIGS),
+        configs.FusedProblem(4096, 4096, "bf16", "tf32", 16, H100_SXM.shared_memory_per_program, 90),
+        stacked_tiling(512, 16, 16))
     first = best_configs(kept, prefill, H100_SXM)[0]
     assert (first.kwargs["BLOCK_N"], first.num_warps) == (128, 8)
 

@@ -401,18 +401,16 @@ def test_smaller_row_tiles_where_the_policys_tile_needs_a_further_pass(monkeypat
     # ViT-B/16 batch 1 (197 rows) at rank 64, bf16 on sm_80: the 128-row tile's second pass spills with
     # every config, the fallback too (the record); the smaller tiles keep configs that do not.
     gpu_configs = list(C.FUSED_LORA_GEMM_GPU_CONFIGS)
-    common = dict(cols=4096, inner=4096, dtype="bf16", precision="tf32", block_r=64, shared_memory=166912,
-                  capability=80)
+    problem = C.FusedProblem(4096, 4096, "bf16", "tf32", 64, 166912, 80)
     tilings = P.stacked_tilings(197, 16, 64)
     assert tilings[0] == T(128, 1, True)
-    assert C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tilings[0], **common) == [
-        C.FALLBACK_FUSED_LORA_GEMM_CONFIG]
+    assert C.fitting_fused_lora_gemm_configs(gpu_configs, problem, tilings[0]) == [C.FALLBACK_FUSED_LORA_GEMM_CONFIG]
     assert C.spill_key("stacked", "bf16", "tf32", 64, 128, C.FALLBACK_FUSED_LORA_GEMM_CONFIG, 80, 1,
                        True) in C.SPILLING_CONFIGS
-    options = C.unspilled_tilings(gpu_configs, tilings, **common)
+    options = C.unspilled_tilings(gpu_configs, problem, tilings)
     assert options and tilings[0] not in dict(options)
     for tiling, kept in options:
-        assert kept == C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tiling, **common)
+        assert kept == C.fitting_fused_lora_gemm_configs(gpu_configs, problem, tiling)
         assert not any(C.spill_key("stacked", "bf16", "tf32", 64, tiling.block_m, c, 80, tiling.rank_slots,
                                    tiling.multi_pass, member_tiles=tiling.member_tiles) in C.SPILLING_CONFIGS
                        for c in kept)
@@ -426,11 +424,10 @@ def test_smaller_row_tiles_where_the_policys_tile_needs_a_further_pass(monkeypat
     assert cheapest_tiling(options, launch_of, H100_SXM) == min(options, key=best)
     assert cheapest_tiling([options[0], options[0]], launch_of, H100_SXM) is options[0]
     # The measured spills not excluded: the policy's tiling alone; so where every tiling's configs spill.
-    assert C.unspilled_tilings(gpu_configs, tilings, without_measured_spills=False, **common) == [
-        (tilings[0], C.fitting_fused_lora_gemm_configs(gpu_configs, tiling=tilings[0], without_measured_spills=False,
-                                                       **common))]
+    unpruned = C.fitting_fused_lora_gemm_configs(gpu_configs, problem, tilings[0], without_measured_spills=False)
+    assert C.unspilled_tilings(gpu_configs, problem, tilings, without_measured_spills=False) == [(tilings[0], unpruned)]
     monkeypatch.setattr(C, "SPILLING_CONFIGS", _SpillsAtRowTiles())
-    assert C.unspilled_tilings(gpu_configs, tilings, **common) == [(tilings[0], [C.FALLBACK_FUSED_LORA_GEMM_CONFIG])]
+    assert C.unspilled_tilings(gpu_configs, problem, tilings) == [(tilings[0], [C.FALLBACK_FUSED_LORA_GEMM_CONFIG])]
 
 
 def test_the_launcher_runs_a_smaller_row_tile_where_the_policys_spills(monkeypatch):
@@ -708,7 +705,7 @@ def test_tuning_keys_name_the_gpu_and_size_buckets():
     """A config chosen for one GPU model (pruned by its shared memory) or one row / member count is
     never reused on another GPU model or on very different counts: those are part of every tuning
     key (the tuning file is also one per GPU model)."""
-    from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS, fitting_fused_lora_gemm_configs
+    from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS, FusedProblem, fitting_fused_lora_gemm_configs
 
     for rows, members in ((5, 3), (40, 3), (5, 9)):
         inp = make_inputs(members, rows, 20, 24, 4, device=DEVICE, requires_grad=())
@@ -719,10 +716,9 @@ def test_tuning_keys_name_the_gpu_and_size_buckets():
     keys = {key for _, key, _ in fused_lora_gemm._STACKED.tunings}
     for rows, members in ((8, 4), (64, 4), (8, 16)):
         assert any(f"rows{rows} members{members} " in key and key.endswith(gpu) for key in keys), keys
-    kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096,
-                                                  dtype="fp32", precision="tf32",
-                                                  tiling=launch_policy.RowTiling(128, 1, False), block_r=16,
-                                                  shared_memory=smem, capability=cap)
+    kept = {smem: fitting_fused_lora_gemm_configs(list(FUSED_LORA_GEMM_GPU_CONFIGS),
+                                                  FusedProblem(4096, 4096, "fp32", "tf32", 16, smem, cap),
+                                                  launch_policy.RowTiling(128, 1, False))
             for smem, cap in ((232448, 90), (101376, 86))}  # H100, RTX 3090
     assert len(kept[101376]) < len(kept[232448])
 
@@ -735,6 +731,7 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
         FALLBACK_FUSED_LORA_GEMM_CONFIG,
         FUSED_LORA_GEMM_GPU_CONFIGS,
         SPILLING_CONFIGS,
+        FusedProblem,
         fitting_fused_lora_gemm_configs,
         spill_key,
         spill_key_config,
@@ -758,9 +755,10 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
         config = next(c for c in FUSED_LORA_GEMM_GPU_CONFIGS
                       if spill_key(kind, dtype, precision, block_r, block_m, c, arch, **tiling) == key)
         kept = {has_weight: fitting_fused_lora_gemm_configs(
-                    list(FUSED_LORA_GEMM_GPU_CONFIGS), cols=4096, inner=4096, dtype=dtype, precision=precision,
-                    tiling=launch_policy.RowTiling(block_m, slots, multi_pass, member_tiles), block_r=block_r,
-                    shared_memory=232448, capability=arch, specialisation=specialisation, has_weight=has_weight)
+                    list(FUSED_LORA_GEMM_GPU_CONFIGS),
+                    FusedProblem(4096, 4096, dtype, precision, block_r, 232448, arch, specialisation,
+                                 has_weight=has_weight),
+                    launch_policy.RowTiling(block_m, slots, multi_pass, member_tiles))
                 for has_weight in (True, False)}
         delta = kind == "stacked_delta"
         other_key = spill_key("stacked" if delta else "stacked_delta", dtype, precision, block_r, block_m, config, arch,
