@@ -86,9 +86,9 @@ from .configs import (
     size_bucket,
     unspilled_tilings,
 )
-from .device import compute_capability, launch_device, multiprocessor_count, shared_memory_per_program
+from .device import launch_device, multiprocessor_count
 from .dot import dot_fp32_lhs, split16
-from .gpu_specs import gpu_spec
+from .gpu_specs import GpuSpec, gpu_spec
 from .launch_costs import shared_launch, stacked_launch
 from .launch_policy import RowTiling, block_rank, shared_tilings, stacked_row_tiles, stacked_tilings
 from .launcher import LaunchPlan, TunedKernel
@@ -426,24 +426,26 @@ _SHARED = TunedKernel("fused_lora_gemm_shared", _fused_lora_gemm_shared_kernel)
 _POINTERS = 8
 
 
-def fused_tiling(shared: bool, rows: int, members: int, inner: int, cols: int, rank: int, dtype: torch.dtype,
-                 precision: str, device: torch.device, specialisation: str = "aligned", sum_members: bool = False,
-                 has_weight: bool = True, has_base: bool = False) -> tuple[RowTiling, list, GemmLaunch]:
-    """The row tiling a fused launch runs on ``device`` (``shared``: the shared-input kernel over
-    ``rows`` rows, else the stacked kernel over ``members`` x ``rows``), with the configs worth trying
+def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members: int, inner: int, cols: int,
+                 rank: int, dtype: torch.dtype, precision: str, gpu: GpuSpec, sm_count: int,
+                 specialisation: str = "aligned", sum_members: bool = False, has_weight: bool = True,
+                 has_base: bool = False) -> tuple[RowTiling, list[triton.Config], GemmLaunch]:
+    """The row tiling a fused launch runs on ``gpu`` (``shared``: the shared-input kernel over ``rows``
+    rows, else the stacked kernel over ``members`` x ``rows``; ``sm_count``: the SMs the shared-input
+    row policy fills, 0 under the interpreter), with those of the candidate ``configs`` worth trying
     for it and the config model's view of the launch: of the launch policy's tilings
     (``launch_policy.stacked_tilings`` / ``shared_tilings``) whose configs do not all spill
-    (``configs.unspilled_tilings``), the one the config model ranks cheapest."""
+    (``configs.unspilled_tilings``), the one the config model ranks cheapest. The launcher and
+    ``auto``'s cost model both ask here."""
     block_r = block_rank(rank)
     tf32x3 = precision == "tf32x3"
     if shared:
-        sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
         tilings = shared_tilings(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
     else:
         tilings = stacked_tilings(rows, members, block_r, tf32x3)
-    problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, shared_memory_per_program(device),
-                           compute_capability(device), specialisation, sum_members if shared else None, has_weight)
-    options = unspilled_tilings(shared_input_configs() if shared else fused_lora_gemm_configs(), problem, tilings)
+    problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, gpu.shared_memory_per_program,
+                           gpu.capability, specialisation, sum_members if shared else None, has_weight)
+    options = unspilled_tilings(configs, problem, tilings)
     element_size = dtype.itemsize
 
     def launch_of(tiling: RowTiling) -> GemmLaunch:
@@ -453,8 +455,8 @@ def fused_tiling(shared: bool, rows: int, members: int, inner: int, cols: int, r
         return stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
                               has_base)
 
-    tiling, candidates = cheapest_tiling(options, launch_of, gpu_spec(device))
-    return tiling, candidates, launch_of(tiling)
+    tiling, kept = cheapest_tiling(options, launch_of, gpu)
+    return tiling, kept, launch_of(tiling)
 
 
 def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str, sum_members: bool,
@@ -465,10 +467,12 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     block_r = block_rank(rank)
     shared = kernel is _SHARED
     specialisation = argument_specialisation(dict(zip(kernel.fn.arg_names[_POINTERS:], args[_POINTERS:])))
-    tiling, candidates, cost = fused_tiling(shared, rows, members, inner, cols, rank, args[0].dtype, precision, device,
+    gpu = gpu_spec(device)
+    sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
+    tiling, candidates, cost = fused_tiling(shared_input_configs() if shared else fused_lora_gemm_configs(), shared,
+                                            rows, members, inner, cols, rank, args[0].dtype, precision, gpu, sm_count,
                                             specialisation, sum_members, has_weight, has_base)
     tiles = -(-rows // tiling.block_m) if shared else stacked_row_tiles(rows, members, tiling)
-    gpu = gpu_spec(device)
     tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m}{' member' if tiling.member_tiles else ''}"
                   f" S{tiling.rank_slots}{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols}"
                   f" rows{size_bucket(rows)} members{size_bucket(members)}{'' if has_weight else ' delta'}"

@@ -23,7 +23,10 @@ from __future__ import annotations
 from .config_model import GemmLaunch
 from .launch_policy import RowTiling
 
-__all__ = ["lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
+__all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
+
+# The fraction of the tensor-core peak the package's Triton dots reach (a guess until a GPU measures it).
+TRITON_EFFICIENCY = 0.8
 
 # Beyond this many row tiles the members held per tile are counted from the bound (N + T - 1)
 # instead of tile by tile.
@@ -65,7 +68,7 @@ def stacked_tile_members(members: int, rows: int, block_m: int, rank_slots: int,
 
 def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, block_r: int, tiling: RowTiling,
                    precision: str, element_size: int, has_weight: bool = True, has_base: bool = False,
-                   efficiency: float = 0.8) -> GemmLaunch:
+                   efficiency: float = TRITON_EFFICIENCY) -> GemmLaunch:
     """One stacked fused launch (forward or dx) of ``members`` x ``rows`` rows, ``inner`` -> ``cols``,
     rank ``rank`` (tile ``block_r``) under ``tiling``, in ``element_size``-byte inputs."""
     e = element_size
@@ -82,7 +85,7 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
 
 def shared_launch(members: int, rows: int, inner: int, cols: int, rank: int, block_r: int, tiling: RowTiling,
                   precision: str, element_size: int, sum_members: bool, has_weight: bool = True,
-                  has_base: bool = False, efficiency: float = 0.8) -> GemmLaunch:
+                  has_base: bool = False, efficiency: float = TRITON_EFFICIENCY) -> GemmLaunch:
     """One shared-input fused launch: the forward (``rows`` shared rows, every member's output) or,
     with ``sum_members``, the dx (``dy [N, M, K]`` in, ``dx [M, C]`` out)."""
     e = element_size
@@ -106,7 +109,7 @@ def shared_launch(members: int, rows: int, inner: int, cols: int, rank: int, blo
 
 def lora_grads_launch(members: int, rows: int, d: int, k: int, rank: int, block_r: int, splits: int,
                       rows_per_split: int, precision: str, element_size: int, shared_input: bool = False,
-                      efficiency: float = 0.8) -> GemmLaunch:
+                      efficiency: float = TRITON_EFFICIENCY) -> GemmLaunch:
     """The weight-gradient launch: ``dA [N, R, d]`` and ``dB^T [N, R, k]`` tiles per member and row
     split, each reducing ``rows_per_split`` rows of the fp32 rank products against ``x`` (``[M, d]``
     with ``shared_input``) and ``dy``."""

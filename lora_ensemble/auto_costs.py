@@ -50,7 +50,6 @@ HOST_SECONDS: dict[str, dict[str, float]] = {
     "cuda": {"fwd": (29 + 4) * 1e-6, "fwd_bwd": (152 + 3 * 4) * 1e-6},
 }
 _CUBLAS_EFFICIENCY = 0.9
-_TRITON_EFFICIENCY = 0.8
 _WMMA_EFFICIENCY = {True: 0.31, False: 0.65}  # sm_90 and newer (WMMA, no wgmma: ~330 TFLOP/s on an H100), Ampere / Ada
 _FMA_EFFICIENCY = 0.7
 # Skinny batched GEMMs (rank r columns) and elementwise passes: bandwidth-bound at this fraction of DRAM speed.
@@ -178,39 +177,21 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     forward, and with gradients the dx launch and the weight-gradient launch (and, when its rows are
     split, the zeroing and the cast of dA and dB)."""
     from .kernels import configs, launch_costs
-    from .kernels.config_model import cheapest_tiling
-    from .kernels.launch_policy import (
-        RowTiling,
-        block_rank,
-        grad_row_splits,
-        grad_rows_per_split,
-        shared_tilings,
-        stacked_tilings,
-    )
+    from .kernels.fused_lora_gemm import fused_tiling
+    from .kernels.launch_policy import block_rank, grad_row_splits, grad_rows_per_split
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, weight, dtype = _element_size(shape.dtype), shape.op == "linear", configs.DTYPE_NAMES[shape.dtype]
     precision = configs.dot_precision(shape.dtype)  # what the kernels and the spill record name
-    block_r, tf32x3 = block_rank(r), precision == "tf32x3"
+    block_r = block_rank(r)
 
     def fused(inner: int, cols: int, sum_members: bool | None, has_base: bool) -> float:
-        stacked = sum_members is None
-        options = configs.unspilled_tilings(
-            list(configs.FUSED_LORA_GEMM_GPU_CONFIGS if stacked else configs.SHARED_INPUT_GPU_CONFIGS),
-            configs.FusedProblem(cols, inner, dtype, precision, block_r, gpu.shared_memory_per_program,
-                                 gpu.capability, sum_members=sum_members, has_weight=weight),
-            stacked_tilings(m, n, block_r, tf32x3) if stacked
-            else shared_tilings(m, cols, n, block_r, gpu.sm_count, tf32x3, sum_members))
-
-        def launch_of(tiling: RowTiling) -> GemmLaunch:
-            if stacked:
-                return launch_costs.stacked_launch(n, m, inner, cols, r, block_r, tiling, precision, e, weight,
-                                                   has_base, _TRITON_EFFICIENCY)
-            return launch_costs.shared_launch(n, m, inner, cols, r, block_r, tiling, precision, e, sum_members,
-                                              weight, has_base, _TRITON_EFFICIENCY)
-
-        tiling, kept = cheapest_tiling(options, launch_of, gpu)
-        return _best(kept, launch_of(tiling), gpu)
+        shared = sum_members is not None
+        _, kept, launch = fused_tiling(
+            list(configs.SHARED_INPUT_GPU_CONFIGS if shared else configs.FUSED_LORA_GEMM_GPU_CONFIGS), shared, m, n,
+            inner, cols, r, shape.dtype, precision, gpu, gpu.sm_count, sum_members=bool(sum_members),
+            has_weight=weight, has_base=has_base)
+        return _best(kept, launch, gpu)
 
     seconds = fused(d, k, False if shape.shared else None, shape.op == "delta")
     launches = 1
@@ -220,8 +201,7 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
         splits = grad_row_splits(m, programs, gpu.sm_count, torch.are_deterministic_algorithms_enabled())
         per_split = grad_rows_per_split(m, splits)
         splits = _cdiv(max(m, 1), per_split)
-        grads = launch_costs.lora_grads_launch(n, m, d, k, r, block_r, splits, per_split, precision, e, shape.shared,
-                                               _TRITON_EFFICIENCY)
+        grads = launch_costs.lora_grads_launch(n, m, d, k, r, block_r, splits, per_split, precision, e, shape.shared)
         kept = configs.fitting_lora_grads_configs(list(configs.LORA_GRADS_GPU_CONFIGS), rows=per_split,
                                                   cols=max(d, k), dtype=dtype, precision=precision, block_r=block_r,
                                                   shared_memory=gpu.shared_memory_per_program,

@@ -29,8 +29,11 @@ from lora_ensemble.kernels.configs import (
     INTERPRETER_FUSED_LORA_GEMM_CONFIG,
     INTERPRETER_LORA_GRADS_CONFIG,
     dot_precision,
+    fused_lora_gemm_configs,
+    shared_input_configs,
 )
 from lora_ensemble.kernels.fused_lora_gemm import fused_tiling, launch_fused_lora_gemm
+from lora_ensemble.kernels.gpu_specs import gpu_spec
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
@@ -82,8 +85,9 @@ def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool)
         operands = {"weight": weight, "in": inp, "shrink": lora_b, "expand": lora_a}
         call = (inp, weight, lora_b, lora_a, None, 0.5)
         inner, cols, sum_members = k, d, shared
-    tiling, _, _ = fused_tiling(shared, m, n, inner, cols, r, torch.float32, dot_precision(torch.float32),
-                                torch.device("cpu"), sum_members=sum_members)
+    configs = shared_input_configs() if shared else fused_lora_gemm_configs()  # the interpreter's one
+    tiling, _, _ = fused_tiling(configs, shared, m, n, inner, cols, r, torch.float32, dot_precision(torch.float32),
+                                gpu_spec(torch.device("cpu")), 0, sum_members=sum_members)
     with counted_loads(operands) as counts:
         launch_fused_lora_gemm(*call, sum_members=sum_members)
     return counts, tiling, inner, cols
