@@ -97,15 +97,18 @@ def _dedupe(shapes: list[OpShape]) -> list[OpShape]:
 
 
 def _op_shapes(vit_d: int, infer_rows: int, train_rows: int, llm: list[OpShape], members: tuple[int, ...],
-               ranks: tuple[int, ...]) -> list[OpShape]:
+               ranks: tuple[int, ...], infer_ranks: tuple[int, ...] = ()) -> list[OpShape]:
     """ViT-B/32 q/k/v/out_proj at inference and training batch (sequences of :data:`VIT_TOKENS`),
-    an N sweep at the inference rows, a rank sweep at the training rows, and LLM projections."""
+    an N sweep at the inference rows, a rank sweep at the training rows and one at the inference rows
+    (``rank_infer``: where the Triton launcher may run a smaller row tile than its policy's, whose
+    tiles of several members need a further rank pass), and LLM projections."""
     infer = OpShape("vit_infer", 16, infer_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
     train = OpShape("vit_train", 16, train_rows, vit_d, vit_d, 8, seq_len=VIT_TOKENS)
     return _dedupe(
         [infer, train]
         + [_sweep(infer, "members", num_members=n) for n in members]
         + [_sweep(train, "rank", rank=r) for r in ranks]
+        + [_sweep(infer, "rank_infer", rank=r) for r in infer_ranks]
         + llm
     )
 
@@ -125,7 +128,7 @@ def _llm_shapes(width: int, prompt_rows: int, prefill_rows: int) -> list[OpShape
 GPU_OP_SHAPES: list[OpShape] = _op_shapes(
     vit_d=768, infer_rows=50, train_rows=1600,
     llm=_llm_shapes(width=4096, prompt_rows=1024, prefill_rows=512),
-    members=(1, 4, 16, 64), ranks=(4, 8, 16, 32, 64),
+    members=(1, 4, 16, 64), ranks=(4, 8, 16, 32, 64), infer_ranks=(32, 64),
 )
 # The same families, scaled so the whole CPU suite runs in minutes on 2 cores.
 CPU_OP_SHAPES: list[OpShape] = _op_shapes(
