@@ -19,23 +19,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_ensemble.kernels.aot import SHARED_MEMORY_LIMIT
-from lora_ensemble.kernels.config_model import cheapest_tiling
+import torch
+
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
-    FusedProblem,
-    unspilled_tilings,
 )
+from lora_ensemble.kernels.fused_lora_gemm import fused_tiling
 from lora_ensemble.kernels.gpu_specs import H100_SXM
-from lora_ensemble.kernels.launch_costs import stacked_launch
 from lora_ensemble.kernels.launch_policy import (
     MEMBER_TILE_PADDING,
     RowTiling,
     block_rank,
     grad_row_splits,
     stacked_row_tiles,
-    stacked_tilings,
 )
 
 __all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "h100_stacked_tiling", "kept_block_cols",
@@ -171,21 +168,14 @@ HEADLINE_SHAPES = (
     ("llama_q_16_rows", 16, 16, 4096, 4096, 16, ("fwd",)),
     ("llama_q_prefill", 16, 512, 4096, 4096, 16, ("fwd",)),
 )
-# The predictions' launches run on sm_90, in the AOT gate's "aligned" specialisation (the headline
-# widths are multiples of 16).
-H100_CAPABILITY = 90
-
-
 def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[RowTiling, list]:
     """The row tiling and the configs the launcher runs a stacked bf16 launch (``inner`` -> ``cols``)
-    with on an H100: of the launch policy's tilings whose configs do not all spill (the spill record),
-    the one the config model ranks cheapest (``configs.unspilled_tilings``,
-    ``config_model.cheapest_tiling``)."""
-    block_r = block_rank(r)
-    problem = FusedProblem(cols, inner, "bf16", "tf32", block_r, SHARED_MEMORY_LIMIT[H100_CAPABILITY], H100_CAPABILITY)
-    options = unspilled_tilings(list(FUSED_LORA_GEMM_GPU_CONFIGS), problem, stacked_tilings(m, n, block_r))
-    return cheapest_tiling(options, lambda tiling: stacked_launch(n, m, inner, cols, r, block_r, tiling, "tf32", 2),
-                           H100_SXM)
+    with on an H100, in the AOT gate's "aligned" specialisation (the headline widths are multiples of
+    16): ``fused_lora_gemm.fused_tiling``, of the launch policy's tilings whose configs do not all
+    spill, the one the config model ranks cheapest."""
+    tiling, configs, _ = fused_tiling(list(FUSED_LORA_GEMM_GPU_CONFIGS), False, m, n, inner, cols, r, torch.bfloat16,
+                                      "tf32", H100_SXM, H100_SXM.sm_count)
+    return tiling, configs
 
 
 def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[int]:

@@ -199,4 +199,9 @@ def cheapest_tiling(options: Sequence[tuple[Any, Sequence[Any]]], launch_of: Cal
     tiling); the earliest on a tie, so the launch policy's own tiling where it is as good."""
     if len(options) == 1:
         return options[0]
-    return min(options, key=lambda option: min(config_cost(c, launch_of(option[0]), gpu).seconds for c in option[1]))
+
+    def best_seconds(option: tuple[Any, Sequence[Any]]) -> float:
+        launch = launch_of(option[0])  # once per tiling: building it counts the tiles' members
+        return min(config_cost(config, launch, gpu).seconds for config in option[1])
+
+    return min(options, key=best_seconds)

@@ -244,8 +244,13 @@ def stacked_tilings(rows_per_member: int, members: int, block_r: int, tf32x3: bo
     first = stacked_tiling(rows_per_member, members, block_r, tf32x3)
     if not first.multi_pass:
         return (first,)
-    return (first, *(_stacked_tiling_at(rows_per_member, members, block_r, first.block_m >> halvings)
-                     for halvings in range(1, (first.block_m // MIN_DOT_TILE).bit_length())))
+    return (first, *(_stacked_tiling_at(rows_per_member, members, block_r, block_m)
+                     for block_m in _smaller_row_tiles(first.block_m)))
+
+
+def _smaller_row_tiles(block_m: int) -> list[int]:
+    """The row tiles below ``block_m``, halving down to :data:`MIN_DOT_TILE`."""
+    return [block_m >> halvings for halvings in range(1, (block_m // MIN_DOT_TILE).bit_length())]
 
 
 def stacked_row_tiles(rows_per_member: int, members: int, tiling: RowTiling) -> int:
@@ -274,8 +279,8 @@ def shared_tilings(rows: int, cols: int, members: int, block_r: int, sm_count: i
     first = shared_tiling(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
     if not first.multi_pass:
         return (first,)
-    return (first, *(_shared_tiling_at(first.block_m >> halvings, block_r, members, sum_members)
-                     for halvings in range(1, (first.block_m // MIN_DOT_TILE).bit_length())))
+    return (first, *(_shared_tiling_at(block_m, block_r, members, sum_members)
+                     for block_m in _smaller_row_tiles(first.block_m)))
 
 
 def _shared_tiling_at(block_m: int, block_r: int, members: int, sum_members: bool) -> RowTiling:
