@@ -507,7 +507,9 @@ def launch_fused_lora_gemm(
 
     Every tensor may have any strides (pass transposed views rather than copies, or ``transposed``).
     A launch's first call with new sizes, strides, alignment or dtype chooses its config and binds the
-    compiled kernel (:mod:`.launcher`); later calls launch that kernel directly.
+    compiled kernel (:mod:`.launcher`); later calls launch that kernel directly. Inside
+    :func:`lora_ensemble.compiling_ahead` such a first call only submits its compiles: the outputs are
+    returned unwritten.
 
     Args:
         inp: ``[N, M, K]`` per-member rows, or ``[M, K]`` rows shared by every member.

@@ -19,6 +19,9 @@
 # key is one dictionary lookup and the compiled kernel's launcher on the current stream: no binder,
 # no autotuner, no per-call config filtering or argument dictionaries.
 # Under TRITON_INTERPRET=1 there is no compiled kernel: each launch runs the interpreter.
+# Inside lora_ensemble.compiling_ahead() (lora_ensemble/compile_ahead.py) a launch key's first launch
+# launches nothing: it submits the compiles its choice will need (the untimed choice's config, else the
+# best MAX_TIMED_CONFIGS) to the block's thread pool, so that a whole model's keys compile together.
 """Launch the package's Triton kernels: one config per tuning key, the compiled kernel bound per launch key."""
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import torch
 import triton
 from triton import knobs
 
+from lora_ensemble.compile_ahead import AheadCompiles, ahead_compiles
+
 from .config_model import GemmLaunch, best_configs
+from .configs import interpreting
 
 __all__ = ["MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
 
@@ -142,7 +148,13 @@ class TunedKernel:
 
     def bind(self, key: tuple, args: tuple, plan: LaunchPlan, device: torch.device, pinned: bool) -> None:
         """Choose the config of ``plan``'s tuning key (once per key and device), launch ``args`` with it
-        through Triton's JIT and keep the compiled kernel under ``key`` for the next launches."""
+        through Triton's JIT and keep the compiled kernel under ``key`` for the next launches. Inside
+        :func:`~lora_ensemble.compile_ahead.compiling_ahead`: submit the compiles of the configs the
+        choice needs instead, and launch nothing."""
+        ahead = ahead_compiles()
+        if ahead is not None:
+            self._compile_ahead(ahead, key, args, plan, device, pinned)
+            return
         tuning = self.tuning(plan, args, device, pinned)
         config = tuning.config
         grid = plan.grid(config)
@@ -163,42 +175,69 @@ class TunedKernel:
 
     def tuning(self, plan: LaunchPlan, args: tuple, device: torch.device, pinned: bool) -> _Tuning:
         """The config of ``plan.tuning_key`` on ``device`` and how it was chosen (see the module header)."""
+        tuning, ranked = self._known_tuning(plan, device, pinned)
+        if tuning is None:
+            from lora_ensemble.tuning_store import tuning_store
+
+            timings = self._time(ranked, args, plan)
+            best = min(ranked, key=lambda c: timings[_config_name(c)])
+            tuning_store(device).record_triton_config(self.name, plan.tuning_key, best.kwargs, best.num_warps,
+                                                      best.num_stages, timings)
+            tuning = self.tunings[(str(device), plan.tuning_key, pinned)] = _Tuning(best, "timed", timings)
+        return tuning
+
+    def _known_tuning(self, plan: LaunchPlan, device: torch.device,
+                      pinned: bool) -> tuple[_Tuning | None, list[triton.Config]]:
+        """The tuning key's config where it is known without timing (chosen before in this process,
+        pinned, a single candidate, a stored winner: kept for the next asks), else None with the model's
+        best ``MAX_TIMED_CONFIGS`` candidates to time."""
         memo = (str(device), plan.tuning_key, pinned)
         tuning = self.tunings.get(memo)
         if tuning is not None:
-            return tuning
+            return tuning, []
         ranked = best_configs(plan.candidates, plan.cost, plan.gpu, keep=MAX_TIMED_CONFIGS)
         if pinned or len(ranked) == 1:
             tuning = _Tuning(ranked[0], "pinned: the model's first" if pinned else "the only candidate")
         else:
             from lora_ensemble.tuning_store import tuning_store
 
-            store = tuning_store(device)
-            stored = store.triton_config(self.name, plan.tuning_key)
+            stored = tuning_store(device).triton_config(self.name, plan.tuning_key)
             match = next((c for c in plan.candidates if stored is not None and _same_config(c, stored)), None)
-            if match is not None:
-                tuning = _Tuning(match, "stored", dict(stored.get("timings_us", {})))
-            else:
-                timings = self._time(ranked, args, plan)
-                best = min(ranked, key=lambda c: timings[_config_name(c)])
-                store.record_triton_config(self.name, plan.tuning_key, best.kwargs, best.num_warps, best.num_stages,
-                                           timings)
-                tuning = _Tuning(best, "timed", timings)
+            if match is None:
+                return None, ranked
+            tuning = _Tuning(match, "stored", dict(stored.get("timings_us", {})))
         self.tunings[memo] = tuning
-        return tuning
+        return tuning, []
+
+    def _compile_ahead(self, ahead: AheadCompiles, key: tuple, args: tuple, plan: LaunchPlan, device: torch.device,
+                       pinned: bool) -> None:
+        """Submit the compiles a launch key's first call would make: the known choice's config, else
+        the configs it would time (once per launch key and block; none under the interpreter)."""
+        if not ahead.first_sight(self.name, key):
+            return
+        tuning, ranked = self._known_tuning(plan, device, pinned)
+        configs = [tuning.config] if tuning is not None else ranked
+        ahead.keys.append((self.name, plan.tuning_key, len(configs)))
+        if not interpreting():
+            self._warmup(configs, args, plan)
+
+    def _warmup(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> None:
+        """Compile ``configs`` for ``args`` without launching (submitted, where an asynchronous compile
+        mode of Triton's is active). A config that fails to compile fails again, with its error, when
+        it is run."""
+        for config in configs:
+            with contextlib.suppress(Exception):
+                self.fn.warmup(*args, grid=plan.grid(config), **plan.constexprs, **config.all_kwargs())
 
     def _compile(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> None:
         """Compile ``configs`` for ``args`` ahead of their timing: together on threads where Triton
-        compiles asynchronously (its ``AsyncCompileMode``), else one after another at the first run.
-        A config that fails to compile fails again, with its error, when it is run."""
+        compiles asynchronously (its ``AsyncCompileMode``), else one after another at the first run."""
         try:
             from triton.runtime._async_compile import AsyncCompileMode
         except ImportError:
             return
         with ThreadPoolExecutor(len(configs)) as pool, AsyncCompileMode(pool, ignore_errors=True):
-            for config in configs:
-                with contextlib.suppress(Exception):
-                    self.fn.warmup(*args, grid=plan.grid(config), **plan.constexprs, **config.all_kwargs())
+            self._warmup(configs, args, plan)
 
     def _time(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> dict[str, float]:
         """µs per launch of each config on ``args`` (``triton.testing.do_bench``, L2 cleared before

@@ -176,7 +176,8 @@ def launch_lora_grads(
 ) -> tuple[Tensor, Tensor]:
     """``dA = scaling * dyb^T @ x`` and ``dB = scaling * grad_out^T @ xa`` for every member, one
     launch (on ``grad_out``'s device and its current stream; the compiled kernel bound per launch
-    key as in :func:`~.fused_lora_gemm.launch_fused_lora_gemm`).
+    key as in :func:`~.fused_lora_gemm.launch_fused_lora_gemm`; inside
+    :func:`lora_ensemble.compiling_ahead` a key's first call only compiles and leaves the outputs unwritten).
 
     Every tensor may have any strides.
 

@@ -9,6 +9,7 @@ from . import (
     metrics,
 )
 from .backends import available_backends
+from .compile_ahead import compiling_ahead
 from .ensemble import EnsembleHead, EnsemblePrediction, LoRAEnsemble, PerMemberModule
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members, to_member_fastest, to_member_major
@@ -28,6 +29,7 @@ __all__ = [
     "MemberParallelEnsemble",
     "PerMemberModule",
     "available_backends",
+    "compiling_ahead",
     "fused_lora_ensemble_linear",
     "lora_ensemble_delta",
     "lora_ensemble_reference",

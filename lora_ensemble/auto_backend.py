@@ -17,6 +17,10 @@ are recorded. On the first call of a class, in this order:
    then stored choices are not read either, so the choice is a function of the shape and the GPU
    alone and repeated runs compute the same bits).
 
+Inside :func:`lora_ensemble.compiling_ahead` a class not yet decided is not decided: its calls go to
+``triton`` (when a candidate), whose kernels compile ahead while the composite computes them, and the
+first call after the block decides as above.
+
 Every later call of the class is one dictionary lookup. What was chosen and why is logged once per
 class (logger ``lora_ensemble.auto``, level DEBUG) and listed by :func:`auto_decisions` /
 :func:`format_auto_decisions` (``python -m lora_ensemble.info``).
@@ -35,6 +39,7 @@ from torch import Tensor
 
 from .auto_costs import ShapeClass, estimate_backend, rows_bucket
 from .backends import auto_candidates, get_backend
+from .compile_ahead import ahead_compiles
 from .tuning_store import PIN_VARIABLE, tuning_pinned, tuning_store
 
 __all__ = [
@@ -232,6 +237,8 @@ def auto_backend(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: 
     decision = _DECISIONS.get((x.device, shape))
     if decision is None:
         candidates = auto_candidates(x.device, x.dtype)
+        if "triton" in candidates and ahead_compiles() is not None:
+            return "triton"  # its kernels compile now (the composite computes the call); decided after the block
         decision = _record(x.device, decide(
             x.device, shape, candidates,
             lambda: _measuring_steps(x, weight, bias, lora_A, lora_B, scaling, shared_input, base, grad, candidates)))

@@ -7,6 +7,9 @@ grouped launch for ``dA`` and ``dB`` of all members. fp32 inputs follow PyTorch'
 setting: TF32 tensor cores when it allows TF32, else 3xTF32 (about fp32 accuracy); see
 :func:`lora_ensemble.kernels.configs.dot_precision`.
 
+Inside :func:`lora_ensemble.compiling_ahead` the launchers compile their new keys and launch nothing,
+and every function here returns the composite's result (:mod:`lora_ensemble.backend_torch`).
+
 Every function follows the backend contract of :mod:`lora_ensemble.backends`.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import backend_torch
+from .compile_ahead import ahead_compiles
 from .kernels.fused_lora_gemm import launch_fused_lora_gemm
 from .kernels.lora_grads import launch_lora_grads
 
@@ -33,7 +38,10 @@ def forward(
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
     # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k]: given as W0, A, B
     # (transposed=True: read with swapped strides, no views made per call).
-    return launch_fused_lora_gemm(x, weight, lora_A, lora_B, bias, scaling, base=base, transposed=True)
+    result = launch_fused_lora_gemm(x, weight, lora_A, lora_B, bias, scaling, base=base, transposed=True)
+    if ahead_compiles() is not None:
+        return backend_torch.forward(x, weight, bias, lora_A, lora_B, scaling, shared_input, base=base)
+    return result
 
 
 def backward_dx(
@@ -47,7 +55,10 @@ def backward_dx(
     """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
     ``dyb = grad_out @ B [N, M, r]`` fp32."""
     # in = dy, weight = W0 [k, d], shrink = B [N, k, r], expand = A [N, r, d].
-    return launch_fused_lora_gemm(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
+    result = launch_fused_lora_gemm(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
+    if ahead_compiles() is not None:
+        return backend_torch.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
+    return result
 
 
 def backward_lora(
@@ -59,4 +70,7 @@ def backward_lora(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
-    return launch_lora_grads(grad_out, x, xa, dyb, scaling)
+    result = launch_lora_grads(grad_out, x, xa, dyb, scaling)
+    if ahead_compiles() is not None:
+        return backend_torch.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
+    return result

@@ -100,3 +100,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch, tmp_path):
+    """A new process's state of ``backend="auto"``: no decisions, an empty tuning folder, nothing pinned."""
+    from lora_ensemble import auto_backend, functional, tuning_store
+
+    monkeypatch.setenv(tuning_store.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.delenv(auto_backend.PIN_VARIABLE, raising=False)
+    monkeypatch.delenv(auto_backend.MEASURE_VARIABLE, raising=False)
+
+    def reset() -> None:
+        auto_backend._CHOICES.clear()
+        auto_backend._DECISIONS.clear()
+        tuning_store._store.cache_clear()
+        functional._resolve_cached.cache_clear()
+
+    reset()
+    yield reset
+    reset()
+
+
+@pytest.fixture
+def two_candidates(fresh_auto, monkeypatch):
+    """``auto`` on the CPU chooses between the Triton interpreter and the composite."""
+    from lora_ensemble import auto_backend, backends
+
+    def candidates(device, dtype):
+        return ("triton", "torch") if dtype in backends.FUSED_DTYPES else ("torch",)
+
+    monkeypatch.setattr(backends, "auto_candidates", candidates)
+    monkeypatch.setattr(auto_backend, "auto_candidates", candidates)
+    return fresh_auto

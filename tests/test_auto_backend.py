@@ -27,35 +27,6 @@ from lora_ensemble.reference import lora_ensemble_reference
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def fresh_auto(monkeypatch, tmp_path):
-    """A new process's state: no decisions, an empty tuning folder, nothing pinned."""
-    monkeypatch.setenv(tuning_store.CACHE_DIR_VARIABLE, str(tmp_path))
-    monkeypatch.delenv(ab.PIN_VARIABLE, raising=False)
-    monkeypatch.delenv(ab.MEASURE_VARIABLE, raising=False)
-
-    def reset() -> None:
-        ab._CHOICES.clear()
-        ab._DECISIONS.clear()
-        tuning_store._store.cache_clear()
-        functional._resolve_cached.cache_clear()
-
-    reset()
-    yield reset
-    reset()
-
-
-@pytest.fixture
-def two_candidates(fresh_auto, monkeypatch):
-    """``auto`` on the CPU chooses between the Triton interpreter and the composite."""
-    def candidates(device, dtype):
-        return ("triton", "torch") if dtype in backends.FUSED_DTYPES else ("torch",)
-
-    monkeypatch.setattr(backends, "auto_candidates", candidates)
-    monkeypatch.setattr(ab, "auto_candidates", candidates)
-    return fresh_auto
-
-
 def shape(**overrides) -> ShapeClass:
     fields = dict(op="linear", dtype=torch.bfloat16, members=16, rows=64, d=768, k=768, rank=8, shared=False,
                   grad=False)
