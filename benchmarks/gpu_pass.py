@@ -5,7 +5,7 @@ On the GPU machine, from a fresh checkout (offline; the extension is built first
 
     python -m benchmarks.gpu_pass --part first --out DIR     # <= 480 s on an H100 (budgets below)
     python -m benchmarks.gpu_pass --part second --out DIR    # <= 180 s, same machine, after first
-    python -m benchmarks.gpu_pass --part long --out DIR      # the six long parts in a row (~1 h)
+    python -m benchmarks.gpu_pass --part long --out DIR      # the seven long parts in a row (~1 h)
     python -m benchmarks.gpu_pass --list                     # every step, its budget and command
     python -m benchmarks.gpu_pass --part first --smoke --out DIR   # the same code paths on a CPU
 
@@ -65,7 +65,7 @@ __all__ = ["FAST_PARTS", "LONG_PARTS", "PART_BUDGET_S", "Step", "StepResult", "m
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 FAST_PARTS = ("first", "second")
-LONG_PARTS = ("tests", "sanitize", "ops-a", "ops-b", "e2e", "llm")
+LONG_PARTS = ("tests", "sanitize", "ops-a", "ops-b", "e2e", "llm", "first-call")
 # What a part may take on an H100, steps' budgets summed stage by stage (the build included): the
 # lent machines give 15 minutes of GPU time in all, at most 10 per command, 1-2 of them to start.
 PART_BUDGET_S = {"first": 480, "second": 180, **dict.fromkeys(LONG_PARTS, 570)}
@@ -212,7 +212,7 @@ def _bench(json_path: Path, *args: str) -> tuple[str, ...]:
 
 
 def _long(part: str, logs: Path, arch: str) -> list[Stage]:
-    """The six long parts (each under 10 minutes; about an hour in all), one step per stage, each
+    """The seven long parts (each under 10 minutes; about an hour in all), one step per stage, each
     part building the extension first when it is missing."""
     clocks = ("nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw", "--format=csv")
     gpu = {"gpu_only": NO_GPU_STEP}
@@ -244,6 +244,9 @@ def _long(part: str, logs: Path, arch: str) -> list[Stage]:
                  Step("e2e_repeat", _bench(logs / "e2e_repeat.json", "benchmarks/bench_end_to_end.py", "-k",
                                            "e2e_train and not graphed"), 170, **gpu),
                  Step("clocks_after", clocks, 30, required=False, **gpu)]
+    elif part == "first-call":
+        # A ViT-B/32 ensemble's first result in new processes: key by key, compiled ahead, a second process.
+        steps = [Step("first_forward", (PYTHON, "-m", "benchmarks.first_forward", "--out", str(logs)), 240, **gpu)]
     else:  # llm
         steps = [Step("clocks_before", clocks, 30, required=False, **gpu),
                  Step("llm", _bench(logs / "llm.json", "benchmarks/bench_llm.py"), 420, **gpu),

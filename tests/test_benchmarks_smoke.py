@@ -252,3 +252,15 @@ def test_triton_c_launch_reaches_the_stand_in_driver() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"C launch .*: \d+\.\d+ µs a launch", done.stdout), done.stdout
     assert "11 launches reached cuLaunchKernelEx" in done.stdout, done.stdout  # 1 warm-up + 2 rounds x 5
+
+
+def test_first_forward_runs_each_variant_in_a_new_process(tmp_path: Path) -> None:
+    from benchmarks import first_forward
+
+    with mock.patch.object(first_forward, "STEPS", ("e2e_infer",)):
+        assert first_forward.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "first_forward.json").read_text())["results"]
+    assert [r["variant"] for r in results] == list(first_forward.VARIANTS)
+    assert all(r["first_s"] > 0 and r["step_s"] > 0 for r in results)
+    assert "compiled ahead" in results[1]["ahead"] and 0 < results[1]["ahead_block_s"] <= results[1]["first_s"]
+    assert "| e2e_infer | second |" in (tmp_path / "first_forward.md").read_text()
