@@ -26,6 +26,7 @@ PYTHON_FENCES = {"python", "py", "python3", "pycon"}
 # the README's python blocks, in order -> the test below that runs each
 BLOCK_TESTS = {
     "Quickstart": "test_quickstart_runs",
+    "Backends": "test_compiling_ahead_runs",
     "Wrapping a model (LoRA-Ensemble)": "test_wrapping_a_model_runs",
     "fp32 adapters on a bf16 base, quantized bases": "test_fp32_adapters_on_a_bf16_base_runs",
     "Evaluating an ensemble": "test_evaluating_an_ensemble_runs",
@@ -86,6 +87,12 @@ def test_quickstart_runs(tmp_path, monkeypatch, capsys) -> None:
     assert len(block_code("Quickstart").strip().splitlines()) <= 10
     run_block("Quickstart", tmp_path, monkeypatch)
     assert "torch.Size([8, 10, 32]) True" in capsys.readouterr().out
+
+
+def test_compiling_ahead_runs(tmp_path, monkeypatch, capsys) -> None:
+    scope = run_block("Backends", tmp_path, monkeypatch)
+    assert capsys.readouterr().out.startswith("compiled ahead: ")
+    assert scope["y"].shape == (4, 10, 32) and torch.isfinite(scope["y"]).all()
 
 
 def test_wrapping_a_model_runs(tmp_path, monkeypatch, capsys) -> None:
