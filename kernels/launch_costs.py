@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 from .config_model import GemmLaunch
-from .launch_policy import RowTiling
+from .launch_policy import RowTiling, stacked_row_tiles
 
 __all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
 
@@ -44,25 +44,24 @@ def _dot_key(precision: str, element_size: int) -> str:
     return "16bit" if element_size == 2 else precision
 
 
-def stacked_tile_members(members: int, rows: int, block_m: int, rank_slots: int,
-                         member_tiles: bool = False) -> tuple[int, int, int]:
-    """``(T, sum_t S_t, sum_t passes_t)`` of the stacked kernel over ``members * rows`` rows in tiles of
-    ``block_m``: the row tiles, the members they hold (one (tile, member) pair per member with rows
-    in the tile) and the rank passes they run (``ceil(S_t / rank_slots)`` each). With
-    ``member_tiles`` every tile holds one member in one pass."""
-    if member_tiles:
-        tiles = members * _cdiv(rows, block_m)
+def stacked_tile_members(members: int, rows: int, tiling: RowTiling) -> tuple[int, int, int]:
+    """``(T, sum_t S_t, sum_t passes_t)`` of the stacked kernel over ``members * rows`` rows under
+    ``tiling``: the row tiles (:func:`~.launch_policy.stacked_row_tiles`), the members they hold (one
+    (tile, member) pair per member with rows in the tile) and the rank passes they run
+    (``ceil(S_t / rank_slots)`` each). With member tiles every tile holds one member in one pass."""
+    rows = max(rows, 1)
+    tiles = stacked_row_tiles(rows, members, tiling)
+    if tiling.member_tiles:
         return tiles, tiles, tiles
-    stacked = members * max(rows, 1)
-    tiles = _cdiv(stacked, block_m)
     if tiles > _MAX_COUNTED_TILES:
         held = members + tiles - 1
-        return tiles, held, max(tiles, _cdiv(held, rank_slots))
+        return tiles, held, max(tiles, _cdiv(held, tiling.rank_slots))
     held = passes = 0
+    block_m, stacked = tiling.block_m, members * rows
     for start in range(0, stacked, block_m):
         span = (min(start + block_m, stacked) - 1) // rows - start // rows + 1
         held += span
-        passes += _cdiv(span, rank_slots)
+        passes += _cdiv(span, tiling.rank_slots)
     return tiles, held, passes
 
 
@@ -72,7 +71,7 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
     """One stacked fused launch (forward or dx) of ``members`` x ``rows`` rows, ``inner`` -> ``cols``,
     rank ``rank`` (tile ``block_r``) under ``tiling``, in ``element_size``-byte inputs."""
     e = element_size
-    tiles, held, passes = stacked_tile_members(members, rows, tiling.block_m, tiling.rank_slots, tiling.member_tiles)
+    tiles, held, passes = stacked_tile_members(members, rows, tiling)
     stacked = members * rows
     dram = (e * (stacked * inner + (inner * cols if has_weight else 0) + members * rank * (inner + cols)
                  + stacked * cols * (2 if has_base else 1)) + 4 * stacked * rank)

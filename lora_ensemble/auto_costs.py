@@ -249,7 +249,7 @@ def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     32-row tiles)."""
     from .kernels import launch_costs
     from .kernels.config_model import KERNEL_OVERHEAD_S, GemmLaunch, config_cost
-    from .kernels.launch_policy import block_rank, grad_row_splits
+    from .kernels.launch_policy import RowTiling, block_rank, grad_row_splits
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
     e, weight = _element_size(shape.dtype), shape.op == "linear"
@@ -273,7 +273,7 @@ def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
         else:
             block_rows, tile_rows, row_tiles, splits, per_split = _cuda_stacked_plan(n, m, inner, rank_pad, cols, e,
                                                                                       gpu)
-            _, held_total, _ = launch_costs.stacked_tile_members(n, m, tile_rows, 1)
+            _, held_total, _ = launch_costs.stacked_tile_members(n, m, RowTiling(tile_rows, 1, False))
             held = held_total / row_tiles
             pairs = held if block_rows == 16 else min(block_rows // 16 + held - 1, 4 * held)
             in_rows = out_rows = n * m
