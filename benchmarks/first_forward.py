@@ -12,6 +12,8 @@ variant           what the process does
 ``ahead``         empty caches: the step inside ``lora_ensemble.compiling_ahead()`` (the composite
                   computes it while every key's configs compile together), then the step
 ``second``        the caches ``ahead`` left (stored winners, Triton's disk cache): the step
+``pinned``        empty caches, ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0``: the step; each key compiles the
+                  cost model's first config at its first call, nothing timed
 ================  ===========================================================================
 
 for two steps: ``e2e_infer`` (a forward without autograd) and ``e2e_train`` (forward, cross-entropy,
@@ -38,7 +40,7 @@ import torch
 
 __all__ = ["VARIANTS", "main", "run_variant"]
 
-VARIANTS = ("key_by_key", "ahead", "second")
+VARIANTS = ("key_by_key", "ahead", "second", "pinned")
 STEPS = ("e2e_infer", "e2e_train")
 _TIMEOUT_S = 150  # one process
 
@@ -77,6 +79,8 @@ def run_variant(variant: str, step_name: str, smoke: bool) -> dict:
 def _in_new_process(variant: str, step_name: str, smoke: bool, caches: Path) -> dict:
     env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), "LORA_ENSEMBLE_CACHE_DIR": str(caches / "tuning")}
     env.pop("LORA_ENSEMBLE_TRITON_AUTOTUNE", None)
+    if variant == "pinned":
+        env["LORA_ENSEMBLE_TRITON_AUTOTUNE"] = "0"
     command = [sys.executable, "-m", "benchmarks.first_forward", "--variant", variant, "--step", step_name]
     started = time.perf_counter()
     try:
@@ -132,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for step_name in STEPS:
         with tempfile.TemporaryDirectory(prefix="first_forward_") as folder:
-            fresh, kept = Path(folder) / "fresh", Path(folder) / "kept"
-            results.append(_in_new_process("key_by_key", step_name, args.smoke, fresh))
-            results.append(_in_new_process("ahead", step_name, args.smoke, kept))
-            results.append(_in_new_process("second", step_name, args.smoke, kept))
+            for variant in VARIANTS:  # second reuses the caches ahead left; the others start empty
+                caches = Path(folder) / ("ahead" if variant == "second" else variant)
+                results.append(_in_new_process(variant, step_name, args.smoke, caches))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "first_forward.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     table = _table(results)

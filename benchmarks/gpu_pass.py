@@ -245,7 +245,7 @@ def _long(part: str, logs: Path, arch: str) -> list[Stage]:
                                            "e2e_train and not graphed"), 170, **gpu),
                  Step("clocks_after", clocks, 30, required=False, **gpu)]
     elif part == "first-call":
-        # A ViT-B/32 ensemble's first result in new processes: key by key, compiled ahead, a second process.
+        # A ViT-B/32 ensemble's first result in new processes: key by key, ahead, a second process, pinned.
         steps = [Step("first_forward", (PYTHON, "-m", "benchmarks.first_forward", "--out", str(logs)), 240, **gpu)]
     else:  # llm
         steps = [Step("clocks_before", clocks, 30, required=False, **gpu),
