@@ -38,16 +38,16 @@ def fresh_kernels(monkeypatch, tmp_path):
         monkeypatch.setattr(kernel, "tunings", {})
 
 
-def two_layers(backend: str, shared_input: bool = False) -> torch.nn.Sequential:
+def two_layers(backend: str, shared_input: bool = False, **factory) -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        FusedLoRAEnsembleLinear(20, 24, num_members=3, rank=2, backend=backend, shared_input=shared_input),
-        FusedLoRAEnsembleLinear(24, 12, num_members=3, rank=5, backend=backend))
+        FusedLoRAEnsembleLinear(20, 24, num_members=3, rank=2, backend=backend, shared_input=shared_input, **factory),
+        FusedLoRAEnsembleLinear(24, 12, num_members=3, rank=5, backend=backend, **factory))
 
 
 def step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     out = model(x)
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)).sum().backward()
     return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -100,6 +100,33 @@ def test_pinned_tuning_submits_the_models_first_config_alone(fresh_kernels, monk
     assert [count for _, _, count in ahead.keys] == [1, 1]
     # The choice is made: the first call after the block runs that config, with nothing timed.
     assert [t.source for k in KERNELS for t in k.tunings.values()] == ["pinned: the model's first"] * 2
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_first_step_after_the_block_compiles_nothing(fresh_kernels, monkeypatch):
+    from triton.runtime.jit import JITFunction
+
+    x = torch.randn(3, 5, 20, device="cuda", dtype=torch.bfloat16)
+    expected, expected_grads = step(two_layers("torch", device="cuda", dtype=torch.bfloat16), x)
+    model = two_layers("triton", device="cuda", dtype=torch.bfloat16)
+    with compiling_ahead() as ahead:
+        out, _ = step(model, x)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)  # the composite (cuBLAS may pick other kernels)
+    assert ahead.keys and ahead.workers > 0
+    compiles = []
+    do_compile = JITFunction._do_compile
+
+    def counted(self, *args, **kwargs):
+        compiles.append(self)
+        return do_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    model.zero_grad()
+    out, grads = step(model, x)
+    assert not compiles  # every config timed and run was compiled in the block
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=5e-2, atol=5e-2)
 
 
 def test_blocks_do_not_nest_and_workers_are_checked():
