@@ -134,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         meta["triton"] = None
     results = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for step_name in STEPS:
         with tempfile.TemporaryDirectory(prefix="first_forward_") as folder:
             for variant in VARIANTS:  # second reuses the caches ahead left; the others start empty
                 caches = Path(folder) / ("ahead" if variant == "second" else variant)
                 results.append(_in_new_process(variant, step_name, args.smoke, caches))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "first_forward.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+                # Rewritten after every process: a run stopped at its budget keeps what it measured.
+                (args.out / "first_forward.json").write_text(
+                    json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     table = _table(results)
     (args.out / "first_forward.md").write_text(
         f"First-call wait of a ViT-B/32 LoRA-Ensemble on {meta['device']}, torch {meta['torch']}, triton "
