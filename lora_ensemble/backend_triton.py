@@ -8,7 +8,8 @@ setting: TF32 tensor cores when it allows TF32, else 3xTF32 (about fp32 accuracy
 :func:`lora_ensemble.kernels.configs.dot_precision`.
 
 Inside :func:`lora_ensemble.compiling_ahead` the launchers compile their new keys and launch nothing,
-and every function here returns the composite's result (:mod:`lora_ensemble.backend_torch`).
+and every function here returns the composite's result (:mod:`lora_ensemble.backend_torch`); during a
+CUDA-graph capture there, an error (before anything is launched).
 
 Every function follows the backend contract of :mod:`lora_ensemble.backends`.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import backend_torch
-from .compile_ahead import ahead_compiles
+from .compile_ahead import composite_computes
 from .kernels.fused_lora_gemm import launch_fused_lora_gemm
 from .kernels.lora_grads import launch_lora_grads
 
@@ -38,10 +39,9 @@ def forward(
     """``x [N, M, d]`` (or ``[M, d]`` shared) -> ``out [N, M, k]`` in x.dtype, ``xa [N, M, r]`` fp32."""
     # in = x, weight = W0^T [d, k], shrink = A^T [N, d, r], expand = B^T [N, r, k]: given as W0, A, B
     # (transposed=True: read with swapped strides, no views made per call).
+    ahead = composite_computes()
     result = launch_fused_lora_gemm(x, weight, lora_A, lora_B, bias, scaling, base=base, transposed=True)
-    if ahead_compiles() is not None:
-        return backend_torch.forward(x, weight, bias, lora_A, lora_B, scaling, shared_input, base=base)
-    return result
+    return backend_torch.forward(x, weight, bias, lora_A, lora_B, scaling, shared_input, base=base) if ahead else result
 
 
 def backward_dx(
@@ -55,10 +55,9 @@ def backward_dx(
     """``grad_out [N, M, k]`` -> ``dx [N, M, d]`` (``[M, d]`` summed over members when shared),
     ``dyb = grad_out @ B [N, M, r]`` fp32."""
     # in = dy, weight = W0 [k, d], shrink = B [N, k, r], expand = A [N, r, d].
+    ahead = composite_computes()
     result = launch_fused_lora_gemm(grad_out, weight, lora_B, lora_A, None, scaling, sum_members=shared_input)
-    if ahead_compiles() is not None:
-        return backend_torch.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input)
-    return result
+    return backend_torch.backward_dx(grad_out, weight, lora_A, lora_B, scaling, shared_input) if ahead else result
 
 
 def backward_lora(
@@ -70,7 +69,6 @@ def backward_lora(
     shared_input: bool,
 ) -> tuple[Tensor, Tensor]:
     """``dA = s * dyb^T @ x [N, r, d]`` and ``dB = s * grad_out^T @ xa [N, k, r]``, in x.dtype."""
+    ahead = composite_computes()
     result = launch_lora_grads(grad_out, x, xa, dyb, scaling)
-    if ahead_compiles() is not None:
-        return backend_torch.backward_lora(grad_out, x, xa, dyb, scaling, shared_input)
-    return result
+    return backend_torch.backward_lora(grad_out, x, xa, dyb, scaling, shared_input) if ahead else result

@@ -19,7 +19,9 @@ What a key compiles ahead is what its first call would: the stored winner or, wi
 compile; else the model's best ``MAX_TIMED_CONFIGS``. ``backend="auto"`` makes no choice inside the
 block: a shape class not yet decided submits its Triton compiles, and is decided (measured) at its
 first call after it. The block covers the calls made on its own thread (a context variable). Nothing
-here changes what a call computes: inside the block every call's result is the composite's.
+here changes what a call computes: inside the block every call's result is the composite's. So no
+CUDA graph may be captured inside it (``torch.compile(mode="reduce-overhead")`` records on a later
+call): the graph would replay the composite for good; a fused call during a capture there is an error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-__all__ = ["AheadCompiles", "ahead_compiles", "compiling_ahead"]
+import torch
+
+__all__ = ["AheadCompiles", "ahead_compiles", "compiling_ahead", "composite_computes"]
 
 # The most compile threads of one block (each compile runs ptxas in a process of its own).
 _MAX_WORKERS = 32
@@ -73,6 +77,22 @@ _ACTIVE: ContextVar[AheadCompiles | None] = ContextVar("lora_ensemble_compiling_
 def ahead_compiles() -> AheadCompiles | None:
     """The :class:`AheadCompiles` of the block this thread is in, or None outside one."""
     return _ACTIVE.get()
+
+
+def composite_computes() -> bool:
+    """Whether this thread is inside a :func:`compiling_ahead` block, where the composite computes the
+    fused backends' calls.
+
+    Raises:
+        RuntimeError: inside a block while a CUDA graph is being captured (it would replay the composite).
+    """
+    if _ACTIVE.get() is None:
+        return False
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("a CUDA graph is being captured inside lora_ensemble.compiling_ahead(), where the "
+                           "composite computes the fused calls: the graph would replay it for good. Capture after "
+                           "the block (torch.compile's reduce-overhead mode records on a later call than the first)")
+    return True
 
 
 def _async_compile_mode(workers: int) -> tuple[contextlib.ExitStack | None, int]:

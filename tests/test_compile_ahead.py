@@ -129,6 +129,18 @@ def test_on_a_gpu_the_first_step_after_the_block_compiles_nothing(fresh_kernels,
         torch.testing.assert_close(g, e, rtol=5e-2, atol=5e-2)
 
 
+def test_a_cuda_graph_captured_inside_the_block_is_refused_before_any_launch(fresh_kernels, monkeypatch):
+    # No GPU here: the capture is what torch.cuda reports during one.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    model = two_layers("triton")
+    with compiling_ahead() as ahead, torch.no_grad(), pytest.raises(RuntimeError, match="would replay it for good"):
+        model(torch.randn(3, 5, 20))
+    assert not ahead.keys and all(not kernel.bound for kernel in KERNELS)
+    with torch.no_grad():  # outside a block the fused call runs as it would in a capture
+        assert torch.isfinite(model(torch.randn(3, 5, 20))).all()
+
+
 def test_blocks_do_not_nest_and_workers_are_checked():
     with compiling_ahead(), pytest.raises(RuntimeError, match="do not nest"):
         with compiling_ahead():
