@@ -53,12 +53,12 @@ from .reference import (
     lora_ensemble_reference_backward,
     relative_error,
 )
-from .tuning_store import CACHE_DIR_VARIABLE, tuning_store
+from .tuning_store import CACHE_DIR_VARIABLE, PIN_VARIABLE, tuning_store
 
 __all__ = ["AUTOTUNE_SWITCH", "CHECK_CASES", "AutoChoice", "CheckCase", "CheckRow", "auto_choice", "check",
            "error_bound", "format_check", "main", "report"]
 
-AUTOTUNE_SWITCH = "LORA_ENSEMBLE_TRITON_AUTOTUNE"
+AUTOTUNE_SWITCH = PIN_VARIABLE  # LORA_ENSEMBLE_TRITON_AUTOTUNE
 INTERPRETER_BF16 = "bf16 tl.dot is silently wrong in the Triton interpreter (triton#11584): checked on a GPU only"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
