@@ -19,6 +19,8 @@
 # key is one dictionary lookup and the compiled kernel's launcher on the current stream: no binder,
 # no autotuner, no per-call config filtering or argument dictionaries.
 # Under TRITON_INTERPRET=1 there is no compiled kernel: each launch runs the interpreter.
+# Each choice is logged once (logger lora_ensemble.triton, level DEBUG): the key, the config, how it was
+# chosen and, when timed, every candidate's µs and the seconds its compiles and timings took.
 # Inside lora_ensemble.compiling_ahead() (lora_ensemble/compile_ahead.py) a launch key's first launch
 # launches nothing: it submits the compiles its choice will need (the untimed choice's config, else the
 # best MAX_TIMED_CONFIGS) to the block's thread pool, so that a whole model's keys compile together.
@@ -27,6 +29,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +46,8 @@ from .config_model import GemmLaunch, best_configs
 from .configs import interpreting
 
 __all__ = ["MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
+
+logger = logging.getLogger("lora_ensemble.triton")
 
 # The most candidates compiled and timed for one tuning key (the cost model picks them).
 MAX_TIMED_CONFIGS = 3
@@ -179,11 +185,15 @@ class TunedKernel:
         if tuning is None:
             from lora_ensemble.tuning_store import tuning_store
 
+            start = time.perf_counter()
             timings = self._time(ranked, args, plan)
             best = min(ranked, key=lambda c: timings[_config_name(c)])
             tuning_store(device).record_triton_config(self.name, plan.tuning_key, best.kwargs, best.num_warps,
                                                       best.num_stages, timings)
             tuning = self.tunings[(str(device), plan.tuning_key, pinned)] = _Tuning(best, "timed", timings)
+            times = ", ".join(f"{name} {us:.1f} µs" for name, us in sorted(timings.items(), key=lambda kv: kv[1]))
+            logger.debug("%s on %s, %s: %s (timed: %s; compiled and timed in %.2f s)", self.name, device,
+                         plan.tuning_key, _config_name(best), times, time.perf_counter() - start)
         return tuning
 
     def _known_tuning(self, plan: LaunchPlan, device: torch.device,
@@ -207,6 +217,8 @@ class TunedKernel:
                 return None, ranked
             tuning = _Tuning(match, "stored", dict(stored.get("timings_us", {})))
         self.tunings[memo] = tuning
+        logger.debug("%s on %s, %s: %s (%s)", self.name, device, plan.tuning_key, _config_name(tuning.config),
+                     tuning.source)
         return tuning, []
 
     def _compile_ahead(self, ahead: AheadCompiles, key: tuple, args: tuple, plan: LaunchPlan, device: torch.device,

@@ -27,6 +27,7 @@ call): the graph would replay the composite for good; a fused call during a capt
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["AheadCompiles", "ahead_compiles", "compiling_ahead", "composite_computes"]
+
+logger = logging.getLogger("lora_ensemble.triton")
 
 # The most compile threads of one block (each compile runs ptxas in a process of its own).
 _MAX_WORKERS = 32
@@ -146,3 +149,4 @@ def compiling_ahead(workers: int | None = None) -> Iterator[AheadCompiles]:
         if mode is not None:
             mode.close()
         ahead.wait_s = time.perf_counter() - start
+        logger.debug("%s", ahead.summary())

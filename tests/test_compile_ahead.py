@@ -11,6 +11,7 @@ cache key."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -141,6 +142,18 @@ def test_a_cuda_graph_captured_inside_the_block_is_refused_before_any_launch(fre
         assert torch.isfinite(model(torch.randn(3, 5, 20))).all()
 
 
+def test_each_config_choice_is_logged_once(fresh_kernels, caplog):
+    caplog.set_level(logging.DEBUG, logger="lora_ensemble.triton")
+    model, x = two_layers("triton"), torch.randn(3, 5, 20)
+    with torch.no_grad():
+        model(x)
+        model(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lora_ensemble.triton"]
+    # The interpreter has one config: each layer's key logs it once, with the key and the reason.
+    assert len(lines) == 2 and all(line.startswith("fused_lora_gemm on cpu, ") for line in lines), lines
+    assert all(line.endswith("(the only candidate)") for line in lines), lines
+
+
 def test_blocks_do_not_nest_and_workers_are_checked():
     with compiling_ahead(), pytest.raises(RuntimeError, match="do not nest"):
         with compiling_ahead():
@@ -167,7 +180,7 @@ def test_auto_decides_after_the_block(fresh_kernels, two_candidates, monkeypatch
 
 
 SCRIPT = r"""
-import json, sys, time
+import json, logging, sys, time
 import torch
 import triton.testing
 from triton.backends.compiler import GPUTarget
@@ -201,6 +214,10 @@ def bench(fn, **kwargs):
 
 JITFunction._do_compile = counted
 triton.testing.do_bench = bench
+logged = []
+log = logging.getLogger("lora_ensemble.triton")
+log.setLevel(logging.DEBUG)
+log.addHandler(type("Keep", (logging.Handler,), {"emit": lambda self, record: logged.append(record.getMessage())})())
 
 torch.manual_seed(0)
 n, m, d, k, r = 4, 24, 64, 48, 8
@@ -234,6 +251,7 @@ else:
     report["after_launches"] = len(launches)
 report["tunings"] = [t.source for kernel in (fused_lora_gemm._STACKED, lora_grads._GRADS)
                      for t in kernel.tunings.values()]
+report["log"] = logged
 print(json.dumps(report))
 """
 
@@ -258,10 +276,14 @@ def test_the_first_calls_after_the_block_compile_nothing_and_a_second_process_re
     # After it: every config timed and run is already compiled (Triton's cache key), three bound launches.
     assert report["after_compiles"] == 0, report
     assert report["tunings"] == ["timed"] * 3 and report["after_launches"] >= 3, report
+    # Logged (lora_ensemble.triton, DEBUG): the block's summary, then each key's choice with its timings.
+    assert report["log"][0].startswith("compiled ahead: 3 launch keys, 8 configs (2 threads)"), report["log"]
+    assert sum("(timed: " in line and "compiled and timed in" in line for line in report["log"]) == 3, report["log"]
     # A second process: each key's stored winner alone, its binary from Triton's disk cache (no new file).
     binaries = sorted((tmp_path / "triton").rglob("*.cubin"))
     second = run("second")
     assert second["tunings"] == ["stored"] * 3 and second["jit_compiles"] == 3 and second["launches"] == 3, second
+    assert [line.endswith("(stored)") for line in second["log"]] == [True] * 3, second["log"]
     assert sorted((tmp_path / "triton").rglob("*.cubin")) == binaries and len(binaries) == submitted
     print(f"first process {report['seconds']:.2f} s, second {second['seconds']:.2f} s")
 
