@@ -50,7 +50,7 @@ class AheadCompiles:
 
     Attributes:
         keys: ``(kernel, tuning key, configs submitted)`` per launch key met in the block, in order
-            (several launch keys may share a tuning key: then its configs compile once).
+            (a compile that two launch keys share, by Triton's cache key, runs once).
         wait_s: the seconds that leaving the block waited for the compiles still running.
         workers: the compile threads (0 where this Triton compiles only one after another).
     """
@@ -67,11 +67,12 @@ class AheadCompiles:
         return not seen
 
     def summary(self) -> str:
-        """One line: keys, configs and the wait at the block's end."""
-        configs = sum(count for _, _, count in self.keys)
+        """One line: launch keys, the tuning keys they belong to, configs submitted, the wait at the end."""
+        tuning_keys = {(kernel, key) for kernel, key, _ in self.keys}
         threads = f"{self.workers} threads" if self.workers else "one after another"
-        return (f"compiled ahead: {len(self.keys)} launch keys, {configs} configs ({threads}); "
-                f"the block's end waited {self.wait_s:.2f} s")
+        return (f"compiled ahead: {len(self.keys)} launch keys of {len(tuning_keys)} tuning keys, "
+                f"{sum(count for _, _, count in self.keys)} configs submitted ({threads}; a compile launch keys "
+                f"share runs once); the block's end waited {self.wait_s:.2f} s")
 
 
 _ACTIVE: ContextVar[AheadCompiles | None] = ContextVar("lora_ensemble_compiling_ahead", default=None)

@@ -94,6 +94,17 @@ def test_a_key_met_again_in_the_block_is_submitted_once(fresh_kernels):
     assert len(ahead.keys) == 2, ahead.keys
 
 
+def test_the_summary_counts_launch_keys_tuning_keys_and_configs(fresh_kernels):
+    model = two_layers("triton")
+    with torch.no_grad(), compiling_ahead() as ahead:
+        model(torch.randn(3, 6, 20))
+        model(torch.randn(3, 7, 20))  # 6 and 7 rows a member: one bucket, one row tiling (32-row tiles)
+    assert len(ahead.keys) == 4 and len({key for _, key, _ in ahead.keys}) == 2, ahead.keys
+    configs = sum(count for _, _, count in ahead.keys)
+    assert ahead.summary().startswith(f"compiled ahead: 4 launch keys of 2 tuning keys, {configs} configs submitted"), (
+        ahead.summary())
+
+
 def test_pinned_tuning_submits_the_models_first_config_alone(fresh_kernels, monkeypatch):
     monkeypatch.setenv("LORA_ENSEMBLE_TRITON_AUTOTUNE", "0")
     with torch.no_grad(), compiling_ahead() as ahead:
@@ -277,7 +288,8 @@ def test_the_first_calls_after_the_block_compile_nothing_and_a_second_process_re
     assert report["after_compiles"] == 0, report
     assert report["tunings"] == ["timed"] * 3 and report["after_launches"] >= 3, report
     # Logged (lora_ensemble.triton, DEBUG): the block's summary, then each key's choice with its timings.
-    assert report["log"][0].startswith("compiled ahead: 3 launch keys, 8 configs (2 threads)"), report["log"]
+    summary = "compiled ahead: 3 launch keys of 3 tuning keys, 8 configs submitted (2 threads;"
+    assert report["log"][0].startswith(summary), report["log"]
     assert sum("(timed: " in line and "compiled and timed in" in line for line in report["log"]) == 3, report["log"]
     # A second process: each key's stored winner alone, its binary from Triton's disk cache (no new file).
     binaries = sorted((tmp_path / "triton").rglob("*.cubin"))
