@@ -77,10 +77,12 @@ def run_variant(variant: str, step_name: str, smoke: bool) -> dict:
 
 
 def _in_new_process(variant: str, step_name: str, smoke: bool, caches: Path) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), "LORA_ENSEMBLE_CACHE_DIR": str(caches / "tuning")}
-    env.pop("LORA_ENSEMBLE_TRITON_AUTOTUNE", None)
+    from lora_ensemble.tuning_store import CACHE_DIR_VARIABLE, PIN_VARIABLE
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), CACHE_DIR_VARIABLE: str(caches / "tuning")}
+    env.pop(PIN_VARIABLE, None)
     if variant == "pinned":
-        env["LORA_ENSEMBLE_TRITON_AUTOTUNE"] = "0"
+        env[PIN_VARIABLE] = "0"
     command = [sys.executable, "-m", "benchmarks.first_forward", "--variant", variant, "--step", step_name]
     started = time.perf_counter()
     try:

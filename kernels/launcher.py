@@ -29,10 +29,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +38,12 @@ import torch
 import triton
 from triton import knobs
 
-from lora_ensemble.compile_ahead import AheadCompiles, ahead_compiles
+from lora_ensemble.compile_ahead import AheadCompiles, ahead_compiles, async_compile_mode, logger
 
 from .config_model import GemmLaunch, best_configs
 from .configs import interpreting
 
 __all__ = ["MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
-
-logger = logging.getLogger("lora_ensemble.triton")
 
 # The most candidates compiled and timed for one tuning key (the cost model picks them).
 MAX_TIMED_CONFIGS = 3
@@ -87,6 +83,11 @@ class _Tuning:
     config: triton.Config
     source: str
     timings_us: dict[str, float] = field(default_factory=dict)
+
+
+def _memo(plan: LaunchPlan, device: torch.device, pinned: bool) -> tuple:
+    """Where :attr:`TunedKernel.tunings` keeps a tuning key's choice."""
+    return str(device), plan.tuning_key, pinned
 
 
 def _config_name(config: triton.Config) -> str:
@@ -190,7 +191,7 @@ class TunedKernel:
             best = min(ranked, key=lambda c: timings[_config_name(c)])
             tuning_store(device).record_triton_config(self.name, plan.tuning_key, best.kwargs, best.num_warps,
                                                       best.num_stages, timings)
-            tuning = self.tunings[(str(device), plan.tuning_key, pinned)] = _Tuning(best, "timed", timings)
+            tuning = self.tunings[_memo(plan, device, pinned)] = _Tuning(best, "timed", timings)
             times = ", ".join(f"{name} {us:.1f} µs" for name, us in sorted(timings.items(), key=lambda kv: kv[1]))
             logger.debug("%s on %s, %s: %s (timed: %s; compiled and timed in %.2f s)", self.name, device,
                          plan.tuning_key, _config_name(best), times, time.perf_counter() - start)
@@ -201,7 +202,7 @@ class TunedKernel:
         """The tuning key's config where it is known without timing (chosen before in this process,
         pinned, a single candidate, a stored winner: kept for the next asks), else None with the model's
         best ``MAX_TIMED_CONFIGS`` candidates to time."""
-        memo = (str(device), plan.tuning_key, pinned)
+        memo = _memo(plan, device, pinned)
         tuning = self.tunings.get(memo)
         if tuning is not None:
             return tuning, []
@@ -244,12 +245,10 @@ class TunedKernel:
     def _compile(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> None:
         """Compile ``configs`` for ``args`` ahead of their timing: together on threads where Triton
         compiles asynchronously (its ``AsyncCompileMode``), else one after another at the first run."""
-        try:
-            from triton.runtime._async_compile import AsyncCompileMode
-        except ImportError:
-            return
-        with ThreadPoolExecutor(len(configs)) as pool, AsyncCompileMode(pool, ignore_errors=True):
-            self._warmup(configs, args, plan)
+        mode, _ = async_compile_mode(len(configs))
+        if mode is not None:
+            with mode:
+                self._warmup(configs, args, plan)
 
     def _time(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> dict[str, float]:
         """µs per launch of each config on ``args`` (``triton.testing.do_bench``, L2 cleared before

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AheadCompiles", "ahead_compiles", "compiling_ahead", "composite_computes"]
+__all__ = ["AheadCompiles", "ahead_compiles", "async_compile_mode", "compiling_ahead", "composite_computes", "logger"]
 
+# The Triton launchers' log (kernels/launcher.py): each config choice, and each block's summary.
 logger = logging.getLogger("lora_ensemble.triton")
 
 # The most compile threads of one block (each compile runs ptxas in a process of its own).
@@ -99,7 +100,7 @@ def composite_computes() -> bool:
     return True
 
 
-def _async_compile_mode(workers: int) -> tuple[contextlib.ExitStack | None, int]:
+def async_compile_mode(workers: int) -> tuple[contextlib.ExitStack | None, int]:
     """Triton's asynchronous compile mode entered on a pool of ``workers`` threads (closing the stack
     waits for every compile, then shuts the pool down), with the pool's count; (None, 0) where the
     installed Triton has none (its compiles then run at each submission, one by one)."""
@@ -139,7 +140,7 @@ def compiling_ahead(workers: int | None = None) -> Iterator[AheadCompiles]:
         raise RuntimeError("compiling_ahead() blocks do not nest: leave the outer one first")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    mode, count = _async_compile_mode(workers or min(os.cpu_count() or 1, _MAX_WORKERS))
+    mode, count = async_compile_mode(workers or min(os.cpu_count() or 1, _MAX_WORKERS))
     ahead = AheadCompiles(workers=count)
     token = _ACTIVE.set(ahead)
     try:
