@@ -39,6 +39,7 @@ import triton
 from triton import knobs
 
 from lora_ensemble.compile_ahead import AheadCompiles, ahead_compiles, async_compile_mode, logger
+from lora_ensemble.triton_hash import wait_for_hash
 
 from .config_model import GemmLaunch, best_configs
 from .configs import interpreting
@@ -158,6 +159,7 @@ class TunedKernel:
         through Triton's JIT and keep the compiled kernel under ``key`` for the next launches. Inside
         :func:`~lora_ensemble.compile_ahead.compiling_ahead`: submit the compiles of the configs the
         choice needs instead, and launch nothing."""
+        wait_for_hash()  # Triton's key, if a thread is hashing it (lora_ensemble/triton_hash.py)
         ahead = ahead_compiles()
         if ahead is not None:
             self._compile_ahead(ahead, key, args, plan, device, pinned)

@@ -27,6 +27,7 @@ from .backends import BACKENDS
 from .calls import MEMBER_SELECTION
 from .functional import fused_lora_ensemble_linear, lora_ensemble_delta
 from .layout import replicate_members
+from .triton_hash import start_hashing
 
 __all__ = [
     "FusedLoRAEnsembleLinear",
@@ -145,6 +146,7 @@ class LoRAEnsembleLayer(nn.Module):
         self.alpha, self.use_rslora = alpha, use_rslora
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.backend = backend
+        start_hashing(backend)  # Triton's once-a-process key, beside the model's building (triton_hash.py)
         self.init, self.init_gain = init, init_gain
         self.lora_dropout = float(lora_dropout)
         self.shared_input = shared_input

@@ -1,0 +1,55 @@
+"""Triton's once-a-process cache key, hashed on a thread while the model is still being built.
+
+The first Triton compile or disk-cache load of a process computes ``triton.runtime.cache.triton_key()``:
+a SHA-256 of Triton's own installation, libtriton (~400-500 MB) included; 0.36-0.50 s on this
+project's 2-core CPU, most of a second process's first fused call when every binary is already in
+Triton's disk cache and every winner in the tuning file. ``hashlib`` releases the GIL while it
+hashes, so the first LoRA-Ensemble layer built for a backend that may run Triton on a GPU
+(``"triton"`` or ``"auto"``, CUDA available, not the interpreter) starts a thread that computes the key
+beside the rest of the model's building, its move to the GPU and the data's loading; the launcher's
+first launch of a new key (kernels/launcher.py) waits for that thread instead of hashing a second time
+(``triton_key``'s ``functools.lru_cache`` would let two threads compute it at once). Nothing here
+changes what Triton computes or caches: the thread calls Triton's own function, whose result is kept
+by Triton's own cache of it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+__all__ = ["start_hashing", "wait_for_hash"]
+
+_lock = threading.Lock()
+_started = False
+_thread: threading.Thread | None = None
+
+
+def start_hashing(backend: str) -> None:
+    """Start hashing Triton's installation on a daemon thread, once per process, where ``backend``
+    (``"auto"``, ``"triton"``, ...) may run Triton kernels on a GPU; else do nothing. A Triton without
+    the function (or none installed) is left to its own first compile."""
+    global _started, _thread
+    if _started or backend not in ("auto", "triton"):
+        return
+    with _lock:
+        if _started:
+            return
+        _started = True
+        if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+            return
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:
+            return
+        _thread = threading.Thread(target=triton_key, name="lora_ensemble-triton-key", daemon=True)
+        _thread.start()
+
+
+def wait_for_hash() -> None:
+    """Wait for :func:`start_hashing`'s thread, if one runs (then Triton's key is in its cache)."""
+    thread = _thread
+    if thread is not None:
+        thread.join()
