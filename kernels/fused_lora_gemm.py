@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lora_ensemble.compile_ahead import ahead_compiles
 from lora_ensemble.tuning_store import tuning_pinned
 
 from .config_model import GemmLaunch, cheapest_tiling
@@ -508,8 +509,8 @@ def launch_fused_lora_gemm(
     Every tensor may have any strides (pass transposed views rather than copies, or ``transposed``).
     A launch's first call with new sizes, strides, alignment or dtype chooses its config and binds the
     compiled kernel (:mod:`.launcher`); later calls launch that kernel directly. Inside
-    :func:`lora_ensemble.compiling_ahead` such a first call only submits its compiles: the outputs are
-    returned unwritten.
+    :func:`lora_ensemble.compiling_ahead` nothing is launched: a key's first call there submits its
+    compiles, and the outputs are returned unwritten.
 
     Args:
         inp: ``[N, M, K]`` per-member rows, or ``[M, K]`` rows shared by every member.
@@ -586,7 +587,7 @@ def launch_fused_lora_gemm(
         misaligned = tuple(0 if t is None else t.data_ptr() & 15 for t in args[:_POINTERS])
     key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
            misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
-    launch = kernel.bound.get(key)
+    launch = kernel.bound.get(key) if ahead_compiles() is None else None  # a block launches nothing
     with launch_device(device):
         if launch is None:
             plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,

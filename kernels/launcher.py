@@ -21,9 +21,10 @@
 # Under TRITON_INTERPRET=1 there is no compiled kernel: each launch runs the interpreter.
 # Each choice is logged once (logger lora_ensemble.triton, level DEBUG): the key, the config, how it was
 # chosen and, when timed, every candidate's µs and the seconds its compiles and timings took.
-# Inside lora_ensemble.compiling_ahead() (lora_ensemble/compile_ahead.py) a launch key's first launch
-# launches nothing: it submits the compiles its choice will need (the untimed choice's config, else the
-# best MAX_TIMED_CONFIGS) to the block's thread pool, so that a whole model's keys compile together.
+# Inside lora_ensemble.compiling_ahead() (lora_ensemble/compile_ahead.py) nothing is launched, a key
+# bound before the block included: a launch key's first launch there submits the compiles its choice
+# will need (the untimed choice's config, else the best MAX_TIMED_CONFIGS) to the block's thread pool,
+# so that a whole model's keys compile together.
 """Launch the package's Triton kernels: one config per tuning key, the compiled kernel bound per launch key."""
 
 from __future__ import annotations

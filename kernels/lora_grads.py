@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lora_ensemble.compile_ahead import ahead_compiles
 from lora_ensemble.tuning_store import tuning_pinned
 
 from .configs import (
@@ -177,7 +178,8 @@ def launch_lora_grads(
     """``dA = scaling * dyb^T @ x`` and ``dB = scaling * grad_out^T @ xa`` for every member, one
     launch (on ``grad_out``'s device and its current stream; the compiled kernel bound per launch
     key as in :func:`~.fused_lora_gemm.launch_fused_lora_gemm`; inside
-    :func:`lora_ensemble.compiling_ahead` a key's first call only compiles and leaves the outputs unwritten).
+    :func:`lora_ensemble.compiling_ahead` nothing is launched: a key's first call there submits its compiles,
+    and the outputs are left unwritten).
 
     Every tensor may have any strides.
 
@@ -223,7 +225,7 @@ def launch_lora_grads(
             misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
         # num_members sets the grid but is no argument of the kernel (the strides do not say it)
         key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, num_members, args[_POINTERS:-1])
-        launch = _GRADS.bound.get(key)
+        launch = _GRADS.bound.get(key) if ahead_compiles() is None else None  # a block launches nothing
         with launch_device(device):
             if launch is None:
                 _GRADS.bind(key, args, _plan(args, device, precision, atomic, shared_input, num_members, splits),

@@ -94,6 +94,29 @@ def test_a_key_met_again_in_the_block_is_submitted_once(fresh_kernels):
     assert len(ahead.keys) == 2, ahead.keys
 
 
+def test_a_key_bound_before_the_block_launches_nothing_inside_it(fresh_kernels):
+    model = two_layers("triton")
+    x = torch.randn(3, 5, 20)
+    step(model, x)  # binds the forward's, the dx's and the weight gradients' keys
+    bound = {(kernel.name, key) for kernel in KERNELS for key in kernel.bound}
+    launched = []
+    for kernel in KERNELS:
+        for key in kernel.bound:
+            kernel.bound[key] = lambda args, _key=(kernel.name, key): launched.append(_key)
+    model.zero_grad()
+    expected_out, expected_grads = step(two_layers("torch"), x)
+    with compiling_ahead() as ahead:
+        out, grads = step(model, x)
+    assert not launched  # the composite computed the step: no bound launch ran
+    assert torch.equal(out, expected_out)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+    # Each key is met (one config: the choice made before) and stays bound.
+    assert sorted((name, count) for name, _, count in ahead.keys) == sorted((name, 1) for name, _ in bound), ahead.keys
+    assert {(kernel.name, key) for kernel in KERNELS for key in kernel.bound} == bound
+    step(model, x)
+    assert len(launched) == len(bound)  # after the block, the bound launches again
+
+
 def test_the_summary_counts_launch_keys_tuning_keys_and_configs(fresh_kernels):
     model = two_layers("triton")
     with torch.no_grad(), compiling_ahead() as ahead:
