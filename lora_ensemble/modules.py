@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,13 +147,24 @@ class LoRAEnsembleLayer(nn.Module):
         self.alpha, self.use_rslora = alpha, use_rslora
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.backend = backend
-        start_hashing(backend)  # Triton's once-a-process key, beside the model's building (triton_hash.py)
         self.init, self.init_gain = init, init_gain
         self.lora_dropout = float(lora_dropout)
         self.shared_input = shared_input
         factory = {"device": device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(num_members, rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_members, out_features, rank, **factory))
+        self._factors_placed()
+
+    def _factors_placed(self) -> None:
+        """The factors are on their device: on a CUDA device, Triton's once-a-process cache key starts
+        hashing on a thread (:mod:`lora_ensemble.triton_hash`), beside the rest of the model's building."""
+        start_hashing(self.backend, self.lora_A.device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRAEnsembleLayer:
+        """``nn.Module._apply`` (under ``.to``, ``.cuda``, ``.half``, ...), then :meth:`_factors_placed`."""
+        module = super()._apply(fn, recurse)
+        self._factors_placed()
+        return module
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -306,6 +318,7 @@ class FusedLoRAEnsembleLinear(LoRAEnsembleLayer):
         factors = {"device": w.device, "dtype": adapter_dtype or w.dtype}
         layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, **factors))
         layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, **factors))
+        layer._factors_placed()
         layer.reset_lora_parameters()
         return layer
 

@@ -4,13 +4,15 @@ The first Triton compile or disk-cache load of a process computes ``triton.runti
 a SHA-256 of Triton's own installation, libtriton (~400-500 MB) included; 0.36-0.50 s on this
 project's 2-core CPU, most of a second process's first fused call when every binary is already in
 Triton's disk cache and every winner in the tuning file. ``hashlib`` releases the GIL while it
-hashes, so the first LoRA-Ensemble layer built for a backend that may run Triton on a GPU
-(``"triton"`` or ``"auto"``, CUDA available, not the interpreter) starts a thread that computes the key
-beside the rest of the model's building, its move to the GPU and the data's loading; the launcher's
-first launch of a new key (kernels/launcher.py) waits for that thread instead of hashing a second time
-(``triton_key``'s ``functools.lru_cache`` would let two threads compute it at once). Nothing here
-changes what Triton computes or caches: the thread calls Triton's own function, whose result is kept
-by Triton's own cache of it.
+hashes, so as soon as a LoRA-Ensemble layer whose backend may run Triton (``"triton"`` or ``"auto"``)
+has its factors on a CUDA device — built there, wrapped around a layer there, or moved there
+(``.to``, ``.cuda``) — a thread computes the key beside the rest of the model's building and moving
+and the data's loading; the launcher's first launch of a new key (kernels/launcher.py) waits for that
+thread instead of hashing a second time (``triton_key``'s ``functools.lru_cache`` would let two
+threads compute it at once). Once per process; never under the interpreter. Nothing here asks CUDA
+anything (a layer on the CPU starts nothing, and no fork is poisoned), and nothing changes what
+Triton computes or caches: the thread calls Triton's own function, whose result Triton's own cache
+of it keeps.
 """
 
 from __future__ import annotations
@@ -27,18 +29,18 @@ _started = False
 _thread: threading.Thread | None = None
 
 
-def start_hashing(backend: str) -> None:
+def start_hashing(backend: str, device: torch.device) -> None:
     """Start hashing Triton's installation on a daemon thread, once per process, where ``backend``
-    (``"auto"``, ``"triton"``, ...) may run Triton kernels on a GPU; else do nothing. A Triton without
-    the function (or none installed) is left to its own first compile."""
+    (``"auto"``, ``"triton"``, ...) may run Triton kernels on ``device`` (a CUDA device); else do
+    nothing. A Triton without the function (or none installed) is left to its own first compile."""
     global _started, _thread
-    if _started or backend not in ("auto", "triton"):
+    if _started or device.type != "cuda" or backend not in ("auto", "triton"):
         return
     with _lock:
         if _started:
             return
         _started = True
-        if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return
         try:
             from triton.runtime.cache import triton_key

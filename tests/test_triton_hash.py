@@ -1,5 +1,5 @@
-"""Triton's once-a-process cache key hashed on a thread from the first layer's construction
-(lora_ensemble/triton_hash.py), and the launchers' first launch of a key waiting for it."""
+"""Triton's once-a-process cache key hashed on a thread as soon as a layer's factors are on a CUDA
+device (lora_ensemble/triton_hash.py), and the launchers' first launch of a key waiting for it."""
 
 from __future__ import annotations
 
@@ -11,26 +11,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from lora_ensemble import FusedLoRAEnsembleLinear, triton_hash
+from lora_ensemble import FusedLoRAEnsembleLinear, LoRAEnsembleOverBase, modules, triton_hash
 from lora_ensemble.kernels import fused_lora_gemm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A new process (Triton's key not yet computed) on a machine whose CUDA is reported available.
+# A new process (Triton's key not yet computed): start_hashing asks nothing of CUDA, so a CUDA device
+# can be named on this CPU machine.
 SCRIPT = r"""
 import json, sys
 import torch
-torch.cuda.is_available = lambda: True
 from triton.runtime.cache import triton_key
-from lora_ensemble import FusedLoRAEnsembleLinear, triton_hash
+from lora_ensemble import triton_hash
 
+backend, device = sys.argv[1], torch.device(sys.argv[2])
 report = {"before": triton_key.cache_info().currsize}
-FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend=sys.argv[1])
+triton_hash.start_hashing(backend, device)
 first = triton_hash._thread
 report["thread"] = first is not None
-FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend=sys.argv[1])
+triton_hash.start_hashing(backend, device)
 report["one_thread"] = triton_hash._thread is first
+report["cuda_initialized"] = torch.cuda.is_initialized()
 triton_hash.wait_for_hash()
 report["cached"] = triton_key.cache_info().currsize
 hits = triton_key.cache_info().hits
@@ -40,25 +43,27 @@ print(json.dumps(report))
 """
 
 
-def _run(backend: str) -> dict:
+def _run(backend: str, device: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", SCRIPT, backend], env=env, cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SCRIPT, backend, device], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_the_first_layer_starts_hashing_tritons_key_once_and_fills_tritons_cache(backend):
-    report = _run(backend)
+def test_factors_on_a_cuda_device_start_hashing_tritons_key_once_and_fill_tritons_cache(backend):
+    report = _run(backend, "cuda:0")
     assert report["before"] == 0 and report["thread"] and report["one_thread"], report
+    assert not report["cuda_initialized"], report  # nothing asked of CUDA: no fork poisoned
     # The key is Triton's own cached value: the next call of triton_key() is a hit, not a second hash.
     assert report["cached"] == 1 and report["hit"], report
 
 
-def test_no_thread_for_the_composite():
-    report = _run("torch")
+@pytest.mark.parametrize(("backend", "device"), [("torch", "cuda:0"), ("auto", "cpu"), ("triton", "meta")])
+def test_no_thread_for_the_composite_or_off_cuda(backend, device):
+    report = _run(backend, device)
     assert not report["thread"] and report["cached"] == 0, report
 
 
@@ -68,16 +73,24 @@ def not_started(monkeypatch):
     monkeypatch.setattr(triton_hash, "_thread", None)
 
 
-def test_no_thread_under_the_interpreter_or_without_cuda(not_started, monkeypatch):
+def test_no_thread_under_the_interpreter(not_started, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend="triton")
+    triton_hash.start_hashing("triton", torch.device("cuda"))
     assert triton_hash._thread is None
-    monkeypatch.setattr(triton_hash, "_started", False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend="auto")
-    assert triton_hash._thread is None
+
+
+def test_each_way_a_layers_factors_are_placed_reports_their_device(monkeypatch):
+    placed = []
+    monkeypatch.setattr(modules, "start_hashing", lambda backend, device: placed.append((backend, device.type)))
+    layer = FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend="triton")
+    assert placed == [("triton", "cpu")]
+    FusedLoRAEnsembleLinear.from_linear(nn.Linear(12, 10), num_members=3, rank=2)
+    assert placed[1:] == [("auto", "meta"), ("auto", "cpu")]  # built on meta, then on the wrapped layer's device
+    LoRAEnsembleOverBase(nn.Linear(12, 10), num_members=3, rank=2, backend="torch")
+    assert placed[-1] == ("torch", "cpu")
+    del placed[:]
+    layer.double()  # .to / .cuda / .half: after the move
+    assert placed == [("triton", "cpu")] and layer.lora_A.dtype == torch.float64
 
 
 def test_a_keys_first_launch_waits_for_the_hash_and_later_launches_do_not(not_started, monkeypatch, tmp_path):
@@ -92,3 +105,33 @@ def test_a_keys_first_launch_waits_for_the_hash_and_later_launches_do_not(not_st
     assert joins == [1]
     layer(x)  # the bound launch: no wait
     assert joins == [1]
+
+
+GPU_SCRIPT = r"""
+import json
+import torch
+from torch import nn
+from triton.runtime.cache import triton_key
+from lora_ensemble import FusedLoRAEnsembleLinear, triton_hash
+
+report = {"before": triton_key.cache_info().currsize}
+FusedLoRAEnsembleLinear.from_linear(nn.Linear(64, 48), num_members=3, rank=4)  # on the CPU: nothing
+report["cpu_thread"] = triton_hash._thread is not None
+layer = FusedLoRAEnsembleLinear.from_linear(nn.Linear(64, 48), num_members=3, rank=4).cuda()
+report["cuda_thread"] = triton_hash._thread is not None
+out = layer(torch.randn(3, 5, 64, device="cuda"))
+report["finite"] = bool(out.isfinite().all())
+report["cached"] = triton_key.cache_info().currsize
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_moving_a_layer_there_starts_the_hash_and_its_first_call_uses_it():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", GPU_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"before": 0, "cpu_thread": False, "cuda_thread": True, "finite": True, "cached": 1}, report
