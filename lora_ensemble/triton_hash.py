@@ -17,8 +17,10 @@ of it keeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -46,8 +48,14 @@ def start_hashing(backend: str, device: torch.device) -> None:
             from triton.runtime.cache import triton_key
         except ImportError:
             return
-        _thread = threading.Thread(target=triton_key, name="lora_ensemble-triton-key", daemon=True)
+        _thread = threading.Thread(target=_hash, args=(triton_key,), name="lora_ensemble-triton-key", daemon=True)
         _thread.start()
+
+
+def _hash(triton_key: Callable[[], str]) -> None:
+    # A failure is left to Triton's own call at the first compile, which raises it where it belongs.
+    with contextlib.suppress(Exception):
+        triton_key()
 
 
 def wait_for_hash() -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,23 @@ def test_no_thread_under_the_interpreter(not_started, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_hash.start_hashing("triton", torch.device("cuda"))
     assert triton_hash._thread is None
+
+
+def test_a_failing_hash_is_left_to_tritons_own_call(not_started, monkeypatch):
+    import triton.runtime.cache
+
+    calls, reported = [], []
+
+    def failing() -> str:
+        calls.append(1)
+        raise OSError("libtriton unreadable")
+
+    monkeypatch.setattr(triton.runtime.cache, "triton_key", failing)
+    monkeypatch.setattr(threading, "excepthook", reported.append)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    triton_hash.start_hashing("triton", torch.device("cuda"))
+    triton_hash.wait_for_hash()
+    assert calls == [1] and not reported  # nothing printed from the thread; the first compile raises it
 
 
 def test_each_way_a_layers_factors_are_placed_reports_their_device(monkeypatch):
