@@ -29,7 +29,8 @@ Every model runs the same attention code: torchvision's ``nn.MultiheadAttention`
 providers differ only in their LoRA layers and in how they batch the members.
 
 LoRA-Ensemble targets are torchvision's q, k, v and out_proj in every block (the paper's set), the
-heads one linear per member. Every LoRA factor is random (``lora_B`` is not left at its zero init).
+heads one linear per member; the ViT is built and wrapped on the CPU, then moved to the device. Every
+LoRA factor is random (``lora_B`` is not left at its zero init).
 A run maps images ``[B, 3, H, W]`` to logits ``[N, B, C]`` (``limit``: ``[N*B, C]`` from ``N*B``
 images); ``trainable`` are the tensors a training step differentiates.
 """
@@ -101,12 +102,13 @@ class E2ERun:
 
 
 def _lora_ensemble(shape: EndToEndShape, backend: str, device: torch.device, dtype: torch.dtype) -> LoRAEnsemble:
-    ensemble = LoRAEnsemble(plain_vit(shape, device, dtype), shape.num_members, shape.rank, backend=backend,
-                            head="heads.head")
+    # Built and wrapped on the CPU, then moved, as a user wraps a pretrained model loaded there.
+    ensemble = LoRAEnsemble(plain_vit(shape, torch.device("cpu"), dtype), shape.num_members, shape.rank,
+                            backend=backend, head="heads.head")
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():
             layer.lora_B.normal_(0.0, 0.02)
-    return ensemble
+    return ensemble.to(device)
 
 
 def _trainable(model: nn.Module) -> list[Tensor]:
