@@ -20,15 +20,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["start_hashing", "wait_for_hash"]
+__all__ = ["hash_wait_s", "start_hashing", "wait_for_hash"]
 
 _lock = threading.Lock()
 _started = False
 _thread: threading.Thread | None = None
+_waited_s = 0.0  # how long the launchers waited for the thread, in all
 
 
 def start_hashing(backend: str, device: torch.device) -> None:
@@ -60,6 +62,15 @@ def _hash(triton_key: Callable[[], str]) -> None:
 
 def wait_for_hash() -> None:
     """Wait for :func:`start_hashing`'s thread, if one runs (then Triton's key is in its cache)."""
+    global _waited_s
     thread = _thread
-    if thread is not None:
+    if thread is not None and thread.is_alive():
+        start = time.perf_counter()
         thread.join()
+        _waited_s += time.perf_counter() - start
+
+
+def hash_wait_s() -> float:
+    """Seconds this process's fused calls waited for the hashing thread, in all (what of the hash the
+    model's building did not cover)."""
+    return _waited_s

@@ -262,5 +262,6 @@ def test_first_forward_runs_each_variant_in_a_new_process(tmp_path: Path) -> Non
     results = json.loads((tmp_path / "first_forward.json").read_text())["results"]
     assert [r["variant"] for r in results] == list(first_forward.VARIANTS)
     assert all(r["build_s"] > 0 and r["first_s"] > 0 and r["step_s"] > 0 for r in results)
+    assert all(r["hash_wait_s"] == 0 for r in results)  # no hashing thread on the CPU
     assert "compiled ahead" in results[1]["ahead"] and 0 < results[1]["ahead_block_s"] <= results[1]["first_s"]
     assert "| e2e_infer | second |" in (tmp_path / "first_forward.md").read_text()

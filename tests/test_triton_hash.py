@@ -116,13 +116,27 @@ def test_a_keys_first_launch_waits_for_the_hash_and_later_launches_do_not(not_st
     monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
     monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
     joins = []
-    monkeypatch.setattr(triton_hash, "_thread", type("Thread", (), {"join": lambda self: joins.append(1)})())
+    monkeypatch.setattr(triton_hash, "_thread", type("Thread", (), {"join": lambda self: joins.append(1),
+                                                               "is_alive": lambda self: True})())
     layer = FusedLoRAEnsembleLinear(12, 10, num_members=3, rank=2, backend="triton")
     x = torch.randn(3, 4, 12)
     layer(x)
     assert joins == [1]
     layer(x)  # the bound launch: no wait
     assert joins == [1]
+
+
+def test_the_wait_is_counted(not_started, monkeypatch):
+    monkeypatch.setattr(triton_hash, "_waited_s", 0.0)
+    release = threading.Event()
+    monkeypatch.setattr(triton_hash, "_thread", threading.Thread(target=release.wait))
+    triton_hash._thread.start()
+    threading.Timer(0.05, release.set).start()
+    triton_hash.wait_for_hash()
+    waited = triton_hash.hash_wait_s()
+    assert waited >= 0.04
+    triton_hash.wait_for_hash()  # the thread is done: nothing more
+    assert triton_hash.hash_wait_s() == waited
 
 
 GPU_SCRIPT = r"""
