@@ -4,20 +4,26 @@ The first Triton compile or disk-cache load of a process computes ``triton.runti
 a SHA-256 of Triton's own installation, libtriton (~400-500 MB) included; 0.36-0.50 s on this
 project's 2-core CPU, most of a second process's first fused call when every binary is already in
 Triton's disk cache and every winner in the tuning file. ``hashlib`` releases the GIL while it
-hashes, so as soon as a LoRA-Ensemble layer whose backend may run Triton (``"triton"`` or ``"auto"``)
-has its factors on a CUDA device — built there, wrapped around a layer there, or moved there
-(``.to``, ``.cuda``) — a thread computes the key beside the rest of the model's building and moving
-and the data's loading; the launcher's first launch of a new key (kernels/launcher.py) waits for that
-thread instead of hashing a second time (``triton_key``'s ``functools.lru_cache`` would let two
-threads compute it at once). Once per process; never under the interpreter. Nothing here asks CUDA
-anything (a layer on the CPU starts nothing, and no fork is poisoned), and nothing changes what
-Triton computes or caches: the thread calls Triton's own function, whose result Triton's own cache
-of it keeps.
+hashes, so a thread computes the key beside the rest of the model's building and moving and the
+data's loading, started as soon as a LoRA-Ensemble layer whose backend may run Triton (``"triton"``
+or ``"auto"``) has its factors
+
+- on a CUDA device: built there, wrapped around a layer there, or moved there (``.to``, ``.cuda``), or
+- on the CPU of a machine where NVML sees a GPU (``CUDA_VISIBLE_DEVICES`` applied): a model wrapped
+  there is usually moved to the GPU next, and starting before the move overlaps CUDA's initialisation
+  and the weights' copy too.
+
+The launcher's first launch of a new key (kernels/launcher.py) waits for that thread instead of
+hashing a second time (``triton_key``'s ``functools.lru_cache`` would let two threads compute it at
+once). Once per process; never under the interpreter. CUDA itself is never asked (NVML is, which
+initialises no CUDA context: no fork is poisoned), and nothing changes what Triton computes or caches:
+the thread calls Triton's own function, whose result Triton's own cache of it keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -35,10 +41,13 @@ _waited_s = 0.0  # how long the launchers waited for the thread, in all
 
 def start_hashing(backend: str, device: torch.device) -> None:
     """Start hashing Triton's installation on a daemon thread, once per process, where ``backend``
-    (``"auto"``, ``"triton"``, ...) may run Triton kernels on ``device`` (a CUDA device); else do
-    nothing. A Triton without the function (or none installed) is left to its own first compile."""
+    (``"auto"``, ``"triton"``, ...) may run Triton kernels and the factors are on ``device`` (see the
+    module docstring); else do nothing. A Triton without the function (or none installed) is left to
+    its own first compile."""
     global _started, _thread
-    if _started or device.type != "cuda" or backend not in ("auto", "triton"):
+    if _started or backend not in ("auto", "triton"):
+        return
+    if device.type != "cuda" and not (device.type == "cpu" and _gpus_seen_by_nvml() > 0):
         return
     with _lock:
         if _started:
@@ -52,6 +61,19 @@ def start_hashing(backend: str, device: torch.device) -> None:
             return
         _thread = threading.Thread(target=_hash, args=(triton_key,), name="lora_ensemble-triton-key", daemon=True)
         _thread.start()
+
+
+@functools.cache
+def _gpus_seen_by_nvml() -> int:
+    """The GPUs NVML sees, as PyTorch's fork-safe count gives them (``CUDA_VISIBLE_DEVICES`` applied;
+    CUDA not initialised); -1 where it cannot tell (no NVML, MIG, a ROCm build, an older PyTorch)."""
+    count = getattr(torch.cuda, "_device_count_nvml", None)
+    if count is None or torch.version.cuda is None:
+        return -1
+    try:
+        return count()
+    except Exception:  # noqa: BLE001  (NVML's failures are PyTorch's to report where CUDA is used)
+        return -1
 
 
 def _hash(triton_key: Callable[[], str]) -> None:

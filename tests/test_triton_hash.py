@@ -19,11 +19,12 @@ from lora_ensemble.kernels import fused_lora_gemm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A new process (Triton's key not yet computed): start_hashing asks nothing of CUDA, so a CUDA device
-# can be named on this CPU machine.
+# A new process (Triton's key not yet computed) in which NVML sees sys.argv[3] GPUs (-1: NVML cannot
+# tell): start_hashing asks nothing of CUDA, so a CUDA device can be named on this CPU machine.
 SCRIPT = r"""
 import json, sys
 import torch
+torch.cuda._device_count_nvml = lambda: int(sys.argv[3])
 from triton.runtime.cache import triton_key
 from lora_ensemble import triton_hash
 
@@ -44,27 +45,31 @@ print(json.dumps(report))
 """
 
 
-def _run(backend: str, device: str) -> dict:
+def _run(backend: str, device: str, gpus_seen_by_nvml: int = -1) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", SCRIPT, backend, device], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, backend, device, str(gpus_seen_by_nvml)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_factors_on_a_cuda_device_start_hashing_tritons_key_once_and_fill_tritons_cache(backend):
-    report = _run(backend, "cuda:0")
+@pytest.mark.parametrize(("backend", "device", "gpus_seen_by_nvml"),
+                         [("auto", "cuda:0", -1), ("triton", "cuda:0", 0), ("auto", "cpu", 1), ("triton", "cpu", 2)])
+def test_factors_on_a_gpu_or_on_the_cpu_beside_one_start_hashing_once_and_fill_tritons_cache(backend, device,
+                                                                                               gpus_seen_by_nvml):
+    report = _run(backend, device, gpus_seen_by_nvml)
     assert report["before"] == 0 and report["thread"] and report["one_thread"], report
     assert not report["cuda_initialized"], report  # nothing asked of CUDA: no fork poisoned
     # The key is Triton's own cached value: the next call of triton_key() is a hit, not a second hash.
     assert report["cached"] == 1 and report["hit"], report
 
 
-@pytest.mark.parametrize(("backend", "device"), [("torch", "cuda:0"), ("auto", "cpu"), ("triton", "meta")])
-def test_no_thread_for_the_composite_or_off_cuda(backend, device):
-    report = _run(backend, device)
+@pytest.mark.parametrize(("backend", "device", "gpus_seen_by_nvml"),
+                         [("torch", "cuda:0", 1), ("torch", "cpu", 1), ("auto", "cpu", 0), ("auto", "cpu", -1),
+                          ("triton", "meta", 1)])
+def test_no_thread_for_the_composite_or_without_a_gpu(backend, device, gpus_seen_by_nvml):
+    report = _run(backend, device, gpus_seen_by_nvml)
     assert not report["thread"] and report["cached"] == 0, report
 
 
@@ -146,10 +151,11 @@ from torch import nn
 from triton.runtime.cache import triton_key
 from lora_ensemble import FusedLoRAEnsembleLinear, triton_hash
 
-report = {"before": triton_key.cache_info().currsize}
-FusedLoRAEnsembleLinear.from_linear(nn.Linear(64, 48), num_members=3, rank=4)  # on the CPU: nothing
+report = {"before": triton_key.cache_info().currsize, "nvml": torch.cuda._device_count_nvml() > 0}
+layer = FusedLoRAEnsembleLinear.from_linear(nn.Linear(64, 48), num_members=3, rank=4)  # on the CPU
 report["cpu_thread"] = triton_hash._thread is not None
-layer = FusedLoRAEnsembleLinear.from_linear(nn.Linear(64, 48), num_members=3, rank=4).cuda()
+report["cuda_initialized"] = torch.cuda.is_initialized()
+layer.cuda()
 report["cuda_thread"] = triton_hash._thread is not None
 out = layer(torch.randn(3, 5, 64, device="cuda"))
 report["finite"] = bool(out.isfinite().all())
@@ -159,11 +165,13 @@ print(json.dumps(report))
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_moving_a_layer_there_starts_the_hash_and_its_first_call_uses_it():
+def test_on_a_gpu_a_layer_wrapped_on_the_cpu_starts_the_hash_and_its_first_call_uses_it():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", GPU_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"before": 0, "cpu_thread": False, "cuda_thread": True, "finite": True, "cached": 1}, report
+    # Wrapped on the CPU: started there where NVML sees the GPU (CUDA still untouched), else at the move.
+    assert report["cpu_thread"] == report["nvml"] and not report["cuda_initialized"], report
+    assert report["before"] == 0 and report["cuda_thread"] and report["finite"] and report["cached"] == 1, report
