@@ -1,5 +1,6 @@
 """Triton's once-a-process cache key hashed on a thread as soon as a layer's factors are on a CUDA
-device (lora_ensemble/triton_hash.py), and the launchers' first launch of a key waiting for it."""
+device, or on the CPU of a machine where NVML sees a GPU (lora_ensemble/triton_hash.py), and the
+launchers' first launch of a key waiting for it."""
 
 from __future__ import annotations
 
