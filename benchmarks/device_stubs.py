@@ -129,9 +129,9 @@ def _stub_cuda_ops() -> str | None:
 def _triton_launch_stubbed() -> Iterator[str | None]:
     """Triton's JIT launch a no-op and its autotuner benchmark-free; yields None, or why not possible
     (the interpreter runs kernels for real on the CPU)."""
-    from lora_ensemble.kernels.configs import interpreting
+    from lora_ensemble.backends import triton_interpreting
 
-    if interpreting():
+    if triton_interpreting():
         yield "TRITON_INTERPRET=1 runs the kernels in the interpreter: unset it to stub the launch"
         return
     import triton.testing

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from lora_ensemble.backends import triton_interpreting
+
 __all__ = ["CLaunch", "build_c_launch", "stand_in_libcuda_source", "unavailable_reason"]
 
 # The launch timed: the stacked forward kernel's runtime arguments for this problem (bf16).
@@ -52,7 +54,7 @@ def _c_compiler() -> str:
 
 def unavailable_reason() -> str | None:
     """Why the C launch cannot be timed here, or None."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreting():
         return "TRITON_INTERPRET=1: the kernels are Python functions, with no signature to launch"
     if torch.cuda.is_available():
         return ("a CUDA device is present: its libcuda.so.1 would be used, not the stand-in "

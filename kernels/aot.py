@@ -43,6 +43,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from lora_ensemble.backends import triton_interpreting
+
 from .configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         count = write_spilling_configs(args.write_spilling_configs, keep_unmeasured=args.keep_unmeasured)
         print(f"{_SPILLING_CONFIGS_FILE}: {count} spilling kernels")
         return 0
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreting():
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
         return 2
     work = []

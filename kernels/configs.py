@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import triton
+
+from lora_ensemble.backends import triton_interpreting
 
 from .launch_policy import MIN_DOT_TILE, RowTiling
 from .spilling_configs import SPILLING_CONFIGS
@@ -34,7 +35,6 @@ __all__ = [
     "fitting_fused_lora_gemm_configs",
     "fitting_lora_grads_configs",
     "fused_lora_gemm_configs",
-    "interpreting",
     "lora_grads_configs",
     "pipeline_buffers",
     "shared_input_configs",
@@ -60,11 +60,6 @@ RANK_OR_ROW_ARGS = frozenset({
 })
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # What torch.backends.cuda.matmul.fp32_precision and .allow_tf32 read, called directly: each fp32
@@ -153,17 +148,17 @@ INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 def fused_lora_gemm_configs() -> list[triton.Config]:
     """The candidate configs of the stacked fused kernel on this machine."""
-    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
+    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if triton_interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
 
 
 def shared_input_configs() -> list[triton.Config]:
     """The candidate configs of the shared-input fused kernel on this machine."""
-    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if interpreting() else list(SHARED_INPUT_GPU_CONFIGS)
+    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if triton_interpreting() else list(SHARED_INPUT_GPU_CONFIGS)
 
 
 def lora_grads_configs() -> list[triton.Config]:
     """The candidate configs of the weight-gradient kernel on this machine."""
-    return [INTERPRETER_LORA_GRADS_CONFIG] if interpreting() else list(LORA_GRADS_GPU_CONFIGS)
+    return [INTERPRETER_LORA_GRADS_CONFIG] if triton_interpreting() else list(LORA_GRADS_GPU_CONFIGS)
 
 
 def _keep_fitting(configs: list[triton.Config], limits: dict[str, int]) -> list[triton.Config]:

@@ -39,11 +39,11 @@ import torch
 import triton
 from triton import knobs
 
+from lora_ensemble.backends import triton_interpreting
 from lora_ensemble.compile_ahead import AheadCompiles, ahead_compiles, async_compile_mode, logger
 from lora_ensemble.triton_hash import wait_for_hash
 
 from .config_model import GemmLaunch, best_configs
-from .configs import interpreting
 
 __all__ = ["MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
 
@@ -234,7 +234,7 @@ class TunedKernel:
         tuning, ranked = self._known_tuning(plan, device, pinned)
         configs = [tuning.config] if tuning is not None else ranked
         ahead.keys.append((self.name, plan.tuning_key, len(configs)))
-        if not interpreting():
+        if not triton_interpreting():
             self._warmup(configs, args, plan)
 
     def _warmup(self, configs: list[triton.Config], args: tuple, plan: LaunchPlan) -> None:

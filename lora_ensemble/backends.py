@@ -73,7 +73,8 @@ def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -113,12 +114,12 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         if dev is None:
             if torch.cuda.is_available():
                 return None
-            if _triton_interpreting():
+            if triton_interpreting():
                 return _interpreter_problem()
             return "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
         if dev.type == "cuda":
             return None
-        if dev.type == "cpu" and _triton_interpreting():
+        if dev.type == "cpu" and triton_interpreting():
             return _interpreter_problem()
         return f"backend 'triton' cannot run on device {dev} (CUDA, or CPU with TRITON_INTERPRET=1)"
     # cuda

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable
 
 import torch
+
+from .backends import triton_interpreting
 
 __all__ = ["hash_wait_s", "start_hashing", "wait_for_hash"]
 
@@ -53,7 +54,7 @@ def start_hashing(backend: str, device: torch.device) -> None:
         if _started:
             return
         _started = True
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if triton_interpreting():
             return
         try:
             from triton.runtime.cache import triton_key
