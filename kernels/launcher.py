@@ -147,13 +147,19 @@ class TunedKernel:
     """One Triton kernel (``fn``, a ``triton.jit`` function launched by its runtime arguments in
     order, then its constexprs by name) with its tuned configs and bound launches.
 
-    ``bound`` maps a launch key to a launch (``bound[key](args)``); a launcher looks its key up there
-    and calls :meth:`bind` only on a miss."""
+    ``bound`` maps a launch key to a launch (``bound[key](args)``); a launcher asks :meth:`bound_launch`
+    for its key and calls :meth:`bind` only on a miss."""
 
     def __init__(self, name: str, fn: Any) -> None:
         self.name, self.fn = name, fn
         self.bound: dict[tuple, Callable[[tuple], None]] = {}
         self.tunings: dict[tuple, _Tuning] = {}
+
+    def bound_launch(self, key: tuple) -> Callable[[tuple], None] | None:
+        """The launch bound to ``key``, or None: not bound yet, or inside a
+        :func:`~lora_ensemble.compile_ahead.compiling_ahead` block, which launches nothing (:meth:`bind`
+        submits the key's compiles there)."""
+        return self.bound.get(key) if ahead_compiles() is None else None
 
     def bind(self, key: tuple, args: tuple, plan: LaunchPlan, device: torch.device, pinned: bool) -> None:
         """Choose the config of ``plan``'s tuning key (once per key and device), launch ``args`` with it

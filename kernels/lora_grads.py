@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lora_ensemble.compile_ahead import ahead_compiles
 from lora_ensemble.tuning_store import tuning_pinned
 
 from .configs import (
@@ -225,7 +224,7 @@ def launch_lora_grads(
             misaligned = tuple(t.data_ptr() & 15 for t in args[:_POINTERS])
         # num_members sets the grid but is no argument of the kernel (the strides do not say it)
         key = (grad_out.get_device(), dtype, x.dtype, precision, pinned, misaligned, num_members, args[_POINTERS:-1])
-        launch = _GRADS.bound.get(key) if ahead_compiles() is None else None  # a block launches nothing
+        launch = _GRADS.bound_launch(key)
         with launch_device(device):
             if launch is None:
                 _GRADS.bind(key, args, _plan(args, device, precision, atomic, shared_input, num_members, splits),
