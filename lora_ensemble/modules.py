@@ -156,8 +156,9 @@ class LoRAEnsembleLayer(nn.Module):
         self._factors_placed()
 
     def _factors_placed(self) -> None:
-        """The factors are on their device: on a CUDA device, Triton's once-a-process cache key starts
-        hashing on a thread (:mod:`lora_ensemble.triton_hash`), beside the rest of the model's building."""
+        """The factors are on their device: on a GPU (or on the CPU of a machine where NVML sees one),
+        Triton's once-a-process cache key starts hashing on a thread (:mod:`lora_ensemble.triton_hash`),
+        beside the rest of the model's building."""
         start_hashing(self.backend, self.lora_A.device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRAEnsembleLayer:
