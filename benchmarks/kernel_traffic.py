@@ -35,7 +35,7 @@ from lora_ensemble.kernels.launch_policy import (
     stacked_row_tiles,
 )
 
-__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "h100_stacked_tiling", "kept_block_cols",
+__all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "h100_stacked_tiling", "kept_column_tiles",
            "lora_grads_traffic", "main", "traffic_budget"]
 
 
@@ -59,18 +59,21 @@ def _stacked_tiles(members: int, rows: int, block_m: int, member_tiles: bool = F
 
 def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
                          rank_slots: int, shared_input: bool = False, sum_members: bool = False,
-                         member_tiles: bool = False) -> dict[str, int]:
+                         member_tiles: bool = False, col_group: int = 1) -> dict[str, int]:
     """Elements one launch of the fused Triton kernel loads from each operand role, tile by tile as
     ``kernels/fused_lora_gemm.py`` runs (its header states the same totals): ``members`` x ``rows``
     rows of ``inner`` (K) in, ``cols`` (C) out, row tile ``block_m``, column tile ``block_n``,
-    ``rank_slots`` members a rank pass and ``member_tiles`` (the launch policy's ``RowTiling``).
-    Layouts: stacked (forward and dx), ``shared_input`` forward, ``sum_members`` (the shared-input dx).
+    ``rank_slots`` members a rank pass and ``member_tiles`` (the launch policy's ``RowTiling``), and
+    the stacked kernel's column groups of ``col_group`` tiles (the config's ``COL_TILES``: the rank
+    block, so the shrink's reads, once per group). Layouts: stacked (forward and dx), ``shared_input``
+    forward, ``sum_members`` (the shared-input dx).
 
     Rows and columns past the edge wrap around (a tile loads ``min(block_m, rows)`` distinct rows
-    and ``min(block_n, cols)`` distinct columns); rank columns past ``rank`` and slots past a tile's
-    members are masked (no traffic)."""
+    and ``min(block_n, cols)`` distinct columns, a group's tiles past the edge their wrapped columns);
+    rank columns past ``rank`` and slots past a tile's members are masked (no traffic)."""
     k, c, r = inner, cols, rank
-    col_tiles = _cdiv(c, block_n)
+    groups = _cdiv(_cdiv(c, block_n), col_group)
+    col_tiles = groups * col_group  # column tiles run (whole groups)
     strip = col_tiles * min(block_n, c)  # weight columns loaded per row tile, over its column tiles
     if shared_input or sum_members:
         row_tiles = _cdiv(rows, block_m)
@@ -85,7 +88,7 @@ def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: i
         later_rows = max(0, end - max(start, (first + rank_slots) * rows))  # rows of further passes
         traffic["weight"] += strip * k
         traffic["in"] += col_tiles * (tile_rows + later_rows) * k
-        traffic["shrink"] += col_tiles * span * r * k
+        traffic["shrink"] += groups * span * r * k
         traffic["expand"] += span * r * c
     return traffic
 
@@ -178,16 +181,20 @@ def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[
     return tiling, configs
 
 
-def kept_block_cols(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[int]:
-    """The column tiles (BLOCK_N) of the bf16 configs the run-time pruning keeps on an H100 for the
-    forward and, with ``mode="fwd_bwd"``, also for the dx kernel (the spill record included): the
-    tiles a prediction may assume the autotuner picks from."""
+def _columns(config) -> tuple[int, int]:
+    return config.kwargs["BLOCK_N"], config.kwargs.get("COL_TILES", 1)
+
+
+def kept_column_tiles(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[tuple[int, int]]:
+    """The column tiles (BLOCK_N) and column groups (COL_TILES) of the bf16 configs the run-time
+    pruning keeps on an H100 for the forward and, with ``mode="fwd_bwd"``, also for the dx kernel
+    (the spill record included): the tilings a prediction may assume the autotuner picks from."""
     roles = [(d, k)] + ([(k, d)] if mode == "fwd_bwd" else [])
     kept = None
     for inner, cols in roles:
-        cols_kept = {c.kwargs["BLOCK_N"] for c in h100_stacked_tiling(n, m, inner, cols, r)[1]}
+        cols_kept = {_columns(c) for c in h100_stacked_tiling(n, m, inner, cols, r)[1]}
         kept = cols_kept if kept is None else kept & cols_kept
-    return sorted(kept) or [FALLBACK_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]]
+    return sorted(kept) or [_columns(FALLBACK_FUSED_LORA_GEMM_CONFIG)]
 
 
 @dataclass(frozen=True)
@@ -208,34 +215,37 @@ class Launch:
 
 
 def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, block_m: int, block_n: int,
-                  rank_slots: int, split16: bool, member_tiles: bool) -> float:
+                                rank_slots: int, split16: bool, member_tiles: bool, col_group: int = 1) -> float:
     """Tensor-core FLOPs of one stacked launch as it runs: the base dot over padded row tiles and
-    whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column tile, and
-    one [block_m, block_r] x [block_r, block_n] expand dot per member a tile holds (two for a
-    16-bit factor: the fp32 rank product is split in a high and a low half)."""
-    col_tiles = _cdiv(cols, block_n)
+    whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column group of
+    ``col_group`` tiles, and one [block_m, block_r] x [block_r, block_n] expand dot per member a tile
+    holds (two for a 16-bit factor: the fp32 rank product is split in a high and a low half)."""
+    groups = _cdiv(_cdiv(cols, block_n), col_group)
+    col_tiles = groups * col_group
     flops = 0
     for _, _, first, last in _stacked_tiles(members, rows, block_m, member_tiles):
         span = last - first + 1
-        flops += 2 * block_m * inner * col_tiles * (block_n + _cdiv(span, rank_slots) * rank_slots * block_r)
+        flops += 2 * block_m * inner * (col_tiles * block_n + groups * _cdiv(span, rank_slots) * rank_slots * block_r)
         flops += (2 if split16 else 1) * 2 * block_m * block_r * block_n * col_tiles * span
     return flops
 
 
-def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, block_n: int, e: int,
+def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, columns: tuple[int, int], e: int,
                     model: DeviceModel) -> Launch:
-    """The stacked forward (in = x) or dx (in = dy) kernel: loads by :func:`fused_kernel_traffic`,
-    writes out and the fp32 rank product."""
+    """The stacked forward (in = x) or dx (in = dy) kernel with ``columns`` = (column tile, column
+    group): loads by :func:`fused_kernel_traffic`, writes out and the fp32 rank product."""
     block_r = block_rank(r)
+    block_n, col_group = columns
     tiling = h100_stacked_tiling(n, m, inner, cols, r)[0]
     loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
-                                 member_tiles=tiling.member_tiles)
+                                 member_tiles=tiling.member_tiles, col_group=col_group)
     writes = n * m * cols * e + n * m * r * 4
     hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + writes
     return Launch(name, {key: value * e for key, value in loads.items()}, writes, hbm,
                   _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2,
-                                tiling.member_tiles),
-                  stacked_row_tiles(m, n, tiling) * _cdiv(cols, block_n), model.triton_flops_per_s[tiling.block_m])
+                                tiling.member_tiles, col_group),
+                  stacked_row_tiles(m, n, tiling) * _cdiv(cols, block_n * col_group),
+                  model.triton_flops_per_s[tiling.block_m])
 
 
 def _lora_grads_launches(n: int, m: int, d: int, k: int, r: int, e: int, model: DeviceModel) -> list[Launch]:
@@ -257,13 +267,13 @@ def _lora_grads_launches(n: int, m: int, d: int, k: int, r: int, e: int, model: 
     return launches
 
 
-def fused_launches(n: int, m: int, d: int, k: int, r: int, mode: str, block_n: int, e: int = 2,
+def fused_launches(n: int, m: int, d: int, k: int, r: int, mode: str, columns: tuple[int, int], e: int = 2,
                    model: DeviceModel = H100) -> list[Launch]:
-    """The launches of the fused Triton backend for one stacked layer call: the forward, and for
-    ``fwd_bwd`` the dx kernel and the weight gradients."""
-    launches = [_stacked_launch("forward", n, m, d, k, r, block_n, e, model)]
+    """The launches of the fused Triton backend for one stacked layer call with ``columns`` = (column
+    tile, column group): the forward, and for ``fwd_bwd`` the dx kernel and the weight gradients."""
+    launches = [_stacked_launch("forward", n, m, d, k, r, columns, e, model)]
     if mode == "fwd_bwd":
-        launches.append(_stacked_launch("dx", n, m, k, d, r, block_n, e, model))
+        launches.append(_stacked_launch("dx", n, m, k, d, r, columns, e, model))
         launches += _lora_grads_launches(n, m, d, k, r, e, model)
     return launches
 
@@ -313,8 +323,8 @@ def predicted_us(launches: list[Launch], model: DeviceModel = H100) -> float:
 def main() -> None:
     """Print the headline table of ``benchmarks/NOTES.md``: per shape and mode, the fused forward's
     traffic per operand (MB, all loads), the fused launches' L2 and HBM bytes and tensor-core work,
-    and the predicted H100 bf16 device times of the fused path (best column tile), ``F.linear`` and
-    the composite, with the ratios to ``F.linear``."""
+    and the predicted H100 bf16 device times of the fused path (best column tile and group, "128 x 2":
+    groups of two 128-wide tiles), ``F.linear`` and the composite, with the ratios to ``F.linear``."""
     mb = 1e-6
     print("| shape | mode | BN | forward loads MB: W0 / x / A / B | L2 MB | HBM MB | TC GFLOP | fused µs | "
           "F.linear µs | composite µs | fused ÷ F.linear | composite ÷ F.linear |")
@@ -322,14 +332,14 @@ def main() -> None:
     for label, n, m, d, k, r, modes in HEADLINE_SHAPES:
         for mode in modes:
             tiling = h100_stacked_tiling(n, m, d, k, r)[0]
-            choices = kept_block_cols(n, m, d, k, r, mode)
-            best = min(choices, key=lambda bn: predicted_us(fused_launches(n, m, d, k, r, mode, bn)))
+            choices = kept_column_tiles(n, m, d, k, r, mode)
+            best = min(choices, key=lambda columns: predicted_us(fused_launches(n, m, d, k, r, mode, columns)))
             launches = fused_launches(n, m, d, k, r, mode, best)
             refs = reference_launches(n, m, d, k, r, mode)
             fused, limit, composite = (predicted_us(x) for x in (launches, refs["limit"], refs["composite"]))
             reads = launches[0].reads
             tiles = f"BM {tiling.block_m}{' member tiles' if tiling.member_tiles else ''}, {tiling.rank_slots} slots"
-            print(f"| {label} N{n} M{m} r{r} ({tiles}) | {mode} | {best} | "
+            print(f"| {label} N{n} M{m} r{r} ({tiles}) | {mode} | {best[0]}{f' x {best[1]}' if best[1] > 1 else ''} | "
                   f"{reads['weight'] * mb:.1f} / {reads['in'] * mb:.1f} / {reads['shrink'] * mb:.1f} / "
                   f"{reads['expand'] * mb:.2f} | {sum(x.l2 for x in launches) * mb:.0f} | "
                   f"{sum(x.hbm for x in launches) * mb:.0f} | {sum(x.flops for x in launches) * 1e-9:.1f} | "

@@ -143,7 +143,8 @@ def build_c_launch(folder: str) -> CLaunch:
             module = build.compile_module_from_file(src_path=os.path.join(_nvidia_driver_dir(), "driver.c"),
                                                     name="cuda_utils", **linking)
     values = _kernel_arguments(source)
-    grid = (-(-MEMBERS * ROWS // case.block_m) * -(-OUT_FEATURES // case.config.kwargs["BLOCK_N"]), 1, 1)
+    columns = case.config.kwargs["BLOCK_N"] * case.config.kwargs.get("COL_TILES", 1)
+    grid = (-(-MEMBERS * ROWS // case.block_m) * -(-OUT_FEATURES // columns), 1, 1)
     packed_metadata = (case.config.num_warps, 1, 0)  # num_warps, num_ctas, shared memory
     if per_signature:  # grid, stream, function, cooperative, pdl, scratches, metadata, hooks, the arguments
         arguments = (*grid, 0, 0, False, False, None, None, packed_metadata, None, None, None, *values)

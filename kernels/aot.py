@@ -331,7 +331,7 @@ def _source(case: AotCase) -> ASTSource:
     if kernel is not _lora_grads_kernel:
         constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
     if kernel is _fused_lora_gemm_kernel:
-        constexprs["MEMBER_TILES"] = case.member_tiles
+        constexprs.update(MEMBER_TILES=case.member_tiles, COL_TILES=case.config.kwargs.get("COL_TILES", 1))
     divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"compute capability, repeatable (default: {' and '.join(map(str, ARCHS))})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", metavar="PATH", help="also write the reports (and failures) to PATH as JSON")
-    parser.add_argument("--only", metavar="TEXT", default="", help="compile only the cases whose label contains TEXT")
+    parser.add_argument("--only", metavar="TEXT", default="",
+                        help="compile only the cases whose label or config contains TEXT")
     parser.add_argument("--sample", type=int, metavar="N",
                         help="compile only N cases of each kernel role per arch (a quick check, not the gate)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -467,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = []
     for arch in args.arch or ARCHS:
-        cases = [c for c in aot_cases(arch, without_measured_spills=not args.all_candidates) if args.only in c.label()]
+        cases = [c for c in aot_cases(arch, without_measured_spills=not args.all_candidates)
+                 if args.only in f"{c.label()} {c.config_text()}"]
         work += [(case, arch) for case in (sample_cases(cases, args.sample) if args.sample else cases)]
     start = time.monotonic()
     results, timed_out = _compile_all(work, args.jobs, args.timeout)

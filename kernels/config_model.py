@@ -3,9 +3,12 @@
 # ranks its tile plans), and by lora_ensemble/auto_costs.py to estimate whole backends.
 #
 # A launch is programs that each own a [tile_rows, BN] output tile (BN: the config's column tile) and
-# reduce over `inner` in steps of BK. Per program and step the model counts the dot FLOPs and the
-# bytes staged through shared memory; an SM runs `resident` programs at once (bounded by shared
-# memory, registers, threads) and the busiest SM gets ceil(programs / SMs) of them:
+# reduce over `inner` in steps of BK; with a column group (the config's COL_TILES, the stacked fused
+# kernel) a program owns COL_TILES consecutive such tiles, the rank block computed in the first one's
+# K loop only, the others' K loops, expands, prologue and epilogue run for each. Per program and step
+# the model counts the dot FLOPs and the bytes staged through shared memory; an SM runs `resident`
+# programs at once (bounded by shared memory, registers, threads) and the busiest SM gets
+# ceil(programs / SMs) of them:
 #
 #   step clocks    = max(FLOPs / (dense FLOP per SM-clock x efficiency), smem bytes / 128 B per clock)
 #   program        = throughput: sum of its steps;  latency: steps x 600 / (stages - 1) + 2000 clocks
@@ -122,21 +125,25 @@ def config_cost(config: Any, launch: GemmLaunch, gpu: GpuSpec) -> ConfigCost:
     and ``num_stages``, like ``triton.Config``) on ``gpu``. A config whose pipelined tiles exceed the
     shared memory one program may use costs ``inf``."""
     bn, bk = config.kwargs[launch.col_tile], config.kwargs[launch.inner_tile]
+    group = config.kwargs.get("COL_TILES", 1)  # column tiles a program owns
     threads = 32 * config.num_warps
     rows = launch.tile_rows
-    programs = launch.row_tiles * _cdiv(launch.cols, bn)
+    programs = launch.row_tiles * _cdiv(launch.cols, bn * group)
     k_steps = _cdiv(launch.inner, bk)
     rank_in_main = launch.rank_tile if launch.rank_in_main else 0
     main_cols = (bn if launch.column_operand else 0) + rank_in_main
     main_steps = k_steps if main_cols else 0
+    base_steps = k_steps * (group - 1) if launch.column_operand else 0  # the group's further tiles
     rank_steps = k_steps * launch.rank_loops
 
     # Per program: FLOPs and bytes staged through shared memory, main loop, rank loops and epilogue.
     main_flops = 2 * rows * main_cols * bk * launch.dot_passes
     main_bytes = launch.lhs_loads * rows * bk * launch.lhs_bytes + bk * main_cols * launch.rhs_bytes
+    base_flops = 2 * rows * bn * bk * launch.dot_passes
+    base_bytes = launch.lhs_loads * rows * bk * launch.lhs_bytes + bk * bn * launch.rhs_bytes
     rank_flops = 2 * rows * launch.rank_tile * bk * launch.dot_passes
     rank_bytes = rows * bk * launch.lhs_bytes + bk * launch.rank_tile * launch.rhs_bytes
-    expands = launch.expands
+    expands = launch.expands * group
     expand_rank = launch.expand_rank or launch.rank_tile
     expand_flops = 2 * rows * expand_rank * bn * launch.expand_passes
     expand_bytes = expand_rank * bn * launch.rhs_bytes
@@ -147,11 +154,14 @@ def config_cost(config: Any, launch: GemmLaunch, gpu: GpuSpec) -> ConfigCost:
     def step_clocks(flops: int, nbytes: int) -> float:
         return max(flops / flops_per_clock, nbytes / smem_rate)
 
-    throughput = (main_steps * step_clocks(main_flops, main_bytes) + rank_steps * step_clocks(rank_flops, rank_bytes)
+    throughput = (main_steps * step_clocks(main_flops, main_bytes)
+                  + base_steps * step_clocks(base_flops, base_bytes)
+                  + rank_steps * step_clocks(rank_flops, rank_bytes)
                   + expands * step_clocks(expand_flops, expand_bytes))
-    compute_clocks = (main_steps * main_flops + rank_steps * rank_flops + expands * expand_flops) / flops_per_clock
-    latency = ((main_steps + rank_steps) * ITER_LATENCY_CLOCKS / max(1, config.num_stages - 1)
-               + PROGRAM_LATENCY_CLOCKS)
+    compute_clocks = (main_steps * main_flops + base_steps * base_flops + rank_steps * rank_flops
+                      + expands * expand_flops) / flops_per_clock
+    latency = ((main_steps + base_steps + rank_steps) * ITER_LATENCY_CLOCKS / max(1, config.num_stages - 1)
+               + group * PROGRAM_LATENCY_CLOCKS)
 
     # Occupancy: pipelined tiles in shared memory, fp32 accumulators and operand fragments in registers.
     staged = rows * bk * launch.lhs_bytes + bk * max(main_cols, launch.rank_tile) * launch.rhs_bytes
@@ -168,7 +178,7 @@ def config_cost(config: Any, launch: GemmLaunch, gpu: GpuSpec) -> ConfigCost:
     per_sm = _cdiv(programs, gpu.sm_count)
     concurrent = min(resident, per_sm)
     sm_clocks = _cdiv(per_sm, concurrent) * max(latency, concurrent * throughput)
-    program_bytes = main_steps * main_bytes + rank_steps * rank_bytes + expands * expand_bytes
+    program_bytes = main_steps * main_bytes + base_steps * base_bytes + rank_steps * rank_bytes + expands * expand_bytes
     times = {
         "latency" if latency >= concurrent * throughput else (
             "compute" if compute_clocks >= throughput * 0.999 else "shared memory"): sm_clocks / gpu.clock_hz,

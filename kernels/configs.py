@@ -110,6 +110,12 @@ FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+    # Column groups: a program owns COL_TILES consecutive column tiles and computes its rows' rank
+    # block (x A^T) once for them, not once per tile. Where the rank block is wide against the column
+    # tile (rank tiles >= 32, narrow tiles) or the launch is compute-bound (prefill), the rank K-loop's
+    # share of the work shrinks by COL_TILES; fewer programs fill the GPU.
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COL_TILES=2),
+    _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, COL_TILES=2),
 )
 # The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
 # warps. Every listed config spills at some tilings the launch policy makes (mostly the kernels with
@@ -250,7 +256,9 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
     and in the ``"odd"`` specialisation a 64-bit pointer per element of the K-loop's tiles;
     in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
-    shared memory counted; and (``without_measured_spills``) every config in
+    shared memory counted; column groups (``COL_TILES`` > 1: the stacked kernel only) where the
+    tiling runs further rank passes (the group keeps one pass's rank block), with 3xTF32, or where
+    the column tiles do not fill whole groups; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. The weightless (delta) form spills at configs of its own (the
     shared-memory and register estimates keep counting the weight tile: an upper bound). Never
     empty: where nothing is kept, :data:`FALLBACK_FUSED_LORA_GEMM_CONFIG`.
@@ -265,6 +273,9 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
     def fits(c: triton.Config) -> bool:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bn > 128 and block_m < 64:
+            return False
+        group = c.kwargs.get("COL_TILES", 1)
+        if group > 1 and (sum_members is not None or tiling.multi_pass or tf32x3 or -(-cols // bn) % group):
             return False
         if sum_members is not None and block_r > 32 and c.num_warps < 8:
             return False  # the shared-input kernel spills on 4 warps with wide rank tiles

@@ -10,7 +10,7 @@
 #
 # Stacked kernel: the N*M stacked rows are ONE [N*M, K] matrix to the base GEMM (W0 is read once per
 # row tile of the whole stacked batch, not once per member). Grid cdiv(N*M, BLOCK_M) * cdiv(C,
-# BLOCK_N) programs in grouped (GROUP_M, tl.swizzle2d) order; a row tile may hold rows of several
+# BLOCK_N * COL_TILES) programs in grouped (GROUP_M, tl.swizzle2d) order; a row tile may hold rows of several
 # consecutive members (rows are member-major), each row's member is row // M. The rank part is
 # segmented per row (Punica's SGMV / S-LoRA's MBGMV, with the base GEMM fused in), block-masked:
 # the shrink factors of the RANK_SLOTS members a pass holds are loaded side by side as one
@@ -33,17 +33,22 @@
 # (launch_policy.uses_member_tiles: tiles at least a member long whose padding adds at most 1/8 of
 # the rows, and always where BLOCK_M divides M) tiles each member's rows on their own instead,
 # N * cdiv(M, BLOCK_M) tiles (the last of each member's padded): no tile straddles, one pass, the
-# further pass's registers never needed.
+# further pass's registers never needed. COLUMN GROUPS (COL_TILES > 1, a config's choice; only for
+# tilings of one rank pass): a program owns COL_TILES consecutive column tiles; the first runs the
+# K-loop above, the others the base K-loop alone (no shrink loads, no rank dots) and reuse the rank
+# block's own columns, kept in registers (as live as during the first K-loop: no more registers at
+# the peak), for their expands. The rank work and the shrink's reads fall by COL_TILES; the grid by
+# as much.
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
-# P = cdiv(C, BLOCK_N) column tiles, S_t the members tile t spans, sum_t S_t <= N + T - 1;
-# tests/test_kernel_traffic.py holds it):
+# P = cdiv(C, BLOCK_N) column tiles in G = P / COL_TILES groups, S_t the members tile t spans,
+# sum_t S_t <= N + T - 1; tests/test_kernel_traffic.py holds it):
 #     weight  T * K * C (once per row tile)      in      P * N*M * K (+ padded rows, + rows of further passes)
-#     shrink  P * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
+#     shrink  G * sum_t S_t * K * R              expand  sum_t S_t * R * C (about once)
 # (rows and columns past the edge wrap around instead of being masked in the K-loop: the last row
 # and column tiles load min(BLOCK_M, N*M) rows and min(BLOCK_N, C) columns; benchmarks/kernel_traffic
 # counts them exactly).
-# x A^T is recomputed in every column tile (no program waits for another): shrink is re-read P
+# x A^T is recomputed in every column group (no program waits for another): shrink is re-read G
 # times, from L2 (it is N*R*K elements, R/C of W0 per member).
 #
 # Shared-input kernel (in [M, K] read by every member; grid cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N)):
@@ -194,22 +199,28 @@ def _slot_of(low_slots, slot, RANK_SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid, slot_member, slot_rank,
-                    slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr, offs_c, COLS, RANK,
-                    scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr):
-    """The end of a stacked rank pass over members ``first_member`` .. ``last_member``: keep each
-    row's own member's columns of the rank block ``low`` [BLOCK_M, W], store them to ``low``
-    (``store_low``: the programs of the first column tile; ``row_low`` is each row's offset within
-    its member), then add ``scaling * low[n] @ expand[n]`` to the rows of each member n, one member
-    at a time: a [BLOCK_R, BLOCK_N] expand tile each (one [W, BLOCK_N] tile would take the
-    registers of the whole block), and a select, not a product with zeros, keeps each member's
-    update (and a NaN or Inf in its factors, 0 * NaN being NaN) out of the other members' rows."""
+def _own_columns(low, row_member, row_low, rows_valid, slot_member, slot_rank, slot_mask, store_low, low_ptr,
+                 stride_low_n, stride_low_r):
+    """Keep each row's own member's columns of the rank block ``low`` [BLOCK_M, W] (the others
+    zeroed) and store them to ``low`` (``store_low``: the programs of the first column tile;
+    ``row_low`` is each row's offset within its member)."""
     own = row_member[:, None] == slot_member[None, :]
     low = tl.where(own, low, 0.0)
     if store_low:
         tl.store(low_ptr + row_member[:, None] * stride_low_n + row_low[:, None] + slot_rank[None, :] * stride_low_r,
                  low, mask=own & slot_mask[None, :] & rows_valid[:, None])
+    return low
+
+
+@triton.jit
+def _add_expands(acc, low, first_member, last_member, row_member, expand_ptr, offs_c, COLS, RANK, scaling,
+                 stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr):
+    """Add ``scaling * low[n] @ expand[n]`` to the rows of each member n of a pass (``low``: the own
+    columns of its rank block, :func:`_own_columns`), one member at a time: a [BLOCK_R, BLOCK_N]
+    expand tile each (one [W, BLOCK_N] tile would take the registers of the whole block), and a
+    select, not a product with zeros, keeps each member's update (and a NaN or Inf in its factors,
+    0 * NaN being NaN) out of the other members' rows."""
     low_slots = tl.reshape(low, (BLOCK_M, RANK_SLOTS, BLOCK_R))
     offs_r = tl.arange(0, BLOCK_R)
     for slot in range(0, tl.minimum(RANK_SLOTS, last_member - first_member + 1)):
@@ -218,6 +229,21 @@ def _add_own_update(acc, low, first_member, last_member, row_member, row_low, ro
                              offs_r, offs_c, RANK, COLS, scaling, stride_expand_r, stride_expand_c, DOT_PRECISION)
         acc = tl.where((row_member == member)[:, None], update, acc)
     return acc
+
+
+@triton.jit
+def _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid, slot_member, slot_rank,
+                    slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr, offs_c, COLS, RANK,
+                    scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr):
+    """The end of a stacked rank pass over members ``first_member`` .. ``last_member``: its own
+    columns (:func:`_own_columns`), then their updates (:func:`_add_expands`). Returns ``acc`` and
+    the own columns (kept for the program's further column tiles)."""
+    low = _own_columns(low, row_member, row_low, rows_valid, slot_member, slot_rank, slot_mask, store_low, low_ptr,
+                       stride_low_n, stride_low_r)
+    acc = _add_expands(acc, low, first_member, last_member, row_member, expand_ptr, offs_c, COLS, RANK, scaling,
+                       stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
+    return acc, low
 
 
 @triton.jit
@@ -247,6 +273,21 @@ def _store_tile(ptr, value, row_offsets, rows_valid, offs_c, COLS, stride_c):
     tl.store(ptr + row_offsets[:, None] + offs_c[None, :] * stride_c, value.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
+                  stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c,
+                  HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr):
+    """Add the bias and the base output (where given) to a stacked output tile ``acc`` and store it
+    (``cols``: ``offs_c`` wrapped at ``COLS``)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + row_member[:, None] * stride_base_n + row_in_member[:, None] * stride_base_m
+                       + cols[None, :] * stride_base_c).to(tl.float32)
+    _store_tile(out_ptr, acc, row_member * stride_out_n + row_in_member * stride_out_m, rows_valid, offs_c, COLS,
+                stride_out_c)
+
+
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_lora_gemm_kernel(
     in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
@@ -262,16 +303,21 @@ def _fused_lora_gemm_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
     MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    COL_TILES: tl.constexpr,
 ):
     # offs_c, offs_k and cols are spelled in both branches on purpose: the else branch is, op for op, the
     # kernel before member tiles, so it compiles to the same PTX and the spill record stays valid for it.
+    # A program owns COL_TILES consecutive column tiles (their group is one column tile of the swizzle);
+    # at COL_TILES = 1 the code is, op for op, the kernel before column groups (the same PTX).
+    tl.static_assert(COL_TILES == 1 or not MULTI_PASS, "a column group keeps one rank pass's block")
     if MEMBER_TILES:  # cdiv(M, BLOCK_M) row tiles a member, each inside its member (RANK_SLOTS = 1)
         member_tiles = tl.cdiv(ROWS, BLOCK_M)
-        pid_m, pid_n = _tile_of(tl.program_id(0), MEMBERS * member_tiles * BLOCK_M, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _tile_of(tl.program_id(0), MEMBERS * member_tiles * BLOCK_M, COLS, BLOCK_M,
+                                BLOCK_N * COL_TILES, GROUP_M)
         first_member = (pid_m // member_tiles).to(tl.int64)
         last_member = first_member
         offs_m = (pid_m % member_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = pid_n.to(tl.int64) * (BLOCK_N * COL_TILES) + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         # Rows past the member's last and columns past the edge wrap around (never stored).
         rows_valid = offs_m < ROWS
@@ -280,10 +326,10 @@ def _fused_lora_gemm_kernel(
         cols = offs_c % COLS
     else:  # row tiles over the stacked rows
         stacked_rows = MEMBERS * ROWS
-        pid_m, pid_n = _tile_of(tl.program_id(0), stacked_rows, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _tile_of(tl.program_id(0), stacked_rows, COLS, BLOCK_M, BLOCK_N * COL_TILES, GROUP_M)
         tile_start = pid_m.to(tl.int64) * BLOCK_M
         offs_g = tile_start + tl.arange(0, BLOCK_M)
-        offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = pid_n.to(tl.int64) * (BLOCK_N * COL_TILES) + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         # Rows and columns past the edge wrap around (their results are never stored). Each stacked
         # row g is row g % M of member g // M.
@@ -305,10 +351,10 @@ def _fused_lora_gemm_kernel(
         INNER, RANK, stride_in_k, stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k,
         rows_valid, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=HAS_WEIGHT, ROWS_MASKED=False)
     row_low = row_in_member * stride_low_m
-    acc = _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid, slot_member,
-                          slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr, offs_c,
-                          COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION,
-                          BLOCK_M, BLOCK_R, RANK_SLOTS)
+    acc, own_low = _add_own_update(acc, low, first_member, last_member, row_member, row_low, rows_valid,
+                                   slot_member, slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r,
+                                   expand_ptr, offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r,
+                                   stride_expand_c, DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
     if MULTI_PASS:  # the tile's members beyond the first RANK_SLOTS, RANK_SLOTS at a time
         for pass_first in range(first_member + RANK_SLOTS, last_member + 1, RANK_SLOTS):
             pass_rows = rows_valid & (row_member >= pass_first) & (row_member < pass_first + RANK_SLOTS)
@@ -316,17 +362,29 @@ def _fused_lora_gemm_kernel(
                 in_tile, weight_tile, shrink_ptr, acc, pass_first, last_member, INNER, RANK, stride_in_k,
                 stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, pass_rows, DOT_PRECISION,
                 BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=False, ROWS_MASKED=True)
-            acc = _add_own_update(acc, low, pass_first, last_member, row_member, row_low, rows_valid, slot_member,
+            acc, _ = _add_own_update(acc, low, pass_first, last_member, row_member, row_low, rows_valid, slot_member,
                                   slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr,
                                   offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c,
                                   DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if HAS_BASE:
-        acc += tl.load(base_ptr + row_member[:, None] * stride_base_n + row_in_member[:, None] * stride_base_m
-                       + cols[None, :] * stride_base_c).to(tl.float32)
-    _store_tile(out_ptr, acc, row_member * stride_out_n + row_in_member * stride_out_m, rows_valid, offs_c, COLS,
-                stride_out_c)
+    _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
+                  stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS,
+                  HAS_BASE)
+    # The group's further column tiles: the base K-loop alone, the rank block's own columns kept.
+    for _ in tl.static_range(1, COL_TILES):
+        offs_c += BLOCK_N
+        cols = offs_c % COLS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_WEIGHT:
+            acc, _ = _k_loop(in_tile, weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c,
+                             shrink_ptr, acc, own_low, INNER, stride_in_k, stride_weight_k, stride_shrink_k, offs_k,
+                             rows_valid, slot_mask, DOT_PRECISION, BLOCK_K, WITH_BASE=True, WITH_LOW=False,
+                             ROWS_MASKED=False)
+        acc = _add_expands(acc, own_low, first_member, last_member, row_member, expand_ptr, offs_c, COLS, RANK,
+                           scaling, stride_expand_n, stride_expand_r, stride_expand_c, DOT_PRECISION, BLOCK_M, BLOCK_R,
+                           RANK_SLOTS)
+        _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
+                      stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS,
+                      HAS_BASE)
 
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
@@ -483,10 +541,10 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     if shared:
         constexprs["SUM_MEMBERS"] = sum_members
     else:
-        constexprs["MEMBER_TILES"] = tiling.member_tiles
+        constexprs.update(MEMBER_TILES=tiling.member_tiles, COL_TILES=1)  # a config may set COL_TILES
 
     def grid(config) -> tuple[int, ...]:
-        return (tiles * -(-cols // config.kwargs["BLOCK_N"]),)
+        return (tiles * -(-cols // (config.kwargs["BLOCK_N"] * config.kwargs.get("COL_TILES", 1))),)
 
     return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu)
 

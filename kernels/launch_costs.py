@@ -8,7 +8,8 @@
 # row tiles over the stacked rows (a tile may hold several members; with member tiles N * cdiv(M,
 # BLOCK_M) tiles of one member each), the rank block [BLOCK_M,
 # RANK_SLOTS * BLOCK_R] computed in the base K loop, one more K loop over it for each further pass a
-# tile needs, one [BLOCK_M, BLOCK_R] x [BLOCK_R, BN] expand dot per member a tile holds. Per-program
+# tile needs, one [BLOCK_M, BLOCK_R] x [BLOCK_R, BN] expand dot per member a tile holds (a config's
+# column group, COL_TILES, is the config model's to count: the rank block once for its tiles). Per-program
 # counts are averages over the T tiles (kernels/fused_lora_gemm.py's header: sum_t S_t members held,
 # sum_t ceil(S_t / RANK_SLOTS) passes).
 # Shared-input forward: cdiv(M, BLOCK_M) row tiles, the base once with the first pass's rank block,

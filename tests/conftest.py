@@ -133,3 +133,31 @@ def two_candidates(fresh_auto, monkeypatch):
     monkeypatch.setattr(backends, "auto_candidates", candidates)
     monkeypatch.setattr(auto_backend, "auto_candidates", candidates)
     return fresh_auto
+
+
+def _set_tf32(allowed: bool):
+    """Set PyTorch's fp32 matmul TF32 switch; return a function that restores it."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if allowed else "ieee"
+        return lambda: setattr(matmul, "fp32_precision", before)
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = allowed
+    return lambda: setattr(matmul, "allow_tf32", before)
+
+
+@pytest.fixture
+def tf32_matmuls():
+    """PyTorch allows TF32 for fp32 matmuls for the duration of a test."""
+    restore = _set_tf32(True)
+    yield
+    restore()
+
+
+@pytest.fixture
+def fp32_matmuls():
+    """PyTorch asks for full fp32 matmuls for the duration of a test."""
+    restore = _set_tf32(False)
+    yield
+    restore()

@@ -142,3 +142,55 @@ def test_weight_gradient_launch_names_its_own_tiles():
     ranked = rank_configs(list(configs.LORA_GRADS_GPU_CONFIGS), grads, H100_SXM)
     assert all(math.isfinite(cost.seconds) for _, cost in ranked)
     assert ranked[0][1].programs == 16 * math.ceil(1536 / ranked[0][0].kwargs["BLOCK_C"])
+
+
+def grouped(warps: int, stages: int, n: int, k: int, col_tiles: int) -> SimpleNamespace:
+    return SimpleNamespace(kwargs={"BLOCK_N": n, "BLOCK_K": k, "COL_TILES": col_tiles}, num_warps=warps,
+                           num_stages=stages)
+
+
+def test_column_group_computes_the_rank_block_once_for_its_tiles():
+    # Compute-bound (CUDA-core fp32 dots): a group of 2 runs half the programs, each with the base dot
+    # of both tiles but the rank block's dot once, so the launch does exactly the rank work it saves
+    # less: (2 * 128 + 64) against 2 * (128 + 64) columns of dot work per K step and program pair.
+    launch = GemmLaunch(128, 264, 256, 8192, "fp32", 4, 4, 0, rank_tile=64, efficiency=1.0)
+    one, two = config_cost(cfg(8, 3, 128, 32), launch, H100_SXM), config_cost(grouped(8, 3, 128, 32, 2), launch,
+                                                                              H100_SXM)
+    assert (one.programs, two.programs) == (528, 264)
+    assert one.bound == two.bound == "compute"
+    assert (two.seconds - KERNEL_OVERHEAD_S) / (one.seconds - KERNEL_OVERHEAD_S) == pytest.approx(
+        (2 * 128 + 64) / (2 * (128 + 64)), rel=1e-6)
+    # Without a rank block a group only makes fewer, longer programs: the same compute-bound time.
+    plain = GemmLaunch(128, 264, 256, 8192, "fp32", 4, 4, 0, efficiency=1.0)
+    assert config_cost(grouped(8, 3, 128, 64, 2), plain, H100_SXM).seconds == pytest.approx(
+        config_cost(cfg(8, 3, 128, 64), plain, H100_SXM).seconds, rel=1e-6)
+
+
+def test_column_groups_pay_at_prefill_and_not_where_sms_would_idle():
+    # Llama-7B q_proj prefill: 16 members x 512 rows in 128-row member tiles (64 row tiles), rank tile 64.
+    prefill = fused_launch(16, 512, 4096, 4096, 64, block_m=128, row_tiles=64)
+    assert (config_cost(grouped(8, 3, 128, 64, 2), prefill, H100_SXM).seconds
+            < config_cost(cfg(8, 3, 128, 64), prefill, H100_SXM).seconds)
+    # One 16-row tile (decode): 32 programs of 128 columns on 132 SMs; groups of 2 would leave 116 idle.
+    decode = fused_launch(16, 1, 4096, 4096, 16, block_m=16, row_tiles=1)
+    assert (config_cost(grouped(8, 3, 128, 64, 2), decode, H100_SXM).seconds
+            > config_cost(cfg(8, 3, 128, 64), decode, H100_SXM).seconds)
+
+
+def test_pruning_keeps_column_groups_only_for_one_pass_stacked_tilings_of_whole_groups():
+    group = next(c for c in configs.FUSED_LORA_GEMM_GPU_CONFIGS if c.kwargs.get("COL_TILES", 1) > 1)
+    one_pass, further_passes = stacked_tiling(512, 16, 16), stacked_tiling(1, 16, 16)
+    assert not one_pass.multi_pass and further_passes.multi_pass
+
+    def kept(tiling, cols=4096, precision="tf32", sum_members=None) -> bool:
+        problem = configs.FusedProblem(cols, 4096, "fp16", precision, 16, H100_SXM.shared_memory_per_program, 90,
+                                       sum_members=sum_members)
+        return group in configs.fitting_fused_lora_gemm_configs([group], problem, tiling,
+                                                                without_measured_spills=False)
+
+    assert kept(one_pass)
+    assert not kept(further_passes)  # the group keeps one pass's rank block
+    assert not kept(one_pass, precision="tf32x3")
+    assert not kept(one_pass, cols=3 * group.kwargs["BLOCK_N"])  # 3 column tiles: no whole groups
+    assert kept(one_pass, cols=4 * group.kwargs["BLOCK_N"] - 5)  # 4 tiles, the last one partial
+    assert not kept(one_pass, sum_members=False)  # the shared-input kernel has no groups

@@ -22,9 +22,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import triton
 from triton.runtime import interpreter
 
 from benchmarks.kernel_traffic import fused_kernel_traffic, lora_grads_traffic, traffic_budget
+from lora_ensemble.kernels import fused_lora_gemm
 from lora_ensemble.kernels.configs import (
     INTERPRETER_FUSED_LORA_GEMM_CONFIG,
     INTERPRETER_LORA_GRADS_CONFIG,
@@ -128,6 +130,30 @@ def test_loads_match_the_model_and_the_budget(shape, role, shared):
 
 
 @pytest.mark.parametrize("role", ["forward", "dx"])
+@pytest.mark.parametrize("shape", [(4, 50, 64, 64, 8), (8, 2, 64, 128, 16), (2, 1030, 64, 64, 3)],
+                         ids=["64-row tiles", "one tile", "member tiles"])
+def test_column_groups_read_the_shrink_once_per_group(shape, role, monkeypatch, tf32_matmuls):
+    """Column groups of 2 (``COL_TILES``): W0 and ``in`` as without groups, the shrink factor once per
+    group of column tiles instead of once per tile, loads equal to the model's (fp32 with TF32 allowed:
+    3xTF32 dots run no groups)."""
+    n, m, d, k, r = shape
+    grouped = triton.Config({**INTERPRETER_FUSED_LORA_GEMM_CONFIG.kwargs, "COL_TILES": 2}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    counts, tiling, inner, cols = run_counted(n, m, d, k, r, role, shared=False)
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.config is grouped and not tiling.multi_pass, tuning.config
+    grouped_model = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots,
+                                         member_tiles=tiling.member_tiles, col_group=2)
+    ungrouped = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots,
+                                     member_tiles=tiling.member_tiles)
+    assert {name: counts[name] for name in grouped_model} == grouped_model
+    assert grouped_model["shrink"] * 2 == ungrouped["shrink"]
+    assert all(grouped_model[name] == ungrouped[name] for name in ("weight", "in", "expand"))
+
+
+@pytest.mark.parametrize("role", ["forward", "dx"])
 @pytest.mark.parametrize("n,m", [(16, 1), (8, 2)], ids=["16x1", "8x2"])
 def test_decode_reads_w0_once_for_all_members(n, m, role):
     """The issue's measurement: at decode the old tiling read W0 once per member (16 and 8 times)."""
@@ -167,14 +193,17 @@ def test_predictions_assume_column_tiles_the_pruning_keeps():
     """The NOTES table's column tile comes from the configs the run-time pruning keeps on an H100 (it
     once assumed 256-wide tiles that are pruned): at decode's 16-row tiles never 256 wide, and for
     fwd_bwd only tiles kept for the dx kernel too."""
-    from benchmarks.kernel_traffic import HEADLINE_SHAPES, kept_block_cols
+    from benchmarks.kernel_traffic import HEADLINE_SHAPES, kept_column_tiles
     from lora_ensemble.kernels.configs import FALLBACK_FUSED_LORA_GEMM_CONFIG, FUSED_LORA_GEMM_GPU_CONFIGS
 
-    listed = {c.kwargs["BLOCK_N"] for c in (*FUSED_LORA_GEMM_GPU_CONFIGS, FALLBACK_FUSED_LORA_GEMM_CONFIG)}
+    listed = {(c.kwargs["BLOCK_N"], c.kwargs.get("COL_TILES", 1))
+              for c in (*FUSED_LORA_GEMM_GPU_CONFIGS, FALLBACK_FUSED_LORA_GEMM_CONFIG)}
     for _, n, m, d, k, r, modes in HEADLINE_SHAPES:
         for mode in modes:
-            cols = kept_block_cols(n, m, d, k, r, mode)
+            cols = kept_column_tiles(n, m, d, k, r, mode)
             assert cols and set(cols) <= listed, (n, m, mode, cols)
             if mode == "fwd_bwd":
-                assert set(cols) <= set(kept_block_cols(n, m, d, k, r, "fwd")), (n, m, cols)
-    assert 256 not in kept_block_cols(16, 1, 4096, 4096, 16, "fwd")
+                assert set(cols) <= set(kept_column_tiles(n, m, d, k, r, "fwd")), (n, m, cols)
+    decode = kept_column_tiles(16, 1, 4096, 4096, 16, "fwd")
+    assert all(block_n < 256 for block_n, _ in decode)
+    assert all(group == 1 for _, group in decode), "decode runs further rank passes: no column groups"

@@ -75,6 +75,7 @@ def test_every_kernel_compiles_for_every_arch(aot_reports):
             assert any(c.endswith(f"-{specialisation}") for c in cases), specialisation
         assert any("+-" in c for c in cases), "a kernel with further rank passes"
         assert any("m-S1-" in c for c in cases), "a kernel with member tiles"
+        assert any("COL_TILES=2" in r["config"] for r in reports), "a kernel with column groups"
 
 
 def test_every_kept_config_fits_without_spills(aot_reports):

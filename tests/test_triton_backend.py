@@ -9,9 +9,11 @@ because the interpreter is slow. With a GPU the same tests run the compiled kern
 
 import math
 import os
+import re
 
 import pytest
 import torch
+import triton
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
 from lora_ensemble.kernels import fused_lora_gemm, launch_policy, lora_grads
@@ -111,6 +113,68 @@ def test_forward_backward_match_reference(case, monkeypatch):
     check_against_reference(inputs_for(case), "triton", tolerance(case[5]))
 
 
+# Column groups (a program owns COL_TILES column tiles and computes its rows' x A^T once for them):
+# (N, rows per member, d, k, r, dtype, options, the group sizes some launch of the case runs).
+GROUP_CASES = [
+    (4, 33, 61, 45, 1, torch.float32, (), (2,)),  # 64-row tiles of 2-3 members, one pass of 4 slots
+    (2, 60, 45, 127, 20, torch.float16, (), (2, 4)),  # rank tile 32, a 64-row tile straddling the members: 2 slots
+    (2, 1030, 40, 61, 5, torch.float32, ("noncontig",), (2,)),  # member tiles: 9 a member, the last padded
+    (8, 2, 33, 47, 16, torch.float16, (), (2,)),  # one 16-row tile of 8 members, 8 slots
+    (1, 1, 50, 40, 4, torch.float32, (), (2,)),  # N = 1, one row
+    (3, 6, 50, 40, 2, torch.float16, ((2, 3),), (2,)),  # a 4-D input
+    (3, 5, 40, 35, 128, torch.float16, (), ()),  # rank tile 128, 3 members a tile: further passes, no group
+    (3, 50, 23, 17, 8, torch.float32, (), ()),  # one column tile: no group
+]
+
+
+@pytest.mark.parametrize("col_tiles", [2, 4])
+@pytest.mark.parametrize("case", GROUP_CASES, ids=[case_id((*c[:6], False, c[6])) for c in GROUP_CASES])
+def test_column_groups_match_reference(case, col_tiles, monkeypatch, tf32_matmuls):
+    """The stacked kernels with column groups of ``col_tiles`` as the only candidate, forward, dx and
+    the weight gradients against the float64 reference. The pruning keeps the group wherever the
+    tiling runs one rank pass and the column tiles (32 wide) fill whole groups, else its fallback;
+    never for 3xTF32 dots, so fp32 runs with TF32 allowed."""
+    grouped = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "COL_TILES": col_tiles}, num_warps=8,
+                            num_stages=2)
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    n, m, d, k, r, dtype, options, grouped_at = case
+    check_against_reference(inputs_for((n, m, d, k, r, dtype, False, options)), "triton", tolerance(dtype))
+    ran_groups = False
+    for (_, tuning_key, _), tuning in fused_lora_gemm._STACKED.tunings.items():
+        cols = int(re.search(r" C(\d+) ", tuning_key).group(1))
+        groups = " multi" not in tuning_key and -(-cols // 32) % col_tiles == 0
+        assert tuning.config.kwargs.get("COL_TILES", 1) == (col_tiles if groups else 1), (tuning_key, tuning.config)
+        ran_groups |= groups
+    assert ran_groups == (col_tiles in grouped_at), "the case's tilings changed"
+
+
+@pytest.mark.parametrize("role", ["forward", "dx"])
+@pytest.mark.parametrize("shape", [(4, 33, 61, 45, 3), (8, 2, 64, 40, 4), (2, 60, 45, 127, 20)],
+                         ids=["64-row tiles", "one tile", "rank tile 32"])
+def test_column_groups_of_the_delta_kernels_match_float64(shape, role, monkeypatch, tf32_matmuls):
+    """The weightless (delta) kernels with column groups of 2: the group's further tiles run no K-loop
+    at all, only the kept rank block's expands (and the base output in the forward)."""
+    grouped = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "COL_TILES": 2}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    n, m, d, k, r = shape
+    inner, cols = (d, k) if role == "forward" else (k, d)
+    g = torch.Generator().manual_seed(1)
+    inp, shrink, expand = (torch.randn(n, m, inner, generator=g), torch.randn(n, inner, r, generator=g),
+                           torch.randn(n, r, cols, generator=g))
+    base = torch.randn(n, m, cols, generator=g) if role == "forward" else None
+    out, low = launch_fused_lora_gemm(inp, None, shrink, expand, None, 0.7, base=base)
+    want_low = inp.double() @ shrink.double()
+    want = 0.7 * want_low @ expand.double() + (0 if base is None else base.double())
+    (tuning,) = fused_lora_gemm._STACKED.tunings.values()
+    assert tuning.config is grouped
+    torch.testing.assert_close(low.double(), want_low, rtol=1e-4, atol=1e-4)  # fp32 sums of up to 127 products
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 def test_frozen_weight_and_bias_get_grads_when_asked(shared):
     inp = make_inputs(3, 7, 21, 18, 5, device=DEVICE, shared_input=shared,
@@ -162,34 +226,6 @@ def test_rank_products_of_every_member_in_every_pass(dtype, shared):
         want_xa = x.double() @ inp.lora_A.double().transpose(1, 2)
         assert_close_named(f"out (N={n}, M={m})", out.reshape(n * m, k), want, dtype, tolerance(dtype))
         assert_close_named(f"xa (N={n}, M={m})", xa, want_xa, dtype, tolerance(dtype))
-
-
-def _set_tf32(allowed: bool):
-    """Set PyTorch's fp32 matmul TF32 switch; return a function that restores it."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if allowed else "ieee"
-        return lambda: setattr(matmul, "fp32_precision", before)
-    before = matmul.allow_tf32
-    matmul.allow_tf32 = allowed
-    return lambda: setattr(matmul, "allow_tf32", before)
-
-
-@pytest.fixture
-def tf32_matmuls():
-    """PyTorch allows TF32 for fp32 matmuls for the duration of a test."""
-    restore = _set_tf32(True)
-    yield
-    restore()
-
-
-@pytest.fixture
-def fp32_matmuls():
-    """PyTorch asks for full fp32 matmuls for the duration of a test."""
-    restore = _set_tf32(False)
-    yield
-    restore()
 
 
 def test_fp32_dot_precision_follows_torch(tf32_matmuls):
