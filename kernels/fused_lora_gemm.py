@@ -36,9 +36,9 @@
 # further pass's registers never needed. COLUMN GROUPS (COL_TILES > 1, a config's choice; only for
 # tilings of one rank pass): a program owns COL_TILES consecutive column tiles; the first runs the
 # K-loop above, the others the base K-loop alone (no shrink loads, no rank dots) and reuse the rank
-# block's own columns, kept in registers (as live as during the first K-loop: no more registers at
-# the peak), for their expands. The rank work and the shrink's reads fall by COL_TILES; the grid by
-# as much.
+# block's own columns, kept in registers, for their expands. The rank work and the shrink's reads
+# fall by COL_TILES, the grid by as much; the kept block costs registers (the spill record excludes
+# the groups that spill: most on sm_80, few of the 16-bit ones on sm_90).
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
 # P = cdiv(C, BLOCK_N) column tiles in G = P / COL_TILES groups, S_t the members tile t spans,
