@@ -37,8 +37,8 @@
 # tilings of one rank pass): a program owns COL_TILES consecutive column tiles; the first runs the
 # K-loop above, the others the base K-loop alone (no shrink loads, no rank dots) and reuse the rank
 # block's own columns, kept in registers, for their expands. The rank work and the shrink's reads
-# fall by COL_TILES, the grid by as much; the kept block costs registers (the spill record excludes
-# the groups that spill: most on sm_80, few of the 16-bit ones on sm_90).
+# fall by COL_TILES, the grid by as much. A group costs registers: the spill record excludes the
+# groups that spill (about half the gate's on sm_80, a quarter of the 16-bit ones on sm_90).
 #
 # Traffic per call (elements; T = cdiv(N*M, BLOCK_M) row tiles, N * cdiv(M, BLOCK_M) with MEMBER_TILES,
 # P = cdiv(C, BLOCK_N) column tiles in G = P / COL_TILES groups, S_t the members tile t spans,
@@ -363,9 +363,9 @@ def _fused_lora_gemm_kernel(
                 stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k, pass_rows, DOT_PRECISION,
                 BLOCK_M, BLOCK_K, BLOCK_R, RANK_SLOTS, WITH_BASE=False, ROWS_MASKED=True)
             acc, _ = _add_own_update(acc, low, pass_first, last_member, row_member, row_low, rows_valid, slot_member,
-                                  slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr,
-                                  offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c,
-                                  DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
+                                     slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr,
+                                     offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c,
+                                     DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
     _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
                   stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS,
                   HAS_BASE)
