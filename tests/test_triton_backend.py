@@ -150,6 +150,27 @@ def test_column_groups_match_reference(case, col_tiles, monkeypatch, tf32_matmul
     assert ran_groups == (col_tiles in grouped_at), "the case's tilings changed"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_column_groups_on_the_gpu_match_reference(dtype, monkeypatch):
+    """The package's own column-group candidates, compiled: a ViT-B/32 batch-1 fused qkv layer (16
+    members x 50 rows, 768 -> 2304, rank 8: 64-row tiles of 2-3 members, one pass) with only the group
+    configs to choose from, forward, dx and the weight gradients against float64. On sm_90 the spill
+    record keeps 128 x 2 for this tiling, forward and dx, so groups run (elsewhere the pruning may
+    fall back)."""
+    from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS
+
+    groups = [c for c in FUSED_LORA_GEMM_GPU_CONFIGS if c.kwargs.get("COL_TILES", 1) > 1]
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: list(groups))
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    check_against_reference(make_inputs(16, 50, 768, 2304, 8, dtype=dtype, device=DEVICE), "triton", tolerance(dtype))
+    chosen = [t.config for t in fused_lora_gemm._STACKED.tunings.values()]
+    assert len(chosen) == 2 and all(c in groups or c.kwargs.get("COL_TILES", 1) == 1 for c in chosen)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert all(c in groups for c in chosen), [c.kwargs for c in chosen]
+
+
 @pytest.mark.parametrize("role", ["forward", "dx"])
 @pytest.mark.parametrize("shape", [(4, 33, 61, 45, 3), (8, 2, 64, 40, 4), (2, 60, 45, 127, 20)],
                          ids=["64-row tiles", "one tile", "rank tile 32"])
