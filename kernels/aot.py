@@ -12,7 +12,8 @@
 # compile did not show). The row, member and rank counts are never specialised (the kernels'
 # do_not_specialize: no constant 1 at decode, no extra compile), nor are the tuning-only arguments.
 # The ptxas -v log of Triton's own compilation gives registers and spills, the compiled kernel's
-# metadata the shared memory.
+# metadata the shared memory, and a digest of its PTX without debug information tells whether a source
+# edit changed a kernel (--compare-ptx): a spill record stays valid for every kernel it left unchanged.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 80 --arch 90]`` (``TRITON_INTERPRET`` must be
@@ -20,7 +21,9 @@ unset: the interpreter replaces the kernels by Python functions). ``--sample N``
 kernel role instead of all (a quick check); ``--timeout S`` stops the run, its worker processes
 included, after S seconds, and so does SIGTERM (exit status 3; ``--json`` keeps the reports so far).
 Exit status 1 when a kernel fails to compile, needs more shared memory than the target has, or
-spills registers.
+spills registers. ``--compare-ptx BEFORE.json AFTER.json`` compares the PTX digests of two runs'
+reports (e.g. the same ``--sample`` before and after a kernel edit) and exits 1 if a kernel both
+compiled changed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import multiprocessing
@@ -171,6 +175,7 @@ class AotReport:
     spill_loads: int
     shared_bytes: int
     shared_limit: int
+    ptx_digest: str = ""
 
     @property
     def fits(self) -> bool:
@@ -184,7 +189,8 @@ class AotReport:
         return {"arch": self.arch, "case": self.case.label(), "config": self.case.config_text(),
                 "spill_key": list(self.case.spill_key(self.arch)),
                 "registers": self.registers, "spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
-                "shared_bytes": self.shared_bytes, "shared_limit": self.shared_limit, "fits": self.fits}
+                "shared_bytes": self.shared_bytes, "shared_limit": self.shared_limit, "fits": self.fits,
+                "ptx_digest": self.ptx_digest}
 
     def line(self) -> str:
         flag = ("" if self.fits else "  EXCEEDS SHARED MEMORY") + ("  SPILLS" if self.spills else "")
@@ -357,6 +363,32 @@ def _source(case: AotCase) -> ASTSource:
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def ptx_digest(ptx: str) -> str:
+    """16 hex digits of the SHA-256 of a kernel's PTX without what moves with its source lines: the
+    debug directives (``.loc``, ``.file``), comments, the ``$L__tmp`` labels they use, and the debug
+    sections at the end. Two compiles with the same digest run the same instructions."""
+    kept = []
+    for line in ptx.splitlines():
+        text = line.strip()
+        if text.startswith(".section"):
+            break
+        if text and not text.startswith((".loc", ".file", "//", "$L__tmp")):
+            kept.append(text)
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def changed_kernels(before: dict, after: dict) -> tuple[list[str], int]:
+    """The kernels two runs' JSON reports (``--json``) both compiled whose PTX digest differs (as
+    ``"sm_<arch> <case> <config>"``), and how many they both compiled."""
+    def digests(run: dict) -> dict[str, str]:
+        return {f"sm_{r['arch']} {r['case']} {r['config']}": r.get("ptx_digest", "") for r in run["reports"]
+                if not isinstance(r, str)}
+
+    old, new = digests(before), digests(after)
+    common = sorted(old.keys() & new.keys())
+    return [name for name in common if old[name] != new[name]], len(common)
+
+
 def _ptxas_usage(log: str) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from the ``ptxas -v`` log."""
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -376,7 +408,7 @@ def compile_case(case: AotCase, arch: int = 90) -> AotReport:
                                   options={"num_warps": case.config.num_warps, "num_stages": case.config.num_stages})
     registers, spill_stores, spill_loads = _ptxas_usage(log.getvalue())
     return AotReport(case, arch, registers, spill_stores, spill_loads, compiled.metadata.shared,
-                     SHARED_MEMORY_LIMIT[arch])
+                     SHARED_MEMORY_LIMIT[arch], ptx_digest(compiled.asm["ptx"]))
 
 
 def _compile_in_worker(args: tuple[AotCase, int]) -> AotReport | str:
@@ -458,7 +490,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="write spilling_configs.py from the JSON of --all-candidates (or gate) runs, and exit")
     parser.add_argument("--keep-unmeasured", action="store_true",
                         help="with --write-spilling-configs: keep the record's entries the reports did not measure")
+    parser.add_argument("--compare-ptx", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="compare the PTX digests of two --json runs; exit 1 if a kernel both compiled changed")
     args = parser.parse_args(argv)
+    if args.compare_ptx:
+        runs = []
+        for path in args.compare_ptx:
+            with open(path) as f:
+                runs.append(json.load(f))
+        changed, common = changed_kernels(*runs)
+        print("\n".join(f"CHANGED {name}" for name in changed))
+        print(f"{common - len(changed)}/{common} kernels compiled by both runs have the same PTX")
+        return 1 if changed or not common else 0
     if args.write_spilling_configs:
         count = write_spilling_configs(args.write_spilling_configs, keep_unmeasured=args.keep_unmeasured)
         print(f"{_SPILLING_CONFIGS_FILE}: {count} spilling kernels")
