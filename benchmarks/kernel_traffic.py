@@ -215,7 +215,7 @@ class Launch:
 
 
 def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, block_m: int, block_n: int,
-                                rank_slots: int, split16: bool, member_tiles: bool, col_group: int = 1) -> float:
+                  rank_slots: int, split16: bool, member_tiles: bool, col_group: int = 1) -> float:
     """Tensor-core FLOPs of one stacked launch as it runs: the base dot over padded row tiles and
     whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column group of
     ``col_group`` tiles, and one [block_m, block_r] x [block_r, block_n] expand dot per member a tile

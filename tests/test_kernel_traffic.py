@@ -38,6 +38,8 @@ from lora_ensemble.kernels.fused_lora_gemm import fused_tiling, launch_fused_lor
 from lora_ensemble.kernels.gpu_specs import gpu_spec
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 
+from .utils import only_stacked_configs
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="counts the loads of Triton's CPU interpreter")
 
@@ -138,9 +140,7 @@ def test_column_groups_read_the_shrink_once_per_group(shape, role, monkeypatch, 
     3xTF32 dots run no groups)."""
     n, m, d, k, r = shape
     grouped = triton.Config({**INTERPRETER_FUSED_LORA_GEMM_CONFIG.kwargs, "COL_TILES": 2}, num_warps=8, num_stages=2)
-    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    only_stacked_configs(monkeypatch, [grouped])
     counts, tiling, inner, cols = run_counted(n, m, d, k, r, role, shared=False)
     (tuning,) = fused_lora_gemm._STACKED.tunings.values()
     assert tuning.config is grouped and not tiling.multi_pass, tuning.config

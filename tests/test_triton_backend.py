@@ -23,7 +23,7 @@ from lora_ensemble.kernels.launch_policy import block_rank
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 from lora_ensemble.reference import lora_ensemble_reference
 
-from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs
+from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs, only_stacked_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -136,9 +136,7 @@ def test_column_groups_match_reference(case, col_tiles, monkeypatch, tf32_matmul
     never for 3xTF32 dots, so fp32 runs with TF32 allowed."""
     grouped = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "COL_TILES": col_tiles}, num_warps=8,
                             num_stages=2)
-    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    only_stacked_configs(monkeypatch, [grouped])
     n, m, d, k, r, dtype, options, grouped_at = case
     check_against_reference(inputs_for((n, m, d, k, r, dtype, False, options)), "triton", tolerance(dtype))
     ran_groups = False
@@ -161,9 +159,7 @@ def test_column_groups_on_the_gpu_match_reference(dtype, monkeypatch):
     from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS
 
     groups = [c for c in FUSED_LORA_GEMM_GPU_CONFIGS if c.kwargs.get("COL_TILES", 1) > 1]
-    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: list(groups))
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    only_stacked_configs(monkeypatch, groups)
     check_against_reference(make_inputs(16, 50, 768, 2304, 8, dtype=dtype, device=DEVICE), "triton", tolerance(dtype))
     chosen = [t.config for t in fused_lora_gemm._STACKED.tunings.values()]
     assert len(chosen) == 2 and all(c in groups or c.kwargs.get("COL_TILES", 1) == 1 for c in chosen)
@@ -178,9 +174,7 @@ def test_column_groups_of_the_delta_kernels_match_float64(shape, role, monkeypat
     """The weightless (delta) kernels with column groups of 2: the group's further tiles run no K-loop
     at all, only the kept rank block's expands (and the base output in the forward)."""
     grouped = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "COL_TILES": 2}, num_warps=8, num_stages=2)
-    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: [grouped])
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
-    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+    only_stacked_configs(monkeypatch, [grouped])
     n, m, d, k, r = shape
     inner, cols = (d, k) if role == "forward" else (k, d)
     g = torch.Generator().manual_seed(1)

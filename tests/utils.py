@@ -121,3 +121,13 @@ def check_against_reference(inp: OpInputs, backend: str, tol: tuple[float, float
     for (name, t), g in zip(wants.items(), grads):
         assert g.dtype == t.dtype, f"grad of {name} has dtype {g.dtype}, want {t.dtype}"
         assert_close_named(f"d{name}", g, getattr(ref_grads, name), dtype, tol)
+
+
+def only_stacked_configs(monkeypatch, configs: list) -> None:
+    """Make the stacked fused kernel choose among ``configs`` alone (the pruning still applies), with
+    launch and tuning tables of its own for the test."""
+    from lora_ensemble.kernels import fused_lora_gemm
+
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: list(configs))
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
+    monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
