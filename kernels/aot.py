@@ -11,9 +11,10 @@
 # count), "odd" (no size or stride 16-divisible: odd widths; the review found spills here the aligned
 # compile did not show). The row, member and rank counts are never specialised (the kernels'
 # do_not_specialize: no constant 1 at decode, no extra compile), nor are the tuning-only arguments.
-# The ptxas -v log of Triton's own compilation gives registers and spills, the compiled kernel's
-# metadata the shared memory, and a digest of its PTX without debug information tells whether a source
-# edit changed a kernel (--compare-ptx): a spill record stays valid for every kernel it left unchanged.
+# The ptxas -v log of Triton's own compilation gives registers and spills (for a kernel that spills,
+# its disassembly says where: spill_sites.py), the compiled kernel's metadata the shared memory, and
+# a digest of its PTX without debug information tells whether a source edit changed a kernel
+# (--compare-ptx): a spill record stays valid for every kernel it left unchanged.
 """Compile every kernel for GPU targets without a GPU; report registers, spills, shared memory.
 
 Run as ``python -m lora_ensemble.kernels.aot [--arch 80 --arch 90]`` (``TRITON_INTERPRET`` must be
@@ -65,11 +66,13 @@ from .configs import (
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
 from .launch_policy import RowTiling, shared_tilings, stacked_tilings
 from .lora_grads import _lora_grads_kernel
+from .spill_sites import cubin_spill_sites
 from .spilling_configs import SPILLING_CONFIGS
 
 __all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "compile_case", "main", "sample_cases"]
 
 ARCHS = (80, 90)
+OUTSIDE_LOOPS = "outside loops"
 # Largest dynamic shared memory per block (bytes) an NVIDIA architecture grants.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # (dtype, dot precision) pairs: fp32 runs one TF32 pass when PyTorch allows TF32, else 3xTF32.
@@ -176,6 +179,9 @@ class AotReport:
     shared_bytes: int
     shared_limit: int
     ptx_digest: str = ""
+    # Where a spilling kernel's local-memory instructions sit (spill_sites.KernelSpills.by_loop, loops
+    # joined by " > "; "outside loops" for those run once a program); empty when it does not spill.
+    spill_sites: tuple[tuple[str, int], ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -190,10 +196,18 @@ class AotReport:
                 "spill_key": list(self.case.spill_key(self.arch)),
                 "registers": self.registers, "spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
                 "shared_bytes": self.shared_bytes, "shared_limit": self.shared_limit, "fits": self.fits,
-                "ptx_digest": self.ptx_digest}
+                "ptx_digest": self.ptx_digest, "spill_sites": dict(self.spill_sites)}
+
+    @property
+    def spills_in_loops(self) -> int:
+        """Local-memory instructions inside loops (a K loop runs them every step)."""
+        return sum(count for place, count in self.spill_sites if place != OUTSIDE_LOOPS)
 
     def line(self) -> str:
         flag = ("" if self.fits else "  EXCEEDS SHARED MEMORY") + ("  SPILLS" if self.spills else "")
+        if self.spill_sites:
+            flag += " (" + ", ".join(f"{count} {place if place == OUTSIDE_LOOPS else 'in ' + place}"
+                                     for place, count in self.spill_sites) + ")"
         return (f"sm_{self.arch} {self.case.label():<56} {self.case.config_text():<44} regs {self.registers:>3}  "
                 f"spills {self.spill_stores:>4}/{self.spill_loads:<4} smem {self.shared_bytes:>6}{flag}")
 
@@ -407,8 +421,13 @@ def compile_case(case: AotCase, arch: int = 90) -> AotReport:
         compiled = triton.compile(_source(case), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": case.config.num_warps, "num_stages": case.config.num_stages})
     registers, spill_stores, spill_loads = _ptxas_usage(log.getvalue())
+    sites = ()
+    if spill_stores or spill_loads:
+        (kernel,) = cubin_spill_sites(compiled.asm["cubin"]).values()
+        sites = tuple((" > ".join(nest) if nest else OUTSIDE_LOOPS, count)
+                      for nest, count in sorted(kernel.by_loop().items()))
     return AotReport(case, arch, registers, spill_stores, spill_loads, compiled.metadata.shared,
-                     SHARED_MEMORY_LIMIT[arch], ptx_digest(compiled.asm["ptx"]))
+                     SHARED_MEMORY_LIMIT[arch], ptx_digest(compiled.asm["ptx"]), sites)
 
 
 def _compile_in_worker(args: tuple[AotCase, int]) -> AotReport | str:
