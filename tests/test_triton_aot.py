@@ -87,7 +87,8 @@ def test_every_kept_config_fits_without_spills(aot_reports):
                for r in compiled if not r["fits"]]
     assert not too_big, "shared memory exceeded:\n" + "\n".join(too_big)
     spilling = [f"sm_{r['arch']} {r['case']} ({r['config']}): {r['spill_stores']}/{r['spill_loads']} bytes spilled, "
-                f"{r['registers']} registers" for r in compiled if r["spill_stores"] or r["spill_loads"]]
+                f"{r['registers']} registers, local-memory instructions {r['spill_sites']}"
+                for r in compiled if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"{len(spilling)} kernels spill registers:\n" + "\n".join(spilling)
     assert returncode == 0, output[-4000:]
 
