@@ -7,17 +7,17 @@
 # Triton cubins (`compiled.asm["cubin"]`) and for the CUDA extension's (cuobjdump -xelf extracts them).
 """Where a kernel's register spills sit: outside loops or inside (and which loop, by source line).
 
-``python -m lora_ensemble.kernels.spill_sites FILE...`` reads cubins, or a shared library with embedded
-cubins (the CUDA extension ``lora_ensemble/_C*.so``), and prints every kernel with local-memory
-instructions: how many sit outside loops and how many inside each loop (the innermost loop's source
-line, with the lines of the loops around it). Needs Triton's NVIDIA tools (nvdisasm, cuobjdump), not
-a GPU.
+``python -m lora_ensemble.kernels.spill_sites [FILE...]`` reads cubins, or shared libraries with
+embedded cubins (by default the installed CUDA extension, ``lora_ensemble._C``), and prints every
+kernel with local-memory instructions: how many sit outside loops and how many in each loop nest (the
+loops' source lines, outermost first). Needs Triton's NVIDIA tools (nvdisasm, cuobjdump), not a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -28,7 +28,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["KernelSpills", "LocalAccess", "cubin_spill_sites", "library_spill_sites", "main", "parse_sass"]
+__all__ = ["KernelSpills", "LocalAccess", "cubin_spill_sites", "extension_path", "library_spill_sites", "main",
+           "parse_sass"]
 
 _FUNCTION = re.compile(r"^//-+ \.text\.(\S+) -+")
 _SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
@@ -151,6 +152,13 @@ def library_spill_sites(path: str, cubin: str = "all") -> dict[str, dict[str, Ke
             return {os.path.basename(path): found for path, found in zip(paths, pool.map(sites, paths))}
 
 
+def extension_path() -> str | None:
+    """The file of the installed CUDA extension ``lora_ensemble._C`` (found, not loaded: its cubins
+    can be read where its torch ABI does not load), or None."""
+    spec = importlib.util.find_spec("lora_ensemble._C")
+    return spec.origin if spec is not None and spec.origin else None
+
+
 def _demangle(names: list[str]) -> list[str]:
     if not names or shutil.which("c++filt") is None:
         return names
@@ -173,8 +181,14 @@ def _format_spills(kernels: dict[str, KernelSpills]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_ensemble.kernels.spill_sites", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", help="cubins, or shared libraries with embedded cubins")
+    parser.add_argument("files", nargs="*",
+                        help="cubins, or shared libraries with embedded cubins (default: lora_ensemble._C)")
     args = parser.parse_args(argv)
+    if not args.files:
+        extension = extension_path()
+        if extension is None:
+            parser.error("no CUDA extension (lora_ensemble._C) installed: name cubins or shared libraries")
+        args.files = [extension]
     for path in args.files:
         if path.endswith(".cubin"):
             with open(path, "rb") as file:

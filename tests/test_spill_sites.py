@@ -114,6 +114,14 @@ def test_a_triton_kernels_loops_are_its_for_statements(triton_cubins):
     assert not kernel.accesses  # a gate case: ptxas reports no spill
 
 
+def test_the_command_line_reads_cubins(triton_cubins, tmp_path, capsys):
+    _, cubin = triton_cubins
+    path = tmp_path / "clean.cubin"
+    path.write_bytes(cubin)
+    assert spill_sites.main([str(path)]) == 0
+    assert capsys.readouterr().out == "clean.cubin: 1 kernels, 0 with local-memory instructions\n"
+
+
 def test_the_aot_report_places_a_spilling_kernels_spills(triton_cubins):
     """Every local-memory instruction of a kernel ptxas says spills is placed outside loops or in
     loops of the kernel's source (nested loops joined by " > ")."""
@@ -124,26 +132,23 @@ def test_the_aot_report_places_a_spilling_kernels_spills(triton_cubins):
         assert count > 0 and (place == "outside loops" or set(place.split(" > ")) <= loops), place
 
 
-def _extension_path() -> str:
-    try:
-        from lora_ensemble import backend_cuda
-    except ImportError as exc:
-        pytest.skip(f"no CUDA extension: {exc}")
-    return backend_cuda._C.__file__
-
-
 def test_no_fused_cuda_kernel_spills_in_its_k_loop():
     """The fused CUDA kernels spill a few words a thread at 64-row tiles and rank tiles >= 32 (ptxas
     -v; benchmarks/NOTES.md): every such instruction sits outside the K loop, which runs once per
     reduction step (its line: the ``for (int kt = 0; kt < k_tiles; ++kt)`` of fused_lora_gemm.cuh);
     and every fused kernel has that loop, so the check is not vacuous."""
-    found = spill_sites.library_spill_sites(_extension_path())
+    extension = spill_sites.extension_path()
+    if extension is None:
+        pytest.skip("no CUDA extension (lora_ensemble._C) built")
+    found = spill_sites.library_spill_sites(extension)
     source = (ROOT / "csrc" / "cuda" / "fused_lora_gemm.cuh").read_text().splitlines()
     k_loop = next(f"fused_lora_gemm.cuh:{i}" for i, line in enumerate(source, 1)
                   if "for (int kt = 0; kt < k_tiles; ++kt)" in line)
     fused = {cubin: [k for name, k in kernels.items() if "fused_lora_gemm_kernel" in name]
              for cubin, kernels in found.items() if cubin.startswith("lora_kernels_")}
-    assert fused and all(fused.values()), sorted(found)  # every dtype's cubin, for every arch built
+    if not fused:
+        pytest.skip("the CUDA extension was built without CUDA kernels")
+    assert all(fused.values()), sorted(found)  # every dtype's cubin, for every arch built
     fused = [kernel for kernels in fused.values() for kernel in kernels]
     assert all(k_loop in kernel.loops for kernel in fused), k_loop
     in_k_loop = [(kernel.kernel, a.source) for kernel in fused for a in kernel.accesses if k_loop in a.loops]
