@@ -74,9 +74,9 @@ __all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "c
 ARCHS = (80, 90)
 OUTSIDE_LOOPS = "outside loops"
 # A spill the record does not exclude: at most this many bytes a thread, every local-memory instruction
-# outside loops (spill_sites.py). 32 B x 256 threads = 8 KB a CTA, which the L1 left beside the largest
-# shared-memory carve-out holds (A100: 192 - 164 KB, H100: 256 - 228 KB), so each word is stored and
-# reloaded once a program from L1.
+# outside loops (spill_sites.py). 32 B x 256 threads (8 warps, the most a candidate has) = 8 KB a CTA,
+# which the L1 left beside the largest shared-memory carve-out holds (A100: 192 - 164 KB, H100: 256 -
+# 228 KB), so each word is stored and reloaded once a program from L1.
 HARMLESS_SPILL_BYTES = 32
 # Largest dynamic shared memory per block (bytes) an NVIDIA architecture grants.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
