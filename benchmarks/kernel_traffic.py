@@ -24,6 +24,7 @@ import torch
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
+    column_group,
 )
 from lora_ensemble.kernels.fused_lora_gemm import fused_tiling
 from lora_ensemble.kernels.gpu_specs import H100_SXM
@@ -41,6 +42,13 @@ __all__ = ["H100", "HEADLINE_SHAPES", "fused_kernel_traffic", "h100_stacked_tili
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _column_groups(cols: int, block_n: int, col_group: int) -> tuple[int, int]:
+    """(column groups, column tiles run): the groups of ``col_group`` tiles of ``block_n`` columns
+    that cover ``cols``, whole groups run."""
+    groups = _cdiv(_cdiv(cols, block_n), col_group)
+    return groups, groups * col_group
 
 
 def _stacked_tiles(members: int, rows: int, block_m: int, member_tiles: bool = False):
@@ -72,8 +80,7 @@ def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: i
     and ``min(block_n, cols)`` distinct columns, a group's tiles past the edge their wrapped columns);
     rank columns past ``rank`` and slots past a tile's members are masked (no traffic)."""
     k, c, r = inner, cols, rank
-    groups = _cdiv(_cdiv(c, block_n), col_group)
-    col_tiles = groups * col_group  # column tiles run (whole groups)
+    groups, col_tiles = _column_groups(c, block_n, col_group)
     strip = col_tiles * min(block_n, c)  # weight columns loaded per row tile, over its column tiles
     if shared_input or sum_members:
         row_tiles = _cdiv(rows, block_m)
@@ -182,7 +189,7 @@ def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[
 
 
 def _columns(config) -> tuple[int, int]:
-    return config.kwargs["BLOCK_N"], config.kwargs.get("COL_TILES", 1)
+    return config.kwargs["BLOCK_N"], column_group(config)
 
 
 def kept_column_tiles(n: int, m: int, d: int, k: int, r: int, mode: str) -> list[tuple[int, int]]:
@@ -220,8 +227,7 @@ def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, 
     whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column group of
     ``col_group`` tiles, and one [block_m, block_r] x [block_r, block_n] expand dot per member a tile
     holds (two for a 16-bit factor: the fp32 rank product is split in a high and a low half)."""
-    groups = _cdiv(_cdiv(cols, block_n), col_group)
-    col_tiles = groups * col_group
+    groups, col_tiles = _column_groups(cols, block_n, col_group)
     flops = 0
     for _, _, first, last in _stacked_tiles(members, rows, block_m, member_tiles):
         span = last - first + 1
@@ -244,7 +250,7 @@ def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, co
     return Launch(name, {key: value * e for key, value in loads.items()}, writes, hbm,
                   _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2,
                                 tiling.member_tiles, col_group),
-                  stacked_row_tiles(m, n, tiling) * _cdiv(cols, block_n * col_group),
+                  stacked_row_tiles(m, n, tiling) * _column_groups(cols, block_n, col_group)[0],
                   model.triton_flops_per_s[tiling.block_m])
 
 

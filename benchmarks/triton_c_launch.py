@@ -115,7 +115,7 @@ def build_c_launch(folder: str) -> CLaunch:
     from triton.backends.nvidia import driver
     from triton.runtime import build
 
-    from lora_ensemble.kernels import aot
+    from lora_ensemble.kernels import aot, configs
 
     case = next(c for c in aot.aot_cases(90) if c.label() == _CASE)
     source = aot._source(case)
@@ -143,7 +143,7 @@ def build_c_launch(folder: str) -> CLaunch:
             module = build.compile_module_from_file(src_path=os.path.join(_nvidia_driver_dir(), "driver.c"),
                                                     name="cuda_utils", **linking)
     values = _kernel_arguments(source)
-    columns = case.config.kwargs["BLOCK_N"] * case.config.kwargs.get("COL_TILES", 1)
+    columns = case.config.kwargs["BLOCK_N"] * configs.column_group(case.config)
     grid = (-(-MEMBERS * ROWS // case.block_m) * -(-OUT_FEATURES // columns), 1, 1)
     packed_metadata = (case.config.num_warps, 1, 0)  # num_warps, num_ctas, shared memory
     if per_signature:  # grid, stream, function, cooperative, pdl, scratches, metadata, hooks, the arguments

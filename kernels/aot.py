@@ -58,6 +58,7 @@ from .configs import (
     SHARED_INPUT_GPU_CONFIGS,
     SPECIALISED_SIZES,
     FusedProblem,
+    column_group,
     fitting_lora_grads_configs,
     spill_key,
     spill_key_config,
@@ -367,7 +368,7 @@ def _source(case: AotCase) -> ASTSource:
     if kernel is not _lora_grads_kernel:
         constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
     if kernel is _fused_lora_gemm_kernel:
-        constexprs.update(MEMBER_TILES=case.member_tiles, COL_TILES=case.config.kwargs.get("COL_TILES", 1))
+        constexprs.update(MEMBER_TILES=case.member_tiles, COL_TILES=column_group(case.config))
     divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):

@@ -31,6 +31,7 @@ __all__ = [
     "RANK_OR_ROW_ARGS",
     "SPECIALISED_SIZES",
     "argument_specialisation",
+    "column_group",
     "dot_precision",
     "fitting_fused_lora_gemm_configs",
     "fitting_lora_grads_configs",
@@ -96,6 +97,12 @@ def size_bucket(size: int) -> int:
 
 def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+def column_group(config: triton.Config) -> int:
+    """The column tiles a program of the stacked fused kernel owns: the config's ``COL_TILES``, 1
+    where it sets none."""
+    return config.kwargs.get("COL_TILES", 1)
 
 
 # Stacked fused kernel (forward, and the dx backward): BLOCK_M comes from the launch policy; these
@@ -274,7 +281,7 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bn > 128 and block_m < 64:
             return False
-        group = c.kwargs.get("COL_TILES", 1)
+        group = column_group(c)
         if group > 1 and (sum_members is not None or tiling.multi_pass or tf32x3 or -(-cols // bn) % group):
             return False
         if sum_members is not None and block_r > 32 and c.num_warps < 8:

@@ -85,6 +85,7 @@ from .configs import (
     DTYPE_NAMES,
     FusedProblem,
     argument_specialisation,
+    column_group,
     dot_precision,
     fused_lora_gemm_configs,
     shared_input_configs,
@@ -544,7 +545,7 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
         constexprs.update(MEMBER_TILES=tiling.member_tiles, COL_TILES=1)  # a config may set COL_TILES
 
     def grid(config) -> tuple[int, ...]:
-        return (tiles * -(-cols // (config.kwargs["BLOCK_N"] * config.kwargs.get("COL_TILES", 1))),)
+        return (tiles * -(-cols // (config.kwargs["BLOCK_N"] * column_group(config))),)
 
     return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu)
 

@@ -178,7 +178,7 @@ def test_column_groups_pay_at_prefill_and_not_where_sms_would_idle():
 
 
 def test_pruning_keeps_column_groups_only_for_one_pass_stacked_tilings_of_whole_groups():
-    group = next(c for c in configs.FUSED_LORA_GEMM_GPU_CONFIGS if c.kwargs.get("COL_TILES", 1) > 1)
+    group = next(c for c in configs.FUSED_LORA_GEMM_GPU_CONFIGS if configs.column_group(c) > 1)
     one_pass, further_passes = stacked_tiling(512, 16, 16), stacked_tiling(1, 16, 16)
     assert not one_pass.multi_pass and further_passes.multi_pass
 

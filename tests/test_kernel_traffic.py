@@ -30,6 +30,7 @@ from lora_ensemble.kernels import fused_lora_gemm
 from lora_ensemble.kernels.configs import (
     INTERPRETER_FUSED_LORA_GEMM_CONFIG,
     INTERPRETER_LORA_GRADS_CONFIG,
+    column_group,
     dot_precision,
     fused_lora_gemm_configs,
     shared_input_configs,
@@ -196,7 +197,7 @@ def test_predictions_assume_column_tiles_the_pruning_keeps():
     from benchmarks.kernel_traffic import HEADLINE_SHAPES, kept_column_tiles
     from lora_ensemble.kernels.configs import FALLBACK_FUSED_LORA_GEMM_CONFIG, FUSED_LORA_GEMM_GPU_CONFIGS
 
-    listed = {(c.kwargs["BLOCK_N"], c.kwargs.get("COL_TILES", 1))
+    listed = {(c.kwargs["BLOCK_N"], column_group(c))
               for c in (*FUSED_LORA_GEMM_GPU_CONFIGS, FALLBACK_FUSED_LORA_GEMM_CONFIG)}
     for _, n, m, d, k, r, modes in HEADLINE_SHAPES:
         for mode in modes:

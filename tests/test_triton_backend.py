@@ -17,7 +17,7 @@ import triton
 
 from lora_ensemble import FusedLoRAEnsembleLinear, fused_lora_ensemble_linear
 from lora_ensemble.kernels import fused_lora_gemm, launch_policy, lora_grads
-from lora_ensemble.kernels.configs import dot_precision, tf32_allowed
+from lora_ensemble.kernels.configs import column_group, dot_precision, tf32_allowed
 from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
 from lora_ensemble.kernels.launch_policy import block_rank
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
@@ -143,7 +143,7 @@ def test_column_groups_match_reference(case, col_tiles, monkeypatch, tf32_matmul
     for (_, tuning_key, _), tuning in fused_lora_gemm._STACKED.tunings.items():
         cols = int(re.search(r" C(\d+) ", tuning_key).group(1))
         groups = " multi" not in tuning_key and -(-cols // 32) % col_tiles == 0
-        assert tuning.config.kwargs.get("COL_TILES", 1) == (col_tiles if groups else 1), (tuning_key, tuning.config)
+        assert column_group(tuning.config) == (col_tiles if groups else 1), (tuning_key, tuning.config)
         ran_groups |= groups
     assert ran_groups == (col_tiles in grouped_at), "the case's tilings changed"
 
@@ -158,11 +158,11 @@ def test_column_groups_on_the_gpu_match_reference(dtype, monkeypatch):
     fall back)."""
     from lora_ensemble.kernels.configs import FUSED_LORA_GEMM_GPU_CONFIGS
 
-    groups = [c for c in FUSED_LORA_GEMM_GPU_CONFIGS if c.kwargs.get("COL_TILES", 1) > 1]
+    groups = [c for c in FUSED_LORA_GEMM_GPU_CONFIGS if column_group(c) > 1]
     only_stacked_configs(monkeypatch, groups)
     check_against_reference(make_inputs(16, 50, 768, 2304, 8, dtype=dtype, device=DEVICE), "triton", tolerance(dtype))
     chosen = [t.config for t in fused_lora_gemm._STACKED.tunings.values()]
-    assert len(chosen) == 2 and all(c in groups or c.kwargs.get("COL_TILES", 1) == 1 for c in chosen)
+    assert len(chosen) == 2 and all(c in groups or column_group(c) == 1 for c in chosen)
     if torch.cuda.get_device_capability() >= (9, 0):
         assert all(c in groups for c in chosen), [c.kwargs for c in chosen]
 
