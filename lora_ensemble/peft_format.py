@@ -13,9 +13,10 @@ and for every module of ``modules_to_save`` its parameters as ``base_model.model
 Member ``n``'s delta at a target is ``scaling * B @ A`` with ``scaling = alpha / r`` (``alpha / sqrt(r)``
 with ``use_rslora``), ``r`` and ``alpha`` per module from ``rank_pattern`` / ``alpha_pattern``.
 
-Which modules an adapter targets and which it saves whole follow peft 0.21's own rules
-(``check_target_module_exists``, ``get_pattern_key``, ``_set_trainable``), restated here so that reading
-an adapter needs only safetensors; the tests check them against peft's.
+Which modules an adapter targets and which it saves whole follow peft's own rules
+(``check_target_module_exists``, ``get_pattern_key``, ``_set_trainable``: 0.21's and 0.22's, which
+differ on ``modules_to_save``), restated here so that reading an adapter needs only safetensors; the
+tests check them against the installed peft's.
 """
 
 from __future__ import annotations
@@ -126,14 +127,19 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _heads(config: dict[str, Any], modules: dict[str, nn.Module]) -> list[str]:
-    """peft's ``modules_to_save`` matching (a module whose name ends with an entry), outermost matches only,
-    modules with parameters only (peft saves nothing of the others)."""
+def _heads(config: dict[str, Any], modules: dict[str, nn.Module], saved: set[str]) -> list[str]:
+    """peft's ``modules_to_save`` matching: a module named an entry or ending with ``"." + entry`` (peft
+    >= 0.22), or whose name merely ends with an entry (``cls_classifier`` for ``classifier``: peft <= 0.21
+    wrapped and saved those) where the adapter's tensors ``saved`` hold its parameters; outermost
+    matches only, modules with parameters only (peft saves nothing of the others)."""
     entries = config.get("modules_to_save") or []
     heads: list[str] = []
     for name, module in modules.items():
-        if any(name.endswith(entry) for entry in entries) and not any(name.startswith(f"{h}.") for h in heads) \
-                and any(True for _ in module.parameters()):
+        params = [f"{PREFIX}{name}.{p}" for p, _ in module.named_parameters()]
+        if not params or any(name.startswith(f"{h}.") for h in heads):
+            continue
+        if any(name == entry or name.endswith(f".{entry}") for entry in entries) or (
+                any(name.endswith(entry) for entry in entries) and all(p in saved for p in params)):
             heads.append(name)
     return heads
 
@@ -229,7 +235,8 @@ def read_adapter(folder: str | Path, model: nn.Module) -> PeftAdapter:
     folder = Path(folder)
     config = _read_config(folder)
     modules = dict(model.named_modules())
-    heads = _heads(config, modules)
+    tensors = _read_weights(folder)
+    heads = _heads(config, modules, set(tensors))
     targets = [name for name in modules if _is_target(config, name)]
     if not targets:
         raise ValueError(f"adapter {folder}: target_modules {config['target_modules']!r} match no module of "
@@ -252,7 +259,6 @@ def read_adapter(folder: str | Path, model: nn.Module) -> PeftAdapter:
     alphas = {name: _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]) for name in targets}
     scalings = {name: lora_scaling(alpha, rank, use_rslora) for name, alpha in alphas.items()}
 
-    tensors = _read_weights(folder)
     lora_keys = {f"{PREFIX}{name}.lora_{ab}.weight" for name in targets for ab in "AB"}
     head_params = {f"{PREFIX}{head}.{p}" for head in heads for p, _ in modules[head].named_parameters()}
     head_buffers = {f"{PREFIX}{head}.{b}" for head in heads for b, _ in modules[head].named_buffers()}

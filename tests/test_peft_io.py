@@ -16,7 +16,7 @@ from torch import nn
 
 from lora_ensemble import EnsembleHead, FusedLoRAEnsembleLinear, LoRAEnsemble, PerMemberModule
 from lora_ensemble.io import export_member, load_members, load_peft_adapters, save_members, save_peft_adapters
-from lora_ensemble.peft_format import _heads, _is_target, _pattern_value
+from lora_ensemble.peft_format import PREFIX, _heads, _is_target, _pattern_value
 
 from .hf_tiny import VOCAB, causal_lm, classifier, classifier_inputs
 
@@ -161,13 +161,32 @@ def test_target_pattern_and_head_rules_are_peft_s() -> None:
     patterns = {"layers.0.self_attn.q_proj": 1, "v_proj": 2, r"layers\.1\..*": 3}
     for name, _ in llama.named_modules():
         assert _pattern_value(patterns, name, 0) == patterns.get(get_pattern_key(patterns.keys(), name), 0), name
-    # modules_to_save: peft wraps every module whose name ends with an entry (DeiT: both classifiers).
+    # modules_to_save: peft <= 0.21 wraps and saves every module whose name ends with an entry (DeiT: both
+    # classifiers, cls_classifier and distillation_classifier, for "classifier"), peft >= 0.22 those named
+    # an entry or ending with "." + entry (DeiT: none); the heads read are those the installed peft saved.
     deit = classifier("deit")
     for model, config in ((roberta, peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"])),
                           (deit, peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))):
-        wrapped = peft.get_peft_model(copy.deepcopy(model), config).base_model.model
-        expected = [name for name, m in wrapped.named_modules() if isinstance(m, peft.utils.ModulesToSaveWrapper)]
-        assert _heads(json.loads(json.dumps(config.to_dict(), default=sorted)), dict(model.named_modules())) == expected
+        peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+        expected = [name for name, m in peft_model.base_model.model.named_modules()
+                    if isinstance(m, peft.utils.ModulesToSaveWrapper)]
+        saved = set(peft.get_peft_model_state_dict(peft_model))
+        as_saved = json.loads(json.dumps(config.to_dict(), default=sorted))
+        assert _heads(as_saved, dict(model.named_modules()), saved) == expected, peft.__version__
+
+
+def test_heads_of_adapters_saved_by_either_peft_rule() -> None:
+    """An adapter of DeiT with modules_to_save=["classifier"]: saved by peft <= 0.21 it holds
+    cls_classifier and distillation_classifier (name suffixes), which are read; by peft >= 0.22 none,
+    and none is asked for. A module named exactly an entry is a head whether or not it was saved (its
+    tensors missing are then the adapter's error)."""
+    deit = dict(classifier("deit").named_modules())
+    config = {"modules_to_save": ["classifier"]}
+    old_peft = {f"{PREFIX}{name}.{p}" for name in ("cls_classifier", "distillation_classifier")
+                for p, _ in deit[name].named_parameters()}
+    assert _heads(config, deit, old_peft) == ["cls_classifier", "distillation_classifier"]
+    assert _heads(config, deit, set()) == []
+    assert _heads({"modules_to_save": ["cls_classifier"]}, deit, set()) == ["cls_classifier"]
 
 
 def assert_untouched(model: nn.Module, reference: nn.Module) -> None:
