@@ -67,13 +67,12 @@ from .configs import (
 from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
 from .launch_policy import RowTiling, shared_tilings, stacked_tilings
 from .lora_grads import _lora_grads_kernel
-from .spill_sites import cubin_spill_sites
+from .spill_sites import OUTSIDE_LOOPS, cubin_spill_sites
 from .spilling_configs import SPILLING_CONFIGS
 
 __all__ = ["ARCHS", "AotCase", "AotReport", "aot_cases", "candidate_configs", "compile_case", "main", "sample_cases"]
 
 ARCHS = (80, 90)
-OUTSIDE_LOOPS = "outside loops"
 # A spill the record does not exclude: at most this many bytes a thread, every local-memory instruction
 # outside loops (spill_sites.py). 32 B x 256 threads (8 warps, the most a candidate has) = 8 KB a CTA,
 # which the L1 left beside the largest shared-memory carve-out holds (A100: 192 - 164 KB, H100: 256 -
@@ -185,8 +184,8 @@ class AotReport:
     shared_bytes: int
     shared_limit: int
     ptx_digest: str = ""
-    # Where a spilling kernel's local-memory instructions sit (spill_sites.KernelSpills.by_loop, loops
-    # joined by " > "; "outside loops" for those run once a program); empty when it does not spill.
+    # Where a spilling kernel's local-memory instructions sit (spill_sites.KernelSpills.places: loops
+    # joined by " > ", OUTSIDE_LOOPS for those run once a program); empty when it does not spill.
     spill_sites: tuple[tuple[str, int], ...] = ()
 
     @property
@@ -441,8 +440,7 @@ def compile_case(case: AotCase, arch: int = 90) -> AotReport:
     sites = ()
     if spill_stores or spill_loads:
         (kernel,) = cubin_spill_sites(compiled.asm["cubin"]).values()
-        sites = tuple((" > ".join(nest) if nest else OUTSIDE_LOOPS, count)
-                      for nest, count in sorted(kernel.by_loop().items()))
+        sites = kernel.places()
     return AotReport(case, arch, registers, spill_stores, spill_loads, compiled.metadata.shared,
                      SHARED_MEMORY_LIMIT[arch], ptx_digest(compiled.asm["ptx"]), sites)
 

@@ -28,9 +28,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["KernelSpills", "LocalAccess", "cubin_spill_sites", "extension_path", "library_spill_sites", "main",
-           "parse_sass"]
+__all__ = ["OUTSIDE_LOOPS", "KernelSpills", "LocalAccess", "cubin_spill_sites", "extension_path",
+           "library_spill_sites", "main", "parse_sass"]
 
+OUTSIDE_LOOPS = "outside loops"
 _FUNCTION = re.compile(r"^//-+ \.text\.(\S+) -+")
 _SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -70,6 +71,11 @@ class KernelSpills:
     def by_loop(self) -> dict[tuple[str, ...], int]:
         """Local-memory instructions per loop nest (outermost loop first), those outside loops under ()."""
         return dict(Counter(a.loops for a in self.accesses))
+
+    def places(self) -> tuple[tuple[str, int], ...]:
+        """:meth:`by_loop` named: ``OUTSIDE_LOOPS``, or a nest's loops joined by ``" > "``."""
+        return tuple((" > ".join(nest) if nest else OUTSIDE_LOOPS, count)
+                     for nest, count in sorted(self.by_loop().items()))
 
 
 def parse_sass(text: str) -> dict[str, KernelSpills]:
@@ -172,8 +178,8 @@ def _format_spills(kernels: dict[str, KernelSpills]) -> list[str]:
     spilling = [k for k in kernels.values() if k.accesses]
     lines = []
     for kernel, name in zip(spilling, _demangle([k.kernel for k in spilling])):
-        places = ", ".join(f"{count} in loop {' > '.join(nest)}" if nest else f"{count} outside loops"
-                           for nest, count in sorted(kernel.by_loop().items()))
+        places = ", ".join(f"{count} {place}" if place == OUTSIDE_LOOPS else f"{count} in loop {place}"
+                           for place, count in kernel.places())
         lines.append(f"{name}: {places}")
     return lines
 

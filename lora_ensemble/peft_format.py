@@ -135,11 +135,11 @@ def _heads(config: dict[str, Any], modules: dict[str, nn.Module], saved: set[str
     entries = config.get("modules_to_save") or []
     heads: list[str] = []
     for name, module in modules.items():
-        params = [f"{PREFIX}{name}.{p}" for p, _ in module.named_parameters()]
-        if not params or any(name.startswith(f"{h}.") for h in heads):
+        if not any(name.endswith(entry) for entry in entries) or any(name.startswith(f"{h}.") for h in heads):
             continue
-        if any(name == entry or name.endswith(f".{entry}") for entry in entries) or (
-                any(name.endswith(entry) for entry in entries) and all(p in saved for p in params)):
+        params = [f"{PREFIX}{name}.{p}" for p, _ in module.named_parameters()]
+        on_boundary = any(name == entry or name.endswith(f".{entry}") for entry in entries)
+        if params and (on_boundary or all(p in saved for p in params)):
             heads.append(name)
     return heads
 
