@@ -12,6 +12,8 @@ import torch
 
 from lora_ensemble import demo
 
+from .utils import cpu_is_the_readmes
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # the rows of the README's digits table (the demo's results in order) and its columns (Result.row's keys)
 README_ROWS = ("single model", "single model + temperature scaling", "single LoRA", "LoRA-Ensemble, 8 members")
@@ -73,7 +75,9 @@ def readme_demo_section() -> str:
 def test_the_readme_table_is_what_the_demo_prints(tmp_path) -> None:
     """The README's digits table, regenerated: the demo at the README's command (the defaults: about one
     CPU-minute), every number to the 4 decimals shown. Run where the README says the table was made (its
-    torch version); elsewhere the LoRA rows move (they amplify last-bit differences), so it skips."""
+    torch version; elsewhere it skips); on a CPU of another vendor than the README names only the
+    single-model rows are compared: the LoRA rows move there (the fine-tunes amplify the last-bit
+    differences of the CPU's BLAS kernels)."""
     section = readme_demo_section()
     assert "```bash\npython -m lora_ensemble.demo --out reliability.png\n```" in section
     made_with = re.search(r"torch (\d+\.\d+\.\d+)", section).group(1)
@@ -86,5 +90,7 @@ def test_the_readme_table_is_what_the_demo_prints(tmp_path) -> None:
     for name, result in zip(README_ROWS, results, strict=True):
         row = result.row(labels)
         rows.append(f"| {name} | " + " | ".join(f"{row[key]:.4f}" for key in README_COLUMNS) + " |")
+    if not cpu_is_the_readmes(section):
+        rows = rows[:2]  # the single model, without and with temperature scaling
     table = "\n".join(rows)
     assert table in section, f"README.md's demo table is not what the demo prints now; the rows now:\n{table}"

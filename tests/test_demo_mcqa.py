@@ -12,6 +12,8 @@ import torch
 
 from lora_ensemble import demo, demo_mcqa
 
+from .utils import cpu_is_the_readmes
+
 
 def test_questions_name_the_right_option() -> None:
     generator = torch.Generator().manual_seed(0)
@@ -60,10 +62,13 @@ def test_readme_mcqa_table_is_what_the_demo_prints(capsys) -> None:
     """README's MCQA quality table is the demo's output at its defaults (seed 0, one thread): regenerate
     it with ``python -m lora_ensemble.demo --task mcqa`` when the code changes what it prints. (The cost
     table beside it is a measurement: ``benchmarks/results/cpu-mcqa.md``, not compared.) On another torch
-    than the README names the fine-tunes' last bits differ and the table moves, so it skips."""
+    than the README names the fine-tunes' last bits differ and the table moves, so it skips; on a CPU of
+    another vendor than it names, the same (the fine-tunes amplify the last-bit differences of the CPU's
+    BLAS kernels): there the fused ensemble's row must equal the peft adapters' row, as everywhere."""
     readme_text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     header = "| model | accuracy | ECE-15 |"
-    made_with = re.search(r"torch (\d+\.\d+\.\d+)", readme_text[:readme_text.index(header)].rsplit("###", 1)[-1])
+    section = readme_text[:readme_text.index(header)].rsplit("###", 1)[-1]
+    made_with = re.search(r"torch (\d+\.\d+\.\d+)", section)
     assert made_with, "README's MCQA section must name the torch version its table was made with"
     if torch.__version__.split("+")[0] != made_with.group(1):
         pytest.skip(f"README's MCQA table was made with torch {made_with.group(1)}, this is torch {torch.__version__}")
@@ -74,5 +79,8 @@ def test_readme_mcqa_table_is_what_the_demo_prints(capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     printed = _table(capsys.readouterr().out, header)
-    readme = _table(readme_text, header)
-    assert readme == printed, f"README's MCQA table differs from what the demo prints now:\n{printed}"
+    fused, in_turn = (row.split("|")[2:] for row in printed.splitlines()[3:5])
+    assert fused == in_turn, f"the fused ensemble and the peft adapters in turn score differently:\n{printed}"
+    if cpu_is_the_readmes(section):
+        readme = _table(readme_text, header)
+        assert readme == printed, f"README's MCQA table differs from what the demo prints now:\n{printed}"

@@ -3,6 +3,7 @@ against the float64 reference (:mod:`lora_ensemble.reference`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +132,18 @@ def only_stacked_configs(monkeypatch, configs: list) -> None:
     monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: list(configs))
     monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
     monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
+
+
+def cpu_is_the_readmes(section: str) -> bool:
+    """Whether this machine's CPU is of the vendor a README section names its table was made on ("an AMD
+    EPYC CPU", "an Intel Xeon CPU"): the LoRA fine-tunes of the demos amplify the last-bit differences
+    between CPU BLAS kernels (MKL takes other code paths on Intel and AMD, whatever its instruction-set
+    settings), so their rows reproduce only there."""
+    vendors = {"AMD": "AuthenticAMD", "Intel": "GenuineIntel"}
+    named = [vendor for name, vendor in vendors.items() if re.search(rf"\ban\s+{name}\s", section)]
+    assert len(named) == 1, "the README section must name the CPU its table was made on"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return named[0] in f.read()
+    except OSError:
+        return False
