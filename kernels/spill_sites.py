@@ -60,14 +60,6 @@ class KernelSpills:
     accesses: tuple[LocalAccess, ...]
     loops: tuple[str, ...]
 
-    @property
-    def outside_loops(self) -> int:
-        return sum(not a.loops for a in self.accesses)
-
-    @property
-    def in_loops(self) -> int:
-        return sum(bool(a.loops) for a in self.accesses)
-
     def by_loop(self) -> dict[tuple[str, ...], int]:
         """Local-memory instructions per loop nest (outermost loop first), those outside loops under ()."""
         return dict(Counter(a.loops for a in self.accesses))
