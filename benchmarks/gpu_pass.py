@@ -76,7 +76,7 @@ KILL_GRACE_S = 10  # after SIGINT at the budget, before SIGKILL
 # every member in every pass (row tiles that span members), launches differing only in member count,
 # weight grads split over rows (atomics), the fp16 range guards, CUDA-graph replay, column groups.
 TRITON_TESTS = ("vit_sized", "bf16_matches", "tf32_allowed", "every_member_in_every_pass", "only_in_member_count",
-                "split_over_rows", "beyond_fp16", "graph_replay", "groups_on_the_gpu")
+                "split_over_rows", "beyond_fp16", "graph_replay", "groups_on_the_gpu", "split_k_on_the_gpu")
 COMPILE_TESTS = ("cuda_graph_capture", "reduce_overhead_matches")
 NO_GPU_STEP = "needs a GPU"
 

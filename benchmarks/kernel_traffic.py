@@ -67,14 +67,17 @@ def _stacked_tiles(members: int, rows: int, block_m: int, member_tiles: bool = F
 
 def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: int, block_m: int, block_n: int,
                          rank_slots: int, shared_input: bool = False, sum_members: bool = False,
-                         member_tiles: bool = False, col_group: int = 1) -> dict[str, int]:
+                         member_tiles: bool = False, col_group: int = 1, k_splits: int = 1) -> dict[str, int]:
     """Elements one launch of the fused Triton kernel loads from each operand role, tile by tile as
     ``kernels/fused_lora_gemm.py`` runs (its header states the same totals): ``members`` x ``rows``
     rows of ``inner`` (K) in, ``cols`` (C) out, row tile ``block_m``, column tile ``block_n``,
     ``rank_slots`` members a rank pass and ``member_tiles`` (the launch policy's ``RowTiling``), and
     the stacked kernel's column groups of ``col_group`` tiles (the config's ``COL_TILES``: the rank
     block, so the shrink's reads, once per group). Layouts: stacked (forward and dx), ``shared_input``
-    forward, ``sum_members`` (the shared-input dx).
+    forward, ``sum_members`` (the shared-input dx). With ``k_splits`` ranges of the reduction (the
+    stacked split-K kernel) W0, in and shrink are read as without (each range its part), the expand
+    once per range, and ``"partial"`` counts what the tiles' last programs read back: every range's
+    fp32 sums and rank blocks.
 
     Rows and columns past the edge wrap around (a tile loads ``min(block_m, rows)`` distinct rows
     and ``min(block_n, cols)`` distinct columns, a group's tiles past the edge their wrapped columns);
@@ -96,7 +99,9 @@ def fused_kernel_traffic(members: int, rows: int, inner: int, cols: int, rank: i
         traffic["weight"] += strip * k
         traffic["in"] += col_tiles * (tile_rows + later_rows) * k
         traffic["shrink"] += groups * span * r * k
-        traffic["expand"] += span * r * c
+        traffic["expand"] += k_splits * span * r * c
+    if k_splits > 1:
+        traffic["partial"] = k_splits * members * rows * (c + r)
     return traffic
 
 
@@ -222,35 +227,40 @@ class Launch:
 
 
 def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, block_m: int, block_n: int,
-                  rank_slots: int, split16: bool, member_tiles: bool, col_group: int = 1) -> float:
+                  rank_slots: int, split16: bool, member_tiles: bool, col_group: int = 1, k_splits: int = 1) -> float:
     """Tensor-core FLOPs of one stacked launch as it runs: the base dot over padded row tiles and
     whole column tiles, one [block_m, slots * block_r] rank dot per pass in every column group of
     ``col_group`` tiles, and one [block_m, block_r] x [block_r, block_n] expand dot per member a tile
-    holds (two for a 16-bit factor: the fp32 rank product is split in a high and a low half)."""
+    holds (two for a 16-bit factor: the fp32 rank product is split in a high and a low half) in each
+    of ``k_splits`` ranges."""
     groups, col_tiles = _column_groups(cols, block_n, col_group)
     flops = 0
     for _, _, first, last in _stacked_tiles(members, rows, block_m, member_tiles):
         span = last - first + 1
         flops += 2 * block_m * inner * (col_tiles * block_n + groups * _cdiv(span, rank_slots) * rank_slots * block_r)
-        flops += (2 if split16 else 1) * 2 * block_m * block_r * block_n * col_tiles * span
+        flops += k_splits * (2 if split16 else 1) * 2 * block_m * block_r * block_n * col_tiles * span
     return flops
 
 
 def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, columns: tuple[int, int], e: int,
                     model: DeviceModel) -> Launch:
     """The stacked forward (in = x) or dx (in = dy) kernel with ``columns`` = (column tile, column
-    group): loads by :func:`fused_kernel_traffic`, writes out and the fp32 rank product."""
+    group): loads by :func:`fused_kernel_traffic`, writes out and the fp32 rank product; with the
+    tiling's split-K also every range's fp32 sums and rank blocks, written and read back (L2)."""
     block_r = block_rank(r)
     block_n, col_group = columns
     tiling = h100_stacked_tiling(n, m, inner, cols, r)[0]
+    splits = tiling.k_splits
     loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
-                                 member_tiles=tiling.member_tiles, col_group=col_group)
-    writes = n * m * cols * e + n * m * r * 4
-    hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + writes
-    return Launch(name, {key: value * e for key, value in loads.items()}, writes, hbm,
+                                 member_tiles=tiling.member_tiles, col_group=col_group, k_splits=splits)
+    partial = loads.pop("partial", 0) * 4
+    writes = n * m * cols * e + n * m * r * 4 + partial
+    hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + n * m * cols * e + n * m * r * 4
+    reads = {key: value * e for key, value in loads.items()} | ({"partial": partial} if partial else {})
+    return Launch(name, reads, writes, hbm,
                   _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2,
-                                tiling.member_tiles, col_group),
-                  stacked_row_tiles(m, n, tiling) * _column_groups(cols, block_n, col_group)[0],
+                                tiling.member_tiles, col_group, splits),
+                  stacked_row_tiles(m, n, tiling) * _column_groups(cols, block_n, col_group)[0] * splits,
                   model.triton_flops_per_s[tiling.block_m])
 
 
@@ -276,10 +286,14 @@ def _lora_grads_launches(n: int, m: int, d: int, k: int, r: int, e: int, model: 
 def fused_launches(n: int, m: int, d: int, k: int, r: int, mode: str, columns: tuple[int, int], e: int = 2,
                    model: DeviceModel = H100) -> list[Launch]:
     """The launches of the fused Triton backend for one stacked layer call with ``columns`` = (column
-    tile, column group): the forward, and for ``fwd_bwd`` the dx kernel and the weight gradients."""
-    launches = [_stacked_launch("forward", n, m, d, k, r, columns, e, model)]
+    tile, column group): the forward, and for ``fwd_bwd`` the dx kernel and the weight gradients; before
+    a launch that splits K, the zeroing of its tiles' arrival counts (a launch of its own)."""
+    launches = []
+    for name, inner, cols in (("forward", d, k), ("dx", k, d))[:2 if mode == "fwd_bwd" else 1]:
+        if h100_stacked_tiling(n, m, inner, cols, r)[0].k_splits > 1:
+            launches.append(_small(f"{name} arrival counts", 4 * n * m))
+        launches.append(_stacked_launch(name, n, m, inner, cols, r, columns, e, model))
     if mode == "fwd_bwd":
-        launches.append(_stacked_launch("dx", n, m, k, d, r, columns, e, model))
         launches += _lora_grads_launches(n, m, d, k, r, e, model)
     return launches
 
@@ -343,8 +357,9 @@ def main() -> None:
             launches = fused_launches(n, m, d, k, r, mode, best)
             refs = reference_launches(n, m, d, k, r, mode)
             fused, limit, composite = (predicted_us(x) for x in (launches, refs["limit"], refs["composite"]))
-            reads = launches[0].reads
-            tiles = f"BM {tiling.block_m}{' member tiles' if tiling.member_tiles else ''}, {tiling.rank_slots} slots"
+            reads = next(launch.reads for launch in launches if launch.name == "forward")
+            tiles = (f"BM {tiling.block_m}{' member tiles' if tiling.member_tiles else ''}, {tiling.rank_slots} slots"
+                     f"{f', K in {tiling.k_splits}' if tiling.k_splits > 1 else ''}")
             print(f"| {label} N{n} M{m} r{r} ({tiles}) | {mode} | {best[0]}{f' x {best[1]}' if best[1] > 1 else ''} | "
                   f"{reads['weight'] * mb:.1f} / {reads['in'] * mb:.1f} / {reads['shrink'] * mb:.1f} / "
                   f"{reads['expand'] * mb:.2f} | {sum(x.l2 for x in launches) * mb:.0f} | "

@@ -25,6 +25,8 @@ Exit status 1 when a kernel fails to compile, needs more shared memory than the 
 spills registers (but for at most 32 bytes a thread outside loops: ``costly_spill``).
 ``--compare-ptx BEFORE.json AFTER.json`` compares the PTX digests of two runs' reports (e.g. the
 same ``--sample`` before and after a kernel edit) and exits 1 if a kernel both compiled changed.
+``--skip-measured REPORT.json ...`` leaves out the kernels those runs compiled: after the record is
+written from them, the next round compiles only the cases it brings into the gate.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ from .configs import (
     spill_key_config,
     unspilled_tilings,
 )
-from .fused_lora_gemm import _fused_lora_gemm_kernel, _fused_lora_gemm_shared_kernel
+from .fused_lora_gemm import (
+    _fused_lora_gemm_kernel,
+    _fused_lora_gemm_shared_kernel,
+    _fused_lora_gemm_split_k_kernel,
+)
 from .launch_policy import RowTiling, shared_tilings, stacked_tilings
 from .lora_grads import _lora_grads_kernel
 from .spill_sites import OUTSIDE_LOOPS, cubin_spill_sites
@@ -78,6 +84,8 @@ ARCHS = (80, 90)
 # which the L1 left beside the largest shared-memory carve-out holds (A100: 192 - 164 KB, H100: 256 -
 # 228 KB), so each word is stored and reloaded once a program from L1.
 HARMLESS_SPILL_BYTES = 32
+# The spill site of a device function the kernel calls (spill_sites places the kernel's own only).
+CALLED_FUNCTION = "a called function"
 # Largest dynamic shared memory per block (bytes) an NVIDIA architecture grants.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # (dtype, dot precision) pairs: fp32 runs one TF32 pass when PyTorch allows TF32, else 3xTF32.
@@ -96,9 +104,12 @@ SPECIALISATIONS = ("aligned", "odd")
 # Width and depth of the problem the configs are pruned for: wide enough that no tile is cut.
 _LARGE_SIZE = 4096
 # The counts the kernels leave unspecialised (do_not_specialize).
-_UNSPECIALISED_ARGS = {"ROWS", "MEMBERS", "RANK"}
+_UNSPECIALISED_ARGS = {"ROWS", "MEMBERS", "RANK", "K_SPLITS"}
+# Integer arguments always 16-divisible, whatever the widths (the split-K ranges: multiples of 64).
+_ALIGNED_ARGS = {"K_PER_SPLIT"}
 _FLOAT_ARGS = {"scaling", "member_sum_scale"}
-_FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr"}
+_FP32_POINTERS = {"low_ptr", "low_a_ptr", "low_b_ptr", "partial_ptr"}
+_INT32_POINTERS = {"arrivals_ptr"}
 
 # (role, kernel, strides equal to 1 for contiguous inputs, fixed constexprs, config list). The *_delta
 # roles are the low-rank update over a base layer the kernels cannot read (a quantized one): no weight,
@@ -124,13 +135,17 @@ _ROLES = (
      FUSED_LORA_GEMM_GPU_CONFIGS),
     ("backward_dx_shared_delta", _fused_lora_gemm_shared_kernel, _DX_UNIT,
      {**_DELTA, "HAS_BASE": False, "SUM_MEMBERS": True}, SHARED_INPUT_GPU_CONFIGS),
+    ("forward_split_k", _fused_lora_gemm_split_k_kernel, _FORWARD_UNIT, {"HAS_BIAS": True},
+     FUSED_LORA_GEMM_GPU_CONFIGS),
+    ("backward_dx_split_k", _fused_lora_gemm_split_k_kernel, _DX_UNIT, {"HAS_BIAS": False},
+     FUSED_LORA_GEMM_GPU_CONFIGS),
     ("backward_lora", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": False}, LORA_GRADS_GPU_CONFIGS),
     ("backward_lora_split", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
 )
 ROLE_NAMES = tuple(role[0] for role in _ROLES)
 # The kernel each role runs, as named in SPILLING_CONFIGS (the weightless delta kernels spill at
 # configs of their own: fewer tiles, but ptxas allocates them differently).
-ROLE_KERNEL = {role: "lora_grads" if role.startswith("backward_lora")
+ROLE_KERNEL = {role: "lora_grads" if role.startswith("backward_lora") else "stacked_split" if role.endswith("_split_k")
                else ("shared" if "shared" in role else "stacked") + ("_delta" if role.endswith("_delta") else "")
                for role in ROLE_NAMES}
 _SPILLING_CONFIGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spilling_configs.py")
@@ -195,7 +210,8 @@ class AotReport:
     @property
     def spills(self) -> bool:
         """Whether the kernel spills in a way the spill record excludes (:func:`costly_spill`)."""
-        return costly_spill(self.as_dict())
+        return costly_spill({"spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
+                             "spill_sites": dict(self.spill_sites)})
 
     def as_dict(self) -> dict:
         return {"arch": self.arch, "case": self.case.label(), "config": self.case.config_text(),
@@ -255,10 +271,12 @@ def candidate_configs(name: str, dtype: str, precision: str, block_r: int, rows:
     tf32x3 = precision == "tf32x3"
     if "SUM_MEMBERS" in fixed:
         tilings = shared_tilings(rows, _LARGE_SIZE, MEMBERS, block_r, _SM_COUNT, tf32x3, fixed["SUM_MEMBERS"])
+    elif kernel is _fused_lora_gemm_split_k_kernel:  # any tiling splits K where the widths are small enough
+        tilings = tuple(tiling._replace(k_splits=2) for tiling in stacked_tilings(rows, MEMBERS, block_r, tf32x3))
     else:
         tilings = stacked_tilings(rows, MEMBERS, block_r, tf32x3)
     problem = FusedProblem(_LARGE_SIZE, _LARGE_SIZE, dtype, precision, block_r, SHARED_MEMORY_LIMIT[arch], arch,
-                           specialisation, fixed.get("SUM_MEMBERS"), fixed["HAS_WEIGHT"])
+                           specialisation, fixed.get("SUM_MEMBERS"), fixed.get("HAS_WEIGHT", True))
     options = unspilled_tilings(list(configs), problem, tilings, without_measured_spills)
     return [(tiling, c) for tiling, kept in options for c in kept]
 
@@ -368,6 +386,8 @@ def _source(case: AotCase) -> ASTSource:
         constexprs.update(RANK_SLOTS=case.rank_slots, MULTI_PASS=case.multi_pass)
     if kernel is _fused_lora_gemm_kernel:
         constexprs.update(MEMBER_TILES=case.member_tiles, COL_TILES=column_group(case.config))
+    if kernel is _fused_lora_gemm_split_k_kernel:
+        constexprs.update(MEMBER_TILES=case.member_tiles)
     divisible = case.specialisation != "odd"
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
@@ -378,7 +398,11 @@ def _source(case: AotCase) -> ASTSource:
             constexprs[arg] = 1
         elif arg.endswith("_ptr"):
             atomic_out = fixed.get("ATOMIC") and arg in ("grad_a_ptr", "grad_b_ptr")
-            signature[arg] = "*fp32" if (arg in _FP32_POINTERS or atomic_out) else f"*{case.dtype}"
+            signature[arg] = ("*i32" if arg in _INT32_POINTERS
+                              else "*fp32" if (arg in _FP32_POINTERS or atomic_out) else f"*{case.dtype}")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif arg in _ALIGNED_ARGS:
+            signature[arg] = "i32"
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif arg in _FLOAT_ARGS:
             signature[arg] = "fp32"
@@ -419,11 +443,15 @@ def changed_kernels(before: dict, after: dict) -> tuple[list[str], int]:
     return [name for name in common if old[name] != new[name]], len(common)
 
 
-def _ptxas_usage(log: str) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from the ``ptxas -v`` log."""
+def _ptxas_usage(log: str) -> tuple[int, int, int, bool]:
+    """(registers, spill store bytes, spill load bytes, whether a called function spills) from the
+    ``ptxas -v`` log: the kernel's, plus those of the device functions it calls (not inlined, e.g. the
+    split-K kernel's end), each reported on its own."""
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return registers, int(spills.group(1)), int(spills.group(2))
+    spills = [(int(stores), int(loads)) for stores, loads in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    stores, loads = (sum(column) for column in zip(*spills)) if spills else (0, 0)
+    return registers, stores, loads, any(store or load for store, load in spills[1:])
 
 
 def compile_case(case: AotCase, arch: int = 90) -> AotReport:
@@ -436,11 +464,12 @@ def compile_case(case: AotCase, arch: int = 90) -> AotReport:
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
         compiled = triton.compile(_source(case), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": case.config.num_warps, "num_stages": case.config.num_stages})
-    registers, spill_stores, spill_loads = _ptxas_usage(log.getvalue())
+    registers, spill_stores, spill_loads, callee_spills = _ptxas_usage(log.getvalue())
     sites = ()
     if spill_stores or spill_loads:
         (kernel,) = cubin_spill_sites(compiled.asm["cubin"]).values()
-        sites = kernel.places()
+        # A called function's local memory is not placed: it counts as a loop's.
+        sites = (*kernel.places(), *((CALLED_FUNCTION, 1),) * callee_spills)
     return AotReport(case, arch, registers, spill_stores, spill_loads, compiled.metadata.shared,
                      SHARED_MEMORY_LIMIT[arch], ptx_digest(compiled.asm["ptx"]), sites)
 
@@ -524,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="write spilling_configs.py from the JSON of --all-candidates (or gate) runs, and exit")
     parser.add_argument("--keep-unmeasured", action="store_true",
                         help="with --write-spilling-configs: keep the record's entries the reports did not measure")
+    parser.add_argument("--skip-measured", nargs="+", metavar="REPORT", default=[],
+                        help="leave out the kernels these --json runs compiled (a record's next round: only the "
+                             "cases the updated record brings in)")
     parser.add_argument("--compare-ptx", nargs=2, metavar=("BEFORE", "AFTER"),
                         help="compare the PTX digests of two --json runs; exit 1 if a kernel both compiled changed")
     args = parser.parse_args(argv)
@@ -543,10 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     if triton_interpreting():
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
         return 2
+    measured = set()
+    for path in args.skip_measured:
+        with open(path) as f:
+            measured |= {(r["arch"], r["case"], r["config"]) for r in json.load(f)["reports"] if not isinstance(r, str)}
     work = []
     for arch in args.arch or ARCHS:
         cases = [c for c in aot_cases(arch, without_measured_spills=not args.all_candidates)
-                 if args.only in f"{c.label()} {c.config_text()}"]
+                 if args.only in f"{c.label()} {c.config_text()}"
+                 and (arch, c.label(), c.config_text()) not in measured]
         work += [(case, arch) for case in (sample_cases(cases, args.sample) if args.sample else cases)]
     start = time.monotonic()
     results, timed_out = _compile_all(work, args.jobs, args.timeout)

@@ -196,7 +196,8 @@ def spill_key(kind: str, dtype: str, precision: str, block_r: int, block_m: int,
               member_tiles: bool = False) -> tuple:
     """The key of a compiled kernel in :data:`SPILLING_CONFIGS`: the architecture family (80 for
     sm_8x, 90 for sm_90 and newer), the kernel (``"stacked"``, ``"shared"``, their weightless
-    ``"stacked_delta"`` and ``"shared_delta"`` forms, ``"lora_grads"``), the dtype and dot precision,
+    ``"stacked_delta"`` and ``"shared_delta"`` forms, the stacked split-K ``"stacked_split"``,
+    ``"lora_grads"``), the dtype and dot precision,
     the rank and row tiles, the rank slots of a pass, whether the kernel has more passes and whether
     it tiles each member's rows on their own (the launch policy's ``RowTiling``), the argument
     specialisation (:func:`argument_specialisation`), warps, stages and the config's other tiles."""
@@ -261,10 +262,11 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
     [block_m, rank_slots * block_r], and
     the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``),
     and in the ``"odd"`` specialisation a 64-bit pointer per element of the K-loop's tiles;
-    in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
+    in the shared-input kernel, 4-warp configs for rank tiles above 32; in the split-K kernel (a tiling
+    with ``k_splits`` > 1), 4-warp configs; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; column groups (``COL_TILES`` > 1: the stacked kernel only) where the
-    tiling runs further rank passes (the group keeps one pass's rank block), with 3xTF32, or where
+    tiling runs further rank passes (the group keeps one pass's rank block) or splits K, with 3xTF32, or where
     the column tiles do not fill whole groups; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. The weightless (delta) form spills at configs of its own (the
     shared-memory and register estimates keep counting the weight tile: an upper bound). Never
@@ -282,10 +284,13 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
         if bn > 128 and block_m < 64:
             return False
         group = column_group(c)
-        if group > 1 and (sum_members is not None or tiling.multi_pass or tf32x3 or -(-cols // bn) % group):
+        if group > 1 and (sum_members is not None or tiling.multi_pass or tiling.k_splits > 1 or tf32x3
+                          or -(-cols // bn) % group):
             return False
         if sum_members is not None and block_r > 32 and c.num_warps < 8:
             return False  # the shared-input kernel spills on 4 warps with wide rank tiles
+        if tiling.k_splits > 1 and c.num_warps < 8:
+            return False  # the split-K kernel spills on 4 warps (kilobytes a thread at decode's tiling)
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
@@ -301,13 +306,15 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
     return [c for c in kept if fits(c)] or [FALLBACK_FUSED_LORA_GEMM_CONFIG]
 
 
-def _fused_kind(problem: FusedProblem) -> str:
+def _fused_kind(problem: FusedProblem, tiling: RowTiling) -> str:
+    if tiling.k_splits > 1:
+        return "stacked_split"
     return ("stacked" if problem.sum_members is None else "shared") + ("" if problem.has_weight else "_delta")
 
 
 def _tiling_spill_key(problem: FusedProblem, tiling: RowTiling, config: triton.Config) -> tuple:
-    return spill_key(_fused_kind(problem), problem.dtype, problem.precision, problem.block_r, tiling.block_m, config,
-                     problem.capability, tiling.rank_slots, tiling.multi_pass, problem.specialisation,
+    return spill_key(_fused_kind(problem, tiling), problem.dtype, problem.precision, problem.block_r, tiling.block_m,
+                     config, problem.capability, tiling.rank_slots, tiling.multi_pass, problem.specialisation,
                      tiling.member_tiles)
 
 

@@ -51,6 +51,18 @@
 # x A^T is recomputed in every column group (no program waits for another): shrink is re-read G
 # times, from L2 (it is N*R*K elements, R/C of W0 per member).
 #
+# Split-K (the stacked kernel with a weight, where its output tiles leave SMs idle: decode, small
+# batches; launch_policy.with_k_splits, the CUDA kernels' policy; offered beside the unsplit tiling, the
+# config model chooses in fused_tiling): _fused_lora_gemm_split_k_kernel, grid
+# axis 1 = S ranges of K_PER_SPLIT (whole K steps). Each program runs its tile's K-loops over its range
+# and every rank pass's update from its range's rank block (the update is linear in it), and stores
+# the fp32 result and (first column tile) the rank blocks to a workspace; the program of a tile that
+# arrives last (an atomic count per tile) adds the S ranges up in range order (deterministic, whatever
+# order they finish in) and stores out with the bias, and low. Traffic as above, each range reading its
+# part of weight, in and shrink; the expand once per range; and S * N*M * (C + R) fp32 of workspace
+# written and read back (from L2). At decode (one 16-row tile, 32 column tiles of 128 on 132 SMs): 4
+# ranges, 128 programs instead of 32.
+#
 # Shared-input kernel (in [M, K] read by every member; grid cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N)):
 # each program computes its base tile ONCE for all members, and small batches fill the GPU with
 # 16-row tiles (launch_policy.shared_block_rows) rather than member groups that would each
@@ -72,6 +84,9 @@
 """Fused base GEMM + per-member low-rank update (forward and dx backward of a LoRA ensemble)."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import torch
 import triton
@@ -96,8 +111,17 @@ from .device import launch_device, multiprocessor_count
 from .dot import dot_fp32_lhs, split16
 from .gpu_specs import GpuSpec, gpu_spec
 from .launch_costs import shared_launch, stacked_launch
-from .launch_policy import RowTiling, block_rank, shared_tilings, stacked_row_tiles, stacked_tilings
-from .launcher import LaunchPlan, TunedKernel
+from .launch_policy import (
+    FUSED_SPLIT_QUANTUM,
+    RowTiling,
+    block_rank,
+    fused_k_per_split,
+    shared_tilings,
+    stacked_row_tiles,
+    stacked_tilings,
+    with_k_splits,
+)
+from .launcher import MAX_BOUND_KEYS, LaunchPlan, TunedKernel
 
 __all__ = ["fused_tiling", "launch_fused_lora_gemm"]
 
@@ -289,28 +313,14 @@ def _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, r
                 stride_out_c)
 
 
-@triton.jit(do_not_specialize=_UNSPECIALISED)
-def _fused_lora_gemm_kernel(
-    in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
-    ROWS, MEMBERS, INNER, COLS, RANK,
-    stride_in_n, stride_in_m, stride_in_k,
-    stride_weight_k, stride_weight_c,
-    stride_base_n, stride_base_m, stride_base_c,
-    stride_shrink_n, stride_shrink_k, stride_shrink_r,
-    stride_expand_n, stride_expand_r, stride_expand_c,
-    stride_out_n, stride_out_m, stride_out_c,
-    stride_low_n, stride_low_m, stride_low_r,
-    scaling,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
-    MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    COL_TILES: tl.constexpr,
-):
+@triton.jit
+def _stacked_tile(ROWS, MEMBERS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, MEMBER_TILES: tl.constexpr, COL_TILES: tl.constexpr):
+    """This program's tile of the stacked kernels (axis 0): its first and last member, each row's member,
+    offset within the member and validity, the column tile's offsets and (wrapped) columns, the K
+    offsets and the column tile's index ``pid_n``."""
     # offs_c, offs_k and cols are spelled in both branches on purpose: the else branch is, op for op, the
     # kernel before member tiles, so it compiles to the same PTX and the spill record stays valid for it.
-    # A program owns COL_TILES consecutive column tiles (their group is one column tile of the swizzle);
-    # at COL_TILES = 1 the code is, op for op, the kernel before column groups (the same PTX).
-    tl.static_assert(COL_TILES == 1 or not MULTI_PASS, "a column group keeps one rank pass's block")
     if MEMBER_TILES:  # cdiv(M, BLOCK_M) row tiles a member, each inside its member (RANK_SLOTS = 1)
         member_tiles = tl.cdiv(ROWS, BLOCK_M)
         pid_m, pid_n = _tile_of(tl.program_id(0), MEMBERS * member_tiles * BLOCK_M, COLS, BLOCK_M,
@@ -341,12 +351,22 @@ def _fused_lora_gemm_kernel(
         cols = offs_c % COLS
         first_member = tile_start // ROWS
         last_member = (tl.minimum(tile_start + BLOCK_M, stacked_rows) - 1) // ROWS
-    store_low = pid_n == 0
+    return first_member, last_member, rows_valid, row_member, row_in_member, offs_c, cols, offs_k, pid_n
 
+
+@triton.jit
+def _stacked_passes(in_tile, weight_tile, shrink_ptr, expand_ptr, low_ptr, first_member, last_member, rows_valid,
+                    row_member, row_in_member, offs_c, offs_k, store_low, INNER, COLS, RANK, scaling, stride_in_k,
+                    stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, stride_expand_n,
+                    stride_expand_r, stride_expand_c, stride_low_n, stride_low_m, stride_low_r,
+                    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RANK_SLOTS: tl.constexpr,
+                    MULTI_PASS: tl.constexpr):
+    """A stacked tile's K-loops over ``INNER`` (from ``in_tile``, ``weight_tile`` and ``shrink_ptr``
+    on) and every rank pass's update: ``in @ weight + scaling * low @ expand`` [BLOCK_M, BLOCK_N] fp32,
+    with ``low`` stored where ``store_low``. Returns it with the first pass's own columns and slot mask
+    (kept for the program's further column tiles)."""
     # Pass 0: the base tile and the rank block of the tile's first RANK_SLOTS members, one K-loop.
-    in_tile = (in_ptr + row_member[:, None] * stride_in_n + row_in_member[:, None] * stride_in_m
-               + offs_k[None, :] * stride_in_k)
-    weight_tile = weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c
     acc, low, slot_member, slot_rank, slot_mask = _rank_pass_k_loop(
         in_tile, weight_tile, shrink_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), first_member, last_member,
         INNER, RANK, stride_in_k, stride_weight_k, stride_shrink_n, stride_shrink_k, stride_shrink_r, offs_k,
@@ -367,6 +387,41 @@ def _fused_lora_gemm_kernel(
                                      slot_rank, slot_mask, store_low, low_ptr, stride_low_n, stride_low_r, expand_ptr,
                                      offs_c, COLS, RANK, scaling, stride_expand_n, stride_expand_r, stride_expand_c,
                                      DOT_PRECISION, BLOCK_M, BLOCK_R, RANK_SLOTS)
+    return acc, own_low, slot_mask
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _fused_lora_gemm_kernel(
+    in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
+    ROWS, MEMBERS, INNER, COLS, RANK,
+    stride_in_n, stride_in_m, stride_in_k,
+    stride_weight_k, stride_weight_c,
+    stride_base_n, stride_base_m, stride_base_c,
+    stride_shrink_n, stride_shrink_k, stride_shrink_r,
+    stride_expand_n, stride_expand_r, stride_expand_c,
+    stride_out_n, stride_out_m, stride_out_c,
+    stride_low_n, stride_low_m, stride_low_r,
+    scaling,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr,
+    MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    COL_TILES: tl.constexpr,
+):
+    # A program owns COL_TILES consecutive column tiles (their group is one column tile of the swizzle);
+    # at COL_TILES = 1 the code is, op for op, the kernel before column groups (the same PTX).
+    tl.static_assert(COL_TILES == 1 or not MULTI_PASS, "a column group keeps one rank pass's block")
+    first_member, last_member, rows_valid, row_member, row_in_member, offs_c, cols, offs_k, pid_n = _stacked_tile(
+        ROWS, MEMBERS, COLS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, MEMBER_TILES, COL_TILES)
+    store_low = pid_n == 0
+    in_tile = (in_ptr + row_member[:, None] * stride_in_n + row_in_member[:, None] * stride_in_m
+               + offs_k[None, :] * stride_in_k)
+    weight_tile = weight_ptr + offs_k[:, None] * stride_weight_k + cols[None, :] * stride_weight_c
+    acc, own_low, slot_mask = _stacked_passes(
+        in_tile, weight_tile, shrink_ptr, expand_ptr, low_ptr, first_member, last_member, rows_valid, row_member,
+        row_in_member, offs_c, offs_k, store_low, INNER, COLS, RANK, scaling, stride_in_k, stride_weight_k,
+        stride_shrink_n, stride_shrink_k, stride_shrink_r, stride_expand_n, stride_expand_r, stride_expand_c,
+        stride_low_n, stride_low_m, stride_low_r, HAS_WEIGHT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+        RANK_SLOTS, MULTI_PASS)
     _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
                   stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS,
                   HAS_BASE)
@@ -386,6 +441,103 @@ def _fused_lora_gemm_kernel(
         _store_output(out_ptr, acc, bias_ptr, base_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
                       stride_base_n, stride_base_m, stride_base_c, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS,
                       HAS_BASE)
+
+
+@triton.jit(noinline=True)
+def _add_up_ranges(partial_ptr, bias_ptr, out_ptr, low_ptr, ROWS, MEMBERS, COLS, RANK, K_SPLITS, stride_out_n,
+                   stride_out_m, stride_out_c, stride_low_n, stride_low_m, stride_low_r, HAS_BIAS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The split-K kernel's end in the program of a tile that arrives last: every range's fp32 sums
+    of the tile added in range order, the bias added and the output stored; in the first column tile
+    also the rank blocks, stored to ``low``. A function of its own (not inlined): its registers are
+    allocated apart from the K-loops' (inlined, its tile's offsets stayed live across them)."""
+    first_member, last_member, rows_valid, row_member, row_in_member, offs_c, cols, offs_k, pid_n = _stacked_tile(
+        ROWS, MEMBERS, COLS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, MEMBER_TILES, 1)
+    stacked_rows = MEMBERS * ROWS
+    out_elements = stacked_rows.to(tl.int64) * COLS
+    stacked_row = row_member * ROWS + row_in_member
+    out_mask = rows_valid[:, None] & (offs_c[None, :] < COLS)
+    out_at = stacked_row[:, None] * COLS + offs_c[None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, K_SPLITS):  # from L2 (.cg: never a stale L1 line)
+        total += tl.load(partial_ptr + s * out_elements + out_at, mask=out_mask, other=0.0, cache_modifier=".cg")
+    _store_output(out_ptr, total, bias_ptr, bias_ptr, row_member, row_in_member, rows_valid, offs_c, cols, COLS,
+                  0, 0, 0, stride_out_n, stride_out_m, stride_out_c, HAS_BIAS, False)
+    if pid_n == 0:
+        low_elements = stacked_rows.to(tl.int64) * RANK
+        low_partial = partial_ptr + K_SPLITS * out_elements
+        offs_r = tl.arange(0, BLOCK_R)
+        low_mask = rows_valid[:, None] & (offs_r[None, :] < RANK)
+        low_at = stacked_row[:, None] * RANK + offs_r[None, :]
+        low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, K_SPLITS):
+            low += tl.load(low_partial + s * low_elements + low_at, mask=low_mask, other=0.0, cache_modifier=".cg")
+        tl.store(low_ptr + row_member[:, None] * stride_low_n + row_in_member[:, None] * stride_low_m
+                 + offs_r[None, :] * stride_low_r, low, mask=low_mask)
+
+
+# K_PER_SPLIT is specialised (always a multiple of 64, so 16-divisible): the ranges' first K steps are then
+# known aligned, and the K-loops' loads vectorised and pipelined as in the unsplit kernel (unspecialised,
+# Triton pipelined them with half the shared memory and one element per pointer).
+@triton.jit(do_not_specialize=[*_UNSPECIALISED, "K_SPLITS"])
+def _fused_lora_gemm_split_k_kernel(
+    in_ptr, weight_ptr, bias_ptr, base_ptr, shrink_ptr, expand_ptr, out_ptr, low_ptr,
+    ROWS, MEMBERS, INNER, COLS, RANK,
+    stride_in_n, stride_in_m, stride_in_k,
+    stride_weight_k, stride_weight_c,
+    stride_base_n, stride_base_m, stride_base_c,
+    stride_shrink_n, stride_shrink_k, stride_shrink_r,
+    stride_expand_n, stride_expand_r, stride_expand_c,
+    stride_out_n, stride_out_m, stride_out_c,
+    stride_low_n, stride_low_m, stride_low_r,
+    scaling,
+    partial_ptr, arrivals_ptr, K_PER_SPLIT, K_SPLITS,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    RANK_SLOTS: tl.constexpr, MULTI_PASS: tl.constexpr, MEMBER_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The stacked kernel with its reduction split in K_SPLITS ranges of K_PER_SPLIT (grid axis 1; the
+    # tiles as _fused_lora_gemm_kernel's, one column tile a program). Each program runs the tile's
+    # K-loops over its range and every rank pass's update from its range's rank block (the update is
+    # linear in it), and writes the fp32 sum and its rank blocks to `partial`: [K_SPLITS, N*M, C] sums,
+    # then [K_SPLITS, N, M, RANK] rank blocks (those of the first column tile only). The program of a
+    # tile that arrives last (an atomic count in arrivals [programs], zeroed by the launcher) adds the
+    # ranges' sums in range order (deterministic), adds the bias and stores; the first column tile's
+    # also adds up and stores low.
+    first_member, last_member, rows_valid, row_member, row_in_member, offs_c, cols, offs_k, pid_n = _stacked_tile(
+        ROWS, MEMBERS, COLS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, MEMBER_TILES, 1)
+    split = tl.program_id(1)
+    k_begin = split.to(tl.int64) * K_PER_SPLIT
+    k_length = tl.minimum(INNER - split * K_PER_SPLIT, K_PER_SPLIT)  # int32: split * K_PER_SPLIT < INNER
+    store_low = pid_n == 0
+    stacked_rows = MEMBERS * ROWS
+    out_elements = stacked_rows.to(tl.int64) * COLS
+    low_elements = stacked_rows.to(tl.int64) * RANK
+    low_partial = partial_ptr + K_SPLITS * out_elements  # [K_SPLITS, N, M, RANK], contiguous
+    # The range's first K step: the base pointers moved, the tiles' offsets as in the unsplit kernel.
+    in_tile = (in_ptr + k_begin * stride_in_k + row_member[:, None] * stride_in_n
+               + row_in_member[:, None] * stride_in_m + offs_k[None, :] * stride_in_k)
+    weight_tile = (weight_ptr + k_begin * stride_weight_k + offs_k[:, None] * stride_weight_k
+                   + cols[None, :] * stride_weight_c)
+    acc, _, _ = _stacked_passes(
+        in_tile, weight_tile, shrink_ptr + k_begin * stride_shrink_k, expand_ptr, low_partial + split * low_elements,
+        first_member, last_member, rows_valid, row_member, row_in_member, offs_c, offs_k, store_low,
+        k_length, COLS, RANK, scaling, stride_in_k, stride_weight_k, stride_shrink_n,
+        stride_shrink_k, stride_shrink_r, stride_expand_n, stride_expand_r, stride_expand_c, ROWS * RANK, RANK, 1,
+        True, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, RANK_SLOTS, MULTI_PASS)
+    stacked_row = row_member * ROWS + row_in_member
+    out_mask = rows_valid[:, None] & (offs_c[None, :] < COLS)
+    out_at = stacked_row[:, None] * COLS + offs_c[None, :]
+    tl.store(partial_ptr + split * out_elements + out_at, acc, mask=out_mask)
+    # Every thread's stores before the count (a release at GPU scope); the last program's loads after it
+    # (an acquire), from L2 (.cg: never a stale L1 line).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    if arrived == K_SPLITS - 1:
+        _add_up_ranges(partial_ptr, bias_ptr, out_ptr, low_ptr, ROWS, MEMBERS, COLS, RANK, K_SPLITS, stride_out_n,
+                       stride_out_m, stride_out_c, stride_low_n, stride_low_m, stride_low_r, HAS_BIAS, BLOCK_R,
+                       BLOCK_M, MEMBER_TILES, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
@@ -479,7 +631,29 @@ def _fused_lora_gemm_shared_kernel(
 
 
 _STACKED = TunedKernel("fused_lora_gemm", _fused_lora_gemm_kernel)
+_STACKED_SPLIT_K = TunedKernel("fused_lora_gemm_split_k", _fused_lora_gemm_split_k_kernel)
 _SHARED = TunedKernel("fused_lora_gemm_shared", _fused_lora_gemm_shared_kernel)
+
+
+class _SplitK(NamedTuple):
+    """A stacked launch key whose tiling splits K: its ranges and the workspace each call allocates
+    (the kernel's ``partial`` sums and rank blocks, and ``arrivals`` counts zeroed: one per program of
+    axis 0 under the narrowest candidate column tile)."""
+
+    splits: int
+    per_split: int
+    partial_floats: int
+    arrivals: int
+
+    def workspace(self, device: torch.device) -> tuple:
+        """The split-K kernel's arguments after the stacked kernel's: partial, arrivals, K_PER_SPLIT, K_SPLITS."""
+        return (torch.empty(self.partial_floats, device=device, dtype=torch.float32),
+                torch.zeros(self.arrivals, device=device, dtype=torch.int32), self.per_split, self.splits)
+
+
+# Launch keys of the stacked kernel whose tiling splits K (the first call's plan decides; cleared as the
+# launcher's bound keys are).
+_SPLIT_K: dict[tuple, _SplitK] = {}
 # Leading runtime arguments of both kernels that are pointers (in, weight, bias, base, shrink,
 # expand, out, low), then integers: ROWS, MEMBERS, INNER, COLS, RANK and the strides.
 _POINTERS = 8
@@ -491,9 +665,10 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
                  has_base: bool = False) -> tuple[RowTiling, list[triton.Config], GemmLaunch]:
     """The row tiling a fused launch runs on ``gpu`` (``shared``: the shared-input kernel over ``rows``
     rows, else the stacked kernel over ``members`` x ``rows``; ``sm_count``: the SMs the shared-input
-    row policy fills, 0 under the interpreter), with those of the candidate ``configs`` worth trying
-    for it and the config model's view of the launch: of the launch policy's tilings
-    (``launch_policy.stacked_tilings`` / ``shared_tilings``) whose configs do not all spill
+    row policy fills and the stacked kernel's split-K keeps busy, 0 under the interpreter), with those
+    of the candidate ``configs`` worth trying for it and the config model's view of the launch: of the
+    launch policy's tilings (``launch_policy.stacked_tilings`` / ``shared_tilings``; the stacked ones
+    also with their split-K, ``launch_policy.with_k_splits``, where it splits) whose configs do not all spill
     (``configs.unspilled_tilings``), the one the config model ranks cheapest. The launcher and
     ``auto``'s cost model both ask here."""
     block_r = block_rank(rank)
@@ -502,6 +677,9 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
         tilings = shared_tilings(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
     else:
         tilings = stacked_tilings(rows, members, block_r, tf32x3)
+        if has_weight:  # each tiling split where the policy splits it, then as it is: the model chooses
+            split = (with_k_splits(tiling, rows, members, inner, cols, sm_count) for tiling in tilings)
+            tilings = tuple(dict.fromkeys((*split, *tilings)))
     problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, gpu.shared_memory_per_program,
                            gpu.capability, specialisation, sum_members if shared else None, has_weight)
     options = unspilled_tilings(configs, problem, tilings)
@@ -519,8 +697,9 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
 
 
 def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str, sum_members: bool,
-          has_weight: bool, has_bias: bool, has_base: bool) -> LaunchPlan:
-    """The tiling, tuning key, candidates and cost-model view of a launch (its launch key's first)."""
+          has_weight: bool, has_bias: bool, has_base: bool) -> tuple[LaunchPlan, _SplitK | None]:
+    """The tiling, tuning key, candidates and cost-model view of a launch (its launch key's first),
+    and where the stacked kernel's tiling splits K, its split (the launch then runs the split-K kernel)."""
     rows, members, inner, cols, rank = args[_POINTERS:_POINTERS + 5]
     dtype = DTYPE_NAMES[args[0].dtype]
     block_r = block_rank(rank)
@@ -532,8 +711,10 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
                                             rows, members, inner, cols, rank, args[0].dtype, precision, gpu, sm_count,
                                             specialisation, sum_members, has_weight, has_base)
     tiles = -(-rows // tiling.block_m) if shared else stacked_row_tiles(rows, members, tiling)
+    splits = tiling.k_splits
     tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m}{' member' if tiling.member_tiles else ''}"
-                  f" S{tiling.rank_slots}{' multi' if tiling.multi_pass else ''} R{block_r} K{inner} C{cols}"
+                  f" S{tiling.rank_slots}{' multi' if tiling.multi_pass else ''} R{block_r} K{inner}"
+                  f"{f'/{splits}' if splits > 1 else ''} C{cols}"
                   f" rows{size_bucket(rows)} members{size_bucket(members)}{'' if has_weight else ' delta'}"
                   f"{(' sum' if sum_members else ' shared') if shared else ''} {gpu.name}")
     constexprs = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_BASE=has_base, DOT_PRECISION=precision,
@@ -544,10 +725,18 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     else:
         constexprs.update(MEMBER_TILES=tiling.member_tiles, COL_TILES=1)  # a config may set COL_TILES
 
-    def grid(config) -> tuple[int, ...]:
-        return (tiles * -(-cols // (config.kwargs["BLOCK_N"] * column_group(config))),)
+    if splits > 1:
+        del constexprs["HAS_WEIGHT"], constexprs["HAS_BASE"], constexprs["COL_TILES"]
+        narrowest = min(config.kwargs["BLOCK_N"] for config in candidates)
+        split = _SplitK(splits, fused_k_per_split(inner, splits, FUSED_SPLIT_QUANTUM),
+                        splits * members * rows * (cols + rank), tiles * -(-cols // narrowest))
+    else:
+        split = None
 
-    return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu)
+    def grid(config) -> tuple[int, ...]:
+        return (tiles * -(-cols // (config.kwargs["BLOCK_N"] * column_group(config))), splits)
+
+    return LaunchPlan(tuning_key, candidates, cost, grid, constexprs, gpu), split
 
 
 def launch_fused_lora_gemm(
@@ -645,12 +834,23 @@ def launch_fused_lora_gemm(
         misaligned = tuple(0 if t is None else t.data_ptr() & 15 for t in args[:_POINTERS])
     key = (inp.get_device(), dtype, precision, pinned, sum_members, weight is None, bias is None, base is None,
            misaligned, args[_POINTERS:-2 if kernel is _SHARED else -1])
+    split = _SPLIT_K.get(key) if kernel is _STACKED else None
+    if split is not None:  # decode and small batches: the reduction split in ranges
+        kernel, run_args = _STACKED_SPLIT_K, (*args, *split.workspace(device))
+    else:
+        run_args = args
     launch = kernel.bound_launch(key)
     with launch_device(device):
         if launch is None:
-            plan = _plan(kernel, args, device, precision, sum_members, weight is not None, bias is not None,
-                         base is not None)
-            kernel.bind(key, args, plan, device, pinned)
+            plan, split = _plan(kernel if kernel is _SHARED else _STACKED, args, device, precision, sum_members,
+                                weight is not None, bias is not None, base is not None)
+            if split is not None:
+                if len(_SPLIT_K) >= MAX_BOUND_KEYS:
+                    _SPLIT_K.clear()
+                _SPLIT_K[key] = split
+                kernel, run_args = _STACKED_SPLIT_K, (*args, *split.workspace(device))
+                plan = dataclasses.replace(plan, reset=run_args[-3].zero_)  # the counts, before each timed run
+            kernel.bind(key, run_args, plan, device, pinned)
         else:
-            launch(args)
+            launch(run_args)
     return out, low

@@ -11,7 +11,9 @@
 # tile needs, one [BLOCK_M, BLOCK_R] x [BLOCK_R, BN] expand dot per member a tile holds (a config's
 # column group, COL_TILES, is the config model's to count: the rank block once for its tiles). Per-program
 # counts are averages over the T tiles (kernels/fused_lora_gemm.py's header: sum_t S_t members held,
-# sum_t ceil(S_t / RANK_SLOTS) passes).
+# sum_t ceil(S_t / RANK_SLOTS) passes). Split-K (RowTiling.k_splits = S > 1): S programs a tile, each
+# reducing k_per_split, its passes and expands included, and the fp32 sums of every range written and
+# read back once (the last program of a tile adds them up).
 # Shared-input forward: cdiv(M, BLOCK_M) row tiles, the base once with the first pass's rank block,
 # further passes for the members beyond RANK_SLOTS, one expand per member, two live accumulators.
 # Shared-input dx: the member sum of dy in the base K loop (N row-operand tiles a step), then one K
@@ -22,7 +24,7 @@
 from __future__ import annotations
 
 from .config_model import GemmLaunch
-from .launch_policy import RowTiling, stacked_row_tiles
+from .launch_policy import FUSED_SPLIT_QUANTUM, RowTiling, fused_k_per_split, stacked_row_tiles
 
 __all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
 
@@ -76,8 +78,12 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
     stacked = members * rows
     dram = (e * (stacked * inner + (inner * cols if has_weight else 0) + members * rank * (inner + cols)
                  + stacked * cols * (2 if has_base else 1)) + 4 * stacked * rank)
+    splits = tiling.k_splits
+    if splits > 1:  # each range's fp32 sums and rank blocks, written and read back
+        dram += 2 * 4 * splits * stacked * (cols + rank)
     return GemmLaunch(
-        tile_rows=tiling.block_m, row_tiles=tiles, cols=cols, inner=inner, precision=_dot_key(precision, e),
+        tile_rows=tiling.block_m, row_tiles=tiles * splits, cols=cols,
+        inner=fused_k_per_split(inner, splits, FUSED_SPLIT_QUANTUM), precision=_dot_key(precision, e),
         lhs_bytes=e, rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=tiling.rank_slots * block_r,
         rank_loops=(passes - tiles) / tiles, expands=held / tiles, expand_rank=block_r,
         expand_passes=2 if e == 2 else 1, efficiency=efficiency)

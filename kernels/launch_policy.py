@@ -1,13 +1,16 @@
 # Launch policies of the Triton kernels, in one place: the row tile of each kernel, how many members
-# one pass of the stacked kernel's rank part holds, and how the weight-gradient reduction is split
-# over rows. Pure functions of plain ints (rows, columns, members, rank, SM count), so that tests,
-# the AOT gate and csrc/cuda/launch_policy.cuh (the CUDA kernels' policies, under the same names
-# where a policy exists in both languages) can compare them without a GPU.
+# one pass of the stacked kernel's rank part holds, split-K of the stacked kernel, and how the
+# weight-gradient reduction is split over rows. Pure functions of plain ints (rows, columns, members,
+# rank, SM count), so that tests, the AOT gate and csrc/cuda/launch_policy.cuh (the CUDA kernels'
+# policies, under the same names where a policy exists in both languages) can compare them without a
+# GPU.
 #
 # Worked example, Llama-7B-class q_proj at decode (16 members x 1 row, d = k = 4096, rank 16):
 #   block_rank(16) = 16; stacked_block_rows(1, 16, 16) = 16: the 16 stacked rows are ONE row tile,
 #   so W0 is read once for all members; row_tile_members(1, 16, 16) = 16 members in that tile, and
-#   rank_slots(1, 16, 16, 16) = 8: two passes of a [16, 8 * 16] rank block.
+#   rank_slots(1, 16, 16, 16) = 8: two passes of a [16, 8 * 16] rank block. One row tile x 32 column
+#   tiles of POLICY_BLOCK_COLS leave most of 132 SMs idle: fused_k_splits(32, 4096, 64, 132) = 4
+#   ranges of 1024 (the CUDA kernels' policy, same name), 128 programs.
 # At 16 rows per member: stacked_block_rows(16, 16, 16) = 64 (4 members a tile, a [64, 64] block):
 # W0 is read 4 times instead of 16. Prefill (512 rows per member): 128-row tiles inside one member.
 # ViT-B/32 training (1600 rows per member): 128-row tiles over each member's rows on their own
@@ -16,7 +19,8 @@
 # members, 2 slots), stacked_tilings also offers the policy at each halved tile (32 rows: 2 members,
 # one pass), and the launcher runs the one of them the config model ranks cheapest among those whose
 # configs do not all spill (kernels/configs.py, kernels/config_model.py).
-"""Launch policies of the Triton kernels: row tiles, rank-part member slots, weight-gradient row splits."""
+"""Launch policies of the Triton kernels: row tiles, rank-part member slots, split-K of the stacked kernel,
+weight-gradient row splits."""
 
 from __future__ import annotations
 
@@ -34,7 +38,12 @@ __all__ = [
     "POLICY_BLOCK_COLS",
     "RANK_BLOCK_ELEMENTS",
     "RANK_BLOCK_WIDTH",
+    "FUSED_SPLIT_QUANTUM",
+    "MAX_INNER_SPLITS",
+    "MIN_INNER_PER_SPLIT",
     "block_rank",
+    "fused_k_per_split",
+    "fused_k_splits",
     "grad_row_splits",
     "grad_rows_per_split",
     "rank_passes",
@@ -49,6 +58,7 @@ __all__ = [
     "stacked_row_tiles",
     "stacked_tiling",
     "stacked_tilings",
+    "with_k_splits",
     "uses_member_tiles",
 ]
 
@@ -78,6 +88,12 @@ MEMBER_TILE_PADDING = 8
 # The column tile the policies assume when they count a kernel's programs (the autotuner picks the
 # real one; 128 is the widest tile most configs run).
 POLICY_BLOCK_COLS = 128
+# Split-K of the stacked kernel (as the CUDA kernels' kMinInnerPerSplit, kMaxInnerSplits): each range
+# reduces at least MIN_INNER_PER_SPLIT elements, at most MAX_INNER_SPLITS ranges, each a multiple of
+# FUSED_SPLIT_QUANTUM (the largest BLOCK_K of the candidates, so whole K steps under any config).
+MIN_INNER_PER_SPLIT = 128
+MAX_INNER_SPLITS = 16
+FUSED_SPLIT_QUANTUM = 64
 
 
 def _next_power_of_2(n: int) -> int:
@@ -188,6 +204,32 @@ def shared_rank_slots(block_m: int, block_r: int, members: int) -> int:
     return min(_next_power_of_2(members), _most_slots(block_m, block_r))
 
 
+def fused_k_splits(programs: int, inner: int, block_k: int, sm_count: int) -> int:
+    """Split-K of a fused launch (the CUDA kernels' policy of the same name): 1 while its ``programs``
+    fill half the ``sm_count`` SMs or more; else as many ranges of the reduction as keep the programs
+    within one wave, each at least :data:`MIN_INNER_PER_SPLIT` long and whole ``block_k`` steps. The
+    ranges are summed in order by the last program of each tile: deterministic."""
+    splits = min(sm_count // max(programs, 1), inner // MIN_INNER_PER_SPLIT, MAX_INNER_SPLITS)
+    if splits <= 1:
+        return 1
+    return _cdiv(inner, fused_k_per_split(inner, splits, block_k))
+
+
+def fused_k_per_split(inner: int, splits: int, block_k: int) -> int:
+    """Length of each range of a split-K over ``inner`` (a multiple of ``block_k``; the last may be
+    shorter, none is empty)."""
+    return inner if splits <= 1 else _cdiv(_cdiv(inner, splits), block_k) * block_k
+
+
+def with_k_splits(tiling: RowTiling, rows_per_member: int, members: int, inner: int, cols: int,
+                  sm_count: int) -> RowTiling:
+    """``tiling`` with the stacked kernel's split-K (:func:`fused_k_splits` of its row tiles x
+    ``POLICY_BLOCK_COLS`` column tiles, in :data:`FUSED_SPLIT_QUANTUM` steps): decode and small batches,
+    whose output tiles leave SMs idle, split the reduction instead (the kernel with a weight only)."""
+    programs = stacked_row_tiles(rows_per_member, members, tiling) * _cdiv(cols, POLICY_BLOCK_COLS)
+    return tiling._replace(k_splits=fused_k_splits(programs, inner, FUSED_SPLIT_QUANTUM, sm_count))
+
+
 def grad_row_splits(rows: int, programs_per_split: int, sm_count: int, deterministic: bool) -> int:
     """How many row ranges the weight-gradient reduction is split into: 1 (deterministic) unless the
     (member, column tile) programs alone leave SMs idle (fewer than two per SM) and every range keeps
@@ -206,12 +248,14 @@ def grad_rows_per_split(rows: int, splits: int) -> int:
 class RowTiling(NamedTuple):
     """The row tile of a fused kernel and its rank part: ``rank_slots`` members a pass, whether some
     tile needs more than one pass (``multi_pass``: the kernel compiles the pass loop), and whether the
-    stacked kernel tiles each member's rows on their own (``member_tiles``, :func:`uses_member_tiles`)."""
+    stacked kernel tiles each member's rows on their own (``member_tiles``, :func:`uses_member_tiles`),
+    and into how many ranges the stacked kernel splits its reduction (``k_splits``, :func:`with_k_splits`)."""
 
     block_m: int
     rank_slots: int
     multi_pass: bool
     member_tiles: bool = False
+    k_splits: int = 1
 
 
 def _stacked_tiling_at(rows_per_member: int, members: int, block_r: int, block_m: int) -> RowTiling:

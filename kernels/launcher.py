@@ -45,14 +45,14 @@ from lora_ensemble.triton_hash import wait_for_hash
 
 from .config_model import GemmLaunch, best_configs
 
-__all__ = ["MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
+__all__ = ["MAX_BOUND_KEYS", "MAX_TIMED_CONFIGS", "LaunchPlan", "TunedKernel"]
 
 # The most candidates compiled and timed for one tuning key (the cost model picks them).
 MAX_TIMED_CONFIGS = 3
 # Timing of one candidate (triton.testing.do_bench, ms): short, as each new key waits for it.
 _BENCH_WARMUP_MS, _BENCH_REP_MS = 5, 25
 # Launch keys kept per kernel before the table starts over (every distinct row count is a key).
-_MAX_BOUND = 4096
+MAX_BOUND_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class TunedKernel:
         if plan.reset is not None:
             plan.reset()
         kernel = self.fn[grid](*args, **constexprs)
-        if len(self.bound) >= _MAX_BOUND:
+        if len(self.bound) >= MAX_BOUND_KEYS:
             self.bound.clear()
         if hasattr(kernel, "packed_metadata"):
             names = self.fn.arg_names[len(args):]

@@ -187,11 +187,12 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
 
     def fused(inner: int, cols: int, sum_members: bool | None, has_base: bool) -> float:
         shared = sum_members is not None
-        _, kept, launch = fused_tiling(
+        tiling, kept, launch = fused_tiling(
             list(configs.SHARED_INPUT_GPU_CONFIGS if shared else configs.FUSED_LORA_GEMM_GPU_CONFIGS), shared, m, n,
             inner, cols, r, shape.dtype, precision, gpu, gpu.sm_count, sum_members=bool(sum_members),
             has_weight=weight, has_base=has_base)
-        return _best(kept, launch, gpu)
+        # Split-K: the tiles' arrival counts zeroed by a launch of its own before the kernel.
+        return _best(kept, launch, gpu) + (_pass(0, gpu) if tiling.k_splits > 1 else 0.0)
 
     seconds = fused(d, k, False if shape.shared else None, shape.op == "delta")
     launches = 1
@@ -248,7 +249,7 @@ def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
     inputs, exact fp32 FMAs for fp32) and its split-K, and the weight-gradient launch (128-column,
     32-row tiles)."""
     from .kernels import launch_costs
-    from .kernels.config_model import KERNEL_OVERHEAD_S, GemmLaunch, config_cost
+    from .kernels.config_model import GemmLaunch, config_cost
     from .kernels.launch_policy import RowTiling, block_rank, grad_row_splits
 
     n, m, d, k, r = shape.members, shape.rows, shape.d, shape.k, shape.rank
@@ -285,8 +286,8 @@ def _cuda(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
             rank_tile=round(pairs * rank_pad * 16 / block_rows), lhs_loads=n if (shape.shared and dx) else 1,
             expands=held, expand_rank=rank_pad, expand_passes=2 if e == 2 else 1, efficiency=efficiency)
         seconds = config_cost(tile, launch, gpu).seconds
-        if splits > 1:  # the fp32 partials of every range, written and summed by the last CTA of a tile
-            seconds += _pass(2 * 4 * splits * out_rows * cols, gpu) - KERNEL_OVERHEAD_S
+        if splits > 1:  # the fp32 partials of every range, written and summed by the last CTA of a tile, and
+            seconds += _pass(2 * 4 * splits * out_rows * cols, gpu)  # the arrival counts zeroed before (a launch)
         return seconds
 
     seconds = fused(d, k, False)

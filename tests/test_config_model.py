@@ -84,6 +84,25 @@ def test_reading_w0_once_per_member_is_l2_bound_and_n_times_slower_at_decode():
     assert a.seconds > 4 * b.seconds
 
 
+def test_split_k_fills_the_sms_at_decode_and_is_not_used_where_tiles_fill_them():
+    """Llama-7B q_proj at decode: one 16-row tile x 32 column tiles leave 100 of 132 SMs idle; the
+    policy splits K in 4 ranges (128 programs), which the launch model prices as 4x the programs over a
+    quarter of K each, plus every range's fp32 sums written and read back: faster, W0 still read once.
+    At 16 rows a member (4 tiles x 32 = 128 programs) nothing is split."""
+    from lora_ensemble.kernels.launch_costs import stacked_launch
+    from lora_ensemble.kernels.launch_policy import with_k_splits
+
+    tiling = stacked_tiling(1, 16, 16)
+    split = with_k_splits(tiling, 1, 16, 4096, 4096, H100_SXM.sm_count)
+    assert (tiling.k_splits, split.k_splits) == (1, 4)
+    whole, quarters = (stacked_launch(16, 1, 4096, 4096, 16, 16, t, "tf32", 2) for t in (tiling, split))
+    assert (quarters.row_tiles, quarters.inner) == (4 * whole.row_tiles, 1024)
+    assert quarters.dram_bytes - whole.dram_bytes == 2 * 4 * 4 * 16 * (4096 + 16)
+    c = cfg(8, 3, 128, 64)
+    assert config_cost(c, quarters, H100_SXM).seconds < 0.8 * config_cost(c, whole, H100_SXM).seconds
+    assert with_k_splits(stacked_tiling(16, 16, 16), 16, 16, 4096, 4096, H100_SXM.sm_count).k_splits == 1
+
+
 def test_stages_hide_latency_where_it_bounds():
     launch = fused_launch(16, 1, 4096, 4096, 16, block_m=16, row_tiles=1)  # 32 programs: latency-bound
     two, four = config_cost(cfg(4, 2, 128, 32), launch, H100_SXM), config_cost(cfg(4, 4, 128, 32), launch, H100_SXM)

@@ -35,11 +35,11 @@ from lora_ensemble.kernels.configs import (
     fused_lora_gemm_configs,
     shared_input_configs,
 )
-from lora_ensemble.kernels.fused_lora_gemm import fused_tiling, launch_fused_lora_gemm
+from lora_ensemble.kernels.fused_lora_gemm import launch_fused_lora_gemm
 from lora_ensemble.kernels.gpu_specs import gpu_spec
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 
-from .utils import only_stacked_configs
+from .utils import only_stacked_configs, split_k_into
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="counts the loads of Triton's CPU interpreter")
@@ -48,17 +48,18 @@ BLOCK_N = INTERPRETER_FUSED_LORA_GEMM_CONFIG.kwargs["BLOCK_N"]
 
 
 @contextlib.contextmanager
-def counted_loads(operands: dict[str, torch.Tensor]):
+def counted_loads(operands: dict[str, torch.Tensor], workspace: dict[str, torch.Tensor] | None = None):
     """Count, per named operand, the distinct elements each interpreted ``tl.load`` reads from its
-    storage (summed over the loads of the block). Yields the Counter; a load from no named operand
+    storage (summed over the loads of the block), and from the tensors ``workspace`` holds when the load
+    runs (a launcher's own, added during the launch). Yields the Counter; a load from no named operand
     fails."""
-    spans = {name: (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-             for name, t in operands.items()}
     counts: Counter[str] = Counter()
     original = interpreter.InterpreterBuilder.create_masked_load
 
     def counting_load(self, ptrs, mask, *args, **kwargs):
         addresses = np.unique(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+        spans = {name: (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                 for name, t in {**operands, **(workspace or {})}.items()}
         for name, (begin, end) in spans.items():  # an element's first byte address counts it once
             inside = (addresses >= begin) & (addresses < end)
             counts[name] += int(inside.sum())
@@ -73,9 +74,10 @@ def counted_loads(operands: dict[str, torch.Tensor]):
         interpreter.InterpreterBuilder.create_masked_load = original
 
 
-def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool):
+def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool, workspace: dict | None = None):
     """One launch of the forward (``role="forward"``) or dx kernel on random fp32 operands; returns
-    the counts by kernel role (weight, in, shrink, expand) and the tiling it ran with."""
+    the counts by kernel role (weight, in, shrink, expand; and the split-K kernel's ``workspace``,
+    filled by the launch: a dict whose tensors count under their names) and the tiling it ran with."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(k, d, generator=g)
     lora_a, lora_b = torch.randn(n, r, d, generator=g), torch.randn(n, k, r, generator=g)
@@ -91,9 +93,10 @@ def run_counted(n: int, m: int, d: int, k: int, r: int, role: str, shared: bool)
         call = (inp, weight, lora_b, lora_a, None, 0.5)
         inner, cols, sum_members = k, d, shared
     configs = shared_input_configs() if shared else fused_lora_gemm_configs()  # the interpreter's one
-    tiling, _, _ = fused_tiling(configs, shared, m, n, inner, cols, r, torch.float32, dot_precision(torch.float32),
-                                gpu_spec(torch.device("cpu")), 0, sum_members=sum_members)
-    with counted_loads(operands) as counts:
+    tiling, _, _ = fused_lora_gemm.fused_tiling(configs, shared, m, n, inner, cols, r, torch.float32,
+                                                dot_precision(torch.float32), gpu_spec(torch.device("cpu")), 0,
+                                                sum_members=sum_members)
+    with counted_loads(operands, workspace) as counts:
         launch_fused_lora_gemm(*call, sum_members=sum_members)
     return counts, tiling, inner, cols
 
@@ -166,6 +169,39 @@ def test_decode_reads_w0_once_for_all_members(n, m, role):
     shrink, expand = (n * 8 * d, n * k * 8) if role == "forward" else (n * k * 8, n * 8 * d)
     col_tiles = -(-(k if role == "forward" else d) // BLOCK_N)
     assert counts["shrink"] == col_tiles * shrink and counts["expand"] == expand
+
+
+@pytest.mark.parametrize("role", ["forward", "dx"])
+@pytest.mark.parametrize("shape", [(16, 1, 256, 200, 8), (4, 3, 200, 130, 16), (2, 70, 130, 140, 3)],
+                         ids=["decode", "tiles straddling members", "member tiles"])
+def test_split_k_reads_w0_once_per_row_tile(shape, role, monkeypatch):
+    """Split-K (3 ranges where the reduction is long enough): W0, in and shrink read as without, each
+    range its part of them; the expand once per range; and the tiles' last programs read back every
+    range's fp32 sums and rank blocks (nothing else: the workspace is the only other operand)."""
+    split_k_into(monkeypatch, 3)
+    workspace = {}
+    make_workspace = fused_lora_gemm._SplitK.workspace
+
+    def registered(split, device):
+        partial, arrivals, per_split, splits = make_workspace(split, device)
+        workspace.update(partial=partial, arrivals=arrivals)
+        return partial, arrivals, per_split, splits
+
+    monkeypatch.setattr(fused_lora_gemm._SplitK, "workspace", registered)
+    n, m, d, k, r = shape
+    counts, tiling, inner, cols = run_counted(n, m, d, k, r, role, shared=False, workspace=workspace)
+    (split,) = fused_lora_gemm._SPLIT_K.values()
+    splits = split.splits
+    assert tiling.k_splits == splits > 1
+    model = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots,
+                                 member_tiles=tiling.member_tiles, k_splits=splits)
+    unsplit = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, BLOCK_N, tiling.rank_slots,
+                                   member_tiles=tiling.member_tiles)
+    assert {name: counts[name] for name in model} == model
+    assert model["partial"] == splits * n * m * (cols + r) and model["expand"] == splits * unsplit["expand"]
+    assert all(model[name] == unsplit[name] for name in ("weight", "in", "shrink"))
+    budget = traffic_budget(n, m, inner, cols, r, tiling.block_m, BLOCK_N, member_tiles=tiling.member_tiles)
+    assert counts["weight"] <= budget["weight"]
 
 
 def test_shared_input_reads_w0_once_per_row_tile_for_all_members():

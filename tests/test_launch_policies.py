@@ -74,6 +74,24 @@ def test_shared_input_row_tiles_agree_where_both_have_the_tile(cuda_policy, trit
                     assert cuda == 16 and triton > 16, (rows, cols, sms)
 
 
+def test_split_k_of_the_fused_kernels_agrees(cuda_policy, triton_policy):
+    """Both split a fused launch's reduction the same way given the same programs and K step: none
+    while the programs fill half the SMs, else as many ranges as keep them within one wave. (Each
+    counts its programs with its own row tiles; the column tile is 128 in both.)"""
+    assert triton_policy.POLICY_BLOCK_COLS == 128
+    for sms in SM_COUNTS:
+        for programs in (1, 2, 7, 16, 32, 33, 66, 67, 132, 300):
+            for inner in (1, 100, 127, 128, 255, 256, 768, 1000, 4096, 14336):
+                for block_k in (16, 32, 64):
+                    want = triton_policy.fused_k_splits(programs, inner, block_k, sms)
+                    assert cuda_policy.emu_fused_k_splits(programs, inner, block_k, sms) == want, (
+                        programs, inner, block_k, sms)
+                    per_split = triton_policy.fused_k_per_split(inner, want, block_k)
+                    assert want == 1 or (per_split % block_k == 0 and -(-inner // per_split) == want
+                                         and (want - 1) * per_split < inner), (programs, inner, block_k, sms)
+    assert triton_policy.fused_k_splits(32, 4096, 64, 132) == 4  # Llama q_proj decode: 4 ranges of 1024
+
+
 def test_weight_gradient_row_splits_agree(cuda_policy, triton_policy):
     for sms in SM_COUNTS:
         for deterministic in (False, True):

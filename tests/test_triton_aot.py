@@ -128,6 +128,25 @@ def test_a_stopped_compile_leaves_no_worker(tmp_path):
     assert not running, "processes of the stopped compile still running:\n" + "\n".join(running)
 
 
+def test_a_next_round_compiles_only_the_cases_earlier_runs_did_not(tmp_path):
+    """``--skip-measured``: the kernels earlier ``--json`` runs compiled are left out (after the record
+    is written from them, the gate's new cases are all that is left to compile)."""
+    only = "forward_split_k-bf16-R16-M16-S8+-aligned"
+    cases = [(arch, c) for arch in aot.ARCHS for c in aot.aot_cases(arch) if only in f"{c.label()} {c.config_text()}"]
+    assert len(cases) >= 2
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"triton": triton.__version__, "cases": len(cases) - 1, "timed_out": False,
+                                   "reports": [{"arch": arch, "case": c.label(), "config": c.config_text()}
+                                               for arch, c in cases[1:]]}))
+    out = tmp_path / "next.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "lora_ensemble.kernels.aot", "--json", str(out), "--only", only,
+                           "--skip-measured", str(earlier)], env=env, capture_output=True, text=True, timeout=600)
+    (report,) = json.loads(out.read_text())["reports"]
+    arch, case = cases[0]
+    assert (report["arch"], report["case"], report["config"]) == (arch, case.label(), case.config_text()), done.stdout
+
+
 def _report(arch: int, key: tuple, spills: int) -> dict:
     return {"arch": arch, "spill_key": list(key), "spill_stores": spills, "spill_loads": spills}
 
@@ -182,6 +201,24 @@ def test_a_small_spill_outside_loops_is_not_recorded(tmp_path):
     scope = {}
     exec(record.read_text(), scope)
     assert scope["SPILLING_CONFIGS"] == {in_loop, too_big, legacy, twin}
+
+
+def test_the_spills_of_a_called_function_count_and_are_costly():
+    """A kernel calling a device function (not inlined: the split-K kernel's end): ``ptxas -v`` reports
+    each function's spills on its own line; both count, and a spilling callee (whose local memory the
+    disassembly of the kernel does not place) makes the spill costly whatever its size."""
+    log = """ptxas info    : Compiling entry function 'k' for 'sm_90'
+ptxas info    : Function properties for k
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size, 536 bytes cmem[0]
+ptxas info    : Function properties for callee
+    0 bytes stack frame, %d bytes spill stores, %d bytes spill loads
+"""
+    assert aot._ptxas_usage(log % (0, 0)) == (255, 8, 12, False)
+    assert aot._ptxas_usage(log % (4, 4)) == (255, 12, 16, True)
+    report = {"spill_stores": 12, "spill_loads": 16, "spill_sites": {"outside loops": 3}}
+    assert not aot.costly_spill(report)
+    assert aot.costly_spill({**report, "spill_sites": {"outside loops": 3, aot.CALLED_FUNCTION: 1}})
 
 
 def test_the_ptx_digest_ignores_debug_information_and_nothing_else():

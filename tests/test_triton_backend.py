@@ -23,7 +23,14 @@ from lora_ensemble.kernels.launch_policy import block_rank
 from lora_ensemble.kernels.lora_grads import launch_lora_grads
 from lora_ensemble.reference import lora_ensemble_reference
 
-from .utils import TOLERANCES, assert_close_named, check_against_reference, make_inputs, only_stacked_configs
+from .utils import (
+    TOLERANCES,
+    assert_close_named,
+    check_against_reference,
+    make_inputs,
+    only_stacked_configs,
+    split_k_into,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -189,6 +196,80 @@ def test_column_groups_of_the_delta_kernels_match_float64(shape, role, monkeypat
     assert tuning.config is grouped
     assert_close_named("low", low, want_low, torch.float32, tolerance(torch.float32))
     assert_close_named("out", out, want, torch.float32, tolerance(torch.float32))
+
+
+# Split-K (decode and small batches on a GPU whose SMs the output tiles leave idle): (N, rows per
+# member, d, k, r, dtype, options). d and k >= 128 so both the forward and dx split.
+SPLIT_K_CASES = [
+    (16, 1, 300, 200, 8, torch.float32, ()),  # decode: one 16-row tile, 2 passes of 8; ranges 128, 128, 44
+    (16, 1, 300, 200, 8, torch.float16, ("nobias",)),
+    (4, 3, 130, 257, 1, torch.float32, ("noncontig",)),  # rank 1, a tile straddling members, a short last range
+    (3, 1, 140, 150, 128, torch.float16, ()),  # rank tile 128: one member a pass, 3 passes
+    (2, 70, 192, 140, 5, torch.float32, ()),  # member tiles (64 rows, the second padded)
+    (1, 1, 256, 129, 3, torch.float32, ((1, 1),)),  # N = 1, one row, 3-D input
+]
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", SPLIT_K_CASES, ids=[case_id((*c[:6], False, c[6])) for c in SPLIT_K_CASES])
+def test_split_k_matches_reference(case, splits, monkeypatch):
+    """The stacked kernel with its reduction split in ranges (the split-K kernel: every range's sums
+    and rank blocks added up in range order by the tile's last program): forward, dx and the weight
+    gradients against float64; the launches ran split."""
+    split_k_into(monkeypatch, splits)
+    n, m, d, k, r, dtype, options = case
+    check_against_reference(inputs_for((n, m, d, k, r, dtype, False, options)), "triton", tolerance(dtype))
+    split_keys = [key for (_, key, _) in fused_lora_gemm._STACKED_SPLIT_K.tunings]
+    assert len(split_keys) == 2 and not fused_lora_gemm._STACKED.tunings, split_keys  # forward and dx
+    assert all(int(re.search(r" K\d+/(\d+) ", key).group(1)) >= 2 for key in split_keys), split_keys
+
+
+def test_split_k_is_deterministic_and_near_the_unsplit_result(monkeypatch):
+    """The ranges are added in order whatever order their programs finish in: the same bits on every
+    call; and within fp32 rounding of the kernel that does not split."""
+    inp = inputs_for((16, 1, 300, 200, 8, torch.float32, False, ()))
+    args = (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    whole = fused_lora_ensemble_linear(*args, backend="triton")
+    split_k_into(monkeypatch, 3)
+    first = fused_lora_ensemble_linear(*args, backend="triton")
+    assert fused_lora_gemm._STACKED_SPLIT_K.tunings
+    assert torch.equal(first, fused_lora_ensemble_linear(*args, backend="triton"))
+    torch.testing.assert_close(first, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_split_k_on_the_gpu_matches_reference_and_repeats_bitwise(dtype, monkeypatch):
+    """Llama-7B-class q_proj at decode (16 members x 1 row, 4096 -> 4096, rank 16): one 16-row tile
+    whose 32 column tiles leave most SMs idle, so the policy splits K (4 ranges on an H100); forward,
+    dx and the weight gradients against float64, the same bits on every call (the ranges are added in
+    order by each tile's last program, whichever range finishes last), and in a CUDA graph's replays
+    (the arrival counts zeroed by a node of the graph), as decode runs under
+    ``torch.compile(mode="reduce-overhead")``."""
+    monkeypatch.setattr(fused_lora_gemm, "_SPLIT_K", {})
+    # the policy's split tiling, not the one the cost model may prefer (with today's spill record it ranks
+    # the unsplit kernel first at decode: the split kernel's 128 x 64 config spills under triton 3.8)
+    monkeypatch.setattr(fused_lora_gemm, "cheapest_tiling", lambda options, launch_of, gpu: options[0])
+    for kernel in (fused_lora_gemm._STACKED, fused_lora_gemm._STACKED_SPLIT_K):
+        monkeypatch.setattr(kernel, "bound", {})
+        monkeypatch.setattr(kernel, "tunings", {})
+    inp = make_inputs(16, 1, 4096, 4096, 16, dtype=dtype, device=DEVICE)
+    check_against_reference(inp, "triton", tolerance(dtype))
+    if torch.cuda.get_device_properties(DEVICE).multi_processor_count >= 2 * 32:  # 32 column tiles of 128
+        assert fused_lora_gemm._STACKED_SPLIT_K.tunings, "the decode launch did not split K"
+    args = (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+    first = fused_lora_ensemble_linear(*args, backend="triton")
+    for _ in range(20):
+        assert torch.equal(fused_lora_ensemble_linear(*args, backend="triton"), first)
+    x_static = inp.x.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out_static = fused_lora_ensemble_linear(x_static, *args[1:], backend="triton")
+    for _ in range(2):
+        x_static.copy_(torch.randn_like(x_static))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_static, fused_lora_ensemble_linear(x_static, *args[1:], backend="triton"))
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])

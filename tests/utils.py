@@ -134,6 +134,22 @@ def only_stacked_configs(monkeypatch, configs: list) -> None:
     monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
 
 
+def split_k_into(monkeypatch, splits: int) -> None:
+    """Make the stacked launches split K in ``splits`` ranges where the reduction is long enough (the
+    policy with 64-element ranges allowed, on a GPU of ``splits`` SMs running one program a tile; the
+    split tiling taken, not the one the cost model may prefer), with launch tables of their own."""
+    from lora_ensemble.kernels import fused_lora_gemm, launch_policy
+
+    monkeypatch.setattr(launch_policy, "MIN_INNER_PER_SPLIT", 64)
+    monkeypatch.setattr(fused_lora_gemm, "with_k_splits", lambda tiling, rows, members, inner, cols, sm_count: (
+        tiling._replace(k_splits=launch_policy.fused_k_splits(1, inner, launch_policy.FUSED_SPLIT_QUANTUM, splits))))
+    monkeypatch.setattr(fused_lora_gemm, "cheapest_tiling", lambda options, launch_of, gpu: options[0])
+    monkeypatch.setattr(fused_lora_gemm, "_SPLIT_K", {})
+    for kernel in (fused_lora_gemm._STACKED, fused_lora_gemm._STACKED_SPLIT_K):
+        monkeypatch.setattr(kernel, "bound", {})
+        monkeypatch.setattr(kernel, "tunings", {})
+
+
 def cpu_is_the_readmes(section: str) -> bool:
     """Whether this machine's CPU is of the vendor a README section names its table was made on ("an AMD
     EPYC CPU", "an Intel Xeon CPU"): the LoRA fine-tunes of the demos amplify the last-bit differences

@@ -4,9 +4,10 @@
 // GPU's SM count (no CUDA types), so that make_params.cuh, the host emulation and the test that ties
 // them to the Triton policies (kernels/launch_policy.py; tests/test_launch_policies.py) all call
 // these. Where a policy exists in both languages it has the same name: block_rank,
-// row_tile_members, stacked_block_rows, shared_block_rows, grad_row_splits, grad_rows_per_split;
-// where the kernels differ (the CUDA kernels have 16- and 64-row tiles and split-K, the Triton ones
-// power-of-two tiles up to 128 and extra rank passes) the policies do too, as their comments say.
+// row_tile_members, stacked_block_rows, shared_block_rows, fused_k_splits, grad_row_splits,
+// grad_rows_per_split; where the kernels differ (the CUDA kernels have 16- and 64-row tiles and
+// split-K in the shared-input kernels too, the Triton ones power-of-two tiles up to 128 and extra rank
+// passes) the policies do too, as their comments say.
 //
 // Worked example, Llama-7B q_proj at decode (16 members x 1 row, d = k = 4096, r = 16, 132 SMs):
 // block_rank(16) = 16; row_tile_members(1, 64, 16) = 16 members would share a 64-row tile, more than
@@ -98,7 +99,8 @@ constexpr int shared_member_groups(int64_t tiles, int64_t passes, int multiproce
 // the SMs or more; else as many ranges of the reduction as keep the CTAs within one wave (the fused
 // kernels run one CTA per SM: a second, partial wave would take as long as the first), each at least
 // kMinInnerPerSplit long. The ranges are summed in order by the last CTA of each tile: deterministic,
-// so also under torch.use_deterministic_algorithms. (Triton: none.)
+// so also under torch.use_deterministic_algorithms. (Triton: the same function for its stacked kernel,
+// counting 128-wide column tiles and 64-element K steps: kernels/launch_policy.py, with_k_splits.)
 constexpr int fused_k_splits(int64_t programs, int64_t inner, int block_k, int multiprocessors) {
   const int64_t wanted = multiprocessors / std::max<int64_t>(programs, 1);
   const int64_t splits = std::min<int64_t>({wanted, inner / kMinInnerPerSplit, kMaxInnerSplits});
