@@ -875,7 +875,8 @@ def test_delta_kernels_are_pruned_by_spills_of_their_own():
     for kernel in (fused_lora_gemm._fused_lora_gemm_kernel, fused_lora_gemm._fused_lora_gemm_shared_kernel):
         assert "HAS_WEIGHT" in kernel.arg_names
     kinds = {key[1] for key in SPILLING_CONFIGS}
-    assert kinds <= {"stacked", "shared", "stacked_delta", "shared_delta", "lora_grads"}, kinds
+    assert kinds <= {"stacked", "shared", "stacked_delta", "shared_delta", "stacked_split", "lora_grads"}, kinds
+    assert aot.ROLE_KERNEL["forward_split_k"] == aot.ROLE_KERNEL["backward_dx_split_k"] == "stacked_split"
     assert aot.ROLE_KERNEL["forward_shared_delta"] == "shared_delta"
     assert aot.ROLE_KERNEL["backward_dx_delta"] == "stacked_delta"
     assert aot.ROLE_KERNEL["backward_dx_shared"] == "shared"
