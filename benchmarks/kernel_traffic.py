@@ -242,14 +242,13 @@ def _stacked_work(members: int, rows: int, inner: int, cols: int, block_r: int, 
     return flops
 
 
-def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, columns: tuple[int, int], e: int,
-                    model: DeviceModel) -> Launch:
-    """The stacked forward (in = x) or dx (in = dy) kernel with ``columns`` = (column tile, column
-    group): loads by :func:`fused_kernel_traffic`, writes out and the fp32 rank product; with the
-    tiling's split-K also every range's fp32 sums and rank blocks, written and read back (L2)."""
+def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, tiling: RowTiling,
+                    columns: tuple[int, int], e: int, model: DeviceModel) -> Launch:
+    """The stacked forward (in = x) or dx (in = dy) kernel under ``tiling`` with ``columns`` = (column
+    tile, column group): loads by :func:`fused_kernel_traffic`, writes out and the fp32 rank product; with
+    the tiling's split-K also every range's fp32 sums and rank blocks, written and read back (L2)."""
     block_r = block_rank(r)
     block_n, col_group = columns
-    tiling = h100_stacked_tiling(n, m, inner, cols, r)[0]
     splits = tiling.k_splits
     loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
                                  member_tiles=tiling.member_tiles, col_group=col_group, k_splits=splits)
@@ -290,9 +289,11 @@ def fused_launches(n: int, m: int, d: int, k: int, r: int, mode: str, columns: t
     a launch that splits K, the zeroing of its tiles' arrival counts (a launch of its own)."""
     launches = []
     for name, inner, cols in (("forward", d, k), ("dx", k, d))[:2 if mode == "fwd_bwd" else 1]:
-        if h100_stacked_tiling(n, m, inner, cols, r)[0].k_splits > 1:
-            launches.append(_small(f"{name} arrival counts", 4 * n * m))
-        launches.append(_stacked_launch(name, n, m, inner, cols, r, columns, e, model))
+        tiling = h100_stacked_tiling(n, m, inner, cols, r)[0]
+        if tiling.k_splits > 1:  # one int32 count per program of the split's grid axis 0
+            programs = stacked_row_tiles(m, n, tiling) * _column_groups(cols, columns[0], columns[1])[0]
+            launches.append(_small(f"{name} arrival counts", 4 * programs))
+        launches.append(_stacked_launch(name, n, m, inner, cols, r, tiling, columns, e, model))
     if mode == "fwd_bwd":
         launches += _lora_grads_launches(n, m, d, k, r, e, model)
     return launches

@@ -112,11 +112,10 @@ from .dot import dot_fp32_lhs, split16
 from .gpu_specs import GpuSpec, gpu_spec
 from .launch_costs import shared_launch, stacked_launch
 from .launch_policy import (
-    FUSED_SPLIT_QUANTUM,
     RowTiling,
     block_rank,
-    fused_k_per_split,
     shared_tilings,
+    stacked_k_per_split,
     stacked_row_tiles,
     stacked_tilings,
     with_k_splits,
@@ -728,7 +727,7 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     if splits > 1:
         del constexprs["HAS_WEIGHT"], constexprs["HAS_BASE"], constexprs["COL_TILES"]
         narrowest = min(config.kwargs["BLOCK_N"] for config in candidates)
-        split = _SplitK(splits, fused_k_per_split(inner, splits, FUSED_SPLIT_QUANTUM),
+        split = _SplitK(splits, stacked_k_per_split(inner, tiling),
                         splits * members * rows * (cols + rank), tiles * -(-cols // narrowest))
     else:
         split = None

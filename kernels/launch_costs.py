@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 from .config_model import GemmLaunch
-from .launch_policy import FUSED_SPLIT_QUANTUM, RowTiling, fused_k_per_split, stacked_row_tiles
+from .launch_policy import RowTiling, stacked_k_per_split, stacked_row_tiles
 
 __all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
 
@@ -83,7 +83,7 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
         dram += 2 * 4 * splits * stacked * (cols + rank)
     return GemmLaunch(
         tile_rows=tiling.block_m, row_tiles=tiles * splits, cols=cols,
-        inner=fused_k_per_split(inner, splits, FUSED_SPLIT_QUANTUM), precision=_dot_key(precision, e),
+        inner=stacked_k_per_split(inner, tiling), precision=_dot_key(precision, e),
         lhs_bytes=e, rhs_bytes=e, dram_bytes=dram, column_operand=has_weight, rank_tile=tiling.rank_slots * block_r,
         rank_loops=(passes - tiles) / tiles, expands=held / tiles, expand_rank=block_r,
         expand_passes=2 if e == 2 else 1, efficiency=efficiency)

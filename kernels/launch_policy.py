@@ -55,6 +55,7 @@ __all__ = [
     "shared_tiling",
     "shared_tilings",
     "stacked_block_rows",
+    "stacked_k_per_split",
     "stacked_row_tiles",
     "stacked_tiling",
     "stacked_tilings",
@@ -219,6 +220,11 @@ def fused_k_per_split(inner: int, splits: int, block_k: int) -> int:
     """Length of each range of a split-K over ``inner`` (a multiple of ``block_k``; the last may be
     shorter, none is empty)."""
     return inner if splits <= 1 else _cdiv(_cdiv(inner, splits), block_k) * block_k
+
+
+def stacked_k_per_split(inner: int, tiling: RowTiling) -> int:
+    """Length of each range of the stacked kernel's split-K under ``tiling`` (:func:`with_k_splits`)."""
+    return fused_k_per_split(inner, tiling.k_splits, FUSED_SPLIT_QUANTUM)
 
 
 def with_k_splits(tiling: RowTiling, rows_per_member: int, members: int, inner: int, cols: int,

@@ -30,6 +30,7 @@ from .utils import (
     make_inputs,
     only_stacked_configs,
     split_k_into,
+    take_the_split_tiling,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,13 +247,9 @@ def test_split_k_on_the_gpu_matches_reference_and_repeats_bitwise(dtype, monkeyp
     order by each tile's last program, whichever range finishes last), and in a CUDA graph's replays
     (the arrival counts zeroed by a node of the graph), as decode runs under
     ``torch.compile(mode="reduce-overhead")``."""
-    monkeypatch.setattr(fused_lora_gemm, "_SPLIT_K", {})
     # the policy's split tiling, not the one the cost model may prefer (with today's spill record it ranks
     # the unsplit kernel first at decode: the split kernel's 128 x 64 config spills under triton 3.8)
-    monkeypatch.setattr(fused_lora_gemm, "cheapest_tiling", lambda options, launch_of, gpu: options[0])
-    for kernel in (fused_lora_gemm._STACKED, fused_lora_gemm._STACKED_SPLIT_K):
-        monkeypatch.setattr(kernel, "bound", {})
-        monkeypatch.setattr(kernel, "tunings", {})
+    take_the_split_tiling(monkeypatch)
     inp = make_inputs(16, 1, 4096, 4096, 16, dtype=dtype, device=DEVICE)
     check_against_reference(inp, "triton", tolerance(dtype))
     if torch.cuda.get_device_properties(DEVICE).multi_processor_count >= 2 * 32:  # 32 column tiles of 128

@@ -143,6 +143,14 @@ def split_k_into(monkeypatch, splits: int) -> None:
     monkeypatch.setattr(launch_policy, "MIN_INNER_PER_SPLIT", 64)
     monkeypatch.setattr(fused_lora_gemm, "with_k_splits", lambda tiling, rows, members, inner, cols, sm_count: (
         tiling._replace(k_splits=launch_policy.fused_k_splits(1, inner, launch_policy.FUSED_SPLIT_QUANTUM, splits))))
+    take_the_split_tiling(monkeypatch)
+
+
+def take_the_split_tiling(monkeypatch) -> None:
+    """Make the stacked launches take the launch policy's split tiling where it splits K (the first on
+    offer), not the one the cost model may prefer, with launch tables of their own."""
+    from lora_ensemble.kernels import fused_lora_gemm
+
     monkeypatch.setattr(fused_lora_gemm, "cheapest_tiling", lambda options, launch_of, gpu: options[0])
     monkeypatch.setattr(fused_lora_gemm, "_SPLIT_K", {})
     for kernel in (fused_lora_gemm._STACKED, fused_lora_gemm._STACKED_SPLIT_K):
