@@ -24,6 +24,7 @@ import torch
 from lora_ensemble.kernels.configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
+    FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS,
     column_group,
 )
 from lora_ensemble.kernels.fused_lora_gemm import fused_tiling
@@ -189,7 +190,8 @@ def h100_stacked_tiling(n: int, m: int, inner: int, cols: int, r: int) -> tuple[
     16): ``fused_lora_gemm.fused_tiling``, of the launch policy's tilings whose configs do not all
     spill, the one the config model ranks cheapest."""
     tiling, configs, _ = fused_tiling(list(FUSED_LORA_GEMM_GPU_CONFIGS), False, m, n, inner, cols, r, torch.bfloat16,
-                                      "tf32", H100_SXM, H100_SXM.sm_count)
+                                      "tf32", H100_SXM, H100_SXM.sm_count,
+                                      split_k_configs=list(FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS))
     return tiling, configs
 
 

@@ -55,6 +55,7 @@ from lora_ensemble.backends import triton_interpreting
 from .configs import (
     FALLBACK_FUSED_LORA_GEMM_CONFIG,
     FUSED_LORA_GEMM_GPU_CONFIGS,
+    FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS,
     LORA_GRADS_GPU_CONFIGS,
     RANK_OR_ROW_ARGS,
     SHARED_INPUT_GPU_CONFIGS,
@@ -136,9 +137,9 @@ _ROLES = (
     ("backward_dx_shared_delta", _fused_lora_gemm_shared_kernel, _DX_UNIT,
      {**_DELTA, "HAS_BASE": False, "SUM_MEMBERS": True}, SHARED_INPUT_GPU_CONFIGS),
     ("forward_split_k", _fused_lora_gemm_split_k_kernel, _FORWARD_UNIT, {"HAS_BIAS": True},
-     FUSED_LORA_GEMM_GPU_CONFIGS),
+     FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS),
     ("backward_dx_split_k", _fused_lora_gemm_split_k_kernel, _DX_UNIT, {"HAS_BIAS": False},
-     FUSED_LORA_GEMM_GPU_CONFIGS),
+     FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS),
     ("backward_lora", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": False}, LORA_GRADS_GPU_CONFIGS),
     ("backward_lora_split", _lora_grads_kernel, _GRADS_UNIT, {"ATOMIC": True}, LORA_GRADS_GPU_CONFIGS),
 )

@@ -25,6 +25,7 @@ __all__ = [
     "ELEMENT_SIZE",
     "FALLBACK_FUSED_LORA_GEMM_CONFIG",
     "FUSED_LORA_GEMM_GPU_CONFIGS",
+    "FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS",
     "FusedProblem",
     "LORA_GRADS_GPU_CONFIGS",
     "SHARED_INPUT_GPU_CONFIGS",
@@ -124,6 +125,18 @@ FUSED_LORA_GEMM_GPU_CONFIGS: tuple[triton.Config, ...] = (
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COL_TILES=2),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, COL_TILES=2),
 )
+# Split-K kernel (the stacked kernel's tilings that split the reduction: decode's few row tiles): 8 warps
+# only (on 4 it spills kilobytes a thread at decode's tiling), one column tile a program, and 128 x 32 on 4
+# stages next to 128 x 64 on 3: the split kernel takes ~35 registers more than the stacked one at the same
+# config (its ranges' shifted `in` and `shrink` pointers, live across the first rank pass for the next),
+# and at decode's tiling its 128 x 64 spills under triton 3.8 (sm_80 and sm_90) where 128 x 32 does not,
+# with as many bytes in flight.
+FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS: tuple[triton.Config, ...] = (
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+)
 # The pruning's answer where it excludes every candidate (both fused kernels): the smallest tiles on 8
 # warps. Every listed config spills at some tilings the launch policy makes (mostly the kernels with
 # further rank passes at rank tiles >= 32); this one spills less. Where it spills too, the launcher
@@ -159,9 +172,12 @@ LORA_GRADS_GPU_CONFIGS: tuple[triton.Config, ...] = (
 INTERPRETER_LORA_GRADS_CONFIG = _cfg(4, 2, BLOCK_M=32, BLOCK_C=32)
 
 
-def fused_lora_gemm_configs() -> list[triton.Config]:
-    """The candidate configs of the stacked fused kernel on this machine."""
-    return [INTERPRETER_FUSED_LORA_GEMM_CONFIG] if triton_interpreting() else list(FUSED_LORA_GEMM_GPU_CONFIGS)
+def fused_lora_gemm_configs(split_k: bool = False) -> list[triton.Config]:
+    """The candidate configs of the stacked fused kernel on this machine (``split_k``: of its split-K
+    form)."""
+    if triton_interpreting():
+        return [INTERPRETER_FUSED_LORA_GEMM_CONFIG]
+    return list(FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS if split_k else FUSED_LORA_GEMM_GPU_CONFIGS)
 
 
 def shared_input_configs() -> list[triton.Config]:
@@ -262,11 +278,10 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
     [block_m, rank_slots * block_r], and
     the [block_m, BLOCK_K] member sum with its 16-bit high and low parts (``sum_members=True``),
     and in the ``"odd"`` specialisation a 64-bit pointer per element of the K-loop's tiles;
-    in the shared-input kernel, 4-warp configs for rank tiles above 32; in the split-K kernel (a tiling
-    with ``k_splits`` > 1), 4-warp configs; for 3xTF32 every config but
+    in the shared-input kernel, 4-warp configs for rank tiles above 32; for 3xTF32 every config but
     the few 3xTF32 candidates (the operand split needs the registers), with the split's extra
     shared memory counted; column groups (``COL_TILES`` > 1: the stacked kernel only) where the
-    tiling runs further rank passes (the group keeps one pass's rank block) or splits K, with 3xTF32, or where
+    tiling runs further rank passes (the group keeps one pass's rank block), with 3xTF32, or where
     the column tiles do not fill whole groups; and (``without_measured_spills``) every config in
     :data:`SPILLING_CONFIGS`. The weightless (delta) form spills at configs of its own (the
     shared-memory and register estimates keep counting the weight tile: an upper bound). Never
@@ -284,13 +299,10 @@ def fitting_fused_lora_gemm_configs(configs: list[triton.Config], problem: Fused
         if bn > 128 and block_m < 64:
             return False
         group = column_group(c)
-        if group > 1 and (sum_members is not None or tiling.multi_pass or tiling.k_splits > 1 or tf32x3
-                          or -(-cols // bn) % group):
+        if group > 1 and (sum_members is not None or tiling.multi_pass or tf32x3 or -(-cols // bn) % group):
             return False
         if sum_members is not None and block_r > 32 and c.num_warps < 8:
             return False  # the shared-input kernel spills on 4 warps with wide rank tiles
-        if tiling.k_splits > 1 and c.num_warps < 8:
-            return False  # the split-K kernel spills on 4 warps (kilobytes a thread at decode's tiling)
         if tf32x3 and (c.num_warps, c.num_stages, bn, bk) not in (
                 _TF32X3_STACKED if sum_members is None else _TF32X3_SHARED_INPUT):
             return False
@@ -319,15 +331,20 @@ def _tiling_spill_key(problem: FusedProblem, tiling: RowTiling, config: triton.C
 
 
 def unspilled_tilings(configs: list[triton.Config], problem: FusedProblem, tilings: Sequence[RowTiling],
-                      without_measured_spills: bool = True) -> list[tuple[RowTiling, list[triton.Config]]]:
+                      without_measured_spills: bool = True, split_k_configs: list[triton.Config] | None = None
+                      ) -> list[tuple[RowTiling, list[triton.Config]]]:
     """A fused kernel's row tilings worth trying for ``problem``, each with the configs worth trying
-    for it (:func:`fitting_fused_lora_gemm_configs`): those of ``tilings`` (the launch policy's, its
+    for it (:func:`fitting_fused_lora_gemm_configs` of ``configs``, or of ``split_k_configs`` where
+    given for the tilings that split K): those of ``tilings`` (the launch policy's, its
     own first: ``launch_policy.stacked_tilings`` or ``shared_tilings``) for which the pruning keeps
     more than a fallback measured to spill (:data:`SPILLING_CONFIGS`); the first alone where every
     one's spills, or where the measured spills are not excluded (``without_measured_spills=False``).
     Where the policy's tiling spans more members than one pass holds, every config can spill (the
     further pass); a smaller row tile reads W0 more often without the spill."""
-    options = [(tiling, fitting_fused_lora_gemm_configs(configs, problem, tiling, without_measured_spills))
+    def candidates(tiling: RowTiling) -> list[triton.Config]:
+        return split_k_configs if split_k_configs is not None and tiling.k_splits > 1 else configs
+
+    options = [(tiling, fitting_fused_lora_gemm_configs(candidates(tiling), problem, tiling, without_measured_spills))
                for tiling in (tilings if without_measured_spills else tilings[:1])]
 
     def spills(tiling: RowTiling, kept: list[triton.Config]) -> bool:

@@ -661,11 +661,13 @@ _POINTERS = 8
 def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members: int, inner: int, cols: int,
                  rank: int, dtype: torch.dtype, precision: str, gpu: GpuSpec, sm_count: int,
                  specialisation: str = "aligned", sum_members: bool = False, has_weight: bool = True,
-                 has_base: bool = False) -> tuple[RowTiling, list[triton.Config], GemmLaunch]:
+                 has_base: bool = False, split_k_configs: list[triton.Config] | None = None
+                 ) -> tuple[RowTiling, list[triton.Config], GemmLaunch]:
     """The row tiling a fused launch runs on ``gpu`` (``shared``: the shared-input kernel over ``rows``
     rows, else the stacked kernel over ``members`` x ``rows``; ``sm_count``: the SMs the shared-input
     row policy fills and the stacked kernel's split-K keeps busy, 0 under the interpreter), with those
-    of the candidate ``configs`` worth trying for it and the config model's view of the launch: of the
+    of the candidate ``configs`` worth trying for it (``split_k_configs``, where given, for a tiling
+    that splits K) and the config model's view of the launch: of the
     launch policy's tilings (``launch_policy.stacked_tilings`` / ``shared_tilings``; the stacked ones
     also with their split-K, ``launch_policy.with_k_splits``, where it splits) whose configs do not all spill
     (``configs.unspilled_tilings``), the one the config model ranks cheapest. The launcher and
@@ -681,7 +683,7 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
             tilings = tuple(dict.fromkeys((*split, *tilings)))
     problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, gpu.shared_memory_per_program,
                            gpu.capability, specialisation, sum_members if shared else None, has_weight)
-    options = unspilled_tilings(configs, problem, tilings)
+    options = unspilled_tilings(configs, problem, tilings, split_k_configs=split_k_configs)
     element_size = dtype.itemsize
 
     def launch_of(tiling: RowTiling) -> GemmLaunch:
@@ -708,7 +710,8 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
     sm_count = multiprocessor_count(device) if device.type == "cuda" else 0
     tiling, candidates, cost = fused_tiling(shared_input_configs() if shared else fused_lora_gemm_configs(), shared,
                                             rows, members, inner, cols, rank, args[0].dtype, precision, gpu, sm_count,
-                                            specialisation, sum_members, has_weight, has_base)
+                                            specialisation, sum_members, has_weight, has_base,
+                                            None if shared else fused_lora_gemm_configs(split_k=True))
     tiles = -(-rows // tiling.block_m) if shared else stacked_row_tiles(rows, members, tiling)
     splits = tiling.k_splits
     tuning_key = (f"{dtype} {precision} {specialisation} BM{tiling.block_m}{' member' if tiling.member_tiles else ''}"

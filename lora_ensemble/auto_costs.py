@@ -190,7 +190,7 @@ def _triton(shape: ShapeClass, gpu: GpuSpec) -> tuple[float, int]:
         tiling, kept, launch = fused_tiling(
             list(configs.SHARED_INPUT_GPU_CONFIGS if shared else configs.FUSED_LORA_GEMM_GPU_CONFIGS), shared, m, n,
             inner, cols, r, shape.dtype, precision, gpu, gpu.sm_count, sum_members=bool(sum_members),
-            has_weight=weight, has_base=has_base)
+            has_weight=weight, has_base=has_base, split_k_configs=list(configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS))
         # Split-K: the tiles' arrival counts zeroed by a launch of its own before the kernel.
         return _best(kept, launch, gpu) + (_pass(0, gpu) if tiling.k_splits > 1 else 0.0)
 

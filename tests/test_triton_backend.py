@@ -736,7 +736,7 @@ def _two_candidates(monkeypatch) -> dict:
     for kernel, (module, lister, config, name) in varied.items():
         pair = [config, triton.Config({**config.kwargs, name: 16}, num_warps=config.num_warps,
                                       num_stages=config.num_stages)]
-        monkeypatch.setattr(module, lister, lambda pair=pair: list(pair))
+        monkeypatch.setattr(module, lister, lambda split_k=False, pair=pair: list(pair))
         monkeypatch.setattr(kernel, "bound", {})
         monkeypatch.setattr(kernel, "tunings", {})
         ran[kernel.name] = []

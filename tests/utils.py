@@ -125,11 +125,11 @@ def check_against_reference(inp: OpInputs, backend: str, tol: tuple[float, float
 
 
 def only_stacked_configs(monkeypatch, configs: list) -> None:
-    """Make the stacked fused kernel choose among ``configs`` alone (the pruning still applies), with
-    launch and tuning tables of its own for the test."""
+    """Make the stacked fused kernel choose among ``configs`` alone, split-K or not (the pruning still
+    applies), with launch and tuning tables of its own for the test."""
     from lora_ensemble.kernels import fused_lora_gemm
 
-    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda: list(configs))
+    monkeypatch.setattr(fused_lora_gemm, "fused_lora_gemm_configs", lambda split_k=False: list(configs))
     monkeypatch.setattr(fused_lora_gemm._STACKED, "bound", {})
     monkeypatch.setattr(fused_lora_gemm._STACKED, "tunings", {})
 
