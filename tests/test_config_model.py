@@ -103,6 +103,33 @@ def test_split_k_fills_the_sms_at_decode_and_is_not_used_where_tiles_fill_them()
     assert with_k_splits(stacked_tiling(16, 16, 16), 16, 16, 4096, 4096, H100_SXM.sm_count).k_splits == 1
 
 
+def test_decode_splits_k_on_the_split_kernels_own_candidates():
+    """The split-K kernel's candidates are 8-warp configs of one column tile each, with 128 x 32 on 4
+    stages, which its ranges' extra registers leave unspilled at decode's tiling under both Triton
+    versions where 128 x 64 spills (the record): Llama-7B q_proj decode on an H100 runs the split
+    kernel there, by the model faster than the unsplit tiling's best."""
+    import torch
+
+    from lora_ensemble.kernels.fused_lora_gemm import fused_tiling
+    from lora_ensemble.kernels.launch_costs import stacked_launch
+
+    split_list = list(configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS)
+    assert all(c.num_warps == 8 and configs.column_group(c) == 1 for c in split_list)
+    tiling, kept, launch = fused_tiling(list(configs.FUSED_LORA_GEMM_GPU_CONFIGS), False, 1, 16, 4096, 4096, 16,
+                                        torch.bfloat16, "tf32", H100_SXM, H100_SXM.sm_count,
+                                        split_k_configs=split_list)
+    assert tiling.k_splits == 4 and all(c in split_list for c in kept)
+    first = best_configs(kept, launch, H100_SXM)[0]
+    assert (first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"], first.num_stages) == (128, 32, 4)
+    unsplit = tiling._replace(k_splits=1)
+    unsplit_kept = configs.fitting_fused_lora_gemm_configs(
+        list(configs.FUSED_LORA_GEMM_GPU_CONFIGS),
+        configs.FusedProblem(4096, 4096, "bf16", "tf32", 16, H100_SXM.shared_memory_per_program, 90), unsplit)
+    whole = stacked_launch(16, 1, 4096, 4096, 16, 16, unsplit, "tf32", 2)
+    assert (config_cost(first, launch, H100_SXM).seconds
+            < min(config_cost(c, whole, H100_SXM).seconds for c in unsplit_kept))
+
+
 def test_stages_hide_latency_where_it_bounds():
     launch = fused_launch(16, 1, 4096, 4096, 16, block_m=16, row_tiles=1)  # 32 programs: latency-bound
     two, four = config_cost(cfg(4, 2, 128, 32), launch, H100_SXM), config_cost(cfg(4, 4, 128, 32), launch, H100_SXM)
