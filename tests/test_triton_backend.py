@@ -225,6 +225,29 @@ def test_split_k_matches_reference(case, splits, monkeypatch):
     assert all(int(re.search(r" K\d+/(\d+) ", key).group(1)) >= 2 for key in split_keys), split_keys
 
 
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_split_k_runs_its_gpu_candidates_tiles(block_k, monkeypatch):
+    """The split kernel's 128-wide GPU candidates (``configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS``; the
+    interpreter otherwise runs 32 x 32 only) at decode's tiling, widths multiples of 16 as at the
+    headline shapes ("aligned": in the "odd" specialisation the pruning drops 128 x 64 for its
+    pointers' registers): ranges of 128, 128 and 64 over 320 (the forward), 2 or 4 K steps a range,
+    128-wide column tiles over 256 and 320 columns (the last one half full); forward, dx and the
+    weight gradients against float64. The spill record is left out (it drops 128 x 64 at this tiling
+    on the H100 the interpreter's pruning assumes): the tiles' arithmetic is tested here, not their
+    registers."""
+    from lora_ensemble.kernels import configs
+
+    (config,) = [c for c in configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS
+                 if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, block_k)]
+    monkeypatch.setattr(configs, "SPILLING_CONFIGS", frozenset())
+    split_k_into(monkeypatch, 3)
+    only_stacked_configs(monkeypatch, [config])
+    check_against_reference(inputs_for((16, 1, 320, 256, 8, torch.float16, False, ())), "triton",
+                            tolerance(torch.float16))
+    tunings = fused_lora_gemm._STACKED_SPLIT_K.tunings.values()
+    assert len(tunings) == 2 and all(t.config is config for t in tunings), [t.config.kwargs for t in tunings]
+
+
 def test_split_k_is_deterministic_and_near_the_unsplit_result(monkeypatch):
     """The ranges are added in order whatever order their programs finish in: the same bits on every
     call; and within fp32 rounding of the kernel that does not split."""
