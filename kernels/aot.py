@@ -311,8 +311,9 @@ def sample_cases(cases: list[AotCase], per_role: int) -> list[AotCase]:
 
 
 def _measured_runs(record_path: str) -> list[str]:
-    """The runs a spill record's header lists, ``"triton 3.6.0 sm_90: 1608 kernels, 688 of them
-    spilling"`` each (those it was written from and those it carried over)."""
+    """The runs a spill record's header lists, ``"triton 3.6.0 sm_90, stacked_split: 120 kernels, 46 of
+    them spilling"`` each (those it was written from and those it carried over; runs recorded before
+    2026-12-07 do not name their kernels)."""
     with open(record_path) as f:
         return [line[len("#   "):].rstrip() for line in f if line.startswith("#   triton ")]
 
@@ -339,7 +340,9 @@ def write_spilling_configs(report_paths: list[str], path: str = _SPILLING_CONFIG
                 spilled.add(key)
     measured = set().union(*(compiled for compiled, _ in runs.values()))
     spilling = set().union(*(spilled for _, spilled in runs.values()))
-    run_lines = [f"triton {version} sm_{arch}: {len(compiled)} kernels, {len(spilled)} of them spilling"
+    # Each run named with the kernels it measured (a round of the record measures some kernels only).
+    run_lines = [f"triton {version} sm_{arch}, {'+'.join(sorted({key[1] for key in compiled}))}: "
+                 f"{len(compiled)} kernels, {len(spilled)} of them spilling"
                  for (version, arch), (compiled, spilled) in sorted(runs.items())]
     carried = {key for key in SPILLING_CONFIGS if key not in measured} if keep_unmeasured else set()
     earlier = [line for line in _measured_runs(_SPILLING_CONFIGS_FILE) if line not in run_lines] if carried else []

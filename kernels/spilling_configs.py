@@ -5,10 +5,10 @@
 # rank slots, further passes, member tiles, specialisation, warps, stages, other tiles. The run-time
 # pruning never keeps these. Measured
 # (distinct kernels; a spill under one triton version excludes the config under every version):
-#   triton 3.6.0 sm_80: 120 kernels, 60 of them spilling
-#   triton 3.6.0 sm_90: 120 kernels, 46 of them spilling
-#   triton 3.8.0 sm_80: 120 kernels, 63 of them spilling
-#   triton 3.8.0 sm_90: 120 kernels, 47 of them spilling
+#   triton 3.6.0 sm_80, stacked_split: 120 kernels, 60 of them spilling
+#   triton 3.6.0 sm_90, stacked_split: 120 kernels, 46 of them spilling
+#   triton 3.8.0 sm_80, stacked_split: 120 kernels, 63 of them spilling
+#   triton 3.8.0 sm_90, stacked_split: 120 kernels, 47 of them spilling
 # and 2733 entries carried over from the previous record (not measured by these runs), whose runs were:
 #   triton 3.6.0 sm_80: 352 kernels, 160 of them spilling
 #   triton 3.6.0 sm_90: 326 kernels, 119 of them spilling

@@ -169,8 +169,9 @@ def test_a_partial_remeasurement_updates_the_spill_record_where_it_measured(tmp_
         written = scope["SPILLING_CONFIGS"]
         assert new_spill in written and old_clean not in written and gone not in written and count == len(written)
         assert (old_unmeasured in written) == keep
-        assert f"triton {triton.__version__} sm_90: 2 kernels, 2 of them spilling" in record.read_text()
-        assert f"triton {triton.__version__} sm_{old_clean[0]}: 1 kernels, 0 of them spilling" in record.read_text()
+        assert f"triton {triton.__version__} sm_90, stacked: 2 kernels, 2 of them spilling" in record.read_text()
+        assert (f"triton {triton.__version__} sm_{old_clean[0]}, {old_clean[1]}: 1 kernels, 0 of them spilling"
+                in record.read_text())
         # The runs that measured the carried entries stay named in the header, and only then.
         earlier = aot._measured_runs(aot._SPILLING_CONFIGS_FILE)
         assert earlier and all((f"#   {line}" in record.read_text()) == keep for line in earlier)
