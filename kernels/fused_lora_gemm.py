@@ -52,8 +52,9 @@
 # times, from L2 (it is N*R*K elements, R/C of W0 per member).
 #
 # Split-K (the stacked kernel with a weight, where its output tiles leave SMs idle: decode, small
-# batches; launch_policy.with_k_splits, the CUDA kernels' policy; offered beside the unsplit tiling, the
-# config model chooses in fused_tiling): _fused_lora_gemm_split_k_kernel, grid
+# batches; launch_policy.with_k_splits, the CUDA kernels' policy; offered beside the unsplit tiling on
+# candidates of its own, configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS; the config model chooses in
+# fused_tiling): _fused_lora_gemm_split_k_kernel, grid
 # axis 1 = S ranges of K_PER_SPLIT (whole K steps). Each program runs its tile's K-loops over its range
 # and every rank pass's update from its range's rank block (the update is linear in it), and stores
 # the fp32 result and (first column tile) the rank blocks to a workspace; the program of a tile that
