@@ -225,16 +225,17 @@ def test_split_k_matches_reference(case, splits, monkeypatch):
     assert all(int(re.search(r" K\d+/(\d+) ", key).group(1)) >= 2 for key in split_keys), split_keys
 
 
-@pytest.mark.parametrize("block_k", [32, 64])
-def test_split_k_runs_its_gpu_candidates_tiles(block_k, monkeypatch):
+@pytest.mark.parametrize(("block_k", "d", "k"), [(32, 320, 256), (64, 320, 256), (32, 300, 200)],
+                         ids=["128x32", "128x64", "128x32-odd"])
+def test_split_k_runs_its_gpu_candidates_tiles(block_k, d, k, monkeypatch):
     """The split kernel's 128-wide GPU candidates (``configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS``; the
-    interpreter otherwise runs 32 x 32 only) at decode's tiling, widths multiples of 16 as at the
-    headline shapes ("aligned": in the "odd" specialisation the pruning drops 128 x 64 for its
-    pointers' registers): ranges of 128, 128 and 64 over 320 (the forward), 2 or 4 K steps a range,
-    128-wide column tiles over 256 and 320 columns (the last one half full); forward, dx and the
-    weight gradients against float64. The spill record is left out (it drops 128 x 64 at this tiling
-    on the H100 the interpreter's pruning assumes): the tiles' arithmetic is tested here, not their
-    registers."""
+    interpreter otherwise runs 32 x 32 only) at decode's tiling: widths multiples of 16 as at the
+    headline shapes (ranges of 128, 128 and 64 over 320 in the forward, 2 or 4 K steps a range;
+    128-wide column tiles over 256 and 320 columns, the last one half full), and for 128 x 32 odd
+    widths (the "odd" specialisation, where the pruning drops 128 x 64 for its pointers' registers:
+    ranges of 128, 128 and 44, masked K steps); forward, dx and the weight gradients against float64.
+    The spill record is left out (it drops 128 x 64 at this tiling on the H100 the interpreter's
+    pruning assumes): the tiles' arithmetic is tested here, not their registers."""
     from lora_ensemble.kernels import configs
 
     (config,) = [c for c in configs.FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS
@@ -242,10 +243,11 @@ def test_split_k_runs_its_gpu_candidates_tiles(block_k, monkeypatch):
     monkeypatch.setattr(configs, "SPILLING_CONFIGS", frozenset())
     split_k_into(monkeypatch, 3)
     only_stacked_configs(monkeypatch, [config])
-    check_against_reference(inputs_for((16, 1, 320, 256, 8, torch.float16, False, ())), "triton",
+    check_against_reference(inputs_for((16, 1, d, k, 8, torch.float16, False, ())), "triton",
                             tolerance(torch.float16))
-    tunings = fused_lora_gemm._STACKED_SPLIT_K.tunings.values()
-    assert len(tunings) == 2 and all(t.config is config for t in tunings), [t.config.kwargs for t in tunings]
+    tunings = fused_lora_gemm._STACKED_SPLIT_K.tunings
+    assert len(tunings) == 2 and all(t.config is config for t in tunings.values()), list(tunings)
+    assert all((" odd " in key) == (d % 16 != 0) for (_, key, _) in tunings), list(tunings)
 
 
 def test_split_k_is_deterministic_and_near_the_unsplit_result(monkeypatch):
