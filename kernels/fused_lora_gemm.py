@@ -686,13 +686,16 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
                            gpu.capability, specialisation, sum_members if shared else None, has_weight)
     options = unspilled_tilings(configs, problem, tilings, split_k_configs=split_k_configs)
     element_size = dtype.itemsize
+    launches: dict[RowTiling, GemmLaunch] = {}  # each built once: the ranking's, then the one returned
 
     def launch_of(tiling: RowTiling) -> GemmLaunch:
-        if shared:
-            return shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size,
-                                 sum_members, has_weight, has_base)
-        return stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size, has_weight,
-                              has_base)
+        if tiling not in launches:
+            launches[tiling] = (
+                shared_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size,
+                              sum_members, has_weight, has_base) if shared else
+                stacked_launch(members, rows, inner, cols, rank, block_r, tiling, precision, element_size,
+                               has_weight, has_base))
+        return launches[tiling]
 
     tiling, kept = cheapest_tiling(options, launch_of, gpu)
     return tiling, kept, launch_of(tiling)
