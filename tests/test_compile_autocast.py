@@ -275,6 +275,30 @@ def test_compile_reduce_overhead_matches_eager_on_cuda(backend: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_decode_under_reduce_overhead_splits_k_and_matches_float64(backend: str) -> None:
+    """Llama-7B-class q_proj decode (16 members x 1 row, 4096 -> 4096, rank 16, bf16) under
+    ``torch.compile(mode="reduce-overhead")``, as LLM decoding runs it: both fused backends split K
+    there (each call's workspace and zeroed arrival counts allocated inside the recorded graph), and
+    the replays match float64 on fresh inputs every call."""
+    from lora_ensemble.kernels import fused_lora_gemm
+
+    _require_cuda_backend(backend)
+    torch._dynamo.reset()
+    layer = _random_lora(FusedLoRAEnsembleLinear(4096, 4096, 16, 16, backend=backend, device="cuda",
+                                                 dtype=torch.bfloat16))
+    compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+    for _ in range(4):  # the CUDA graph is recorded on a later call than the first, then replayed
+        x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            got = compiled(x).clone()
+        want = lora_ensemble_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+        assert_close_named("out", got, want, torch.bfloat16, TOLERANCES[torch.bfloat16])
+    if backend == "triton" and torch.cuda.get_device_properties(0).multi_processor_count >= 2 * 32:
+        assert fused_lora_gemm._STACKED_SPLIT_K.tunings, "the decode launch did not split K"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_reduce_overhead_wrapped_vit_replays_as_cuda_graphs(backend: str) -> None:
     """A whole wrapped ViT under torch.compile(mode="reduce-overhead"): inference and a training step
     run as CUDA-graph replays (inductor records no cudagraph skip) and match eager."""
