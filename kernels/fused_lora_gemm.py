@@ -106,6 +106,7 @@ from .configs import (
     fused_lora_gemm_configs,
     shared_input_configs,
     size_bucket,
+    split_k_allowed,
     unspilled_tilings,
 )
 from .device import launch_device, multiprocessor_count
@@ -670,7 +671,8 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
     of the candidate ``configs`` worth trying for it (``split_k_configs``, where given, for a tiling
     that splits K) and the config model's view of the launch: of the
     launch policy's tilings (``launch_policy.stacked_tilings`` / ``shared_tilings``; the stacked ones
-    also with their split-K, ``launch_policy.with_k_splits``, where it splits) whose configs do not all spill
+    also with their split-K, ``launch_policy.with_k_splits``, where it splits and
+    ``configs.split_k_allowed()``) whose configs do not all spill
     (``configs.unspilled_tilings``), the one the config model ranks cheapest. The launcher and
     ``auto``'s cost model both ask here."""
     block_r = block_rank(rank)
@@ -679,7 +681,7 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
         tilings = shared_tilings(rows, cols, members, block_r, sm_count, tf32x3, sum_members)
     else:
         tilings = stacked_tilings(rows, members, block_r, tf32x3)
-        if has_weight:  # each tiling split where the policy splits it, then as it is: the model chooses
+        if has_weight and split_k_allowed():  # each tiling split where the policy splits it, then as it is
             split = (with_k_splits(tiling, rows, members, inner, cols, sm_count) for tiling in tilings)
             tilings = tuple(dict.fromkeys((*split, *tilings)))
     problem = FusedProblem(cols, inner, DTYPE_NAMES[dtype], precision, block_r, gpu.shared_memory_per_program,

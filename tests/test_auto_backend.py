@@ -125,6 +125,21 @@ def test_model_picks_per_headline_shape_on_an_h100_as_the_notes_predict(fresh_au
     assert compiled.times_us[compiled.backend] <= compiled.times_us["torch"]
 
 
+def test_without_split_k_the_model_prices_the_unsplit_kernel_at_decode(fresh_auto, monkeypatch):
+    """``LORA_ENSEMBLE_TRITON_SPLIT_K=0``: no split-K tiling is offered, so at decode the model prices the
+    unsplit Triton kernel (22.4 µs, latency-bound: slower than the composite and CUDA) and ``auto``
+    under a compiled graph goes back to CUDA."""
+    from lora_ensemble.kernels.configs import SPLIT_K_VARIABLE
+
+    monkeypatch.setenv(ab.PIN_VARIABLE, "0")
+    decode = headline(1, llama=True)
+    split = estimate_backend("triton", decode, H100_SXM).device_s
+    monkeypatch.setenv(SPLIT_K_VARIABLE, "0")
+    unsplit = estimate_backend("triton", decode, H100_SXM).device_s
+    assert unsplit > estimate_backend("torch", decode, H100_SXM).device_s > split
+    assert ab.decide(CPU, decode, ("triton", "cuda", "torch"), compiled=True).backend == "cuda"
+
+
 def test_measured_and_stored_choices_override_the_model(fresh_auto):
     prefill = headline(512, llama=True)  # the model: the composite
     assert ab.decide(CPU, prefill, ("triton", "torch"), compiled=True).backend == "torch"

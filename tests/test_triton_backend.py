@@ -250,6 +250,18 @@ def test_split_k_runs_its_gpu_candidates_tiles(block_k, d, k, monkeypatch):
     assert all((" odd " in key) == (d % 16 != 0) for (_, key, _) in tunings), list(tunings)
 
 
+def test_split_k_can_be_turned_off(monkeypatch):
+    """``LORA_ENSEMBLE_TRITON_SPLIT_K=0``: where the policy would split K, the stacked kernel runs
+    unsplit (forward and dx), with the same results."""
+    from lora_ensemble.kernels.configs import SPLIT_K_VARIABLE
+
+    monkeypatch.setenv(SPLIT_K_VARIABLE, "0")
+    split_k_into(monkeypatch, 3)
+    check_against_reference(inputs_for((16, 1, 300, 200, 8, torch.float32, False, ())), "triton",
+                            tolerance(torch.float32))
+    assert len(fused_lora_gemm._STACKED.tunings) == 2 and not fused_lora_gemm._STACKED_SPLIT_K.tunings
+
+
 def test_split_k_is_deterministic_and_near_the_unsplit_result(monkeypatch):
     """The ranges are added in order whatever order their programs finish in: the same bits on every
     call; and within fp32 rounding of the kernel that does not split."""
