@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -29,7 +28,6 @@ __all__ = [
     "FUSED_LORA_GEMM_SPLIT_K_GPU_CONFIGS",
     "FusedProblem",
     "LORA_GRADS_GPU_CONFIGS",
-    "SPLIT_K_VARIABLE",
     "SHARED_INPUT_GPU_CONFIGS",
     "RANK_OR_ROW_ARGS",
     "SPECIALISED_SIZES",
@@ -45,7 +43,6 @@ __all__ = [
     "size_bucket",
     "spill_key",
     "spill_key_config",
-    "split_k_allowed",
     "tf32_allowed",
     "unspilled_tilings",
 ]
@@ -65,16 +62,6 @@ RANK_OR_ROW_ARGS = frozenset({
 })
 # fp32 accumulator registers a thread may hold before ptxas starts spilling the rest (of 255).
 _ACCUMULATOR_REGISTERS = 128
-
-
-# Set to 0, the stacked Triton kernel never splits K (no split-K tiling is offered; read when a launch is
-# first planned, and by auto's cost model): a way out if the split-K kernel misbehaves or loses on a GPU.
-SPLIT_K_VARIABLE = "LORA_ENSEMBLE_TRITON_SPLIT_K"
-
-
-def split_k_allowed() -> bool:
-    """Whether the stacked Triton kernel may split K (:data:`SPLIT_K_VARIABLE` is not ``0``)."""
-    return os.environ.get(SPLIT_K_VARIABLE) != "0"
 
 
 # What torch.backends.cuda.matmul.fp32_precision and .allow_tf32 read, called directly: each fp32

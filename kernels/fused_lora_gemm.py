@@ -94,7 +94,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lora_ensemble.tuning_store import tuning_pinned
+from lora_ensemble.tuning_store import split_k_allowed, tuning_pinned
 
 from .config_model import GemmLaunch, cheapest_tiling
 from .configs import (
@@ -106,7 +106,6 @@ from .configs import (
     fused_lora_gemm_configs,
     shared_input_configs,
     size_bucket,
-    split_k_allowed,
     unspilled_tilings,
 )
 from .device import launch_device, multiprocessor_count
@@ -672,7 +671,7 @@ def fused_tiling(configs: list[triton.Config], shared: bool, rows: int, members:
     that splits K) and the config model's view of the launch: of the
     launch policy's tilings (``launch_policy.stacked_tilings`` / ``shared_tilings``; the stacked ones
     also with their split-K, ``launch_policy.with_k_splits``, where it splits and
-    ``configs.split_k_allowed()``) whose configs do not all spill
+    ``tuning_store.split_k_allowed()``) whose configs do not all spill
     (``configs.unspilled_tilings``), the one the config model ranks cheapest. The launcher and
     ``auto``'s cost model both ask here."""
     block_r = block_rank(rank)

@@ -53,7 +53,7 @@ from .reference import (
     lora_ensemble_reference_backward,
     relative_error,
 )
-from .tuning_store import CACHE_DIR_VARIABLE, PIN_VARIABLE, tuning_store
+from .tuning_store import CACHE_DIR_VARIABLE, PIN_VARIABLE, SPLIT_K_VARIABLE, tuning_store
 
 __all__ = ["AUTOTUNE_SWITCH", "CHECK_CASES", "AutoChoice", "CheckCase", "CheckRow", "auto_choice", "check",
            "error_bound", "format_check", "main", "report"]
@@ -187,7 +187,7 @@ def report() -> str:
             choice = auto_choice(device, dtype)
             lines.append(f"  {choice.device:<7} {choice.dtype:<9} {choice.backend:<7} {choice.why}")
     lines += [f"  {line}" for line in _per_shape_lines(devices)]
-    switches = ("TRITON_INTERPRET", AUTOTUNE_SWITCH, CACHE_DIR_VARIABLE, MEASURE_VARIABLE)
+    switches = ("TRITON_INTERPRET", AUTOTUNE_SWITCH, CACHE_DIR_VARIABLE, MEASURE_VARIABLE, SPLIT_K_VARIABLE)
     lines += ["", "switches: " + "  ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in switches)]
     return "\n".join(lines)
 

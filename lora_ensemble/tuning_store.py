@@ -34,11 +34,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "PIN_VARIABLE", "TuningStore", "cache_dir", "store_file_name",
-           "tuning_pinned", "tuning_store"]
+__all__ = ["CACHE_DIR_VARIABLE", "FORMAT", "PIN_VARIABLE", "SPLIT_K_VARIABLE", "TuningStore", "cache_dir",
+           "split_k_allowed", "store_file_name", "tuning_pinned", "tuning_store"]
 
 CACHE_DIR_VARIABLE = "LORA_ENSEMBLE_CACHE_DIR"
 PIN_VARIABLE = "LORA_ENSEMBLE_TRITON_AUTOTUNE"
+# Set to 0, the stacked Triton kernel never splits K (no split-K tiling is offered; read when a launch is
+# first planned, and by auto's cost model): a way out should the split-K kernel misbehave or lose on a GPU.
+SPLIT_K_VARIABLE = "LORA_ENSEMBLE_TRITON_SPLIT_K"
 FORMAT = 1
 _SECTIONS = ("triton_configs", "auto")
 
@@ -60,6 +63,12 @@ def tuning_pinned() -> bool:
     else:
         pinned = os.environ.get(PIN_VARIABLE, "1") == "0"
     return pinned or torch.are_deterministic_algorithms_enabled()
+
+
+def split_k_allowed() -> bool:
+    """Whether the stacked Triton kernel may split K (``LORA_ENSEMBLE_TRITON_SPLIT_K`` is not ``0``; read
+    once a launch key, when it is planned)."""
+    return os.environ.get(SPLIT_K_VARIABLE) != "0"
 
 
 def cache_dir() -> Path | None:

@@ -129,7 +129,7 @@ def test_without_split_k_the_model_prices_the_unsplit_kernel_at_decode(fresh_aut
     """``LORA_ENSEMBLE_TRITON_SPLIT_K=0``: no split-K tiling is offered, so at decode the model prices the
     unsplit Triton kernel (22.4 µs, latency-bound: slower than the composite and CUDA) and ``auto``
     under a compiled graph goes back to CUDA."""
-    from lora_ensemble.kernels.configs import SPLIT_K_VARIABLE
+    from lora_ensemble.tuning_store import SPLIT_K_VARIABLE
 
     monkeypatch.setenv(ab.PIN_VARIABLE, "0")
     decode = headline(1, llama=True)

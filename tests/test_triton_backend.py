@@ -253,7 +253,7 @@ def test_split_k_runs_its_gpu_candidates_tiles(block_k, d, k, monkeypatch):
 def test_split_k_can_be_turned_off(monkeypatch):
     """``LORA_ENSEMBLE_TRITON_SPLIT_K=0``: where the policy would split K, the stacked kernel runs
     unsplit (forward and dx), with the same results."""
-    from lora_ensemble.kernels.configs import SPLIT_K_VARIABLE
+    from lora_ensemble.tuning_store import SPLIT_K_VARIABLE
 
     monkeypatch.setenv(SPLIT_K_VARIABLE, "0")
     split_k_into(monkeypatch, 3)
