@@ -15,6 +15,9 @@ The file is read once per process, on the first lookup. A file that cannot be re
 holds something else, is ignored with a warning (and replaced on the next write). Every write merges
 what other processes wrote meanwhile and replaces the file atomically (a temporary file in the same
 folder, then ``os.replace``), so a reader never sees half a file; writers take turns on a lock file next to it.
+
+The Triton path's runtime switches live here too: ``LORA_ENSEMBLE_TRITON_AUTOTUNE=0`` pins tuning
+(:func:`tuning_pinned`), ``LORA_ENSEMBLE_TRITON_SPLIT_K=0`` turns split-K off (:func:`split_k_allowed`).
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ def test_split_k_fills_the_sms_at_decode_and_is_not_used_where_tiles_fill_them()
 def test_decode_splits_k_on_the_split_kernels_own_candidates():
     """The split-K kernel's candidates are 8-warp configs of one column tile each, with 128 x 32 on 4
     stages, which its ranges' extra registers leave unspilled at decode's tiling under both Triton
-    versions where 128 x 64 spills (the record): Llama-7B q_proj decode on an H100 runs the split
-    kernel there, by the model faster than the unsplit tiling's best."""
+    versions where 128 x 64 spills under triton 3.8 (the record): Llama-7B q_proj decode on an H100
+    runs the split kernel there with 128 x 32, by the model faster than the unsplit tiling's best."""
     import torch
 
     from lora_ensemble.kernels.fused_lora_gemm import fused_tiling
