@@ -255,8 +255,9 @@ def _stacked_launch(name: str, n: int, m: int, inner: int, cols: int, r: int, ti
     loads = fused_kernel_traffic(n, m, inner, cols, r, tiling.block_m, block_n, tiling.rank_slots,
                                  member_tiles=tiling.member_tiles, col_group=col_group, k_splits=splits)
     partial = loads.pop("partial", 0) * 4
-    writes = n * m * cols * e + n * m * r * 4 + partial
-    hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + n * m * cols * e + n * m * r * 4
+    outputs = n * m * cols * e + n * m * r * 4  # out and the fp32 rank product
+    writes = outputs + partial
+    hbm = (n * m * inner + inner * cols + n * r * (inner + cols)) * e + outputs
     reads = {key: value * e for key, value in loads.items()} | ({"partial": partial} if partial else {})
     return Launch(name, reads, writes, hbm,
                   _stacked_work(n, m, inner, cols, block_r, tiling.block_m, block_n, tiling.rank_slots, e == 2,

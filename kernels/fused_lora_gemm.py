@@ -111,7 +111,7 @@ from .configs import (
 from .device import launch_device, multiprocessor_count
 from .dot import dot_fp32_lhs, split16
 from .gpu_specs import GpuSpec, gpu_spec
-from .launch_costs import shared_launch, stacked_launch
+from .launch_costs import shared_launch, split_k_partial_floats, stacked_launch
 from .launch_policy import (
     RowTiling,
     block_rank,
@@ -736,7 +736,7 @@ def _plan(kernel: TunedKernel, args: tuple, device: torch.device, precision: str
         del constexprs["HAS_WEIGHT"], constexprs["HAS_BASE"], constexprs["COL_TILES"]
         narrowest = min(config.kwargs["BLOCK_N"] for config in candidates)
         split = _SplitK(splits, stacked_k_per_split(inner, tiling),
-                        splits * members * rows * (cols + rank), tiles * -(-cols // narrowest))
+                        split_k_partial_floats(members, rows, cols, rank, splits), tiles * -(-cols // narrowest))
     else:
         split = None
 

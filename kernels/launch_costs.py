@@ -26,7 +26,8 @@ from __future__ import annotations
 from .config_model import GemmLaunch
 from .launch_policy import RowTiling, stacked_k_per_split, stacked_row_tiles
 
-__all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "stacked_launch", "stacked_tile_members"]
+__all__ = ["TRITON_EFFICIENCY", "lora_grads_launch", "shared_launch", "split_k_partial_floats", "stacked_launch",
+           "stacked_tile_members"]
 
 # The fraction of the tensor-core peak the package's Triton dots reach (a guess until a GPU measures it).
 TRITON_EFFICIENCY = 0.8
@@ -68,6 +69,12 @@ def stacked_tile_members(members: int, rows: int, tiling: RowTiling) -> tuple[in
     return tiles, held, passes
 
 
+def split_k_partial_floats(members: int, rows: int, cols: int, rank: int, splits: int) -> int:
+    """fp32 elements of the stacked split-K kernel's workspace ``partial``: the ``splits`` ranges' sums
+    [S, N*M, C], then their rank blocks [S, N*M, R] (the launcher allocates it per call)."""
+    return splits * members * rows * (cols + rank)
+
+
 def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, block_r: int, tiling: RowTiling,
                    precision: str, element_size: int, has_weight: bool = True, has_base: bool = False,
                    efficiency: float = TRITON_EFFICIENCY) -> GemmLaunch:
@@ -80,7 +87,7 @@ def stacked_launch(members: int, rows: int, inner: int, cols: int, rank: int, bl
                  + stacked * cols * (2 if has_base else 1)) + 4 * stacked * rank)
     splits = tiling.k_splits
     if splits > 1:  # each range's fp32 sums and rank blocks, written and read back
-        dram += 2 * 4 * splits * stacked * (cols + rank)
+        dram += 2 * 4 * split_k_partial_floats(members, rows, cols, rank, splits)
     return GemmLaunch(
         tile_rows=tiling.block_m, row_tiles=tiles * splits, cols=cols,
         inner=stacked_k_per_split(inner, tiling), precision=_dot_key(precision, e),
